@@ -1,0 +1,5 @@
+import sys
+
+from mmrank.cli import main
+
+sys.exit(main())

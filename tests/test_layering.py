@@ -1,0 +1,74 @@
+"""The layout rules of docs/architecture.md, checked in fresh interpreters."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(code: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("part", ["operator", "encoders", "predictors"])
+def test_parts_are_not_regular_packages_at_the_root(part):
+    assert (ROOT / part).is_dir()
+    assert not (ROOT / part / "__init__.py").exists(), (
+        f"{part}/__init__.py would make `{part}` importable as a top-level package from the checkout root")
+
+
+def test_python_m_from_the_checkout_root_gets_the_standard_operator():
+    result = subprocess.run([sys.executable, "-m", "json.tool", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    probe = _run("import operator, mmrank.operator as ours; "
+                 "assert operator.itemgetter; print(operator.__file__); print(list(ours.__path__))")
+    assert probe.returncode == 0, probe.stderr
+    stdlib_file, ours = probe.stdout.splitlines()
+    assert "/operator/" not in stdlib_file and stdlib_file.endswith("operator.py")
+    assert str(ROOT / "operator") in ours
+
+
+def test_the_operator_imports_no_torch_and_no_other_part():
+    probe = _run(
+        "import sys, importlib, pkgutil, mmrank.operator as op\n"
+        "for m in pkgutil.iter_modules(op.__path__):\n"
+        "    importlib.import_module('mmrank.operator.' + m.name)\n"
+        "bad = [n for n in sys.modules if n == 'torch' or n.startswith('torch.')\n"
+        "       or (n.startswith('mmrank.encoders') and n not in ('mmrank.encoders', 'mmrank.encoders.triton_config'))\n"
+        "       or n.startswith('mmrank.predictors')]\n"
+        "print(sorted(bad))")
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("module", ["mmrank.cli", "mmrank.api", "mmrank.store", "mmrank.space", "mmrank.servers"])
+def test_common_modules_import_no_torch(module):
+    if not (ROOT / "mmrank" / (module.split(".")[-1] + ".py")).exists():
+        pytest.fail(f"{module} is part of the layout but missing")
+    probe = _run(f"import sys, {module}; print('torch' in sys.modules)")
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == "False"
+
+
+def test_mmrank_help_lists_every_subcommand():
+    result = subprocess.run([sys.executable, "-m", "mmrank", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    for command in ("shop", "encoders", "embedder", "backfill", "ranker", "predictor", "crd", "validate",
+                    "operator", "render"):
+        assert f"    {command}" in result.stdout, f"`mmrank {command}` missing from --help:\n{result.stdout}"
+
+
+def test_every_source_folder_of_a_part_is_in_the_package_list():
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert set(config["packages"]) == {"mmrank", "mmrank.operator", "mmrank.encoders", "mmrank.predictors"}
+    for part in ("mmrank", "operator", "encoders", "predictors"):
+        nested = [p for p in (ROOT / part).iterdir() if p.is_dir() and p.name != "__pycache__"]
+        assert not nested, f"{part}/ must stay flat (nested folders are not in the wheel): {nested}"
