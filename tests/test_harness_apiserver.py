@@ -56,8 +56,8 @@ def test_crd_server_side_apply_status_and_watch(kube):
     created = api.server_side_apply(body=body, name="one", namespace="default", field_manager="smoke")
     again = api.server_side_apply(body=body, name="one", namespace="default", field_manager="smoke")
     assert created.metadata.generation == again.metadata.generation == 1
-    api.patch(body={"status": {"seen": True}}, name="one", namespace="default",
-              content_type="application/merge-patch+json", subresource="status")
+    api.status.patch(body={"status": {"seen": True}}, name="one", namespace="default",
+                     content_type="application/merge-patch+json")
     watcher.join(timeout=15)
     assert any(kind == "ADDED" for kind, _ in events)
     assert any(obj.get("status", {}).get("seen") is True for kind, obj in events if kind == "MODIFIED")
@@ -83,7 +83,11 @@ def test_kopf_handler_writes_status(kube, tmp_path, monkeypatch):
         def created(spec, patch, **_):
             patch.status["doubled"] = spec["size"] * 2
     '''))
+    import kubernetes.config.kube_config
+
+    # kopf logs in through the kubernetes client, whose default kubeconfig path is read at import.
     monkeypatch.setenv("KUBECONFIG", kube.kubeconfig)
+    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", kube.kubeconfig)
     with KopfRunner(["run", "--standalone", "--namespace=default", "--verbose", str(handlers)], timeout=60) as runner:
         time.sleep(2)
         api.create(body={"apiVersion": "harness.mmrank.io/v1", "kind": "Smoke",

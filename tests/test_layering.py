@@ -72,3 +72,17 @@ def test_every_source_folder_of_a_part_is_in_the_package_list():
     for part in ("mmrank", "operator", "encoders", "predictors"):
         nested = [p for p in (ROOT / part).iterdir() if p.is_dir() and p.name != "__pycache__"]
         assert not nested, f"{part}/ must stay flat (nested folders are not in the wheel): {nested}"
+
+
+def test_the_wheel_carries_every_module_of_every_part(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                             "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    import zipfile
+
+    wheel = next(tmp_path.glob("mmrank-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for folder, package in (("mmrank", "mmrank"), ("operator", "mmrank/operator"),
+                            ("encoders", "mmrank/encoders"), ("predictors", "mmrank/predictors")):
+        for source in (ROOT / folder).glob("*.py"):
+            assert f"{package}/{source.name}" in names, f"{folder}/{source.name} is not in the wheel"
