@@ -22,7 +22,7 @@ COPY encoders/triton_config.py encoders/triton_config.py
 RUN pip install --no-deps . && rm -rf /src/*
 USER 10001
 ENTRYPOINT ["mmrank"]
-CMD ["operator", "run", "--all-namespaces"]
+CMD ["operator", "run", "--standalone"]
 
 # Everything else: torch (CPU wheels; GPU nodes run Triton's own image for the encoder).
 FROM base AS runtime

@@ -42,14 +42,15 @@ def test_watch_namespaces_become_operator_arguments(helm_binary):
     deployment = next(d for d in render(helm_binary, "-f", str(CHART / "values-dev.yaml")) if d["kind"] == "Deployment")
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:2] == ["operator", "run"]
-    assert "--namespace=mmrank-dev" in args and "--all-namespaces" not in args
+    assert "--namespace=mmrank-dev" in args and "--standalone" in args and "--verbose" in args
     everywhere = next(d for d in render(helm_binary) if d["kind"] == "Deployment")
-    assert "--all-namespaces" in everywhere["spec"]["template"]["spec"]["containers"][0]["args"]
+    args = everywhere["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not [a for a in args if a.startswith("--namespace")] and "--interval=30" in args
 
 
 @pytest.mark.parametrize(("setting", "field"), [
     ("operator.reconcileIntervalSeconds=0", "reconcileIntervalSeconds"),
-    ("operator.logLevel=loud", "logLevel"),
+    ("operator.verbose=loud", "verbose"),
     ("image.pullPolicy=Sometimes", "pullPolicy"),
     ("watchNamespaces[0]=Not_A_Namespace", "watchNamespaces"),
     ("replicaCount=3", "replicaCount"),
