@@ -1,0 +1,918 @@
+"""The MultimodalRanker resource: pydantic models, the CRD generated from them, and validation.
+
+The models are the one source of truth. `crd_manifest()` turns their JSON schema into a
+structural OpenAPI v3 schema (what `kubectl explain` prints and the apiserver enforces), and
+each cross-field rule exists twice: as a CEL `x-kubernetes-validations` rule in the CRD and as a
+model validator here, so it also holds where CEL is not evaluated (Kubernetes < 1.25, the
+operator, `mmrank validate`).
+
+Torch-free and kubernetes-free: the operator and the CLI import this module.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterator, Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "mmrank.io"
+VERSION = "v1alpha1"
+KIND = "MultimodalRanker"
+PLURAL = "multimodalrankers"
+SINGULAR = "multimodalranker"
+SHORT_NAMES = ["mmr"]
+API_VERSION = f"{GROUP}/{VERSION}"
+CRD_NAME = f"{PLURAL}.{GROUP}"
+
+# Child objects are named `<name>-<suffix>`; Services and labels cap names at 63 characters
+# (DNS-1035 label), so the resource name plus the encoder version must leave room for the
+# longest suffix ("-backfill-").
+DNS_LABEL_MAX = 63
+VERSION_MAX = 20
+DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+DURATION = r"^[1-9][0-9]*(s|m|h)$"
+# A Kubernetes quantity without a sign ("500m", "2Gi", "1", "1.5", "1e3").
+QUANTITY = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|([eE][0-9]+))?$"
+# redis://host:port/db, rediss://..., or file:///path. No `user:password@` part: credentials
+# come from `passwordSecretRef`, never from the spec.
+STORE_URL = r"^(rediss?://[^/@\s]+(/[0-9]+)?|file:///[^@\s]*)$"
+MODEL_URI = r"^[a-z][a-z0-9+.-]*://[^\s@]+$"
+IMAGE = r"^[^\s]+$"
+HTTP_URL = r"^https?://[^\s@]+$"
+
+PHASES = ("Provisioning", "Backfilling", "Progressing", "AwaitingPromotion", "Ready", "RolledBack", "Failed")
+CONDITION_TYPES = ("EncoderReady", "EmbeddingsSynced", "RankerReady", "CanaryHealthy", "Ready")
+Phase = Literal["Provisioning", "Backfilling", "Progressing", "AwaitingPromotion", "Ready", "RolledBack", "Failed"]
+
+DEFAULT_TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+DEFAULT_MMRANK_IMAGE = "ghcr.io/mmrank/mmrank:0.1.0"
+
+# Cross-field rules: CEL in the CRD and model validators raise the same message.
+RULE_STEPS = "steps must be strictly increasing"
+RULE_TOLERATION = "a toleration with operator Exists must not set value"
+RULE_SECRET_NEEDS_REDIS = "passwordSecretRef needs a redis:// or rediss:// url"
+RULE_RANKER_SPACE = "ranker.encoderVersion must name the encoder version in spec.encoder (the space it was trained on)"
+RULE_CHILD_NAMES = ("metadata.name plus spec.encoder.version is too long: child <name>-backfill-<version> "
+                    "must fit in 63 characters")
+
+
+def _check_quantity(value: int | str) -> int | str:
+    if isinstance(value, bool) or (isinstance(value, int) and value < 0):
+        raise ValueError("a quantity is a non-negative integer or a string like 500m, 2Gi")
+    if isinstance(value, str) and not re.fullmatch(QUANTITY, value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 500m, 2Gi, 1)")
+    return value
+
+
+Quantity = Annotated[
+    int | str,
+    AfterValidator(_check_quantity),
+    Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY}),
+]
+
+
+def child_names(name: str, encoder_version: str) -> dict[str, str]:
+    """Names of the children one MultimodalRanker owns: the one place that decides them."""
+    return {
+        "encoder": f"{name}-encoder-{encoder_version}",
+        "embedder": f"{name}-embedder",
+        "backfill": f"{name}-backfill-{encoder_version}",
+        "ranker": f"{name}-ranker",
+    }
+
+
+def max_name_length(encoder_version: str) -> int:
+    """The longest resource name whose every child name still fits in a DNS label."""
+    longest_suffix = max(len(child) for child in child_names("", encoder_version).values())
+    return DNS_LABEL_MAX - longest_suffix
+
+
+def child_name_problem(name: str, encoder_version: str) -> str | None:
+    """Why these names would give a child a name over 63 characters, or None."""
+    child, longest = max(child_names(name, encoder_version).items(), key=lambda item: len(item[1]))
+    if len(longest) <= DNS_LABEL_MAX:
+        return None
+    return (f"{RULE_CHILD_NAMES}: child {child} name {longest!r} is {len(longest)} characters, over "
+            f"{DNS_LABEL_MAX}; shorten the name (at most {max_name_length(encoder_version)} characters with "
+            "this encoder version) or the version")
+
+
+# --- spec -------------------------------------------------------------------------------------
+
+class _Spec(BaseModel):
+    """Spec models: camelCase on the wire, unknown fields are errors (the apiserver would prune
+    them silently, so a typo must fail here), strict types as the apiserver's schema has them
+    ("3" is not an integer)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_mapping(cls, data: Any) -> Any:
+        """kopf hands over read-only Mapping views; strict mode wants a dict."""
+        return dict(data) if isinstance(data, Mapping) and not isinstance(data, dict) else data
+
+
+class _Status(BaseModel):
+    """Status models: camelCase on the wire, unknown fields ignored (an older operator may read
+    a status a newer one wrote)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+def _cel(rule: str, message: str) -> dict[str, Any]:
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message}]}
+
+
+class DynamicBatching(_Spec):
+    """Triton dynamic batching of encoder requests."""
+
+    max_batch_size: int = Field(64, ge=1, le=4096, description="Largest batch Triton forms from queued "
+                                "requests (config.pbtxt max_batch_size).", examples=[64])
+    max_queue_delay_microseconds: int = Field(2000, ge=0, le=10_000_000, description="How long a request "
+                                              "may wait in the queue for a batch to fill, in microseconds.",
+                                              examples=[2000])
+
+
+class Toleration(_Spec):
+    """A Kubernetes toleration, so encoder pods may run on tainted GPU nodes."""
+
+    model_config = ConfigDict(json_schema_extra=_cel(
+        "self.operator != 'Exists' || !has(self.value) || self.value == ''", RULE_TOLERATION))
+
+    key: str | None = Field(None, max_length=316, description="Taint key the toleration matches; empty "
+                            "with operator Exists matches every taint.", examples=["nvidia.com/gpu"])
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists (any value) or Equal "
+                                                 "(value must match).", examples=["Equal"])
+    value: str | None = Field(None, max_length=63, description="Taint value to match when operator is Equal.",
+                              examples=["present"])
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to match; empty matches all effects.", examples=["NoExecute"])
+    toleration_seconds: int | None = Field(None, ge=0, description="For NoExecute: how long the pod stays "
+                                           "bound after the taint appears, in seconds.", examples=[300])
+
+    @model_validator(mode="after")
+    def _exists_has_no_value(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError(RULE_TOLERATION)
+        return self
+
+
+class ResourceRequirements(_Spec):
+    """Kubernetes compute resources (requests and limits) for one container."""
+
+    requests: dict[str, Quantity] | None = Field(None, description="Resources the scheduler reserves, by "
+                                                 "name (cpu, memory, nvidia.com/gpu).",
+                                                 examples=[{"cpu": "1", "memory": "2Gi"}])
+    limits: dict[str, Quantity] | None = Field(None, description="Most the container may use, by name.",
+                                               examples=[{"memory": "4Gi"}])
+
+
+class EncoderSpec(_Spec):
+    """The item encoder served by Triton: one Deployment per live encoder version."""
+
+    version: str = Field(..., min_length=1, max_length=VERSION_MAX, pattern=DNS1035_LABEL,
+                         description="Encoder version, the name of its embedding space. A DNS-1035 label: it "
+                         "becomes part of child names (<name>-encoder-<version>, <name>-backfill-<version>), "
+                         "which must stay within 63 characters.", examples=["e2"])
+    model_uri: str = Field(..., max_length=1024, pattern=MODEL_URI, description="Where the Triton model "
+                           "repository lives (s3://, gs://, https://, pvc://); an init container pulls it.",
+                           examples=["s3://models/encoder/e2"])
+    model_name: str = Field("item_encoder", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$",
+                            description="Triton model name of the encoder inside the repository.",
+                            examples=["item_encoder"])
+    image: str = Field(DEFAULT_TRITON_IMAGE, max_length=512, pattern=IMAGE, description="Triton Inference "
+                       "Server image.", examples=[DEFAULT_TRITON_IMAGE])
+    backend: Literal["python", "onnxruntime", "pytorch"] = Field(
+        "python", description="Triton backend of the exported encoder: python (tokenizes titles itself), "
+        "onnxruntime or pytorch (take TOKEN_IDS).", examples=["onnxruntime"])
+    replicas: int = Field(1, ge=1, le=100, description="Triton pods per encoder version.", examples=[2])
+    gpus: int = Field(1, ge=0, le=16, description="nvidia.com/gpu per replica; 0 runs the encoder on CPU.",
+                      examples=[1])
+    dimension: int = Field(128, ge=8, le=4096, description="Width of the L2-normalised item embedding.",
+                           examples=[128])
+    dynamic_batching: DynamicBatching = Field(default_factory=DynamicBatching, description="Triton dynamic "
+                                              "batching settings.", json_schema_extra={"default": {}})
+    node_selector: dict[str, Annotated[str, Field(min_length=1, max_length=63)]] = Field(
+        default_factory=dict, description="Node labels (with non-empty values) the encoder pods must run on.",
+        examples=[{"nvidia.com/gpu.product": "NVIDIA-A10"}], json_schema_extra={"default": {}})
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Tolerations of "
+                                          "the encoder pods (e.g. for tainted GPU nodes).",
+                                          json_schema_extra={"default": []})
+    resources: ResourceRequirements | None = Field(None, description="CPU and memory of the Triton "
+                                                   "container; GPUs come from `gpus`.",
+                                                   examples=[{"requests": {"cpu": "2", "memory": "8Gi"},
+                                                             "limits": {"memory": "8Gi"}}])
+
+
+class RankerModelSpec(_Spec):
+    """The CTR ranker served by a KServe InferenceService, pinned to one embedding space."""
+
+    version: str = Field(..., min_length=1, max_length=VERSION_MAX, pattern=DNS1035_LABEL,
+                         description="Ranker version; a new version goes through the canary rollout.",
+                         examples=["r2"])
+    model_uri: str = Field(..., max_length=1024, pattern=MODEL_URI, description="Where the ranker artifact "
+                           "(ranker.json, weights.pt) lives; KServe's storage initializer pulls it.",
+                           examples=["s3://models/ranker/r2"])
+    encoder_version: str = Field(..., min_length=1, max_length=VERSION_MAX, pattern=DNS1035_LABEL,
+                                 description="The embedding space (encoder version) this ranker was trained on; "
+                                 "it serves only while that space is fresh and backfilled.", examples=["e2"])
+    image: str = Field(DEFAULT_MMRANK_IMAGE, max_length=512, pattern=IMAGE, description="Predictor image "
+                       "(the mmrank KServe model server).", examples=[DEFAULT_MMRANK_IMAGE])
+    replicas: int = Field(1, ge=1, le=100, description="Predictor pods.", examples=[3])
+    resources: ResourceRequirements = Field(
+        default_factory=lambda: ResourceRequirements(requests={"cpu": "1", "memory": "2Gi"}),
+        description="CPU and memory of the predictor container.",
+        json_schema_extra={"default": {"requests": {"cpu": "1", "memory": "2Gi"}}})
+    max_candidates: int = Field(500, ge=1, le=10_000, description="Most candidates one rank request may "
+                                "carry; larger requests are refused.", examples=[500])
+    history_length: int = Field(1000, ge=1, le=10_000, description="Most behaviour-history items the "
+                                "ranker reads per user (SimTier and MAKE attention).", examples=[1000])
+
+
+class SecretKeyRef(_Spec):
+    """A key of a Secret in the resource's namespace."""
+
+    name: str = Field(..., min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN,
+                      description="Secret name.", examples=["redis-auth"])
+    key: str = Field("password", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$",
+                     description="Key inside the Secret.", examples=["password"])
+
+
+class StoreSpec(_Spec):
+    """Connection to the embedding store; credentials only by Secret reference."""
+
+    model_config = ConfigDict(json_schema_extra=_cel(
+        "!has(self.passwordSecretRef) || self.url.startsWith('redis')", RULE_SECRET_NEEDS_REDIS))
+
+    url: str = Field(..., max_length=512, pattern=STORE_URL, description="redis://host:port/db (or rediss://, "
+                     "or file:///path for a single-node quick start). Never credentials: use "
+                     "passwordSecretRef.", examples=["redis://redis.ads.svc:6379/0"])
+    password_secret_ref: SecretKeyRef | None = Field(None, description="Secret key holding the store "
+                                                     "password; no password is ever written in the spec.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_password(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if isinstance(key, str) and key.lower() in {"password", "pass", "auth", "token", "secret"}:
+                    raise ValueError(f"{key}: no password in the spec; put it in a Secret and set "
+                                     "passwordSecretRef {name, key}")
+        return data
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials(cls, url: str) -> str:
+        authority = url.split("://", 1)[-1].split("/", 1)[0]
+        if "@" in authority:
+            raise ValueError("url must not carry credentials (user:password@); use passwordSecretRef")
+        return url
+
+    @model_validator(mode="after")
+    def _secret_needs_redis(self) -> StoreSpec:
+        if self.password_secret_ref is not None and not self.url.startswith("redis"):
+            raise ValueError(RULE_SECRET_NEEDS_REDIS)
+        return self
+
+
+class BackfillSpec(_Spec):
+    """The Indexed Job that embeds the whole catalogue into a new space."""
+
+    parallelism: int = Field(4, ge=1, le=256, description="Backfill pods running at once (shards in flight).",
+                             examples=[4])
+    batch_size: int = Field(256, ge=1, le=8192, description="Items per encoder request during backfill.",
+                            examples=[256])
+
+
+class ItemEventsSpec(_Spec):
+    """The Redis Stream of new and changed items the embedder consumes."""
+
+    stream: str = Field("mmrank:items", min_length=1, max_length=256, description="Stream key of item events.",
+                        examples=["mmrank:items"])
+    consumer_group: str = Field("embedder", min_length=1, max_length=256, description="Consumer group the "
+                                "embedder reads the stream with.", examples=["embedder"])
+
+
+class EmbedderSpec(_Spec):
+    """The Deployment embedding new items into every live space in real time."""
+
+    image: str = Field(DEFAULT_MMRANK_IMAGE, max_length=512, pattern=IMAGE, description="Embedder image.",
+                       examples=[DEFAULT_MMRANK_IMAGE])
+    replicas: int = Field(1, ge=1, le=100, description="Embedder pods (consumers in the group).", examples=[1])
+
+
+class EmbeddingsSpec(_Spec):
+    """Where embeddings live and how a new space gets filled."""
+
+    store: StoreSpec = Field(..., description="Embedding store connection.")
+    min_coverage: float = Field(0.99, ge=0.0, le=1.0, description="Fraction of the catalogue a space must "
+                                "hold before a ranker trained on it takes traffic.", examples=[0.99])
+    backfill: BackfillSpec = Field(default_factory=BackfillSpec, description="Backfill Job settings.",
+                                   json_schema_extra={"default": {}})
+    item_events: ItemEventsSpec = Field(default_factory=ItemEventsSpec, description="Item event stream.",
+                                        json_schema_extra={"default": {}})
+    retained_spaces: int = Field(1, ge=0, le=10, description="Retired spaces kept in the store after a "
+                                 "rollout (for a fast rollback); older ones are deleted.", examples=[1])
+    embedder: EmbedderSpec = Field(default_factory=EmbedderSpec, description="Real-time embedder settings.",
+                                   json_schema_extra={"default": {}})
+
+
+class AnalysisSpec(_Spec):
+    """Canary checks, each comparing canary with stable over one interval (from Prometheus)."""
+
+    max_error_rate: float = Field(0.01, ge=0.0, le=1.0, description="Highest canary error rate (errors / "
+                                  "requests) that passes.", examples=[0.01])
+    max_latency_p99_ms: float = Field(100.0, gt=0.0, le=60_000.0, description="Highest canary p99 latency "
+                                      "in milliseconds that passes.", examples=[100])
+    min_click_rate_ratio: float = Field(0.95, ge=0.0, le=10.0, description="Lowest canary CTR / stable CTR "
+                                        "(from click feedback) that passes.", examples=[0.95])
+    min_requests: int = Field(500, ge=0, le=1_000_000_000, description="Canary requests a step needs before "
+                              "it is judged; fewer means wait.", examples=[500])
+    failure_limit: int = Field(2, ge=1, le=100, description="Failed checks before the canary is rolled back.",
+                               examples=[2])
+
+
+def _steps_problem(steps: list[int]) -> str | None:
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        return RULE_STEPS
+    return None
+
+
+class RolloutSpec(_Spec):
+    """How a new ranker version reaches traffic: canary steps, checks, promotion."""
+
+    steps: list[Annotated[int, Field(ge=1, le=99)]] = Field(
+        default_factory=lambda: [10, 25, 50], max_length=20,
+        description="Canary traffic percentages, strictly increasing, each 1..99; after the last step the "
+        "canary is promoted to 100 %.", examples=[[10, 25, 50]],
+        json_schema_extra={"default": [10, 25, 50], **_cel(
+            "self.isSorted() && self.all(x, self.indexOf(x) == self.lastIndexOf(x))", RULE_STEPS)})
+    interval: str = Field("5m", max_length=16, pattern=DURATION, description="Time at each step before the "
+                          "analysis judges it (e.g. 30s, 5m, 1h).", examples=["5m"])
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec, description="Checks that decide advance or "
+                                   "rollback.", json_schema_extra={"default": {}})
+    promotion: Literal["Automatic", "Manual"] = Field("Automatic", description="Automatic: promote after the "
+                                                      "last step passes. Manual: wait in AwaitingPromotion "
+                                                      "for a person.", examples=["Manual"])
+    kserve_mode: Literal["Standard", "Knative"] = Field("Standard", description="KServe deployment mode: "
+                                                        "Standard (raw Deployments, spec.canary weights) or "
+                                                        "Knative (canaryTrafficPercent).", examples=["Knative"])
+    prometheus_url: str = Field("http://prometheus.monitoring.svc:9090", max_length=512, pattern=HTTP_URL,
+                                description="Prometheus the analysis queries.",
+                                examples=["http://prometheus.monitoring.svc:9090"])
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, steps: list[int]) -> list[int]:
+        problem = _steps_problem(steps)
+        if problem:
+            raise ValueError(problem)
+        return steps
+
+
+class RankerSpec(_Spec):
+    """Desired state: which encoder and ranker serve, where embeddings live, how rollouts go."""
+
+    model_config = ConfigDict(json_schema_extra=_cel(
+        "self.ranker.encoderVersion == self.encoder.version", RULE_RANKER_SPACE))
+
+    encoder: EncoderSpec = Field(..., description="The item encoder (Triton).")
+    ranker: RankerModelSpec = Field(..., description="The CTR ranker (KServe).")
+    embeddings: EmbeddingsSpec = Field(..., description="Embedding store, coverage gate, backfill, "
+                                       "real-time embedder.")
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Canary rollout of new ranker "
+                                 "versions.", json_schema_extra={"default": {}})
+
+    @model_validator(mode="after")
+    def _ranker_on_encoder_space(self) -> RankerSpec:
+        if self.ranker.encoder_version != self.encoder.version:
+            raise ValueError(f"{RULE_RANKER_SPACE}: ranker.encoderVersion is {self.ranker.encoder_version!r}, "
+                             f"spec.encoder.version is {self.encoder.version!r}")
+        return self
+
+
+# --- status -----------------------------------------------------------------------------------
+
+class Condition(_Status):
+    """A Kubernetes condition (metav1.Condition shape)."""
+
+    type: str = Field(..., min_length=1, max_length=316, pattern=r"^[A-Za-z][A-Za-z0-9]*$",
+                      description="Condition type: EncoderReady, EmbeddingsSynced, RankerReady, CanaryHealthy, Ready.",
+                      examples=["CanaryHealthy"])
+    status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.", examples=["True"])
+    reason: str = Field(..., min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+                        description="CamelCase reason for the last transition.", examples=["ChecksPassed"])
+    message: str = Field("", max_length=32768, description="Human-readable detail.",
+                         examples=["step 2 of 3 (25 %): all checks passed"])
+    last_transition_time: str = Field(..., description="When status last changed (RFC 3339).",
+                                      examples=["2026-11-29T03:00:00Z"], json_schema_extra={"format": "date-time"})
+    observed_generation: int | None = Field(None, ge=0, description="metadata.generation the condition was "
+                                            "computed from.", examples=[4])
+
+
+class VersionPair(_Status):
+    """A ranker version and the encoder version (space) it runs on."""
+
+    ranker_version: str = Field(..., description="Ranker version.", examples=["r1"])
+    encoder_version: str = Field(..., description="Encoder version (embedding space) the ranker reads.",
+                                 examples=["e1"])
+
+
+class AnalysisResult(_Status):
+    """One canary check as measured in Prometheus; null values had no data."""
+
+    time: str = Field(..., description="When the check ran (RFC 3339).", examples=["2026-11-29T03:05:00Z"],
+                      json_schema_extra={"format": "date-time"})
+    requests: int = Field(0, ge=0, description="Canary requests during the interval.", examples=[1200])
+    error_rate: float | None = Field(None, ge=0.0, description="Canary errors / requests.", examples=[0.002])
+    latency_p99_ms: float | None = Field(None, ge=0.0, description="Canary p99 latency in milliseconds.",
+                                         examples=[42.5])
+    click_rate_ratio: float | None = Field(None, ge=0.0, description="Canary CTR / stable CTR.", examples=[1.03])
+    passed: bool = Field(..., description="Whether every check passed.", examples=[True])
+    message: str = Field("", max_length=4096, description="Which check failed and why, or why it waits.",
+                         examples=["all checks passed"])
+
+
+class CanaryStatus(_Status):
+    """The canary ranker being rolled out."""
+
+    ranker_version: str = Field(..., description="Canary ranker version.", examples=["r2"])
+    encoder_version: str = Field(..., description="Encoder version (space) the canary reads.", examples=["e2"])
+    step: int = Field(0, ge=0, description="Index into spec.rollout.steps of the current step.", examples=[1])
+    traffic_percent: int = Field(0, ge=0, le=100, description="Share of requests the canary receives now.",
+                                 examples=[25])
+    failed_checks: int = Field(0, ge=0, description="Failed analysis checks so far.", examples=[0])
+    last_analysis: AnalysisResult | None = Field(None, description="The most recent analysis with its "
+                                                 "measured values.")
+
+
+class BackfillProgress(_Status):
+    """Progress of the backfill Job of one space."""
+
+    completed_shards: int = Field(0, ge=0, description="Shards written to the store.", examples=[8])
+    total_shards: int = Field(0, ge=0, description="Shards in the backfill.", examples=[8])
+    progress: float = Field(0.0, ge=0.0, le=1.0, description="completedShards / totalShards.", examples=[1.0])
+
+
+class SpaceStatus(_Status):
+    """One embedding space in the store."""
+
+    version: str = Field(..., description="Encoder version that produced the space.", examples=["e2"])
+    coverage: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of the catalogue with an embedding.",
+                            examples=[0.995])
+    items: int = Field(0, ge=0, description="Items embedded.", examples=[9950])
+    backfill: BackfillProgress | None = Field(None, description="Backfill progress, while one runs or ran.")
+
+
+class EmbeddingsStatus(_Status):
+    """Embedding spaces and how fresh they are."""
+
+    spaces: list[SpaceStatus] = Field(default_factory=list, description="Live and retained spaces.",
+                                      json_schema_extra={"x-kubernetes-list-type": "map",
+                                                         "x-kubernetes-list-map-keys": ["version"]})
+    coverage: float | None = Field(None, ge=0.0, le=1.0, description="Coverage of the space of "
+                                   "spec.encoder.version (what the minCoverage gate reads; the Coverage column).",
+                                   examples=[0.995])
+    freshness_p99_seconds: float | None = Field(None, ge=0.0, description="p99 seconds from an item event "
+                                                "to its embedding in the store.", examples=[1.2])
+
+
+class RankerStatus(_Status):
+    """Observed state, written by the operator only."""
+
+    phase: Phase | None = Field(None, description="Provisioning, Backfilling, Progressing, AwaitingPromotion, "
+                                "Ready, RolledBack or Failed.", examples=["Progressing"])
+    observed_generation: int | None = Field(None, ge=0, description="metadata.generation this status describes.",
+                                            examples=[4])
+    conditions: list[Condition] = Field(default_factory=list, description="EncoderReady, EmbeddingsSynced, "
+                                        "RankerReady, CanaryHealthy, Ready.",
+                                        json_schema_extra={"x-kubernetes-list-type": "map",
+                                                           "x-kubernetes-list-map-keys": ["type"]})
+    stable: VersionPair | None = Field(None, description="Versions serving all traffic outside a canary.")
+    canary: CanaryStatus | None = Field(None, description="The rollout in progress, if any.")
+    embeddings: EmbeddingsStatus | None = Field(None, description="Embedding spaces, coverage, freshness.")
+
+    @field_validator("conditions")
+    @classmethod
+    def _one_per_type(cls, conditions: list[Condition]) -> list[Condition]:
+        types = [c.type for c in conditions]
+        if len(types) != len(set(types)):
+            raise ValueError("conditions must have one entry per type")
+        return conditions
+
+
+# --- the resource -----------------------------------------------------------------------------
+
+class ObjectMeta(BaseModel):
+    """The metadata fields mmrank reads; everything else the apiserver sets is kept as is."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    name: str = Field(..., min_length=1, max_length=DNS_LABEL_MAX, pattern=DNS1035_LABEL,
+                      description="Resource name; prefix of every child name.")
+    namespace: str | None = None
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+    generation: int | None = None
+    uid: str | None = None
+    resource_version: str | None = None
+
+
+class MultimodalRanker(BaseModel):
+    """A multimodal CTR ranker in production: encoder, embeddings, ranker, rollout."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid",
+                              json_schema_extra=_cel(
+                                  f"size(self.metadata.name) + size(self.spec.encoder.version) <= "
+                                  f"{DNS_LABEL_MAX - len('--backfill')}", RULE_CHILD_NAMES))
+
+    api_version: Literal["mmrank.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["MultimodalRanker"] = KIND
+    metadata: ObjectMeta
+    spec: RankerSpec
+    status: RankerStatus | None = None
+
+    @model_validator(mode="after")
+    def _child_names_fit(self) -> MultimodalRanker:
+        problem = child_name_problem(self.metadata.name, self.spec.encoder.version)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    def children(self) -> dict[str, str]:
+        return child_names(self.metadata.name, self.spec.encoder.version)
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The object as the apiserver stores it (camelCase, no nulls)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# --- validation for `mmrank validate` ---------------------------------------------------------
+
+def _loc_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in {"function-after", "function-before"} or "[" in str(part):
+            continue
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "(root)"
+
+
+def problems(manifest: Any) -> list[str]:
+    """Every problem of one manifest, each prefixed with its field path (empty: valid)."""
+    found: list[str] = []
+    try:
+        MultimodalRanker.model_validate(manifest)
+    except ValidationError as exc:
+        found = list(dict.fromkeys(_problem(err) for err in exc.errors()))
+    raw = _raw_child_name_problem(manifest)
+    if raw and raw not in found:
+        found.append(raw)
+    return found
+
+
+def _raw_child_name_problem(manifest: Any) -> str | None:
+    """The child-name check on the raw manifest, so it is reported even when other fields fail."""
+    try:
+        name, version = manifest["metadata"]["name"], manifest["spec"]["encoder"]["version"]
+    except (KeyError, TypeError):
+        return None
+    return child_name_problem(name, version) if isinstance(name, str) and isinstance(version, str) else None
+
+
+_UNION_BRANCHES = {"int", "str"}  # pydantic tags each branch of `int | str` (a quantity) in `loc`
+
+
+def _problem(err: Any) -> str:
+    """`path: message`; root-level rules name their fields in the message itself."""
+    loc = tuple(err["loc"])
+    if loc and loc[-1] in _UNION_BRANCHES:
+        return f"{_loc_path(loc[:-1])}: Input should be a quantity: an integer or a string like 500m, 2Gi"
+    return f"{_loc_path(loc)}: {_message(err)}" if loc else _message(err)
+
+
+def _message(err: Any) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown field (the apiserver would drop it silently)"
+    if err["type"] == "model_type":
+        return "Input should be an object (a mapping of fields)"
+    return str(err["msg"]).removeprefix("Value error, ")
+
+
+def _is_ours(document: Any) -> bool:
+    """Other kinds in the same file (a Secret beside the ranker) are not ours to judge; a wrong
+    apiVersion of our group or a missing kind is."""
+    if not isinstance(document, dict):
+        return True
+    kind, api_version = document.get("kind"), document.get("apiVersion")
+    group = api_version.split("/")[0] if isinstance(api_version, str) and "/" in api_version else None
+    return not (isinstance(kind, str) and kind != KIND and group != GROUP)
+
+
+def validate_file(filename: str) -> list[tuple[str, list[str]]]:
+    """(label, problems) for each YAML document in `filename` (`-` reads stdin)."""
+    import sys
+
+    import yaml
+
+    try:
+        text = sys.stdin.read() if filename == "-" else open(filename, encoding="utf-8").read()
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except (OSError, yaml.YAMLError) as exc:
+        return [(filename, [f"(file): cannot read a YAML manifest: {exc}"])]
+    if not documents:
+        return [(filename, ["(file): no manifest in it"])]
+    results = []
+    for index, document in enumerate(documents):
+        if not _is_ours(document):
+            continue
+        name = document.get("metadata", {}).get("name") if isinstance(document, dict) else None
+        label = filename if len(documents) == 1 else f"{filename}#{index}"
+        results.append((f"{label} ({name})" if isinstance(name, str) else label, problems(document)))
+    return results
+
+
+# --- CRD generation ---------------------------------------------------------------------------
+
+_DROP = {"title", "additionalProperties", "examples"}
+
+
+def _structural(node: Any, defs: dict[str, Any]) -> Any:
+    """pydantic JSON schema -> structural OpenAPI v3 (inline refs, nullable instead of anyOf null)."""
+    if isinstance(node, list):
+        return [_structural(v, defs) for v in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    if "$ref" in node:
+        target = defs[node.pop("$ref").split("/")[-1]]
+        node = {**target, **node}
+    if "anyOf" in node:
+        branches = [b for b in node["anyOf"] if b != {"type": "null"}]
+        nullable = len(branches) < len(node["anyOf"])
+        rest = {k: v for k, v in node.items() if k != "anyOf"}
+        if len(branches) == 1:
+            node = {**_structural(branches[0], defs), **rest}
+        elif node.get("x-kubernetes-int-or-string"):
+            node = rest  # no anyOf: kubectl's OpenAPI v2 reader rejects it under additionalProperties
+        else:
+            raise ValueError(f"cannot express anyOf in a structural schema: {node}")
+        if nullable:
+            node["nullable"] = True
+            if node.get("default", 0) is None:
+                del node["default"]
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+        node.setdefault("type", "string")
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROP and not (key == "additionalProperties" and isinstance(value, dict)):
+            continue
+        if key == "properties":
+            out[key] = {name: _structural(v, defs) for name, v in value.items()}
+        elif key in {"items", "additionalProperties"}:
+            out[key] = _structural(value, defs)
+        elif key == "$defs":
+            continue
+        else:
+            out[key] = value
+    if out.get("default") == "":
+        del out["default"]  # Kubernetes 1.20 reads `default: ""` as null and refuses the CRD
+    for bound, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+        if isinstance(out.get(exclusive), (int, float)) and not isinstance(out[exclusive], bool):
+            out[bound], out[exclusive] = out[exclusive], True  # JSON Schema 2020 -> OpenAPI 3.0
+    if out.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+    if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
+        out["x-kubernetes-preserve-unknown-fields"] = True
+    return out
+
+
+def _model_schema(model: type[BaseModel]) -> dict[str, Any]:
+    schema = model.model_json_schema(by_alias=True, mode="validation")
+    return _structural(schema, schema.get("$defs", {}))
+
+
+def _strip(node: Any, key: str) -> Any:
+    if isinstance(node, dict):
+        return {k: _strip(v, key) for k, v in node.items() if k != key}
+    if isinstance(node, list):
+        return [_strip(v, key) for v in node]
+    return node
+
+
+def openapi_schema(cel: bool = True) -> dict[str, Any]:
+    """The CRD's openAPIV3Schema for the whole object."""
+    root_extra = MultimodalRanker.model_config.get("json_schema_extra") or {}
+    schema: dict[str, Any] = {
+        "type": "object",
+        "description": MultimodalRanker.__doc__,
+        "properties": {
+            "apiVersion": {"type": "string", "description": "mmrank.io/v1alpha1"},
+            "kind": {"type": "string", "description": "MultimodalRanker"},
+            "metadata": {"type": "object"},
+            "spec": _model_schema(RankerSpec),
+            "status": _model_schema(RankerStatus),
+        },
+        "required": ["spec"],
+        **copy.deepcopy(root_extra),  # type: ignore[arg-type]
+    }
+    return schema if cel else _strip(schema, "x-kubernetes-validations")
+
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase."},
+    {"name": "Stable", "type": "string", "jsonPath": ".status.stable.rankerVersion",
+     "description": "Ranker version serving stable traffic."},
+    {"name": "Canary", "type": "string", "jsonPath": ".status.canary.rankerVersion",
+     "description": "Ranker version in canary."},
+    {"name": "Traffic", "type": "integer", "jsonPath": ".status.canary.trafficPercent",
+     "description": "Percent of requests on the canary."},
+    {"name": "Coverage", "type": "number", "jsonPath": ".status.embeddings.coverage",
+     "description": "Catalogue coverage of the target embedding space."},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def crd_manifest(cel: bool = True) -> dict[str, Any]:
+    """The CustomResourceDefinition. `cel=False` drops the CEL rules for apiservers that know no
+    CEL (Kubernetes < 1.25): there the model validators are the only check of those rules."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": CRD_NAME},
+        "spec": {
+            "group": GROUP,
+            "names": {"kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL, "singular": SINGULAR,
+                      "shortNames": list(SHORT_NAMES), "categories": ["mmrank"]},
+            "scope": "Namespaced",
+            "versions": [{
+                "name": VERSION, "served": True, "storage": True,
+                "schema": {"openAPIV3Schema": openapi_schema(cel)},
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": copy.deepcopy(PRINTER_COLUMNS),
+            }],
+        },
+    }
+
+
+def crd_yaml(cel: bool = True) -> str:
+    import yaml
+
+    header = "# Generated by `mmrank crd` from mmrank/api.py. Do not edit: change the models.\n"
+    return header + yaml.safe_dump(crd_manifest(cel), sort_keys=False, width=100, allow_unicode=True)
+
+
+# --- reference docs ---------------------------------------------------------------------------
+
+def _type_name(node: dict[str, Any]) -> str:
+    if node.get("x-kubernetes-int-or-string"):
+        return "quantity (int or string)"
+    if "enum" in node:
+        return " \\| ".join(str(v) for v in node["enum"])
+    kind = node.get("type", "object")
+    if kind == "array":
+        return f"array of {_type_name(node.get('items', {}))}"
+    if kind == "object" and isinstance(node.get("additionalProperties"), dict):
+        return f"map of {_type_name(node['additionalProperties'])}"
+    return str(kind)
+
+
+def _bounds(node: dict[str, Any]) -> str:
+    parts: list[str] = []
+    if node.get("exclusiveMinimum") is True:
+        parts.append(f"> {node['minimum']}")
+    for key, label in (("minimum", ">="), ("maximum", "<="), ("minLength", "min length"),
+                       ("maxLength", "max length"), ("maxItems", "max items"), ("pattern", "pattern")):
+        if key in node and not (key == "minimum" and node.get("exclusiveMinimum") is True):
+            value = f"`{node[key]}`" if key == "pattern" else node[key]
+            parts.append(f"{label} {value}")
+    items = node.get("items", {})
+    for key, label in (("minimum", "each >="), ("maximum", "each <=")):
+        if key in items:
+            parts.append(f"{label} {items[key]}")
+    for rule in node.get("x-kubernetes-validations", []):
+        parts.append(f"rule: {rule['message']}")
+    return "; ".join(parts).replace("|", "\\|")
+
+
+def _walk(node: dict[str, Any], path: str, required: bool) -> Iterator[tuple[str, dict[str, Any], bool]]:
+    yield path, node, required
+    children = node.get("properties") or (node.get("items") or {}).get("properties")
+    if children:
+        needed = set(node.get("required") or (node.get("items") or {}).get("required") or [])
+        suffix = "[]" if node.get("type") == "array" else ""
+        for name, child in children.items():
+            yield from _walk(child, f"{path}{suffix}.{name}", name in needed)
+
+
+def _lookup(document: Any, path: str) -> Any:
+    """The value at a docs path (`a.b[].c`: first list element) of an example document."""
+    for part in path.split("."):
+        if not isinstance(document, dict):
+            return None
+        document = document.get(part.removesuffix("[]"))
+        if part.endswith("[]"):
+            document = document[0] if document else None
+    return document
+
+
+def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+        return
+    for arg in typing.get_args(annotation):
+        yield from _models_in(arg)
+
+
+def _cell(value: Any) -> str:
+    import json
+
+    if value is None:
+        return ""
+    return f"`{json.dumps(value, separators=(', ', ': '))}`".replace("|", "\\|")
+
+
+def api_reference_markdown() -> str:
+    """docs/api.md: every field with its type, default, bounds and an example, from the models."""
+    lines = [
+        "# MultimodalRanker API reference",
+        "",
+        f"Generated from `mmrank/api.py` by `mmrank crd --docs` (a test fails when this file is stale).",
+        f"Group `{GROUP}`, version `{VERSION}`, kind `{KIND}`, plural `{PLURAL}`, short name "
+        f"`{SHORT_NAMES[0]}`, namespaced, status subresource.",
+        "",
+        "Cross-field rules are CEL `x-kubernetes-validations` in the CRD and model validators in "
+        "`mmrank.api`, so `mmrank validate` and the operator enforce them on clusters without CEL:",
+        "",
+    ]
+    schema = openapi_schema(cel=True)
+    for path, node, _ in _walk(schema, "", False):
+        for where, holder in ((path or ".", node), (f"{path}[]", node.get("items") or {})):
+            for rule in holder.get("x-kubernetes-validations", []):
+                lines.append(f"- `{where}`: {rule['message']} (`{rule['rule']}`)")
+    lines += ["", "Install: `kubectl apply -f crds/mmrank.io_multimodalrankers.yaml` (Kubernetes 1.25 or later, "
+              "which evaluate CEL), or `mmrank crd --no-cel | kubectl apply -f -` on older clusters, which "
+              "refuse `x-kubernetes-validations`. An apiserver prunes unknown fields (silently, unless the client "
+              "asks for strict field validation, which 1.20 cannot); "
+              "`mmrank validate -f FILE` checks a manifest with the models (strict types, unknown fields, "
+              "every rule above) and prints each problem with its field path, exit status 1 when invalid."]
+    lines += ["", "Child objects of a resource named `x` with encoder version `E` (each name at most 63 "
+              "characters): " + ", ".join(f"`{n}`" for n in child_names("x", "E").values()) + ".", ""]
+    example = example_manifest()
+    for section in ("spec", "status"):
+        lines += [f"## {section}", "", "| field | type | required | default | bounds | example | description |",
+                  "|---|---|---|---|---|---|---|"]
+        for path, node, required in _walk(schema["properties"][section], section, True):
+            if path == section:
+                continue
+            has_fields = "properties" in node or "properties" in (node.get("items") or {})
+            example_value = None if has_fields else _lookup(example, path)
+            lines.append(f"| `{path}` | {_type_name(node)} | {'yes' if required else ''} | {_cell(node.get('default'))} "
+                         f"| {_bounds(node)} | {_cell(example_value)} | {node.get('description', '')} |")
+        lines.append("")
+    import yaml
+
+    lines += ["## A complete example", "", "Every field set to its example (or default) value, as the "
+              "operator would see it with a status written:", "", "```yaml",
+              yaml.safe_dump(example, sort_keys=False, width=100).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _example_of(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's fields filled with their declared examples, defaults, or nested examples."""
+    out: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        nested = next(iter(_models_in(info.annotation)), None)
+        if info.examples:
+            value = info.examples[0]
+        elif nested is not None:
+            value = _example_of(nested)
+        elif not info.is_required() and info.default_factory is None:
+            value = info.default
+        else:
+            value = info.get_default(call_default_factory=True)
+        if value is None:
+            continue
+        is_list = "list[" in str(info.annotation)
+        out[key] = [value] if is_list and nested is not None and isinstance(value, dict) else value
+    return out
+
+
+def example_manifest() -> dict[str, Any]:
+    """A MultimodalRanker with every field at its example value (docs/api.md shows it)."""
+    spec = _example_of(RankerSpec)
+    return MultimodalRanker.model_validate({
+        "apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": "shop", "namespace": "ads"},
+        "spec": spec, "status": _example_of(RankerStatus)}).to_manifest()
