@@ -1,0 +1,88 @@
+"""Subcommands: `mmrank predictor serve` (the KServe model server) and `mmrank predictor schema`."""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("predictor", help="Serve the ranker with KServe (v1 and v2 REST)")
+    commands = parser.add_subparsers(dest="predictor_command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser(
+        "serve", help="Run the model server: ready only while the ranker's space is covered",
+        description="Serve a ranker artifact with KServe's ModelServer. The model is not ready while "
+        "the embedding space it was trained on is unreachable or below --min-coverage; the reason is "
+        "logged and answered by GET /v1/models/<name> and /v2/models/<name>/ready.")
+    serve.add_argument("--model-dir", default=os.environ.get("MMRANK_MODEL_DIR", "/mnt/models"),
+                       help="ranker artifact directory (KServe mounts storageUri at /mnt/models)")
+    serve.add_argument("--store", default=os.environ.get("MMRANK_STORE_URL"),
+                       help="embedding store URL, redis://host:port/db or file:///path (env MMRANK_STORE_URL)")
+    serve.add_argument("--model-name", default=os.environ.get("MMRANK_MODEL_NAME", "ranker"),
+                       help="name in /v1/models/<name>:predict and /v2/models/<name>/infer")
+    serve.add_argument("--http-port", type=int, default=int(os.environ.get("PORT", "8080")))
+    serve.add_argument("--space", default=os.environ.get("MMRANK_SPACE"),
+                       help="the space this deployment is for (env MMRANK_SPACE); never ready when the "
+                       "ranker was trained on another")
+    serve.add_argument("--ranker-version", default=os.environ.get("MMRANK_RANKER_VERSION"),
+                       help="variant label of metrics and request ids (env MMRANK_RANKER_VERSION; "
+                       "default: the artifact's version)")
+    serve.add_argument("--history-length", type=int, default=None,
+                       help="newest behaviours read per user (default: the artifact's history_length)")
+    serve.add_argument("--min-coverage", type=float, default=0.99,
+                       help="not ready below this share of the catalogue embedded in the ranker's space")
+    serve.add_argument("--recheck-seconds", type=float, default=5.0, help="how often readiness is re-read")
+    serve.add_argument("--max-candidates", type=int, default=500)
+    serve.add_argument("--max-history", type=int, default=1000,
+                       help="longest history a request may carry (raised to --history-length if smaller)")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    serve.add_argument("--max-concurrency", type=int, default=8,
+                       help="ranking requests in flight; beyond it the answer is 503 at once")
+    serve.add_argument("--torch-threads", type=int, default=0, help="intra-op threads (0: torch's default)")
+    serve.add_argument("--no-feedback-stream", action="store_true",
+                       help="do not consume the mmrank:feedback Redis Stream")
+    serve.add_argument("--access-log", action="store_true",
+                       help="log a line per request (uvicorn access and KServe timing); metrics carry it anyway")
+    serve.set_defaults(handler=_serve)
+
+    schema = commands.add_parser("schema", help="Write the JSON schema of the v1 request body")
+    schema.add_argument("--out", default=None, help="file (default: predictors/v1_request.schema.json)")
+    schema.set_defaults(handler=_schema)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if not args.store:
+        print("mmrank predictor serve: --store (or MMRANK_STORE_URL) is required")
+        return 2
+    if not (Path(args.model_dir) / "ranker.json").is_file():
+        print(f"mmrank predictor serve: no ranker artifact in {args.model_dir} (ranker.json missing; "
+              "write one with `mmrank ranker train --out DIR`)")
+        return 2
+    import torch
+
+    from mmrank.predictors.requests import Limits
+    from mmrank.predictors.server import RankerModel, serve, with_password
+
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+    limits = Limits(max_candidates=args.max_candidates,
+                    max_history=max(args.max_history, args.history_length or 0),
+                    max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency)
+    store_url = with_password(args.store, os.environ.get("MMRANK_STORE_PASSWORD"))
+    model = RankerModel(args.model_name, args.model_dir, store_url, limits=limits,
+                        min_coverage=args.min_coverage, recheck_seconds=args.recheck_seconds,
+                        feedback_stream=not args.no_feedback_stream, expected_space=args.space,
+                        version=args.ranker_version, history_length=args.history_length)
+    serve(model, args.http_port, workers_threads=max(4, args.max_concurrency + 2), access_log=args.access_log)
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mmrank.predictors.requests import SCHEMA_PATH, write_schema
+
+    print(write_schema(Path(args.out) if args.out else SCHEMA_PATH))
+    return 0

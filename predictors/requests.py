@@ -1,0 +1,272 @@
+"""What a ranking request may say, what the answer says, and the limits on both.
+
+One request ranks one user's candidates. The v1 body is JSON (`RankRequest`, schema exported to
+`v1_request.schema.json`); the v2 body carries the same fields as named tensors
+(`rank_request_from_v2`). Every check here is a pure function that raises `BadRequest` with the
+field it is about, so the server answers 4xx with a message and never 500 on bad input.
+This module imports neither torch nor kserve: the CLI and the schema test load it cheaply.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+SCHEMA_PATH = Path(__file__).with_name("v1_request.schema.json")
+UNKNOWN = -1  # category or brand the caller did not send: filled from the artifact's item table
+
+
+class BadRequest(ValueError):
+    """A request the server refuses with a 4xx; `field` names what is wrong, `status` the code."""
+
+    def __init__(self, field: str, message: str, status: int = 400, reason: str = "invalid_request") -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.status = status
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Bounds on one request; beyond them the answer is 4xx at once, before any store read."""
+
+    max_candidates: int = 500
+    max_history: int = 1000
+    max_body_bytes: int = 1 << 20
+    max_concurrency: int = 8
+
+
+DEFAULT_LIMITS = Limits()
+
+ItemId = Annotated[int, Field(ge=0, le=2**62, description="dense item id")]
+Feature = Annotated[int, Field(ge=UNKNOWN, le=2**31 - 1)]
+
+
+def _candidate_from_id(value: Any) -> Any:
+    """A bare item id is shorthand for a candidate without context features."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return {"item_id": value}
+    return value
+
+
+class Candidate(BaseModel):
+    """One item to score, with the context features the caller knows (-1 or absent: look up)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    item_id: ItemId
+    category: Feature = Field(UNKNOWN, description="category id; -1 or absent: the artifact's item table")
+    brand: Feature = Field(UNKNOWN, description="brand id; -1 or absent: the artifact's item table")
+
+
+class User(BaseModel):
+    """The user: an id, and the behaviour item ids (oldest first) unless the store holds them."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: Annotated[int, Field(ge=0, le=2**62)]
+    history: list[ItemId] | None = Field(
+        None, description="clicked item ids, oldest first; absent: read from the store by user id")
+
+
+class RankRequest(BaseModel):
+    """Body of `POST /v1/models/<name>:predict`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, title="mmrank v1 ranking request")
+    user: User
+    candidates: list[Annotated[Candidate, BeforeValidator(_candidate_from_id)]] = Field(
+        min_length=1, description="items to score, each an item id or an object; one score each, in this order")
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    """A parsed request as arrays: what the model class needs, whichever protocol it came by."""
+
+    user_id: int
+    history: np.ndarray | None  # int64 [L], oldest first; None: read from the store
+    cand_ids: np.ndarray  # int64 [C]
+    cand_category: np.ndarray  # int64 [C], UNKNOWN where not sent
+    cand_brand: np.ndarray  # int64 [C]
+
+
+def field_path(loc: Sequence[int | str]) -> str:
+    """pydantic's error location as the caller wrote it: `candidates[3].item_id`."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part.startswith("function-") or part in ("int", "Candidate"):
+            continue
+        else:
+            text += f".{part}" if text else part
+    return text or "body"
+
+
+def bad_request_from(exc: ValidationError) -> BadRequest:
+    first = exc.errors(include_url=False)[0]
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return BadRequest(field_path(first["loc"]), f"{first['msg']}{more}")
+
+
+def check_limits(ranking: Ranking, limits: Limits) -> Ranking:
+    """The configured limits, which may be tighter than the schema's defaults."""
+    if len(ranking.cand_ids) == 0:
+        raise BadRequest("candidates", "at least one candidate is needed")
+    if len(ranking.cand_ids) > limits.max_candidates:
+        raise BadRequest("candidates", f"{len(ranking.cand_ids)} candidates, at most {limits.max_candidates} "
+                         "per request", reason="too_many_candidates")
+    if ranking.history is not None and len(ranking.history) > limits.max_history:
+        raise BadRequest("user.history", f"{len(ranking.history)} items, at most {limits.max_history}",
+                         reason="history_too_long")
+    return ranking
+
+
+def parse_v1(body: Any, limits: Limits = DEFAULT_LIMITS) -> Ranking:
+    """A decoded v1 JSON body to a `Ranking`, or `BadRequest` naming the field."""
+    if not isinstance(body, Mapping):
+        raise BadRequest("body", f"expected a JSON object, got {type(body).__name__}")
+    count = body.get("candidates")
+    if isinstance(count, list) and len(count) > limits.max_candidates:
+        raise BadRequest("candidates", f"{len(count)} candidates, at most {limits.max_candidates} per request",
+                         reason="too_many_candidates")
+    history = body.get("user", {}).get("history") if isinstance(body.get("user"), Mapping) else None
+    if isinstance(history, list) and len(history) > limits.max_history:
+        raise BadRequest("user.history", f"{len(history)} items, at most {limits.max_history}",
+                         reason="history_too_long")
+    try:
+        request = RankRequest.model_validate(body)
+    except ValidationError as exc:
+        raise bad_request_from(exc) from None
+    cands = request.candidates
+    ranking = Ranking(
+        user_id=request.user.id,
+        history=None if request.user.history is None else np.asarray(request.user.history, dtype=np.int64),
+        cand_ids=np.fromiter((c.item_id for c in cands), dtype=np.int64, count=len(cands)),
+        cand_category=np.fromiter((c.category for c in cands), dtype=np.int64, count=len(cands)),
+        cand_brand=np.fromiter((c.brand for c in cands), dtype=np.int64, count=len(cands)),
+    )
+    return check_limits(ranking, limits)
+
+
+# --- v2: the same fields as named tensors -----------------------------------------------------
+
+V2_INPUTS = {
+    "user_id": "INT64 [1]: the user",
+    "candidates": "INT64 [C]: item ids to score",
+    "history": "INT64 [L], optional: behaviour item ids, oldest first; absent: read from the store",
+    "category": "INT64 [C], optional: -1 where unknown",
+    "brand": "INT64 [C], optional: -1 where unknown",
+}
+_INT_TYPES = ("INT64", "INT32", "UINT32", "UINT64", "INT16", "UINT16", "INT8", "UINT8")
+
+
+def v2_tensor(name: str, datatype: str, shape: Sequence[int], read: Any) -> np.ndarray:
+    """One named v2 input as a flat int64 array; `read()` decodes its data (may raise)."""
+    if datatype.upper() not in _INT_TYPES:
+        raise BadRequest(f"inputs.{name}", f"datatype {datatype} is not an integer type (send INT64)")
+    if len(shape) != 1:
+        raise BadRequest(f"inputs.{name}", f"shape {list(shape)} must be one-dimensional")
+    try:
+        values = np.array(read(), dtype=np.int64).reshape(-1)  # a writable copy (binary data is read-only)
+    except (ValueError, TypeError) as exc:
+        raise BadRequest(f"inputs.{name}", f"data does not match datatype {datatype} and shape "
+                         f"{list(shape)}: {exc}") from None
+    return values
+
+
+def parse_v2(tensors: Mapping[str, np.ndarray], limits: Limits = DEFAULT_LIMITS) -> Ranking:
+    """Named int64 tensors (already shape- and type-checked by `v2_tensor`) to a `Ranking`."""
+    unknown = sorted(set(tensors) - set(V2_INPUTS))
+    if unknown:
+        raise BadRequest(f"inputs.{unknown[0]}", f"unknown input; expected {sorted(V2_INPUTS)}")
+    for required in ("user_id", "candidates"):
+        if required not in tensors:
+            raise BadRequest(f"inputs.{required}", "missing")
+    user = tensors["user_id"]
+    if user.shape != (1,) or user[0] < 0:
+        raise BadRequest("inputs.user_id", "expected one non-negative id, shape [1]")
+    cands = tensors["candidates"]
+    ranking = Ranking(
+        user_id=int(user[0]),
+        history=tensors.get("history"),
+        cand_ids=cands,
+        cand_category=tensors.get("category", np.full(len(cands), UNKNOWN, dtype=np.int64)),
+        cand_brand=tensors.get("brand", np.full(len(cands), UNKNOWN, dtype=np.int64)),
+    )
+    check_limits(ranking, limits)
+    for name in ("category", "brand"):
+        if name in tensors and len(tensors[name]) != len(cands):
+            raise BadRequest(f"inputs.{name}", f"{len(tensors[name])} values for {len(cands)} candidates")
+    for name, values in (("candidates", cands), ("history", ranking.history)):
+        if values is not None and len(values) and values.min() < 0:
+            raise BadRequest(f"inputs.{name}", "item ids must be non-negative")
+    return ranking
+
+
+# --- answers, request ids -----------------------------------------------------------------------
+
+def new_request_id(variant: str) -> str:
+    """`<variant>.<32 hex>`: feedback posted by request id names the variant that served it, so
+    any replica of any variant can attribute a click without shared state."""
+    return f"{variant}.{uuid.uuid4().hex}"
+
+
+def variant_of(request_id: str) -> str | None:
+    variant, dot, token = request_id.rpartition(".")
+    if not dot or not variant or len(token) != 32 or any(c not in "0123456789abcdef" for c in token):
+        return None
+    return variant
+
+
+class Feedback(BaseModel):
+    """Body of `POST /v1/feedback` (or the fields of one `mmrank:feedback` stream entry)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    request_id: Annotated[str, Field(min_length=34, max_length=300)]
+    impressions: Annotated[int, Field(ge=0, le=10_000)] = 0
+    clicks: Annotated[int, Field(ge=0, le=10_000)] = 0
+
+
+def parse_feedback(body: Any, lax: bool = False) -> tuple[Feedback, str]:
+    """(feedback, variant); stream entries arrive as strings, hence `lax`."""
+    if not isinstance(body, Mapping):
+        raise BadRequest("body", f"expected a JSON object, got {type(body).__name__}")
+    try:
+        feedback = Feedback.model_validate(body, strict=not lax)
+    except ValidationError as exc:
+        raise bad_request_from(exc) from None
+    if feedback.clicks > feedback.impressions:
+        raise BadRequest("clicks", f"{feedback.clicks} clicks exceed {feedback.impressions} impressions")
+    variant = variant_of(feedback.request_id)
+    if variant is None:
+        raise BadRequest("request_id", "not a request id this service issued (<variant>.<32 hex>)")
+    return feedback, variant
+
+
+def v1_request_schema(limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """The JSON schema of the v1 body with `limits` as maxItems (the server checks its own)."""
+    schema = RankRequest.model_json_schema()
+    candidates = schema["properties"]["candidates"]
+    candidates["maxItems"] = limits.max_candidates
+    candidates["items"] = {"anyOf": [candidates["items"], {"type": "integer", "minimum": 0,
+                                                           "description": "an item id alone"}]}
+    history = schema["$defs"]["User"]["properties"]["history"]
+    next(a for a in history["anyOf"] if a.get("type") == "array")["maxItems"] = limits.max_history
+    return schema
+
+
+def schema_text(limits: Limits = DEFAULT_LIMITS) -> str:
+    return json.dumps(v1_request_schema(limits), indent=2, sort_keys=True) + "\n"
+
+
+def write_schema(path: Path = SCHEMA_PATH) -> Path:
+    path.write_text(schema_text())
+    return path
+
+
+if __name__ == "__main__":
+    print(write_schema())

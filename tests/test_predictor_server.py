@@ -1,0 +1,395 @@
+"""The ranking service as a real process (`mmrank predictor serve`) on the real Redis store.
+
+One predictor process serves the whole module (starting one costs seconds of torch and KServe
+imports); it is pinned to space `e1` (16 dimensions, 100-item catalogue, 99 embedded, so item 99
+is a miss) and runs with tight limits so the bad-request matrix and the overload bound are cheap
+to reach. Redis is started by the same launcher the `redis_server` fixture uses, at module scope
+because the predictor outlives one test. Logs of both are attached to any failing test.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from mmrank import servers
+from mmrank.store import open_store
+
+MODEL = "ranker"
+VERSION = "r1"
+SPACE = "e1"
+DIM = 16
+CATALOGUE = 100
+WINDOW = 20  # --history-length: the artifact was trained with 50
+USER = 7
+LIMITS = {"max_candidates": 50, "max_history": 100, "max_body_bytes": 20_000, "max_concurrency": 1}
+REQUEST_ID = re.compile(r"^r1\.[0-9a-f]{32}$")
+
+
+def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Server]:
+    try:
+        server = servers.start_redis(tmp_path_factory.mktemp("redis"))
+    except servers.ServerUnavailable as exc:
+        pytest.fail(f"real server unavailable: {exc}", pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def artifact(redis: servers.Server, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Space e1 at 99 % coverage, a user history of 30 items, an untrained ranker pinned to e1."""
+    from mmrank.predictors.artifact import write_random_ranker
+
+    store = open_store(redis.url)
+    store.create_space(SPACE, DIM)
+    store.set_catalogue_size(CATALOGUE)
+    store.put(SPACE, np.arange(CATALOGUE - 1), unit_vectors(CATALOGUE - 1, DIM, seed=1))
+    store.put_history(USER, np.arange(40, 70))
+    store.close()
+    features = np.stack([np.arange(CATALOGUE) % 5, np.arange(CATALOGUE) % 7], axis=1)
+    directory = tmp_path_factory.mktemp("ranker")
+    meta = write_random_ranker(directory, SPACE, dim=DIM, item_features=features, history_length=50, n_users=20)
+    assert meta["version"] != VERSION  # the operator's name for it comes from MMRANK_RANKER_VERSION
+    return directory
+
+
+@pytest.fixture(scope="module")
+def predictor(redis: servers.Server, artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Server]:
+    workdir = tmp_path_factory.mktemp("predictor")
+    port = servers.free_port()
+    # Configured the way the operator's InferenceService does: store, space and version by env.
+    argv = [sys.executable, "-m", "mmrank", "predictor", "serve", "--model-dir", str(artifact),
+            "--model-name", MODEL, "--http-port", str(port), "--history-length", str(WINDOW),
+            "--min-coverage", "0.99", "--recheck-seconds", "0.3", "--torch-threads", "1",
+            *[a for k, v in LIMITS.items() for a in (f"--{k.replace('_', '-')}", str(v))]]
+    env = {**os.environ, "MMRANK_STORE_URL": redis.url, "MMRANK_SPACE": SPACE, "MMRANK_RANKER_VERSION": VERSION}
+    log_path = workdir / "predictor.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env,
+                                   start_new_session=True)
+    server = servers.Server("predictor", process, log_path, f"http://127.0.0.1:{port}", port, workdir)
+    try:
+        servers.wait_until(server, lambda: servers.http_ok(f"{server.url}/v2/models/{MODEL}/ready"), 120, "ready")
+    except servers.ServerUnavailable as exc:
+        server.stop()
+        pytest.fail(str(exc), pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _attach_logs(request: pytest.FixtureRequest) -> None:
+    """Give this module's servers to conftest's report hook, which prints their logs on failure."""
+    if "predictor" not in request.fixturenames:
+        return
+    conftest = next(p for p in request.config.pluginmanager.get_plugins() if hasattr(p, "_attach"))
+    for name in ("redis", "predictor"):
+        conftest._attach(request, request.getfixturevalue(name))
+
+
+def http(server: servers.Server, method: str, path: str, body: Any = None,
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(server.url + path, data=data, method=method,
+                                     headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def metric(server: servers.Server, name: str, **labels: str) -> float:
+    """One sample from the server's own /metrics (0 when the series does not exist yet)."""
+    text = urllib.request.urlopen(f"{server.url}/metrics", timeout=10).read().decode()
+    want = {f'{k}="{v}"' for k, v in labels.items()}
+    total = 0.0
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series.split("{")[0] == name and want <= set(series.partition("{")[2].rstrip("}").split(",")):
+            total += float(value)
+    return total
+
+
+def expected_scores(redis: servers.Server, artifact: Path, history: np.ndarray, candidates: list[int]) -> np.ndarray:
+    """The ranker called directly on the store's vectors: what the service must answer."""
+    import torch
+
+    from mmrank.predictors.artifact import load_ranker
+
+    model, _ = load_ranker(artifact)
+    store = open_store(redis.url)
+    hist = np.asarray(history, dtype=np.int64)[-WINDOW:]
+    cands = np.asarray(candidates, dtype=np.int64)
+    hist_emb, hist_found = store.get(SPACE, hist)
+    cand_emb, cand_found = store.get(SPACE, cands)
+    store.close()
+    t = torch.from_numpy
+    logits = model.score_candidates(USER, t(hist), torch.ones(len(hist), dtype=torch.bool), t(hist_emb),
+                                    t(hist_found), t(cands), t(cand_emb), t(cand_found))
+    return torch.sigmoid(logits).numpy()
+
+
+# --- round trips ------------------------------------------------------------------------------
+
+def test_v1_through_kserve_client_and_plain_http_scores_each_candidate_in_order(
+        predictor: servers.Server, redis: servers.Server, artifact: Path) -> None:
+    from kserve import InferenceRESTClient, RESTConfig
+
+    candidates = [5, 17, 3, 42, 88]
+    body = {"user": {"id": USER}, "candidates": candidates}  # history: from the store
+
+    async def call() -> dict[str, Any]:
+        async with InferenceRESTClient(RESTConfig(protocol="v1", retries=0)) as client:
+            return await client.infer(predictor.url, body, model_name=MODEL)
+
+    answer = asyncio.run(call())
+    bad = {"user": {"id": "seven"}, "candidates": candidates}
+
+    async def call_bad() -> None:
+        async with InferenceRESTClient(RESTConfig(protocol="v1", retries=0)) as client:
+            await client.infer(predictor.url, bad, model_name=MODEL)
+
+    with pytest.raises(httpx.HTTPStatusError, match="user.id: Input should be a valid integer") as caught:
+        asyncio.run(call_bad())
+    assert caught.value.response.status_code == 400
+    expected = expected_scores(redis, artifact, np.arange(40, 70), candidates)
+    np.testing.assert_allclose(answer["predictions"], expected, rtol=1e-5, atol=1e-6)
+    assert answer["ranker_version"] == VERSION and answer["space"] == SPACE
+    assert REQUEST_ID.match(answer["request_id"])
+
+    reordered = candidates[::-1]
+    status, plain = http(predictor, "POST", f"/v1/models/{MODEL}:predict",
+                         {"user": {"id": USER, "history": list(range(40, 70))}, "candidates": reordered})
+    assert status == 200
+    np.testing.assert_allclose(plain["predictions"], expected[::-1], rtol=1e-5, atol=1e-6)
+    assert plain["request_id"] != answer["request_id"]
+
+
+def test_v2_through_kserve_client_matches_v1(predictor: servers.Server) -> None:
+    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+    candidates = np.array([5, 17, 3], dtype=np.int64)
+    inputs = [InferInput("user_id", [1], "INT64", [USER]),
+              InferInput("candidates", [3], "INT64", candidates.tolist()),
+              InferInput("history", [4], "INT64", [40, 41, 42, 43])]
+    binary = InferInput("brand", [3], "INT64")
+    binary.set_data_from_numpy(np.array([-1, 2, -1], dtype=np.int64), binary_data=True)
+
+    async def call(request: InferRequest) -> Any:
+        async with InferenceRESTClient(RESTConfig(protocol="v2", retries=0)) as client:
+            return await client.infer(predictor.url, request, model_name=MODEL)
+
+    response = asyncio.run(call(InferRequest(MODEL, inputs, request_id="caller-1")))
+    scores = response.outputs[0].as_numpy()
+    assert response.outputs[0].name == "scores" and scores.shape == (3,) and scores.dtype == np.float32
+    assert REQUEST_ID.match(response.id) and response.parameters["ranker_version"] == VERSION
+    assert response.parameters["space"] == SPACE and response.parameters["request_id"] == response.id
+    status, v1 = http(predictor, "POST", f"/v1/models/{MODEL}:predict",
+                      {"user": {"id": USER, "history": [40, 41, 42, 43]}, "candidates": candidates.tolist()})
+    assert status == 200
+    np.testing.assert_allclose(scores, v1["predictions"], rtol=1e-5, atol=1e-6)
+    # A binary-encoded tensor (KServe's binary extension) works too, and the brand it gives is used.
+    with_brand = asyncio.run(call(InferRequest(MODEL, [*inputs, binary])))
+    changed = with_brand.outputs[0].as_numpy() != scores
+    assert not changed[0] and not changed[2]  # -1: looked up as before
+
+
+def test_an_item_without_embedding_is_scored_and_counted_never_a_500(predictor: servers.Server) -> None:
+    before = metric(predictor, "mmrank_embedding_miss_total", variant=VERSION, role="candidate")
+    # 99 is in the catalogue but not embedded yet; 5000 arrived after training and has no vector.
+    status, answer = http(predictor, "POST", f"/v1/models/{MODEL}:predict",
+                          {"user": {"id": USER}, "candidates": [99, 5000, 3]})
+    assert status == 200 and len(answer["predictions"]) == 3
+    assert all(0.0 < p < 1.0 for p in answer["predictions"])
+    assert answer["embedding_misses"] == {"candidates": 2, "history": 0}
+    assert metric(predictor, "mmrank_embedding_miss_total", variant=VERSION, role="candidate") == before + 2
+
+
+# --- bad requests ---------------------------------------------------------------------------------
+
+BAD = [
+    # (name, method, path, body, expected status, text the error must contain)
+    ("malformed JSON", "POST", f"/v1/models/{MODEL}:predict", b'{"user": {"id": 7}, "candidates": [1,', 400,
+     "Unrecognized request format"),
+    ("not an object", "POST", f"/v1/models/{MODEL}:predict", [1, 2], 400, "body: expected a JSON object"),
+    ("user id type", "POST", f"/v1/models/{MODEL}:predict", {"user": {"id": "7"}, "candidates": [1]}, 400, "user.id"),
+    ("candidate type", "POST", f"/v1/models/{MODEL}:predict", {"user": {"id": 7}, "candidates": [1, 2.5]}, 400,
+     "candidates[1]"),
+    ("missing candidates", "POST", f"/v1/models/{MODEL}:predict", {"user": {"id": 7}}, 400, "candidates: Field required"),
+    ("too many candidates", "POST", f"/v1/models/{MODEL}:predict", {"user": {"id": 7}, "candidates": list(range(51))},
+     400, "candidates: 51 candidates, at most 50"),
+    ("history too long", "POST", f"/v1/models/{MODEL}:predict",
+     {"user": {"id": 7, "history": list(range(101))}, "candidates": [1]}, 400, "user.history: 101 items, at most 100"),
+    ("body too large", "POST", f"/v1/models/{MODEL}:predict", b" " * 20_001, 413, "larger than 20000 bytes"),
+    ("v2 wrong datatype", "POST", f"/v2/models/{MODEL}/infer",
+     {"inputs": [{"name": "user_id", "datatype": "FP32", "shape": [1], "data": [7.0]},
+                 {"name": "candidates", "datatype": "INT64", "shape": [1], "data": [1]}]}, 400, "inputs.user_id"),
+    ("v2 missing candidates", "POST", f"/v2/models/{MODEL}/infer",
+     {"inputs": [{"name": "user_id", "datatype": "INT64", "shape": [1], "data": [7]}]}, 400, "inputs.candidates"),
+    ("v2 shape and data disagree", "POST", f"/v2/models/{MODEL}/infer",
+     {"inputs": [{"name": "user_id", "datatype": "INT64", "shape": [1], "data": [7]},
+                 {"name": "candidates", "datatype": "INT64", "shape": [3], "data": [1]}]}, 400, "inputs.candidates"),
+    ("v2 not an inference request", "POST", f"/v2/models/{MODEL}/infer", {"inputs": [{"name": "user_id"}]}, 422,
+     "datatype"),
+    ("unknown model", "POST", "/v1/models/nope:predict", {"user": {"id": 7}, "candidates": [1]}, 404, "nope"),
+    ("feedback request id", "POST", "/v1/feedback", {"request_id": "x" * 40, "impressions": 1}, 400, "request_id"),
+    ("feedback clicks", "POST", "/v1/feedback", {"request_id": f"r1.{'a' * 32}", "impressions": 1, "clicks": 2},
+     400, "clicks"),
+]
+
+
+def test_the_bad_request_matrix_answers_4xx_with_a_message(predictor: servers.Server) -> None:
+    before = metric(predictor, "mmrank_request_errors_total", variant=VERSION, reason="too_many_candidates")
+    failures = []
+    for name, method, path, body, want_status, want_text in BAD:
+        status, answer = http(predictor, method, path, body)
+        message = json.dumps(answer)
+        if status != want_status or want_text not in message:
+            failures.append(f"{name}: {status} {message[:300]}")
+    assert not failures, "\n".join(failures)
+    assert metric(predictor, "mmrank_request_errors_total", variant=VERSION, reason="too_many_candidates") == before + 1
+    status, _ = http(predictor, "POST", f"/v1/models/{MODEL}:predict", {"user": {"id": 7}, "candidates": [1]})
+    assert status == 200  # and the server is still serving
+
+
+def test_overload_answers_503_at_once_instead_of_queueing(predictor: servers.Server) -> None:
+    """max_concurrency is 1: a request whose body is still arriving holds the only slot."""
+    body = json.dumps({"user": {"id": USER}, "candidates": [1, 2]}).encode()
+    held = socket.create_connection(("127.0.0.1", predictor.port), timeout=30)
+    try:
+        held.sendall(f"POST /v1/models/{MODEL}:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body[:10])
+        deadline = time.monotonic() + 10
+        while metric(predictor, "mmrank_inflight_requests", variant=VERSION) < 1:
+            assert time.monotonic() < deadline, "the held request never took the slot"
+            time.sleep(0.05)
+        started = time.monotonic()
+        status, answer = http(predictor, "POST", f"/v1/models/{MODEL}:predict", body)
+        assert status == 503 and "overloaded: 1 requests in flight, at most 1" in answer["error"]
+        assert time.monotonic() - started < 2.0
+        held.sendall(body[10:])
+        reply = b""
+        while chunk := held.recv(65536):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200") and b'"predictions"' in reply
+    finally:
+        held.close()
+    assert metric(predictor, "mmrank_request_errors_total", variant=VERSION, reason="overloaded") >= 1
+    assert http(predictor, "POST", f"/v1/models/{MODEL}:predict", body)[0] == 200
+
+
+# --- readiness ---------------------------------------------------------------------------------
+
+def wait_for(check: Any, timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+def test_readiness_follows_coverage_and_store_reachability(predictor: servers.Server, redis: servers.Server) -> None:
+    store = open_store(redis.url)
+    try:
+        store.set_catalogue_size(2 * CATALOGUE)  # the catalogue doubled: coverage 0.495
+        status, answer = wait_for(lambda: (r := http(predictor, "GET", f"/v2/models/{MODEL}/ready"))[0] == 503 and r)
+        assert "coverage 0.4950 is below the minimum 0.9900" in answer["error"]
+        status, answer = http(predictor, "GET", f"/v1/models/{MODEL}")
+        assert status == 503 and "coverage 0.4950" in answer["error"] and answer["ready"] is False
+        status, answer = http(predictor, "GET", "/v2/health/ready")  # what a readiness probe reads
+        assert status == 503 and "coverage 0.4950" in answer["error"]
+        status, answer = http(predictor, "POST", f"/v1/models/{MODEL}:predict", {"user": {"id": 7}, "candidates": [1]})
+        assert status == 503
+        status, answer = http(predictor, "GET", f"/v1/models/{MODEL}/status")
+        assert status == 200 and answer["coverage"] == pytest.approx(0.495) and answer["space"] == SPACE
+        assert "NOT ready: space e1 coverage 0.4950" in predictor.log_path.read_text()
+
+        store.set_catalogue_size(CATALOGUE)  # the backfill caught up
+        wait_for(lambda: http(predictor, "GET", f"/v2/models/{MODEL}/ready")[0] == 200)
+        assert http(predictor, "GET", f"/v1/models/{MODEL}") == (200, {"name": MODEL, "ready": True})
+        assert http(predictor, "GET", "/v2/health/ready")[0] == 200
+    finally:
+        store.set_catalogue_size(CATALOGUE)
+        store.close()
+
+    port, workdir = redis.port, redis.workdir
+    redis.stop()
+    try:
+        status, answer = wait_for(lambda: (r := http(predictor, "GET", f"/v2/models/{MODEL}/ready"))[0] == 503 and r)
+        assert "store unreachable" in answer["error"]
+        status, answer = http(predictor, "POST", f"/v1/models/{MODEL}:predict", {"user": {"id": 7}, "candidates": [1]})
+        assert status == 503  # never a 500
+        status, answer = http(predictor, "POST", "/v1/feedback", {"request_id": f"r2.{'c' * 32}", "impressions": 1})
+        assert status == 503 and "feedback stream unavailable" in answer["error"]
+    finally:
+        restarted = servers.start_redis(workdir, port=port)  # same AOF: the space is still there
+        redis.process, redis.log_path = restarted.process, restarted.log_path
+    wait_for(lambda: http(predictor, "GET", f"/v2/models/{MODEL}/ready")[0] == 200)
+    assert "store unreachable" in predictor.log_path.read_text()
+
+
+# --- click feedback --------------------------------------------------------------------------------
+
+def test_feedback_by_http_and_stream_reaches_prometheus_by_variant(
+        predictor: servers.Server, redis: servers.Server, start_prometheus: Any) -> None:
+    import redis as redis_py
+
+    from mmrank.predictors.server import FEEDBACK_STREAM
+
+    before_impressions = metric(predictor, "mmrank_impressions_total", variant=VERSION)
+    before_clicks = metric(predictor, "mmrank_clicks_total", variant=VERSION)
+    _, served = http(predictor, "POST", f"/v1/models/{MODEL}:predict", {"user": {"id": USER}, "candidates": [1, 2]})
+    status, answer = http(predictor, "POST", "/v1/feedback",
+                          {"request_id": served["request_id"], "impressions": 5, "clicks": 2})
+    assert (status, answer["counted"]) == (200, True)
+
+    client = redis_py.Redis.from_url(redis.url)
+    try:
+        # Another variant's request id is passed on to the stream, where its own consumers count it.
+        stream_length = client.xlen(FEEDBACK_STREAM)
+        status, answer = http(predictor, "POST", "/v1/feedback",
+                              {"request_id": f"r2.{'b' * 32}", "impressions": 4, "clicks": 4})
+        assert (status, answer.get("relayed")) == (202, FEEDBACK_STREAM)
+        assert client.xlen(FEEDBACK_STREAM) == stream_length + 1
+        client.xadd(FEEDBACK_STREAM, {"request_id": served["request_id"], "impressions": 3, "clicks": 1})
+    finally:
+        client.close()
+
+    prometheus = start_prometheus([f"127.0.0.1:{predictor.port}"])
+
+    def query(expr: str) -> float | None:
+        url = f"{prometheus.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        result = json.loads(urllib.request.urlopen(url, timeout=10).read())["data"]["result"]
+        return float(result[0]["value"][1]) if result else None
+
+    impressions = f'sum(mmrank_impressions_total{{variant="{VERSION}"}})'
+    wait_for(lambda: query(impressions) == before_impressions + 8, timeout=30)
+    assert query(f'sum(mmrank_clicks_total{{variant="{VERSION}"}})') == before_clicks + 3
+    assert query('mmrank_impressions_total{variant="r2"}') is None  # counted only by r2's own servers
+    assert query(f'mmrank_ready{{variant="{VERSION}", space="{SPACE}"}}') == 1.0
+    assert query(f'sum(mmrank_request_duration_seconds_count{{variant="{VERSION}"}})') >= 1
+    assert query(f'sum(request_predict_seconds_count{{model_name="{MODEL}"}})') >= 1  # KServe's own, beside ours
