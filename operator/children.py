@@ -1,0 +1,271 @@
+"""Builders of the child objects of a MultimodalRanker, as plain dicts.
+
+Each `build_*` is a pure function of the parsed resource (and, for the ranker, of the ranker
+version the core chose to serve): no I/O, so every child is tested by value and `mmrank render`
+prints exactly what the operator applies. Names come from `mmrank.api.child_names`, the one
+place that also bounds their length.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mmrank import api
+from mmrank.encoders.triton_config import config_pbtxt
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+COMPONENT = "app.kubernetes.io/component"
+RANKER_LABEL = "mmrank.io/ranker"
+ENCODER_VERSION = "mmrank.io/encoder-version"
+RANKER_VERSION = "mmrank.io/ranker-version"
+CONFIG_HASH = "mmrank.io/config-hash"
+APPLIED_HASH = "mmrank.io/applied-hash"
+
+TRITON_HTTP, TRITON_GRPC, TRITON_METRICS = 8000, 8001, 8002
+MODEL_DIR = "/models"
+STORAGE_INITIALIZER = "kserve/storage-initializer:v0.15.2"
+EMBEDDER_HTTP = 8080
+DEFAULT_MODEL_NAME = "item_encoder"
+CATALOGUE_DIR = "/mnt/catalogue"   # where a backfill pod expects the catalogue (see docs/operator.md)
+
+
+def names(ranker: api.MultimodalRanker, encoder_version: str) -> dict[str, str]:
+    """Child names for one encoder version: keys `encoder`, `embedder`, `backfill`, `ranker`."""
+    return api.child_names(ranker.metadata.name, encoder_version)
+
+
+def plain(value: Any) -> Any:
+    """A pydantic model (or a dict/list of them) as the camelCase JSON Kubernetes expects."""
+    if hasattr(value, "model_dump"):
+        return value.model_dump(by_alias=True, exclude_none=True, mode="json")
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def digest(value: Any) -> str:
+    """A short stable hash of JSON-able data: goes into pod templates so a change rolls pods."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def labels(ranker: api.MultimodalRanker, component: str, **extra: str) -> dict[str, str]:
+    out = {MANAGED_BY: "mmrank", RANKER_LABEL: ranker.metadata.name, COMPONENT: component}
+    out.update(extra)
+    return out
+
+
+def owner_reference(ranker: api.MultimodalRanker) -> dict[str, Any]:
+    return {"apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": api.KIND, "name": ranker.metadata.name,
+            "uid": ranker.metadata.uid or "", "controller": True, "blockOwnerDeletion": True}
+
+
+def _metadata(ranker: api.MultimodalRanker, name: str, child_labels: dict[str, str],
+              annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": ranker.metadata.namespace or "default",
+                            "labels": child_labels, "ownerReferences": [owner_reference(ranker)]}
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+def store_env(ranker: api.MultimodalRanker) -> list[dict[str, Any]]:
+    """How every workload reaches the embedding store; the password never leaves its Secret."""
+    store = ranker.spec.embeddings.store
+    env: list[dict[str, Any]] = [{"name": "MMRANK_STORE_URL", "value": store.url}]
+    ref = store.password_secret_ref
+    if ref is not None:
+        env.append({"name": "MMRANK_STORE_PASSWORD",
+                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    return env
+
+
+# --- encoder (Triton) ------------------------------------------------------------------------
+
+def encoder_config(ranker: api.MultimodalRanker) -> str:
+    encoder = ranker.spec.encoder
+    batching = encoder.dynamic_batching
+    return config_pbtxt(
+        model_name=encoder.model_name, backend=encoder.backend,
+        max_batch_size=batching.max_batch_size, max_queue_delay_us=batching.max_queue_delay_microseconds,
+        instance_kind="KIND_GPU" if encoder.gpus > 0 else "KIND_CPU", dim=encoder.dimension,
+        dynamic_batching=True)
+
+
+def build_encoder_configmap(ranker: api.MultimodalRanker) -> dict[str, Any]:
+    version = ranker.spec.encoder.version
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _metadata(ranker, names(ranker, version)["encoder"],
+                                  labels(ranker, "encoder", **{ENCODER_VERSION: version})),
+            "data": {"config.pbtxt": encoder_config(ranker)}}
+
+
+def _encoder_resources(ranker: api.MultimodalRanker) -> dict[str, Any]:
+    encoder = ranker.spec.encoder
+    resources = plain(encoder.resources) or {}
+    resources = {k: dict(v) for k, v in resources.items() if v}
+    if encoder.gpus > 0:
+        for part in ("limits", "requests"):
+            resources.setdefault(part, {})["nvidia.com/gpu"] = str(encoder.gpus)
+    return resources
+
+
+def build_encoder_deployment(ranker: api.MultimodalRanker) -> dict[str, Any]:
+    """Triton serving one encoder version: weights pulled by an init container into an emptyDir,
+    the ConfigMap's config.pbtxt installed beside them, ready when Triton says so."""
+    encoder = ranker.spec.encoder
+    name = names(ranker, encoder.version)["encoder"]
+    selector = labels(ranker, "encoder", **{ENCODER_VERSION: encoder.version})
+    config_hash = digest({"config": encoder_config(ranker), "modelUri": encoder.model_uri})
+    model_path = f"{MODEL_DIR}/{encoder.model_name}"
+    triton = {
+        "name": "triton", "image": encoder.image,
+        "args": ["tritonserver", f"--model-repository={MODEL_DIR}", "--strict-readiness=true",
+                 f"--http-port={TRITON_HTTP}", f"--grpc-port={TRITON_GRPC}",
+                 "--allow-metrics=true", f"--metrics-port={TRITON_METRICS}"],
+        "ports": [{"name": "http", "containerPort": TRITON_HTTP, "protocol": "TCP"},
+                  {"name": "grpc", "containerPort": TRITON_GRPC, "protocol": "TCP"},
+                  {"name": "metrics", "containerPort": TRITON_METRICS, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": TRITON_HTTP},
+                           "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": TRITON_HTTP},
+                          "initialDelaySeconds": 30, "periodSeconds": 10},
+        "volumeMounts": [{"name": "models", "mountPath": MODEL_DIR}],
+    }
+    resources = _encoder_resources(ranker)
+    if resources:
+        triton["resources"] = resources
+    pod_spec: dict[str, Any] = {
+        "initContainers": [
+            {"name": "fetch-model", "image": STORAGE_INITIALIZER, "args": [encoder.model_uri, MODEL_DIR],
+             "volumeMounts": [{"name": "models", "mountPath": MODEL_DIR}]},
+            {"name": "install-config", "image": encoder.image,
+             "command": ["sh", "-c", f"mkdir -p {model_path} && cp /config/config.pbtxt {model_path}/config.pbtxt"],
+             "volumeMounts": [{"name": "models", "mountPath": MODEL_DIR},
+                              {"name": "config", "mountPath": "/config", "readOnly": True}]},
+        ],
+        "containers": [triton],
+        "volumes": [{"name": "models", "emptyDir": {}},
+                    {"name": "config", "configMap": {"name": name}}],
+    }
+    if encoder.node_selector:
+        pod_spec["nodeSelector"] = dict(encoder.node_selector)
+    if encoder.tolerations:
+        pod_spec["tolerations"] = plain(list(encoder.tolerations))
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": _metadata(ranker, name, selector),
+        "spec": {
+            "replicas": encoder.replicas,
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": selector, "annotations": {
+                    CONFIG_HASH: config_hash, "prometheus.io/scrape": "true",
+                    "prometheus.io/port": str(TRITON_METRICS), "prometheus.io/path": "/metrics"}},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def build_encoder_service(ranker: api.MultimodalRanker) -> dict[str, Any]:
+    version = ranker.spec.encoder.version
+    selector = labels(ranker, "encoder", **{ENCODER_VERSION: version})
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _metadata(ranker, names(ranker, version)["encoder"], selector),
+            "spec": {"selector": selector, "ports": [
+                {"name": "http", "port": TRITON_HTTP, "targetPort": TRITON_HTTP, "protocol": "TCP"},
+                {"name": "grpc", "port": TRITON_GRPC, "targetPort": TRITON_GRPC, "protocol": "TCP"},
+                {"name": "metrics", "port": TRITON_METRICS, "targetPort": TRITON_METRICS, "protocol": "TCP"}]}}
+
+
+# --- embedder and backfill ---------------------------------------------------------------------
+
+def encoder_address(ranker: api.MultimodalRanker, version: str) -> str:
+    """`<svc>:8001`, with `/<model>` when the spec's encoder uses a model name of its own."""
+    address = f"{names(ranker, version)['encoder']}:{TRITON_GRPC}"
+    model = ranker.spec.encoder.model_name
+    if version == ranker.spec.encoder.version and model != DEFAULT_MODEL_NAME:
+        address += f"/{model}"
+    return address
+
+
+def encoders_env(ranker: api.MultimodalRanker, live_encoders: Sequence[str]) -> str:
+    """`e1=<svc>:8001,e2=<svc>:8001`: the embedder writes every new item into every live space."""
+    return ",".join(f"{v}={encoder_address(ranker, v)}" for v in live_encoders)
+
+
+def build_embedder_deployment(ranker: api.MultimodalRanker, live_encoders: Sequence[str]) -> dict[str, Any]:
+    spec = ranker.spec
+    embedder, events = spec.embeddings.embedder, spec.embeddings.item_events
+    name = names(ranker, spec.encoder.version)["embedder"]
+    selector = labels(ranker, "embedder")
+    env = [{"name": "MMRANK_ENCODERS", "value": encoders_env(ranker, live_encoders)},
+           *store_env(ranker),
+           {"name": "MMRANK_ITEM_STREAM", "value": events.stream},
+           {"name": "MMRANK_CONSUMER_GROUP", "value": events.consumer_group}]
+    container = {"name": "embedder", "image": embedder.image, "args": ["mmrank", "embedder", "run"], "env": env,
+                 "ports": [{"name": "http", "containerPort": EMBEDDER_HTTP, "protocol": "TCP"}],
+                 "readinessProbe": {"httpGet": {"path": "/readyz", "port": EMBEDDER_HTTP}, "periodSeconds": 5},
+                 "livenessProbe": {"httpGet": {"path": "/healthz", "port": EMBEDDER_HTTP}, "periodSeconds": 10}}
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": _metadata(ranker, name, selector),
+            "spec": {"replicas": embedder.replicas, "selector": {"matchLabels": selector},
+                     "template": {"metadata": {"labels": selector},
+                                  "spec": {"containers": [container]}}}}
+
+
+def build_backfill_job(ranker: api.MultimodalRanker, encoder_version: str) -> dict[str, Any]:
+    """An Indexed Job: shard i of N re-embeds its slice of the catalogue; resumable, because the
+    store records each shard's progress and a restarted pod skips what is done."""
+    spec = ranker.spec
+    backfill = spec.embeddings.backfill
+    n = backfill.parallelism
+    child = names(ranker, encoder_version)
+    selector = labels(ranker, "backfill", **{ENCODER_VERSION: encoder_version})
+    container = {
+        "name": "backfill", "image": spec.embeddings.embedder.image,
+        "args": ["mmrank", "backfill", "run", "--space", encoder_version,
+                 "--shard", f"$(JOB_COMPLETION_INDEX)/{n}", "--batch-size", str(backfill.batch_size),
+                 "--encoder", encoder_address(ranker, encoder_version), "--catalogue", CATALOGUE_DIR,
+                 "--no-progress"],
+        "env": store_env(ranker),
+    }
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": _metadata(ranker, child["backfill"], selector),
+            "spec": {"completionMode": "Indexed", "completions": n, "parallelism": n, "backoffLimit": 6 * n,
+                     "template": {"metadata": {"labels": selector},
+                                  "spec": {"restartPolicy": "OnFailure", "containers": [container]}}}}
+
+
+# --- the ranker (KServe) ----------------------------------------------------------------------
+
+def build_inference_service(ranker: api.MultimodalRanker, served: api.RankerModelSpec) -> dict[str, Any]:
+    """The KServe InferenceService serving `served` (the stable ranker, or the candidate once
+    its space is synced). The predictor is pinned to its space by `MMRANK_SPACE`."""
+    spec = ranker.spec
+    name = names(ranker, served.encoder_version)["ranker"]
+    env = [{"name": "MMRANK_SPACE", "value": served.encoder_version},
+           {"name": "MMRANK_RANKER_VERSION", "value": served.version},
+           *store_env(ranker)]
+    container: dict[str, Any] = {
+        "name": "kserve-container", "image": served.image,
+        "args": ["mmrank", "predictor", "serve", "--model-dir", "/mnt/models", "--model-name", name,
+                 "--min-coverage", str(spec.embeddings.min_coverage), "--max-candidates", str(served.max_candidates),
+                 "--history-length", str(served.history_length)],
+        "env": env, "ports": [{"containerPort": 8080, "protocol": "TCP"}],
+    }
+    resources = plain(served.resources)
+    if resources:
+        container["resources"] = resources
+    mode = spec.rollout.kserve_mode          # KServe's own names: Standard (raw Deployments) or Knative
+    child_labels = labels(ranker, "ranker", **{RANKER_VERSION: served.version, ENCODER_VERSION: served.encoder_version})
+    predictor = {"minReplicas": served.replicas, "containers": [container],
+                 "storageUris": [{"uri": served.model_uri, "mountPath": "/mnt/models"}],
+                 "labels": {RANKER_VERSION: served.version, ENCODER_VERSION: served.encoder_version}}
+    return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
+            "metadata": _metadata(ranker, name, child_labels, {"serving.kserve.io/deploymentMode": mode}),
+            "spec": {"predictor": predictor}}

@@ -1,0 +1,116 @@
+"""kopf wiring, thin: every handler is gather -> core -> apply (`reconcile.reconcile`).
+
+Create, update and resume react to changes; a timer re-reconciles every `MMRANK_OPERATOR_INTERVAL`
+seconds (level-triggered: store coverage and child readiness change without any event on the
+ranker). One lock per object keeps the timer and the change handlers from interleaving.
+Transient API errors retry with exponential backoff; an invalid spec is a status condition,
+never a retry.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+import kopf
+
+from mmrank import api
+from mmrank.operator import observe, reconcile
+
+INTERVAL = float(os.environ.get("MMRANK_OPERATOR_INTERVAL", "30"))
+BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+FINALIZER = "mmrank.io/finalizer"
+
+
+class Context:
+    """The operator's shared clients, created on startup (tests may preset them)."""
+
+    kube: Any = None
+    store: observe.CoverageObserver | None = None
+    locks: dict[str, threading.Lock] = {}
+    guard = threading.Lock()
+
+    @classmethod
+    def lock(cls, uid: str) -> threading.Lock:
+        with cls.guard:
+            return cls.locks.setdefault(uid, threading.Lock())
+
+
+def delay(retry: int) -> float:
+    return BACKOFF[min(retry, len(BACKOFF) - 1)]
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    from mmrank.operator.kube import Kube
+
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="mmrank.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="mmrank.io", key="last-handled-configuration")
+    settings.posting.loggers = False          # Events are our decisions, not kopf's log lines
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.queueing.error_delays = BACKOFF
+    if Context.kube is None:
+        Context.kube = Kube()
+    if Context.store is None:
+        Context.store = observe.StoreCoverage()
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod: the service account; outside: the kubeconfig KUBECONFIG names, read now (not when
+    a client library was imported)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+def run_reconcile(body: kopf.Body, retry: int, logger: logging.Logger | logging.LoggerAdapter,
+                  timer: bool = False) -> str:
+    """Transient errors retry with backoff; others are reported once and left to the next
+    change of the spec (or the next timer tick), never retried in a loop."""
+    uid = body.metadata.uid or body.metadata.name or ""
+    with Context.lock(uid):
+        try:
+            outcome = reconcile.reconcile(Context.kube, Context.store, body)  # type: ignore[arg-type]
+        except Exception as exc:
+            from mmrank.operator.kube import is_transient
+
+            if is_transient(exc):
+                raise kopf.TemporaryError(f"transient: {exc}", delay=delay(retry)) from exc
+            message = f"{type(exc).__name__}: {exc}"[:1000]
+            if timer:
+                logger.error(f"reconcile failed: {message}")
+                return "Failed"
+            kopf.event(body, type="Warning", reason="ReconcileFailed", message=message)
+            raise kopf.PermanentError(message) from exc
+    for decision in outcome.decisions:
+        kopf.event(body, type=decision.type, reason=decision.reason, message=decision.message)
+        logger.info(f"{decision.reason}: {decision.message}")
+    return outcome.phase
+
+
+@kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
+@kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field="spec")
+@kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
+def on_change(body: kopf.Body, retry: int, logger: logging.Logger, **_: Any) -> None:
+    run_reconcile(body, retry, logger)
+
+
+@kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=INTERVAL, initial_delay=INTERVAL, idle=None,
+            errors=kopf.ErrorsMode.TEMPORARY, backoff=BACKOFF[1])
+def on_timer(body: kopf.Body, retry: int, logger: logging.Logger, **_: Any) -> None:
+    run_reconcile(body, retry, logger, timer=True)
+
+
+@kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL)
+def on_delete(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    """Delete every child explicitly: owner references let a garbage collector do it, but the
+    operator must not depend on one (and a finalizer makes the order observable)."""
+    kube = Context.kube
+    for child in kube.list_children(body.metadata.namespace or "default", body.metadata.name, body.metadata.uid):
+        kube.delete(child["apiVersion"], child["kind"], child["metadata"]["namespace"], child["metadata"]["name"])
+        logger.info(f"deleted {child['kind']} {child['metadata']['name']}")
+    with Context.guard:
+        Context.locks.pop(body.metadata.uid or "", None)

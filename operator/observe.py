@@ -1,0 +1,140 @@
+"""Turn what the cluster and the store report into the core's `Observed` values.
+
+The `from_*` functions are pure (raw child objects in, small values out). The store is behind
+`CoverageObserver`, so tests can feed coverage values and the operator reads the real store.
+"""
+from __future__ import annotations
+
+import threading
+import urllib.parse
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+from mmrank.operator import children as build
+from mmrank.operator.core import ChildRef, JobState, ServedRanker, SpaceState, Version
+
+
+def _conditions(obj: Mapping[str, Any]) -> dict[str, str]:
+    return {c.get("type"): c.get("status") for c in (obj.get("status") or {}).get("conditions") or []}
+
+
+def _generation_seen(obj: Mapping[str, Any]) -> bool:
+    """The controller's status describes the current spec (no status generation: assume so)."""
+    seen = (obj.get("status") or {}).get("observedGeneration")
+    return seen is None or int(seen) >= int(obj["metadata"].get("generation") or 0)
+
+
+def deployment_ready(obj: Mapping[str, Any]) -> bool:
+    status = obj.get("status") or {}
+    want = int((obj.get("spec") or {}).get("replicas", 1))
+    return _generation_seen(obj) and int(status.get("readyReplicas") or 0) >= want and \
+        int(status.get("updatedReplicas", want) or 0) >= want
+
+
+def job_state(obj: Mapping[str, Any]) -> JobState:
+    status = obj.get("status") or {}
+    conditions = _conditions(obj)
+    failed = conditions.get("Failed") == "True"
+    completions = int((obj.get("spec") or {}).get("completions") or 1)
+    succeeded = int(status.get("succeeded") or 0)
+    finished = failed or conditions.get("Complete") == "True" or succeeded >= completions
+    return JobState(completions=completions, succeeded=succeeded, finished=finished, failed=failed)
+
+
+def served_ranker(obj: Mapping[str, Any]) -> ServedRanker | None:
+    labels = obj["metadata"].get("labels") or {}
+    ranker, encoder = labels.get(build.RANKER_VERSION), labels.get(build.ENCODER_VERSION)
+    if not ranker or not encoder:
+        return None
+    return ServedRanker(Version(ranker, encoder), _generation_seen(obj) and _conditions(obj).get("Ready") == "True")
+
+
+def child_ref(obj: Mapping[str, Any]) -> ChildRef:
+    labels = obj["metadata"].get("labels") or {}
+    return ChildRef(obj["kind"], obj["metadata"]["name"], obj.get("apiVersion", ""), labels.get(build.ENCODER_VERSION))
+
+
+def from_children(objects: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Keyword arguments of `Observed` that the children provide."""
+    encoders_ready: dict[str, bool] = {}
+    jobs: dict[str, JobState] = {}
+    ranker = None
+    refs = []
+    for obj in objects:
+        refs.append(child_ref(obj))
+        labels = obj["metadata"].get("labels") or {}
+        component, version = labels.get(build.COMPONENT), labels.get(build.ENCODER_VERSION)
+        if obj["kind"] == "Deployment" and component == "encoder" and version:
+            encoders_ready[version] = deployment_ready(obj)
+        elif obj["kind"] == "Job" and version:
+            jobs[version] = job_state(obj)
+        elif obj["kind"] == "InferenceService":
+            ranker = served_ranker(obj)
+    return {"encoders_ready": encoders_ready, "jobs": jobs, "ranker": ranker, "children": tuple(refs)}
+
+
+# --- the store ----------------------------------------------------------------------------------
+
+class CoverageObserver(Protocol):
+    def spaces(self, url: str, password: str | None, versions: Sequence[str]) -> dict[str, SpaceState]:
+        """Coverage per space; raises on an unreachable store."""
+
+    def delete_space(self, url: str, password: str | None, version: str) -> None: ...
+
+
+def with_password(url: str, password: str | None) -> str:
+    """The store URL with the Secret's password in it, for the client only (never in a spec)."""
+    if not password or not url.startswith("redis"):
+        return url
+    parts = urllib.parse.urlsplit(url)
+    netloc = f":{urllib.parse.quote(password, safe='')}@{parts.netloc}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+class StoreCoverage:
+    """Reads `space_info` through `mmrank.store`; one client per store, shared by all rankers."""
+
+    def __init__(self) -> None:
+        self._stores: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def _store(self, url: str, password: str | None) -> Any:
+        from mmrank.store import open_store
+
+        full = with_password(url, password)
+        with self._lock:
+            if full not in self._stores:
+                self._stores[full] = open_store(full)
+            return self._stores[full]
+
+    def spaces(self, url: str, password: str | None, versions: Sequence[str]) -> dict[str, SpaceState]:
+        from mmrank.store import SpaceNotFound
+
+        store = self._store(url, password)
+        out = {}
+        for version in versions:
+            try:
+                info = store.space_info(version)
+            except SpaceNotFound:
+                out[version] = SpaceState(coverage=0.0)
+                continue
+            out[version] = SpaceState(coverage=float(info.coverage), items=int(info.items),
+                                      backfill_done=int(info.backfill_done), backfill_total=int(info.backfill_total))
+        return out
+
+    def delete_space(self, url: str, password: str | None, version: str) -> None:
+        self._store(url, password).delete_space(version)
+
+
+class FixedCoverage:
+    """Coverage given by value (for `mmrank render --coverage E=0.5` and tests)."""
+
+    def __init__(self, coverage: Mapping[str, float] | None = None) -> None:
+        self.coverage = dict(coverage or {})
+        self.deleted: list[str] = []
+
+    def spaces(self, url: str, password: str | None, versions: Sequence[str]) -> dict[str, SpaceState]:
+        return {v: SpaceState(coverage=self.coverage.get(v, 0.0)) for v in versions if v not in self.deleted}
+
+    def delete_space(self, url: str, password: str | None, version: str) -> None:
+        self.deleted.append(version)

@@ -1,0 +1,143 @@
+"""One reconcile of one MultimodalRanker: gather -> core -> apply. The kopf handlers call this.
+
+Order matters for what a crash half way leaves behind: children are applied first (idempotent),
+then children no longer desired are deleted, then retired spaces are deleted from the store, and
+status (the history a restarted operator resumes from) is written last.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from mmrank import api
+from mmrank.operator import core, observe
+from mmrank.operator.kube import Kube, key, lower, stamped, up_to_date
+
+
+@dataclasses.dataclass
+class Outcome:
+    decisions: list[core.Decision]
+    applied: list[tuple[str, str]]
+    deleted: list[tuple[str, str]]
+    phase: str
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse(body: Mapping[str, Any]) -> api.MultimodalRanker:
+    """The resource as our models see it; status is history, read separately, never a reason
+    to reject a spec."""
+    return api.MultimodalRanker.model_validate({k: v for k, v in dict(body).items() if k != "status"})
+
+
+def problems_of(exc: ValidationError) -> list[str]:
+    return [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+
+
+def gather(kube: Kube, store: observe.CoverageObserver, ranker: api.MultimodalRanker,
+           status: Mapping[str, Any]) -> tuple[core.Observed, list[dict[str, Any]]]:
+    meta = ranker.metadata
+    namespace = meta.namespace or "default"
+    objects = kube.list_children(namespace, meta.name, meta.uid or "")
+    versions = [ranker.spec.encoder.version]
+    stable = core.stable_of(status)
+    for version in ([stable.encoder] if stable else []) + core.known_spaces(status):
+        if version not in versions:
+            versions.append(version)
+    store_spec = ranker.spec.embeddings.store
+    spaces: dict[str, core.SpaceState] = {}
+    error = None
+    try:
+        ref = store_spec.password_secret_ref
+        password = kube.secret_value(namespace, ref.name, ref.key) if ref else None
+        spaces = store.spaces(store_spec.url, password, versions)
+    except Exception as exc:  # noqa: BLE001 - an unreachable store is an observation, not a crash
+        error = f"{type(exc).__name__}: {exc}"[:300]
+        spaces = {v: core.SpaceState(coverage=None) for v in versions}
+    observed = core.Observed(now=now(), status=status, spaces=spaces, store_error=error,
+                             **observe.from_children(objects))
+    return observed, objects
+
+
+def reconcile(kube: Kube, store: observe.CoverageObserver, body: Mapping[str, Any]) -> Outcome:
+    status = dict(body.get("status") or {})
+    try:
+        ranker = parse(body)
+    except ValidationError as exc:
+        return _invalid(kube, body, status, problems_of(exc))
+    observed, objects = gather(kube, store, ranker, status)
+    want = core.desired(ranker, observed)
+    live = {key(o): o for o in objects}
+    applied, notes = [], {}
+    server = kube.server_version()
+    for child in want.children:
+        child, note = lower(child, server)
+        child = stamped(child)
+        if not up_to_date(live.get(key(child)), child):
+            kube.apply(child)
+            applied.append(key(child))
+            if note:
+                notes[key(child)] = note
+    keep = {(c.kind, c.name) for c in want.keep} | {key(c) for c in want.children}
+    deleted = []
+    for obj in objects:
+        if key(obj) not in keep:
+            kube.delete(obj["apiVersion"], obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+            deleted.append(key(obj))
+    store_spec = ranker.spec.embeddings.store
+    for version in want.delete_spaces:
+        ref = store_spec.password_secret_ref
+        password = kube.secret_value(ranker.metadata.namespace or "default", ref.name, ref.key) if ref else None
+        store.delete_space(store_spec.url, password, version)
+    if _changed(status, want.status):
+        kube.patch_status(ranker.metadata.namespace or "default", ranker.metadata.name, _merge_patch(status, want.status))
+    decisions = [_created(k, notes.get(k)) for k in applied if k not in live]
+    decisions += [core.Decision("Deleted", f"{kind} {name}") for kind, name in deleted]
+    return Outcome([*decisions, *want.decisions], applied, deleted, want.status["phase"])
+
+
+def _created(child: tuple[str, str], note: str | None) -> core.Decision:
+    """A Warning when the child had to be changed for this apiserver (see `kube.lower`)."""
+    text = f"{child[0]} {child[1]}"
+    return core.Decision("Created", f"{text} ({note})", "Warning") if note else core.Decision("Created", text)
+
+
+def _invalid(kube: Kube, body: Mapping[str, Any], status: dict[str, Any], problems: list[str]) -> Outcome:
+    meta = body.get("metadata") or {}
+    new = core.invalid_status(status, problems, now(), int(meta.get("generation") or 0))
+    decisions = []
+    if _changed(status, new):
+        kube.patch_status(meta.get("namespace") or "default", meta["name"], _merge_patch(status, new))
+        decisions.append(core.Decision("InvalidSpec", "; ".join(problems)[:1000], "Warning"))
+    return Outcome(decisions, [], [], "Failed")
+
+
+def clean(value: Any) -> Any:
+    """Without None values: how the apiserver stores what a merge patch wrote."""
+    if isinstance(value, Mapping):
+        return {k: clean(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [clean(v) for v in value]
+    return value
+
+
+def _changed(before: Mapping[str, Any], after: Mapping[str, Any]) -> bool:
+    return bool(_merge_patch(before, after))
+
+
+def _merge_patch(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch turning `before` into `after`, top-level key by key (None removes)."""
+    patch = {}
+    for k, v in after.items():
+        if v is None:
+            if before.get(k) is not None:
+                patch[k] = None
+        elif clean(v) != before.get(k):
+            patch[k] = v
+    return patch

@@ -1,0 +1,374 @@
+"""The operator against the real kube-apiserver, with our CRD and KServe's installed.
+
+No Deployment, Job or KServe controller runs there, so the tests play them by patching child
+statuses through the `/status` subresource. In-process runs use kopf's KopfRunner with a coverage
+observer the test sets; the kill/restart scenario runs `mmrank operator run` as a subprocess
+reading coverage from a real Redis store.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["MMRANK_OPERATOR_INTERVAL"] = "1"  # before the handlers module is imported
+
+import contextlib
+import datetime
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from kubernetes import dynamic
+from kubernetes.client.exceptions import ApiException
+
+from mmrank import api, servers
+from mmrank.operator import observe
+
+pytestmark = [pytest.mark.apiserver, pytest.mark.slow]
+
+CHILD_KINDS = (("v1", "ConfigMap"), ("v1", "Service"), ("apps/v1", "Deployment"), ("batch/v1", "Job"),
+               ("serving.kserve.io/v1beta1", "InferenceService"))
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ApiException):
+            last = check()
+            if last:
+                return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+
+
+class Cluster:
+    """The test's view of one namespace: it creates rankers and plays the missing controllers."""
+
+    def __init__(self, api_client: Any, namespace: str) -> None:
+        self.client = dynamic.DynamicClient(api_client)
+        self.namespace = namespace
+        self.rankers = self.client.resources.get(api_version=api.API_VERSION, kind=api.KIND)
+        self.client.resources.get(api_version="v1", kind="Namespace").create(
+            body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+
+    def res(self, api_version: str, kind: str) -> Any:
+        return self.client.resources.get(api_version=api_version, kind=kind)
+
+    def children(self, name: str = "shop") -> dict[tuple[str, str], dict]:
+        out = {}
+        for api_version, kind in CHILD_KINDS:
+            items = self.res(api_version, kind).get(namespace=self.namespace,
+                                                    label_selector=f"mmrank.io/ranker={name}").to_dict()["items"]
+            for item in items:
+                out[(kind, item["metadata"]["name"])] = item
+        return out
+
+    def ranker(self, name: str = "shop") -> dict:
+        return self.rankers.get(name=name, namespace=self.namespace).to_dict()
+
+    def status(self, name: str = "shop") -> dict:
+        return self.ranker(name).get("status") or {}
+
+    def condition(self, ctype: str, name: str = "shop") -> dict:
+        return next((c for c in self.status(name).get("conditions") or [] if c["type"] == ctype), {})
+
+    def create(self, body: dict) -> None:
+        self.rankers.create(body=body, namespace=self.namespace)
+
+    def patch_spec(self, spec: dict, name: str = "shop") -> None:
+        self.rankers.patch(name=name, namespace=self.namespace, body={"spec": spec},
+                           content_type="application/merge-patch+json")
+
+    def _patch_status(self, api_version: str, kind: str, name: str, status: dict) -> None:
+        self.res(api_version, kind).status.patch(name=name, namespace=self.namespace, body={"status": status},
+                                                 content_type="application/merge-patch+json")
+
+    def deployment_ready(self, name: str) -> None:
+        """Play the Deployment controller: every replica updated and ready."""
+        live = self.res("apps/v1", "Deployment").get(name=name, namespace=self.namespace).to_dict()
+        n = live["spec"]["replicas"]
+        self._patch_status("apps/v1", "Deployment", name, {
+            "observedGeneration": live["metadata"]["generation"], "replicas": n, "updatedReplicas": n,
+            "readyReplicas": n, "availableReplicas": n})
+
+    def job_complete(self, name: str) -> None:
+        live = self.res("batch/v1", "Job").get(name=name, namespace=self.namespace).to_dict()
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self._patch_status("batch/v1", "Job", name, {
+            "succeeded": live["spec"]["completions"], "startTime": stamp, "completionTime": stamp,
+            "conditions": [{"type": "Complete", "status": "True", "lastProbeTime": stamp,
+                            "lastTransitionTime": stamp}]})
+
+    def isvc_ready(self, name: str = "shop-ranker") -> None:
+        """Play KServe: Ready for the InferenceService's current generation."""
+        live = self.res("serving.kserve.io/v1beta1", "InferenceService").get(name=name, namespace=self.namespace)
+        live = live.to_dict()
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self._patch_status("serving.kserve.io/v1beta1", "InferenceService", name, {
+            "observedGeneration": live["metadata"]["generation"],
+            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": stamp}]})
+
+    def events(self, name: str = "shop") -> list[dict]:
+        items = self.res("v1", "Event").get(namespace=self.namespace,
+                                            field_selector=f"involvedObject.name={name}").to_dict()["items"]
+        return items
+
+
+def manifest(namespace: str, store_url: str, encoder: str = "e1", ranker: str = "r1") -> dict:
+    return {
+        "apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "shop", "namespace": namespace},
+        "spec": {
+            "encoder": {"version": encoder, "modelUri": f"s3://models/encoder/{encoder}", "gpus": 1},
+            "ranker": {"version": ranker, "modelUri": f"s3://models/ranker/{ranker}", "encoderVersion": encoder},
+            "embeddings": {"store": {"url": store_url}, "minCoverage": 0.99, "retainedSpaces": 1,
+                           "backfill": {"parallelism": 2}},
+        },
+    }
+
+
+def without_empty_defaults(node: Any) -> Any:
+    """The 1.20 apiserver rejects `default: ""` in a CRD (as it does in KServe's)."""
+    if isinstance(node, dict):
+        return {k: without_empty_defaults(v) for k, v in node.items() if not (k == "default" and v == "")}
+    if isinstance(node, list):
+        return [without_empty_defaults(v) for v in node]
+    return node
+
+
+def our_crd() -> dict:
+    return without_empty_defaults(api.crd_manifest(cel=False))
+
+
+@pytest.fixture(scope="module")
+def crds_installed(_kube_session: Any, kserve_crds: list) -> None:
+    """Our CRD and KServe's, installed once for this module (applying KServe's large CRDs takes
+    seconds each time)."""
+    if isinstance(_kube_session, str):
+        pytest.fail(f"real server unavailable: {_kube_session}", pytrace=False)
+    from kubernetes import config
+
+    api_client = config.new_client_from_config(config_file=str(_kube_session.extra["kubeconfig"]))
+    servers.install_crds(api_client, [*kserve_crds, our_crd()])
+
+
+@pytest.fixture
+def cluster(crds_installed: None, kube: Any) -> Cluster:
+    return Cluster(kube.api_client, f"t-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def operator_in_process(kube: Any, namespace: str, store: observe.CoverageObserver) -> Iterator[None]:
+    """The operator in this process (kopf's KopfRunner), with the store observer injected."""
+    from kopf.testing import KopfRunner
+
+    from mmrank.operator import handlers
+    from mmrank.operator.kube import Kube
+
+    handlers.Context.kube = Kube(kube.api_client)
+    handlers.Context.store = store
+    old = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = kube.kubeconfig
+    try:
+        with KopfRunner(["run", "--standalone", "--namespace", namespace, "-m", "mmrank.operator.handlers"],
+                        timeout=30) as runner:
+            yield
+        assert runner.exit_code == 0, runner.output
+        assert runner.exception is None, runner.output
+    finally:
+        handlers.Context.kube = None
+        handlers.Context.store = None
+        if old is None:
+            os.environ.pop("KUBECONFIG", None)
+        else:
+            os.environ["KUBECONFIG"] = old
+
+
+def generations(children: dict) -> dict:
+    return {k: (v["metadata"]["generation"] if "generation" in v["metadata"] else None,
+                v["metadata"]["resourceVersion"]) for k, v in children.items()}
+
+
+ENCODER_E1 = {("ConfigMap", "shop-encoder-e1"), ("Service", "shop-encoder-e1"), ("Deployment", "shop-encoder-e1")}
+ENCODER_E2 = {("ConfigMap", "shop-encoder-e2"), ("Service", "shop-encoder-e2"), ("Deployment", "shop-encoder-e2")}
+
+
+def test_lifecycle_create_promote_encoder_change_and_delete(cluster: Cluster, kube: Any) -> None:
+    store = observe.FixedCoverage({"e1": 0.0})
+    with operator_in_process(kube, cluster.namespace, store):
+        cluster.create(manifest(cluster.namespace, "redis://redis.test:6379/0"))
+        # create: every child appears, owned by the ranker; no traffic while the space is empty
+        first = ENCODER_E1 | {("Deployment", "shop-embedder"), ("Job", "shop-backfill-e1")}
+        children = wait_for("encoder, embedder and backfill", lambda: (c := cluster.children()) and
+                            set(c) == first and c)
+        uid = cluster.ranker()["metadata"]["uid"]
+        for child in children.values():
+            assert [o["uid"] for o in child["metadata"]["ownerReferences"]] == [uid]
+        wait_for("phase Backfilling", lambda: cluster.status().get("phase") == "Backfilling")
+        assert "coverage 0.0000" in cluster.condition("EmbeddingsSynced")["message"]
+
+        # a second (and third) reconcile changes nothing
+        before = generations(cluster.children())
+        status_before = cluster.status()
+        time.sleep(3.5)
+        assert generations(cluster.children()) == before
+        assert cluster.status() == status_before
+
+        # coverage reaches minCoverage and the encoder is ready -> the ranker gets traffic
+        cluster.deployment_ready("shop-encoder-e1")
+        store.coverage["e1"] = 0.995
+        isvc = wait_for("the InferenceService", lambda: cluster.children().get(("InferenceService", "shop-ranker")))
+        env = {e["name"]: e.get("value") for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+        assert env["MMRANK_SPACE"] == "e1"
+        cluster.job_complete("shop-backfill-e1")
+        cluster.isvc_ready()
+        wait_for("phase Ready", lambda: cluster.status().get("phase") == "Ready")
+        assert cluster.status()["stable"] == {"rankerVersion": "r1", "encoderVersion": "e1"}
+        wait_for("the finished backfill Job deleted", lambda: ("Job", "shop-backfill-e1") not in cluster.children())
+
+        # encoder version change -> a second encoder and a backfill Job; r1 keeps serving on e1
+        store.coverage["e2"] = 0.3
+        cluster.patch_spec(manifest(cluster.namespace, "redis://redis.test:6379/0", "e2", "r2")["spec"])
+        wait_for("encoder e2 and its backfill", lambda: ENCODER_E2 | {("Job", "shop-backfill-e2")} <= set(cluster.children()))
+        children = cluster.children()
+        assert ENCODER_E1 <= set(children)
+        assert children[("InferenceService", "shop-ranker")]["metadata"]["labels"]["mmrank.io/ranker-version"] == "r1"
+        embedder_env = {e["name"]: e.get("value") for e in
+                        children[("Deployment", "shop-embedder")]["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert embedder_env["MMRANK_ENCODERS"] == "e2=shop-encoder-e2:8001,e1=shop-encoder-e1:8001"
+        wait_for("Backfilling with the coverage", lambda: cluster.status().get("phase") == "Backfilling" and
+                 "space e2: coverage 0.3000" in cluster.condition("EmbeddingsSynced")["message"])
+
+        # coverage reaches minCoverage -> the ranker moves to the new space, then e1 retires
+        cluster.deployment_ready("shop-encoder-e2")
+        store.coverage["e2"] = 1.0
+        wait_for("the InferenceService on r2", lambda: cluster.children()[("InferenceService", "shop-ranker")]
+                 ["metadata"]["labels"]["mmrank.io/ranker-version"] == "r2")
+        assert ENCODER_E1 <= set(cluster.children())         # still needed until KServe reports r2 ready
+        cluster.isvc_ready()
+        wait_for("stable r2", lambda: cluster.status().get("stable") == {"rankerVersion": "r2", "encoderVersion": "e2"})
+        wait_for("encoder e1 deleted", lambda: not (ENCODER_E1 & set(cluster.children())))
+        wait_for("phase Ready", lambda: cluster.status().get("phase") == "Ready")
+        spaces = [s["version"] for s in cluster.status()["embeddings"]["spaces"]]
+        assert spaces == ["e1", "e2"]                          # one retired space retained
+        wait_for("an Event per decision", lambda: {"Created", "TrafficSwitched", "RankerPromoted", "Deleted"}
+                 <= {e["reason"] for e in cluster.events()})
+
+        # delete -> children gone (no garbage collector runs here: the operator deletes them)
+        cluster.rankers.delete(name="shop", namespace=cluster.namespace)
+        wait_for("children gone", lambda: not cluster.children())
+        wait_for("ranker gone", lambda: _gone(cluster))
+
+
+def _gone(cluster: Cluster) -> bool:
+    try:
+        cluster.ranker()
+    except ApiException as exc:
+        return exc.status == 404
+    return False
+
+
+def test_invalid_spec_becomes_a_condition_without_retries(cluster: Cluster, kube: Any) -> None:
+    body = manifest(cluster.namespace, "redis://redis.test:6379/0")
+    body["spec"]["ranker"]["encoderVersion"] = "e9"       # passes the 1.20 schema, fails the model rule
+    with operator_in_process(kube, cluster.namespace, observe.FixedCoverage()):
+        cluster.create(body)
+        ready = wait_for("InvalidSpec", lambda: (c := cluster.condition("Ready")).get("reason") == "InvalidSpec" and c)
+        assert "encoderVersion" in ready["message"] and cluster.status()["phase"] == "Failed"
+        wait_for("kopf to record the handled spec", lambda: "mmrank.io/last-handled-configuration"
+                 in (cluster.ranker()["metadata"].get("annotations") or {}))
+        version = cluster.ranker()["metadata"]["resourceVersion"]
+        time.sleep(3)
+        assert cluster.ranker()["metadata"]["resourceVersion"] == version    # no retry storm, no writes
+        assert not cluster.children()
+        warnings = [e for e in cluster.events() if e["reason"] == "InvalidSpec"]
+        assert len(warnings) == 1 and warnings[0]["type"] == "Warning"
+
+
+def _start_operator(kube: Any, namespace: str, workdir: Path) -> subprocess.Popen:
+    env = {**os.environ, "KUBECONFIG": kube.kubeconfig, "MMRANK_OPERATOR_INTERVAL": "1"}
+    log = open(workdir / f"operator-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
+    return subprocess.Popen([sys.executable, "-m", "mmrank", "operator", "run", "--standalone", "--namespace",
+                             namespace, "--interval", "1"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            cwd=workdir, start_new_session=True)
+
+
+def _kill(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+def test_operator_killed_half_way_resumes_without_duplicates(cluster: Cluster, kube: Any, redis_server: Any,
+                                                             tmp_path: Path) -> None:
+    from mmrank.store import open_store
+
+    store = open_store(redis_server.url)
+    store.set_catalogue_size(100)
+    store.create_space("e1", dim=8)
+    store.put("e1", np.arange(100), np.eye(8, dtype=np.float32)[np.arange(100) % 8])
+    operator = _start_operator(kube, cluster.namespace, tmp_path)
+    try:
+        cluster.create(manifest(cluster.namespace, redis_server.url))
+        wait_for("the first child", lambda: cluster.children(), timeout=60)
+        _kill(operator)                                  # killed half way through the first reconcile
+        operator = _start_operator(kube, cluster.namespace, tmp_path)
+        cluster_children = wait_for("encoder and embedder", lambda: (c := cluster.children()) and
+                                    ENCODER_E1 | {("Deployment", "shop-embedder")} <= set(c) and c, timeout=60)
+        assert ("Job", "shop-backfill-e1") not in cluster_children          # coverage 1.0 in the real store
+        cluster.deployment_ready("shop-encoder-e1")
+        wait_for("the InferenceService", lambda: ("InferenceService", "shop-ranker") in cluster.children())
+        cluster.isvc_ready()
+        wait_for("stable r1", lambda: cluster.status().get("phase") == "Ready")
+
+        # half way through an encoder change: e2 backfilling while r1 serves; kill again
+        store.create_space("e2", dim=8)
+        store.put("e2", np.arange(40), np.eye(8, dtype=np.float32)[np.arange(40) % 8])
+        cluster.patch_spec(manifest(cluster.namespace, redis_server.url, "e2", "r2")["spec"])
+        wait_for("backfill e2", lambda: ("Job", "shop-backfill-e2") in cluster.children())
+        _kill(operator)
+        before = generations(cluster.children())
+        operator = _start_operator(kube, cluster.namespace, tmp_path)
+        wait_for("coverage of e2 in status", lambda: "space e2: coverage 0.4000"
+                 in cluster.condition("EmbeddingsSynced").get("message", ""), timeout=60)
+        children = cluster.children()
+        assert set(children) == set(before)                                  # nothing new, nothing lost
+        assert {k: v[0] for k, v in generations(children).items()} == {k: v[0] for k, v in before.items()}
+        assert cluster.status()["stable"] == {"rankerVersion": "r1", "encoderVersion": "e1"}
+        for child in children.values():
+            assert len(child["metadata"]["ownerReferences"]) == 1
+
+        # the backfill finishes in the store; the restarted operator completes the rollout
+        store.put("e2", np.arange(100), np.eye(8, dtype=np.float32)[np.arange(100) % 8])
+        cluster.deployment_ready("shop-encoder-e2")
+        wait_for("the InferenceService on r2", lambda: cluster.children()[("InferenceService", "shop-ranker")]
+                 ["metadata"]["labels"]["mmrank.io/ranker-version"] == "r2")
+        cluster.isvc_ready()
+        wait_for("encoder e1 retired", lambda: not (ENCODER_E1 & set(cluster.children())))
+        assert cluster.status()["stable"] == {"rankerVersion": "r2", "encoderVersion": "e2"}
+        assert set(store.spaces()) >= {"e1", "e2"}                            # e1 retained (retainedSpaces 1)
+
+        # a third encoder retires e2: with one retired space retained, e1 leaves the real store
+        store.create_space("e3", dim=8)
+        store.put("e3", np.arange(100), np.eye(8, dtype=np.float32)[np.arange(100) % 8])
+        cluster.patch_spec(manifest(cluster.namespace, redis_server.url, "e3", "r3")["spec"])
+        wait_for("encoder e3", lambda: ("Deployment", "shop-encoder-e3") in cluster.children())
+        cluster.deployment_ready("shop-encoder-e3")
+        wait_for("the InferenceService on r3", lambda: cluster.children()[("InferenceService", "shop-ranker")]
+                 ["metadata"]["labels"]["mmrank.io/ranker-version"] == "r3")
+        cluster.isvc_ready()
+        wait_for("space e1 deleted from the store", lambda: "e1" not in store.spaces())
+        assert {"e2", "e3"} <= set(store.spaces())
+        wait_for("status listing e2 and e3", lambda: [s["version"] for s in
+                 cluster.status()["embeddings"]["spaces"]] == ["e2", "e3"])
+        wait_for("the SpaceDeleted Event", lambda: "SpaceDeleted" in {e["reason"] for e in cluster.events()})
+    finally:
+        _kill(operator)
+        for log in sorted(tmp_path.glob("operator-*.log")):
+            print(f"--- {log.name}\n{log.read_text(errors='replace')[-4000:]}")

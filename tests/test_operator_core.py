@@ -1,0 +1,430 @@
+"""The operator's pure core by value: children, embedding sync, status; every child validated
+against Kubernetes' schemas (kubernetes-validate) and KServe's CRD schema. No cluster."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from mmrank import api, servers
+from mmrank.operator import children as build
+from mmrank.operator import core, observe
+from mmrank.operator.cli import render_documents
+from mmrank.operator.kube import contains, is_transient, lower, stamped, up_to_date
+from mmrank.operator.reconcile import _merge_patch
+
+NOW = "2026-01-01T00:00:00Z"
+LATER = "2026-01-01T00:05:00Z"
+
+
+def manifest(encoder: str = "e1", ranker: str = "r1", **spec_extra: Any) -> dict[str, Any]:
+    body = {
+        "apiVersion": "mmrank.io/v1alpha1", "kind": "MultimodalRanker",
+        "metadata": {"name": "shop", "namespace": "ads", "uid": "uid-1", "generation": 3},
+        "spec": {
+            "encoder": {"version": encoder, "modelUri": f"s3://models/encoder/{encoder}", "gpus": 1,
+                        "nodeSelector": {"nvidia.com/gpu.product": "A10"},
+                        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+            "ranker": {"version": ranker, "modelUri": f"s3://models/ranker/{ranker}", "encoderVersion": encoder},
+            "embeddings": {"store": {"url": "redis://redis.ads.svc:6379/0",
+                                     "passwordSecretRef": {"name": "redis-auth", "key": "password"}},
+                           "minCoverage": 0.99, "backfill": {"parallelism": 4}},
+        },
+    }
+    body["spec"].update(spec_extra)
+    return body
+
+
+def ranker(**kwargs: Any) -> api.MultimodalRanker:
+    return api.MultimodalRanker.model_validate(manifest(**kwargs))
+
+
+def observed(coverage: dict[str, float] | None = None, ready: tuple[str, ...] = (), status: dict | None = None,
+             serving: core.ServedRanker | None = None, jobs: dict | None = None, now: str = NOW,
+             children: tuple[core.ChildRef, ...] = ()) -> core.Observed:
+    return core.Observed(now=now, status=status or {},
+                         spaces={k: core.SpaceState(coverage=v, items=int(v * 1000)) for k, v in (coverage or {}).items()},
+                         encoders_ready={v: True for v in ready}, ranker=serving, jobs=jobs or {}, children=children)
+
+
+def kinds(want: core.Desired) -> dict[tuple[str, str], dict]:
+    return {(c["kind"], c["metadata"]["name"]): c for c in want.children}
+
+
+def by_type(status: dict) -> dict[str, dict]:
+    return {c["type"]: c for c in status["conditions"]}
+
+
+# --- children by value --------------------------------------------------------------------------
+
+def test_fresh_ranker_gets_encoder_embedder_and_backfill_but_no_traffic() -> None:
+    want = core.desired(ranker(), observed({"e1": 0.0}))
+    assert sorted(kinds(want)) == [("ConfigMap", "shop-encoder-e1"), ("Deployment", "shop-embedder"),
+                                   ("Deployment", "shop-encoder-e1"), ("Job", "shop-backfill-e1"),
+                                   ("Service", "shop-encoder-e1")]
+    assert want.status["phase"] == "Backfilling"
+    synced = by_type(want.status)["EmbeddingsSynced"]
+    assert synced["status"] == "False" and "coverage 0.0000" in synced["message"] and "0.99" in synced["message"]
+    # the Job being created is in status at once, so the next reconcile has nothing to write
+    assert want.status["embeddings"]["spaces"] == [
+        {"version": "e1", "coverage": 0.0, "items": 0,
+         "backfill": {"completedShards": 0, "totalShards": 4, "progress": 0.0}}]
+
+
+def test_every_child_has_owner_reference_and_labels() -> None:
+    want = core.desired(ranker(), observed({"e1": 1.0}, ready=("e1",)))
+    assert any(c["kind"] == "InferenceService" for c in want.children)
+    for child in want.children:
+        meta = child["metadata"]
+        assert meta["ownerReferences"] == [{"apiVersion": "mmrank.io/v1alpha1", "kind": "MultimodalRanker",
+                                            "name": "shop", "uid": "uid-1", "controller": True,
+                                            "blockOwnerDeletion": True}]
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "mmrank"
+        assert meta["labels"]["mmrank.io/ranker"] == "shop"
+        assert meta["namespace"] == "ads"
+
+
+def test_encoder_deployment_runs_triton_on_gpus_with_weights_from_model_uri() -> None:
+    deployment = kinds(core.desired(ranker(), observed({"e1": 0.0})))[("Deployment", "shop-encoder-e1")]
+    pod = deployment["spec"]["template"]["spec"]
+    triton = pod["containers"][0]
+    assert triton["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert triton["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8000}
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "A10"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    fetch = pod["initContainers"][0]
+    assert "s3://models/encoder/e1" in fetch["args"]
+    assert {"name": "models", "emptyDir": {}} in pod["volumes"]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "8002"
+
+
+def test_config_change_changes_the_pod_template_hash() -> None:
+    def template_hash(body: dict) -> str:
+        r = api.MultimodalRanker.model_validate(body)
+        return build.build_encoder_deployment(r)["spec"]["template"]["metadata"]["annotations"][build.CONFIG_HASH]
+
+    body = manifest()
+    other = copy.deepcopy(body)
+    other["spec"]["encoder"]["dynamicBatching"] = {"maxBatchSize": 32}
+    assert template_hash(body) == template_hash(copy.deepcopy(body))
+    assert template_hash(body) != template_hash(other)
+
+
+def test_configmap_uses_kind_gpu_only_with_gpus() -> None:
+    gpu = build.build_encoder_configmap(ranker())["data"]["config.pbtxt"]
+    body = manifest()
+    body["spec"]["encoder"]["gpus"] = 0
+    cpu = build.build_encoder_configmap(api.MultimodalRanker.model_validate(body))["data"]["config.pbtxt"]
+    assert "KIND_GPU" in gpu and "KIND_CPU" in cpu
+
+
+def test_backfill_job_is_indexed_and_sharded() -> None:
+    job = kinds(core.desired(ranker(), observed({"e1": 0.3})))[("Job", "shop-backfill-e1")]
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 4
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:3] == ["mmrank", "backfill", "run"]
+    assert args[args.index("--space") + 1] == "e1" and args[args.index("--shard") + 1] == "$(JOB_COMPLETION_INDEX)/4"
+
+
+def test_inference_service_pins_the_space_and_keeps_the_password_in_its_secret() -> None:
+    isvc = kinds(core.desired(ranker(), observed({"e1": 0.995}, ready=("e1",))))[("InferenceService", "shop-ranker")]
+    predictor = isvc["spec"]["predictor"]
+    env = {e["name"]: e for e in predictor["containers"][0]["env"]}
+    assert env["MMRANK_SPACE"]["value"] == "e1"
+    assert env["MMRANK_STORE_PASSWORD"]["valueFrom"] == {"secretKeyRef": {"name": "redis-auth", "key": "password"}}
+    assert predictor["storageUris"] == [{"uri": "s3://models/ranker/r1", "mountPath": "/mnt/models"}]
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+
+
+# --- embedding sync -----------------------------------------------------------------------------
+
+def test_no_traffic_until_the_encoder_is_ready_even_at_full_coverage() -> None:
+    want = core.desired(ranker(), observed({"e1": 1.0}))
+    assert ("InferenceService", "shop-ranker") not in kinds(want)
+    assert by_type(want.status)["RankerReady"]["reason"] == "WaitingForEmbeddings"
+
+
+def test_synced_space_and_ready_isvc_make_the_ranker_stable_and_ready() -> None:
+    serving = core.ServedRanker(core.Version("r1", "e1"), ready=True)
+    want = core.desired(ranker(), observed({"e1": 1.0}, ready=("e1",), serving=serving))
+    assert want.status["stable"] == {"rankerVersion": "r1", "encoderVersion": "e1"}
+    assert want.status["phase"] == "Ready"
+    assert all(c["status"] == "True" for c in want.status["conditions"] if c["type"] != "CanaryHealthy")
+    assert ("Job", "shop-backfill-e1") not in kinds(want)
+    assert "RankerPromoted" in [d.reason for d in want.decisions]
+
+
+STABLE_E1 = {"stable": {"rankerVersion": "r1", "encoderVersion": "e1"},
+             "embeddings": {"spaces": [{"version": "e1", "coverage": 1.0}]}}
+OLD_CHILDREN = (core.ChildRef("ConfigMap", "shop-encoder-e1", "v1", "e1"),
+                core.ChildRef("Deployment", "shop-encoder-e1", "apps/v1", "e1"),
+                core.ChildRef("Service", "shop-encoder-e1", "v1", "e1"),
+                core.ChildRef("InferenceService", "shop-ranker", "serving.kserve.io/v1beta1", "e1"))
+
+
+def test_encoder_change_keeps_the_old_encoder_and_stable_ranker_while_backfilling() -> None:
+    serving = core.ServedRanker(core.Version("r1", "e1"), ready=True)
+    want = core.desired(ranker(encoder="e2", ranker="r2"),
+                        observed({"e1": 1.0, "e2": 0.42}, ready=("e1", "e2"), status=STABLE_E1, serving=serving,
+                                 children=OLD_CHILDREN))
+    got = kinds(want)
+    assert ("Job", "shop-backfill-e2") in got and ("Deployment", "shop-encoder-e2") in got
+    assert ("InferenceService", "shop-ranker") not in got          # not rebuilt: r1 keeps serving as is
+    kept = {(c.kind, c.name) for c in want.keep}
+    assert kept == {("ConfigMap", "shop-encoder-e1"), ("Deployment", "shop-encoder-e1"),
+                    ("Service", "shop-encoder-e1"), ("InferenceService", "shop-ranker")}
+    env = {e["name"]: e["value"] for e in got[("Deployment", "shop-embedder")]["spec"]["template"]["spec"]
+           ["containers"][0]["env"] if "value" in e}
+    assert env["MMRANK_ENCODERS"] == "e2=shop-encoder-e2:8001,e1=shop-encoder-e1:8001"
+    assert want.status["stable"] == {"rankerVersion": "r1", "encoderVersion": "e1"}
+    assert want.status["phase"] == "Backfilling"
+    synced = by_type(want.status)["EmbeddingsSynced"]
+    assert synced["status"] == "False" and "space e2: coverage 0.4200" in synced["message"]
+    assert [s["version"] for s in want.status["embeddings"]["spaces"]] == ["e1", "e2"]
+
+
+def test_coverage_reached_switches_traffic_then_retires_the_old_encoder() -> None:
+    status = {**STABLE_E1, "embeddings": {"spaces": [{"version": "e1"}, {"version": "e2"}]}}
+    old = core.ServedRanker(core.Version("r1", "e1"), ready=True)
+    switching = core.desired(ranker(encoder="e2", ranker="r2"),
+                             observed({"e1": 1.0, "e2": 0.991}, ready=("e1", "e2"), status=status, serving=old,
+                                      children=OLD_CHILDREN))
+    isvc = kinds(switching)[("InferenceService", "shop-ranker")]
+    assert isvc["metadata"]["labels"]["mmrank.io/ranker-version"] == "r2"
+    assert switching.status["stable"]["rankerVersion"] == "r1"   # until KServe reports r2 ready
+    assert ("Deployment", "shop-encoder-e1") in {(c.kind, c.name) for c in switching.keep}
+    assert switching.status["phase"] == "Progressing"
+
+    new = core.ServedRanker(core.Version("r2", "e2"), ready=True)
+    done = core.desired(ranker(encoder="e2", ranker="r2"),
+                        observed({"e1": 1.0, "e2": 0.991}, ready=("e2",), status=switching.status, serving=new,
+                                 children=OLD_CHILDREN))
+    assert done.status["stable"] == {"rankerVersion": "r2", "encoderVersion": "e2"}
+    assert done.keep == []                                        # e1's children are deleted
+    assert done.status["phase"] == "Ready"
+    assert [s["version"] for s in done.status["embeddings"]["spaces"]] == ["e1", "e2"]  # retained: 1
+    assert done.delete_spaces == []
+
+
+def test_retired_spaces_beyond_retention_are_deleted() -> None:
+    assert core.spaces_to_delete(["e1", "e2", "e3", "e4"], ["e4"], 1) == ["e1", "e2"]
+    assert core.spaces_to_delete(["e1", "e2"], ["e2", "e1"], 0) == []
+    status = {"stable": {"rankerVersion": "r3", "encoderVersion": "e3"},
+              "embeddings": {"spaces": [{"version": "e1"}, {"version": "e2"}, {"version": "e3"}]}}
+    want = core.desired(ranker(encoder="e3", ranker="r3"),
+                        observed({"e3": 1.0}, ready=("e3",), status=status,
+                                 serving=core.ServedRanker(core.Version("r3", "e3"), True)))
+    assert want.delete_spaces == ["e1"]
+    assert [s["version"] for s in want.status["embeddings"]["spaces"]] == ["e2", "e3"]
+    assert "SpaceDeleted" in [d.reason for d in want.decisions]
+
+
+def test_unreachable_store_deletes_nothing_and_says_unknown() -> None:
+    status = {"stable": {"rankerVersion": "r3", "encoderVersion": "e3"},
+              "embeddings": {"spaces": [{"version": "e1"}, {"version": "e2"}, {"version": "e3"}]}}
+    obs = core.Observed(now=NOW, status=status, spaces={"e3": core.SpaceState(None)}, store_error="ConnectionError",
+                        encoders_ready={"e3": True})
+    want = core.desired(ranker(encoder="e3", ranker="r3"), obs)
+    assert want.delete_spaces == []
+    assert by_type(want.status)["EmbeddingsSynced"]["status"] == "Unknown"
+    assert by_type(want.status)["EmbeddingsSynced"]["reason"] == "StoreUnreachable"
+
+
+def test_running_backfill_is_not_cut_short_and_finished_one_goes() -> None:
+    running = core.JobState(completions=4, succeeded=3)
+    finished = core.JobState(completions=4, succeeded=4, finished=True)
+    assert core.needs_backfill(core.SpaceState(0.995), running, 0.99)
+    assert not core.needs_backfill(core.SpaceState(0.995), finished, 0.99)
+    assert core.needs_backfill(core.SpaceState(0.5), finished, 0.99)
+    assert not core.needs_backfill(core.SpaceState(None), None, 0.99)
+
+
+def test_backfill_progress_and_failure_reach_status() -> None:
+    failed = core.JobState(completions=4, succeeded=2, finished=True, failed=True)
+    want = core.desired(ranker(), observed({"e1": 0.5}, jobs={"e1": failed}))
+    space = want.status["embeddings"]["spaces"][0]
+    assert space["backfill"] == {"completedShards": 2, "totalShards": 4, "progress": 0.5}
+    assert by_type(want.status)["EmbeddingsSynced"]["reason"] == "BackfillFailed"
+
+
+def test_second_reconcile_keeps_transition_times_and_writes_nothing() -> None:
+    first = core.desired(ranker(), observed({"e1": 0.2}))
+    second = core.desired(ranker(), observed({"e1": 0.2}, status=first.status, now=LATER))
+    assert second.status == first.status
+    assert _merge_patch(first.status, second.status) == {}
+    assert [d.reason for d in second.decisions] == []
+    third = core.desired(ranker(), observed({"e1": 0.2}, ready=("e1",), status=first.status, now=LATER))
+    assert by_type(third.status)["EncoderReady"]["lastTransitionTime"] == LATER
+    assert by_type(third.status)["EmbeddingsSynced"]["lastTransitionTime"] == NOW
+
+
+def test_invalid_spec_becomes_a_failed_condition() -> None:
+    status = core.invalid_status({"phase": "Ready"}, ["spec.ranker.encoderVersion: must name e2"], NOW, 4)
+    assert status["phase"] == "Failed"
+    ready = by_type(status)["Ready"]
+    assert ready["status"] == "False" and ready["reason"] == "InvalidSpec" and "encoderVersion" in ready["message"]
+
+
+def test_status_the_core_writes_validates_against_the_api_models() -> None:
+    want = core.desired(ranker(), observed({"e1": 0.5}, jobs={"e1": core.JobState(4, 1)}))
+    from mmrank.operator.reconcile import clean
+
+    api.RankerStatus.model_validate(clean(want.status))
+
+
+# --- apply skipping -----------------------------------------------------------------------------
+
+def test_apply_is_skipped_only_when_hash_and_fields_match() -> None:
+    child = stamped(build.build_encoder_service(ranker()))
+    live = copy.deepcopy(child)
+    live["metadata"]["resourceVersion"] = "12"
+    live["spec"]["clusterIP"] = "10.96.0.7"
+    assert up_to_date(live, child)
+    drifted = copy.deepcopy(live)
+    drifted["spec"]["ports"][0]["port"] = 9000
+    assert not up_to_date(drifted, child)
+    body = manifest()
+    body["spec"]["encoder"]["version"] = "e1"
+    changed = stamped(build.build_encoder_service(api.MultimodalRanker.model_validate(body)))
+    changed["metadata"]["labels"] = {}
+    assert not up_to_date(live, stamped(changed))
+    assert contains({"a": 1, "b": [{"c": "1"}]}, {"b": [{"c": 1}]})
+
+
+def test_old_apiservers_get_jobs_without_completion_mode_and_say_so() -> None:
+    job = build.build_backfill_job(ranker(), "e1")
+    same, note = lower(job, (1, 33))
+    assert same == job and note is None
+    old, note = lower(job, (1, 20))
+    assert "completionMode" not in old["spec"] and old["spec"]["completions"] == 4
+    assert note is not None and "1.22" in note
+    assert lower(build.build_encoder_service(ranker()), (1, 20))[1] is None
+
+
+def test_which_api_errors_are_retried() -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    assert is_transient(ApiException(status=409)) and is_transient(ApiException(status=503))
+    assert is_transient(ConnectionResetError())
+    assert not is_transient(ApiException(status=422)) and not is_transient(ApiException(status=403))
+    untyped = ApiException(status=500)
+    untyped.body = '{"message":"failed to create typed patch object: .spec.x: field not declared in schema"}'
+    assert not is_transient(untyped)
+    assert not is_transient(ValueError("bad"))
+
+
+# --- schemas ------------------------------------------------------------------------------------
+
+def all_children() -> list[dict]:
+    """Every kind of child, in the configurations that differ (GPU and CPU, with a Secret)."""
+    r = ranker()
+    body = manifest()
+    body["spec"]["encoder"].update({"gpus": 0, "resources": {"requests": {"cpu": "2", "memory": "8Gi"}}})
+    body["spec"]["rollout"] = {"kserveMode": "Knative"}
+    cpu = api.MultimodalRanker.model_validate(body)
+    out = []
+    for one in (r, cpu):
+        out += [build.build_encoder_configmap(one), build.build_encoder_service(one),
+                build.build_encoder_deployment(one), build.build_embedder_deployment(one, ["e1", "e0"]),
+                build.build_backfill_job(one, "e1"), build.build_inference_service(one, one.spec.ranker)]
+    return [stamped(c) for c in out]
+
+
+@pytest.mark.parametrize("child", [c for c in all_children() if c["kind"] != "InferenceService"],
+                         ids=lambda c: f"{c['kind']}")
+def test_builtin_children_validate_against_kubernetes_schemas(child: dict) -> None:
+    kubernetes_validate.validate(child, "1.33", strict=True)
+
+
+def kserve_validator() -> jsonschema.Draft7Validator:
+    path = servers.shared_dir() / "schemas" / "kserve" / "serving.kserve.io_inferenceservices.yaml"
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crd = next(d for d in yaml.load_all(path.read_text(), Loader=loader) if d)
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1beta1")["schema"]["openAPIV3Schema"]
+    return jsonschema.Draft7Validator(_closed(schema))
+
+
+def test_inference_service_validates_against_kserve_crd_schema() -> None:
+    validator = kserve_validator()
+    isvcs = [c for c in all_children() if c["kind"] == "InferenceService"]
+    assert len(isvcs) == 2
+    for isvc in isvcs:
+        validator.validate(isvc)
+    broken = copy.deepcopy(isvcs[0])
+    broken["spec"]["predictor"]["storageUris"] = [{"mountPath": "/mnt/models"}]
+    typo = copy.deepcopy(isvcs[0])
+    typo["spec"]["predictor"]["storageUri"] = "s3://x"
+    for bad in (broken, typo):
+        with pytest.raises(jsonschema.ValidationError):
+            validator.validate(bad)
+
+
+def _closed(schema: Any) -> Any:
+    """The CRD schema with unknown fields forbidden where it declares properties (the apiserver
+    would prune them silently: a typo in a builder must fail here)."""
+    if isinstance(schema, dict):
+        out = {k: _closed(v) for k, v in schema.items()}
+        if "properties" in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+            out.setdefault("additionalProperties", False)
+        return out
+    if isinstance(schema, list):
+        return [_closed(v) for v in schema]
+    return schema
+
+
+# --- render -------------------------------------------------------------------------------------
+
+def test_render_is_offline_and_follows_coverage(repo_root: Path) -> None:
+    example = repo_root / "examples" / "minimal.yaml"
+    fresh = render_documents(list(yaml.safe_load_all(example.read_text())), {})
+    assert "Job" in [d["kind"] for d in fresh] and "InferenceService" not in [d["kind"] for d in fresh]
+    synced = render_documents(list(yaml.safe_load_all(example.read_text())), {"e1": 1.0})
+    assert "InferenceService" in [d["kind"] for d in synced] and "Job" not in [d["kind"] for d in synced]
+    result = subprocess.run([sys.executable, "-m", "mmrank", "render", "-f", str(example), "--coverage", "e1=0.5"],
+                            capture_output=True, text=True, timeout=60, cwd="/",
+                            env={"PATH": "/usr/bin:/bin", "KUBECONFIG": "/nonexistent"})
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Service", "Deployment", "Deployment", "Job"]
+
+
+def test_store_url_gets_the_password_only_for_the_client() -> None:
+    assert observe.with_password("redis://r:6379/0", "p@ss") == "redis://:p%40ss@r:6379/0"
+    assert observe.with_password("redis://r:6379/0", None) == "redis://r:6379/0"
+
+
+def test_operator_imports_no_torch_and_no_other_part() -> None:
+    code = ("import sys, mmrank.operator.handlers, mmrank.operator.cli, mmrank.operator.reconcile; "
+            "bad = [m for m in sys.modules if m == 'torch' or (m.startswith(('mmrank.encoders', 'mmrank.predictors')) "
+            "and m not in ('mmrank.encoders', 'mmrank.encoders.triton_config'))]; print(bad)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_every_example_renders_children_that_validate(repo_root: Path) -> None:
+    validator = kserve_validator()
+    examples = sorted((repo_root / "examples").glob("*.yaml"))
+    assert examples
+    for example in examples:
+        documents = [d for d in yaml.safe_load_all(example.read_text()) if d]
+        rankers = [d for d in documents if d.get("kind") == "MultimodalRanker"]
+        for body in rankers:
+            encoder = body["spec"]["encoder"]["version"]
+            for coverage in (0.0, 1.0):
+                rendered = render_documents([body], {encoder: coverage})
+                assert rendered, example
+                for child in rendered:
+                    if child["kind"] == "InferenceService":
+                        validator.validate(child)
+                    else:
+                        kubernetes_validate.validate(child, "1.33", strict=True)
