@@ -21,8 +21,7 @@ COPY operator operator
 COPY encoders/triton_config.py encoders/triton_config.py
 RUN pip install --no-deps . && rm -rf /src/*
 USER 10001
-ENTRYPOINT ["mmrank"]
-CMD ["operator", "run", "--standalone"]
+CMD ["mmrank", "operator", "run", "--standalone"]
 
 # Everything else: torch (CPU wheels; GPU nodes run Triton's own image for the encoder).
 FROM base AS runtime
@@ -36,5 +35,4 @@ COPY encoders encoders
 COPY predictors predictors
 RUN pip install --no-deps . && rm -rf /src/*
 USER 10001
-ENTRYPOINT ["mmrank"]
-CMD ["--help"]
+CMD ["mmrank", "--help"]

@@ -290,7 +290,7 @@ def start_kube_apiserver(workdir: Path | None = None, timeout: float = 120.0) ->
             f"--token-auth-file={workdir / 'tokens.csv'}", "--authorization-mode=RBAC",
             f"--service-account-key-file={public}", f"--service-account-signing-key-file={private}",
             "--service-account-issuer=https://kubernetes.default.svc", "--api-audiences=https://kubernetes.default.svc",
-            "--service-cluster-ip-range=10.96.0.0/24", "--allow-privileged=true",
+            "--service-cluster-ip-range=10.96.0.0/16", "--allow-privileged=true",
             "--enable-priority-and-fairness=false", "--v=0",
         ]
         process, log_path = _launch("kube-apiserver", argv, workdir)

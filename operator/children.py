@@ -257,6 +257,9 @@ def build_inference_service(ranker: api.MultimodalRanker, served: api.RankerMode
                  "--min-coverage", str(spec.embeddings.min_coverage), "--max-candidates", str(served.max_candidates),
                  "--history-length", str(served.history_length)],
         "env": env, "ports": [{"containerPort": 8080, "protocol": "TCP"}],
+        # Not ready while the space is below minCoverage or the store is unreachable (the
+        # predictor answers 503 with the reason), so such a pod never takes traffic.
+        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": 8080}, "periodSeconds": 5},
     }
     resources = plain(served.resources)
     if resources:

@@ -81,3 +81,24 @@ def test_rendered_chart_applies_to_the_real_apiserver(helm_binary, kube):
     assert "serverside-applied" in again.stdout
     got = kube.kubectl("get", "deployment", "-n", "mmrank-system", "-o", "jsonpath={.items[*].metadata.generation}")
     assert got.stdout.split() == ["1"]
+
+
+def test_cluster_role_covers_every_child_the_operator_applies(helm_binary, tmp_path):
+    import sys
+
+    rendered = subprocess.run([sys.executable, "-m", "mmrank", "render", "-f", str(ROOT / "examples" / "production.yaml"),
+                               "--coverage", "e1=1.0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert rendered.returncode == 0, rendered.stderr
+    children = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+    assert children
+    role = next(d for d in render(helm_binary) if d["kind"] == "ClusterRole")
+    granted = {(group, resource): set(rule["verbs"]) for rule in role["rules"]
+               for group in rule["apiGroups"] for resource in rule["resources"]}
+    for child in children:
+        group = child["apiVersion"].rpartition("/")[0]
+        resource = child["kind"].lower() + "s"
+        verbs = granted.get((group, resource), set())
+        assert {"get", "list", "watch", "create", "patch", "delete"} <= verbs, (
+            f"the operator applies {child['kind']} ({group or 'core'}/{resource}) but the ClusterRole grants {verbs}")
+    assert "update" in granted[("mmrank.io", "multimodalrankers/finalizers")]
+    assert {"patch"} <= granted[("mmrank.io", "multimodalrankers/status")]
