@@ -1,0 +1,171 @@
+"""Freshness of new items: event time -> vector in the store, at a steady event rate.
+
+Starts a real Redis and a real Triton serving the small item encoder (default `EncoderConfig`,
+randomly initialised, Python backend), runs `mmrank embedder run` as its own process, publishes
+item events (PNG image + title) at `--rate` per second for `--seconds`, and watches the store
+(HMGET every `--poll` seconds) for each item's vector. Prints p50/p99/max freshness beside the
+floor: Triton's own round trip for one item from a direct tritonclient call.
+
+    .venv/bin/python bench/freshness.py --rate 50 --seconds 30
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+
+def export_small_encoder(repo: Path) -> None:
+    import torch
+
+    from mmrank.encoders.export import export_repository
+    from mmrank.encoders.model import EncoderConfig, ItemEncoder
+
+    torch.manual_seed(0)
+    export_repository(ItemEncoder(EncoderConfig()).eval(), repo, max_batch_size=64, max_queue_delay_us=1000)
+
+
+def direct_latency(grpc_url: str, n: int = 100) -> list[float]:
+    """Seconds per single-item request straight to Triton (the floor for freshness)."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(grpc_url)
+    image = np.random.default_rng(1).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
+    times = []
+    for i in range(n + 5):
+        a = grpcclient.InferInput("IMAGE", [1, 64, 64, 3], "UINT8")
+        a.set_data_from_numpy(image)
+        b = grpcclient.InferInput("TITLE", [1, 1], "BYTES")
+        b.set_data_from_numpy(np.array([[f"blue shirt {i}".encode()]], dtype=object))
+        start = time.perf_counter()
+        client.infer("item_encoder", [a, b])
+        if i >= 5:
+            times.append(time.perf_counter() - start)
+    client.close()
+    return times
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready within {timeout} s")
+
+
+def publish_steadily(client, rate: float, seconds: float, sent: dict[int, float]) -> None:  # type: ignore[no-untyped-def]
+    from mmrank.encoders.item_events import encode_image, publish_item
+
+    rng = np.random.default_rng(0)
+    pngs = [encode_image(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(64)]
+    start = time.time()
+    for i in range(int(rate * seconds)):
+        due = start + i / rate
+        time.sleep(max(0.0, due - time.time()))
+        now = time.time()
+        publish_item(client, i, f"new cotton shirt {i}", pngs[i % len(pngs)], event_time=now)
+        sent[i] = now
+
+
+def histogram_quantile(q: float, metrics_text: str, name: str = "mmrank_embedding_freshness_seconds") -> float:
+    """Prometheus' histogram_quantile over the embedder's own histogram (linear within a bucket)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    buckets = sorted((float(s.labels["le"]), s.value) for f in text_string_to_metric_families(metrics_text)
+                     for s in f.samples if s.name == f"{name}_bucket")
+    total = buckets[-1][1]
+    rank, lower, below = q * total, 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            return lower + (upper - lower) * (rank - below) / max(count - below, 1e-9)
+        lower, below = upper, count
+    return lower
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=50.0)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--poll", type=float, default=0.005)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-wait", type=float, default=0.02)
+    args = parser.parse_args()
+
+    import redis
+
+    from mmrank import servers
+    from mmrank.store import RedisStore
+
+    work = Path(tempfile.mkdtemp(prefix="mmrank-freshness-"))
+    export_small_encoder(work / "repo")
+    redis_server = servers.start_redis(work / "redis")
+    triton = servers.start_triton(work / "repo", work / "triton")
+    http_port = servers.free_port()
+    embedder = subprocess.Popen(
+        [sys.executable, "-m", "mmrank", "embedder", "run", "--encoder", f"e1={triton.extra['grpc_url']}",
+         "--store", redis_server.url, "--http-port", str(http_port), "--batch-size", str(args.batch_size),
+         "--max-wait", str(args.max_wait), "--consumer", "bench"],
+        cwd=work, stdout=open(work / "embedder.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    try:
+        wait_http(f"http://127.0.0.1:{http_port}/readyz")
+        floor = direct_latency(str(triton.extra["grpc_url"]))
+        client = redis.Redis.from_url(redis_server.url)
+        store = RedisStore(redis.Redis.from_url(redis_server.url))
+        sent: dict[int, float] = {}
+        seen: dict[int, float] = {}
+        publisher = threading.Thread(target=publish_steadily, args=(client, args.rate, args.seconds, sent))
+        publisher.start()
+        total = int(args.rate * args.seconds)
+        deadline = time.time() + args.seconds + 60
+        while len(seen) < total and time.time() < deadline:
+            waiting = [i for i in list(sent) if i not in seen]
+            if waiting:
+                found = store.get("e1", waiting)[1] if "e1" in store.spaces() else np.zeros(len(waiting), bool)
+                now = time.time()
+                for i, hit in zip(waiting, found, strict=True):
+                    if hit:
+                        seen[i] = now
+            time.sleep(args.poll)
+        publisher.join()
+        order = sorted(seen)
+        fresh = np.array([seen[i] - sent[i] for i in order])
+        thirds = [np.percentile(part, [50, 99]).round(3).tolist() for part in np.array_split(fresh, 3)]
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as response:
+            metrics = response.read().decode()
+        result = {
+            "rate_per_s": args.rate, "seconds": args.seconds, "items": total, "stored": len(seen),
+            "freshness_p50_s": round(float(np.percentile(fresh, 50)), 4),
+            "freshness_p99_s": round(float(np.percentile(fresh, 99)), 4),
+            "freshness_max_s": round(float(fresh.max()), 4),
+            "triton_single_item_p50_s": round(float(np.percentile(floor, 50)), 4),
+            "triton_single_item_p99_s": round(float(np.percentile(floor, 99)), 4),
+            "p99_over_triton_p99": round(float(np.percentile(fresh, 99) / np.percentile(floor, 99)), 1),
+            "p50_p99_by_third_of_the_run_s": thirds,
+            "embedder_histogram_p50_s": round(histogram_quantile(0.5, metrics), 3),
+            "embedder_histogram_p99_s": round(histogram_quantile(0.99, metrics), 3),
+            "poll_interval_s": args.poll, "cpus": os.cpu_count(),
+        }
+        print(json.dumps(result, indent=2))
+    finally:
+        embedder.terminate()
+        embedder.wait(30)
+        triton.stop()
+        redis_server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Subcommands: `mmrank embedder run` (real-time embedding) and `mmrank backfill run` (a new space).
+
+Handlers import the embedder and backfill modules only when they run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    embedder = subparsers.add_parser("embedder", help="Embed new items in real time into every live space")
+    embedder_sub = embedder.add_subparsers(dest="embedder_command", metavar="COMMAND", required=True)
+    run = embedder_sub.add_parser(
+        "run", help="Read item events, embed them with every live encoder, write the store",
+        description="Reads mmrank:items (consumer group `embedder`) and POST /items, calls each encoder "
+        "version on Triton, writes each space, acknowledges after every write. Encoders also from "
+        "MMRANK_ENCODERS, the store from MMRANK_STORE_URL, the stream's Redis from MMRANK_REDIS_URL.")
+    run.add_argument("--encoder", action="append", default=[], metavar="SPACE=HOST:PORT[/MODEL]",
+                     help="a live encoder version (repeat; gRPC address of its Triton)")
+    run.add_argument("--store", help="store URL: redis://host:port/db or file:///path")
+    run.add_argument("--redis", help="Redis URL of the item stream (default: the store, when it is Redis)")
+    run.add_argument("--stream", help="stream key of item events (default $MMRANK_ITEM_STREAM or mmrank:items)")
+    run.add_argument("--group", help="consumer group (default $MMRANK_CONSUMER_GROUP or embedder)")
+    run.add_argument("--batch-size", type=int, default=32)
+    run.add_argument("--max-wait", type=float, default=0.05, help="seconds to fill a batch after its first event")
+    run.add_argument("--in-flight", type=int, default=2, help="batches being embedded at once")
+    run.add_argument("--consumer", default=None, help="consumer name in the group (default: host name)")
+    run.add_argument("--claim-idle", type=float, default=30.0,
+                     help="seconds after which another replica's unacknowledged events are taken over")
+    run.add_argument("--dtype", default="float16", choices=("float16", "int8"), help="storage of new spaces")
+    run.add_argument("--http-host", default="0.0.0.0")
+    run.add_argument("--http-port", type=int, default=8080, help="POST /items, /healthz, /readyz, /metrics (0: any)")
+    run.set_defaults(handler=run_embedder)
+
+    backfill = subparsers.add_parser("backfill", help="Re-embed the catalogue into a new space (sharded, resumable)")
+    backfill_sub = backfill.add_subparsers(dest="backfill_command", metavar="COMMAND", required=True)
+    brun = backfill_sub.add_parser(
+        "run", help="Embed one shard of the catalogue into a space, resuming from its checkpoint",
+        description="One shard per Kubernetes Indexed Job index: --shard '$(JOB_COMPLETION_INDEX)/N'. "
+        "Progress (the checkpoint) and coverage are written to the store.")
+    brun.add_argument("--space", required=True, help="the space (encoder version) to fill")
+    brun.add_argument("--shard", default=os.environ.get("MMRANK_SHARD", "0/1"),
+                      help="I/N: this shard of N (default $MMRANK_SHARD, or JOB_COMPLETION_INDEX/N with --shard /N)")
+    brun.add_argument("--encoder", required=False, metavar="HOST:PORT[/MODEL]",
+                      help="gRPC address of the encoder's Triton (default $MMRANK_ENCODER_URL)")
+    brun.add_argument("--store", help="store URL (default $MMRANK_STORE_URL)")
+    brun.add_argument("--catalogue", required=True, help="shop directory (mmrank shop generate --out DIR)")
+    brun.add_argument("--batch-size", type=int, default=64)
+    brun.add_argument("--in-flight", type=int, default=4, help="Triton requests in flight at once")
+    brun.add_argument("--dtype", default="float16", choices=("float16", "int8"))
+    brun.add_argument("--no-progress", action="store_true", help="no progress bar")
+    brun.set_defaults(handler=run_backfill)
+
+
+def run_embedder(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from mmrank.encoders.embedder import Embedder, config_from_env, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = config_from_env(args.encoder, args.store, args.redis, batch_size=args.batch_size,
+                             max_wait=args.max_wait, in_flight=args.in_flight, consumer=args.consumer,
+                             claim_idle=args.claim_idle,
+                             dtype=args.dtype, http_host=args.http_host, http_port=args.http_port,
+                             **{k: v for k, v in (("stream", args.stream), ("group", args.group)) if v})
+
+    async def main() -> None:
+        embedder = Embedder(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, embedder.stop_event.set)
+        await serve(embedder, lambda port: print(f"embedder: http on port {port}", flush=True))
+
+    asyncio.run(main())
+    return 0
+
+
+def run_backfill(args: argparse.Namespace) -> int:
+    import json
+
+    from mmrank.encoders.backfill import BackfillConfig, parse_shard, run
+    from mmrank.encoders.embedder import ENV_STORE, parse_encoder
+
+    encoder = args.encoder or os.environ.get("MMRANK_ENCODER_URL", "")
+    store = args.store or os.environ.get(ENV_STORE, "")
+    if not encoder or not store:
+        raise SystemExit("backfill needs --encoder HOST:PORT[/MODEL] and --store URL (or their environment variables)")
+    index, count = parse_shard(args.shard, os.environ)
+    result = run(BackfillConfig(space=args.space, target=parse_encoder(f"{args.space}={encoder}"), store_url=store,
+                                catalogue=args.catalogue, shard=index, shards=count, batch_size=args.batch_size,
+                                in_flight=args.in_flight, dtype=args.dtype, progress=not args.no_progress))
+    print(json.dumps(result), flush=True)
+    return 0

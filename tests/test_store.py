@@ -1,0 +1,193 @@
+"""One suite for both embedding-store back ends: the real Redis and the embedded LMDB file store."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmrank import store as store_mod
+from mmrank.store import EmbeddingStore, SpaceNotFound, open_store
+
+
+@pytest.fixture(params=["redis", "file"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EmbeddingStore]:
+    if request.param == "redis":
+        server = request.getfixturevalue("redis_server")
+        url = server.url
+    else:
+        url = f"file://{tmp_path / 'store'}"
+    opened = open_store(url)
+    yield opened
+    opened.close()
+
+
+def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float16", 1e-3), ("int8", 1e-2)])
+def test_put_then_get_returns_the_vectors_within_the_dtype_precision(store: EmbeddingStore, dtype: str,
+                                                                     tolerance: float) -> None:
+    store.create_space("e1", 128, dtype)
+    vectors = unit_vectors(50, 128)
+    store.put("e1", np.arange(100, 150), vectors)
+    got, found = store.get("e1", [149, 7, 100])
+    assert got.dtype == np.float32 and got.shape == (3, 128)
+    assert found.tolist() == [True, False, True]
+    np.testing.assert_allclose(got[0], vectors[49], atol=tolerance)
+    np.testing.assert_allclose(got[2], vectors[0], atol=tolerance)
+    assert not got[1].any()
+
+
+def test_spaces_are_independent_and_listed(store: EmbeddingStore) -> None:
+    store.create_space("e1", 8)
+    store.create_space("e2", 4, "int8")
+    store.put("e1", [1], np.ones((1, 8)))
+    store.put("e2", [2], np.full((1, 4), -0.5))
+    assert store.spaces() == ["e1", "e2"]
+    assert store.get("e1", [1, 2])[1].tolist() == [True, False]
+    assert store.get("e2", [1, 2])[1].tolist() == [False, True]
+    np.testing.assert_allclose(store.get("e2", [2])[0], np.full((1, 4), -0.5), atol=1e-2)
+
+
+def test_reputting_an_item_overwrites_it_and_counts_it_once(store: EmbeddingStore) -> None:
+    store.create_space("e1", 16)
+    store.set_catalogue_size(10)
+    store.put("e1", range(5), unit_vectors(5, 16, seed=1))
+    newer = unit_vectors(5, 16, seed=2)
+    store.put("e1", range(5), newer)
+    info = store.space_info("e1")
+    assert info.items == 5
+    assert info.coverage == pytest.approx(0.5)
+    np.testing.assert_allclose(store.get("e1", range(5))[0], newer, atol=1e-3)
+
+
+def test_space_info_reports_metadata_coverage_and_backfill(store: EmbeddingStore) -> None:
+    created = store.create_space("e3", 32, "int8")
+    assert created.items == 0 and created.coverage == 0.0 and created.catalogue_size == 0
+    store.put("e3", range(4), unit_vectors(4, 32))
+    assert store.space_info("e3").coverage == 0.0, "unknown catalogue size must never count as covered"
+    store.set_catalogue_size(8)
+    store.report_backfill("e3", "0/2", 3, 4)
+    store.report_backfill("e3", "1/2", 4, 4)
+    store.report_backfill("e3", "0/2", 4, 4)
+    info = store.space_info("e3")
+    assert (info.version, info.dim, info.dtype, info.items, info.catalogue_size) == ("e3", 32, "int8", 4, 8)
+    assert info.coverage == pytest.approx(0.5)
+    assert info.created <= created.created + 1e-6
+    assert sorted(info.backfill) == ["0/2", "1/2"]
+    assert (info.backfill_done, info.backfill_total) == (8, 8)
+    store.set_catalogue_size(2)
+    assert store.space_info("e3").coverage == 1.0
+
+
+def test_create_space_is_idempotent_but_refuses_another_layout(store: EmbeddingStore) -> None:
+    first = store.create_space("e1", 8)
+    store.put("e1", [3], np.ones((1, 8)))
+    again = store.create_space("e1", 8)
+    assert again.created == first.created and again.items == 1
+    with pytest.raises(ValueError, match="dim=8"):
+        store.create_space("e1", 16)
+    with pytest.raises(ValueError):
+        store.create_space("e1", 8, "int8")
+
+
+def test_missing_space_and_bad_vectors_are_errors(store: EmbeddingStore) -> None:
+    with pytest.raises(SpaceNotFound):
+        store.get("nope", [1])
+    with pytest.raises(SpaceNotFound):
+        store.put("nope", [1], np.ones((1, 8)))
+    with pytest.raises(SpaceNotFound):
+        store.space_info("nope")
+    store.create_space("e1", 8)
+    with pytest.raises(ValueError, match="shape"):
+        store.put("e1", [1, 2], np.ones((2, 7)))
+    with pytest.raises(ValueError, match="NaN"):
+        store.put("e1", [1], np.full((1, 8), np.nan))
+    with pytest.raises(ValueError):
+        store.create_space("bad name", 8)
+    assert store.space_info("e1").items == 0
+
+
+def test_delete_space_removes_vectors_metadata_and_progress(store: EmbeddingStore) -> None:
+    store.create_space("old", 8)
+    store.create_space("new", 8)
+    store.put("old", range(3), np.ones((3, 8)))
+    store.report_backfill("old", "0/1", 3, 3)
+    store.delete_space("old")
+    store.delete_space("never-created")
+    assert store.spaces() == ["new"]
+    with pytest.raises(SpaceNotFound):
+        store.space_info("old")
+    recreated = store.create_space("old", 8)
+    assert recreated.items == 0 and recreated.backfill == {}
+
+
+def test_history_keeps_order_replaces_or_appends_and_truncates(store: EmbeddingStore) -> None:
+    store.put_history(7, [5, 6, 7])
+    store.put_history(7, [8, 9], append=True)
+    assert store.get_history(7, 10).tolist() == [5, 6, 7, 8, 9]
+    assert store.get_history(7, 2).tolist() == [8, 9]
+    assert store.get_history(7, 0).tolist() == []
+    store.put_history(7, [1])
+    assert store.get_history(7, 10).tolist() == [1]
+    unknown = store.get_history(99, 5)
+    assert unknown.dtype == np.int64 and unknown.size == 0
+
+
+def test_a_second_process_sees_what_the_first_wrote(store: EmbeddingStore, tmp_path: Path) -> None:
+    store.create_space("e1", 4)
+    store.set_catalogue_size(3)
+    url = store.client.connection_pool.connection_kwargs if isinstance(store, store_mod.RedisStore) else None
+    target = (f"redis://{url['host']}:{url['port']}/{url.get('db', 0)}" if url
+              else f"file://{store.path}")  # type: ignore[attr-defined]
+    code = ("import numpy as np, sys; from mmrank.store import open_store; "
+            "s = open_store(sys.argv[1]); s.put('e1', [0, 1], np.eye(2, 4)); print(s.space_info('e1').items)")
+    done = subprocess.run([sys.executable, "-c", code, target], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "2"
+    got, found = store.get("e1", [0, 1, 2])
+    assert found.tolist() == [True, True, False]
+    np.testing.assert_allclose(got[:2], np.eye(2, 4), atol=1e-3)
+    assert store.space_info("e1").coverage == pytest.approx(2 / 3)
+
+
+def test_codec_roundtrip_for_zero_and_large_vectors() -> None:
+    vectors = np.array([[0.0, 0.0, 0.0], [300.0, -2.0, 1e-3]], dtype=np.float32)
+    for dtype in store_mod.DTYPES:
+        blobs = store_mod.encode_vectors(vectors, dtype)
+        got, found = store_mod.decode_vectors([*blobs, None], 3, dtype)
+        assert found.tolist() == [True, True, False]
+        assert not got[0].any() and not got[2].any()
+        np.testing.assert_allclose(got[1], vectors[1], rtol=1e-2, atol=300 / 127)
+    assert len(store_mod.encode_vectors(vectors, "float16")[0]) == 6
+    assert len(store_mod.encode_vectors(vectors, "int8")[0]) == 3 + 4
+
+
+def test_open_store_rejects_unknown_schemes() -> None:
+    with pytest.raises(ValueError, match="redis://"):
+        open_store("http://example.com/x")
+
+
+def test_store_module_does_not_import_torch() -> None:
+    code = "import sys, mmrank.store; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def test_a_password_comes_from_the_environment_when_the_url_has_none(redis_client, redis_server,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis
+
+    redis_client.config_set("requirepass", "s3cret")
+    with pytest.raises(redis.AuthenticationError):
+        open_store(redis_server.url).spaces()
+    monkeypatch.setenv("MMRANK_STORE_PASSWORD", "s3cret")
+    store = open_store(redis_server.url)
+    store.create_space("e1", 4)
+    assert store.spaces() == ["e1"]
