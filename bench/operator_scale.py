@@ -32,7 +32,8 @@ def manifest(name: str, namespace: str, store_url: str) -> dict:
     return {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name, "namespace": namespace},
             "spec": {"encoder": {"version": "e1", "modelUri": "s3://models/encoder/e1"},
                      "ranker": {"version": "r1", "modelUri": "s3://models/ranker/r1", "encoderVersion": "e1"},
-                     "embeddings": {"store": {"url": store_url}}}}
+                     "embeddings": {"store": {"url": store_url},
+                                    "backfill": {"catalogueUri": "s3://catalogue/snapshots/today"}}}}
 
 
 def watch_children(api_client: object, namespace: str, seen: dict, modified: list,

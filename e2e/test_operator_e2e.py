@@ -75,7 +75,8 @@ def test_create_apply_idempotent_delete() -> None:
                 "apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "shop"},
                 "spec": {"encoder": {"version": "e1", "modelUri": "s3://models/encoder/e1", "gpus": 0},
                          "ranker": {"version": "r1", "modelUri": "s3://models/ranker/r1", "encoderVersion": "e1"},
-                         "embeddings": {"store": {"url": "redis://redis.invalid:6379/0"}}}})
+                         "embeddings": {"store": {"url": "redis://redis.invalid:6379/0"},
+                                        "backfill": {"catalogueUri": "s3://catalogue/snapshots/today"}}}})
             found = _wait("children", lambda: len(c := children()) == 5 and c)
             uid = rankers.get(name="shop", namespace=namespace).metadata.uid
             assert all(c["metadata"]["ownerReferences"][0]["uid"] == uid for c in found.values())

@@ -287,6 +287,13 @@ class BackfillSpec(_Spec):
                              examples=[4])
     batch_size: int = Field(256, ge=1, le=8192, description="Items per encoder request during backfill.",
                             examples=[256])
+    catalogue_uri: str | None = Field(
+        None, max_length=1024, pattern=MODEL_URI,
+        description="Where the catalogue snapshot to re-embed lives (a directory of items.parquet and "
+        "images.npy, as `mmrank shop generate` or the catalogue export writes it); every backfill pod "
+        "fetches it into /mnt/catalogue before it starts. Without it a new space cannot be backfilled: "
+        "status says so and the ranker stays on its current space.",
+        examples=["s3://catalogue/snapshots/2026-11-29"])
 
 
 class ItemEventsSpec(_Spec):

@@ -233,12 +233,17 @@ def build_backfill_job(ranker: api.MultimodalRanker, encoder_version: str) -> di
                  "--encoder", encoder_address(ranker, encoder_version), "--catalogue", CATALOGUE_DIR,
                  "--no-progress"],
         "env": store_env(ranker),
+        "volumeMounts": [{"name": "catalogue", "mountPath": CATALOGUE_DIR, "readOnly": True}],
     }
+    fetch = {"name": "fetch-catalogue", "image": STORAGE_INITIALIZER,
+             "args": [backfill.catalogue_uri or "", CATALOGUE_DIR],
+             "volumeMounts": [{"name": "catalogue", "mountPath": CATALOGUE_DIR}]}
+    pod_spec = {"restartPolicy": "OnFailure", "initContainers": [fetch], "containers": [container],
+                "volumes": [{"name": "catalogue", "emptyDir": {}}]}
     return {"apiVersion": "batch/v1", "kind": "Job",
             "metadata": _metadata(ranker, child["backfill"], selector),
             "spec": {"completionMode": "Indexed", "completions": n, "parallelism": n, "backoffLimit": 6 * n,
-                     "template": {"metadata": {"labels": selector},
-                                  "spec": {"restartPolicy": "OnFailure", "containers": [container]}}}}
+                     "template": {"metadata": {"labels": selector}, "spec": pod_spec}}}
 
 
 # --- the ranker (KServe) ----------------------------------------------------------------------

@@ -223,7 +223,8 @@ def desired(ranker: api.MultimodalRanker, observed: Observed) -> Desired:
                 build.build_encoder_deployment(ranker), build.build_embedder_deployment(ranker, live)]
     encoder = spec.encoder.version
     jobs = dict(observed.jobs)
-    if needs_backfill(observed.spaces.get(encoder), observed.jobs.get(encoder), min_coverage):
+    if (needs_backfill(observed.spaces.get(encoder), observed.jobs.get(encoder), min_coverage)
+            and spec.embeddings.backfill.catalogue_uri is not None):
         children.append(build.build_backfill_job(ranker, encoder))
         jobs.setdefault(encoder, JobState(completions=spec.embeddings.backfill.parallelism))  # being created
     if served is not None and served == candidate:
@@ -274,8 +275,13 @@ def _conditions(spec: Any, observed: Observed, live: Sequence[str], candidate: V
         synced = condition("EmbeddingsSynced", True, "CoverageReached", f"{coverage} >= minCoverage {min_coverage}")
     else:
         job = observed.jobs.get(candidate.encoder)
-        reason = "BackfillFailed" if job is not None and job.failed else "Backfilling"
-        synced = condition("EmbeddingsSynced", False, reason, f"{coverage} < minCoverage {min_coverage}")
+        if job is None and spec.embeddings.backfill.catalogue_uri is None:
+            synced = condition("EmbeddingsSynced", False, "NoCatalogue",
+                               f"{coverage} < minCoverage {min_coverage}, and no backfill can start: "
+                               "set spec.embeddings.backfill.catalogueUri")
+        else:
+            reason = "BackfillFailed" if job is not None and job.failed else "Backfilling"
+            synced = condition("EmbeddingsSynced", False, reason, f"{coverage} < minCoverage {min_coverage}")
     want = Version(spec.ranker.version, spec.ranker.encoder_version)
     if observed.ranker is not None and observed.ranker.ready and served == observed.ranker.version:
         ranker_ready = condition("RankerReady", True, "InferenceServiceReady",

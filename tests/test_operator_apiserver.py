@@ -128,7 +128,7 @@ def manifest(namespace: str, store_url: str, encoder: str = "e1", ranker: str = 
             "encoder": {"version": encoder, "modelUri": f"s3://models/encoder/{encoder}", "gpus": 1},
             "ranker": {"version": ranker, "modelUri": f"s3://models/ranker/{ranker}", "encoderVersion": encoder},
             "embeddings": {"store": {"url": store_url}, "minCoverage": 0.99, "retainedSpaces": 1,
-                           "backfill": {"parallelism": 2}},
+                           "backfill": {"parallelism": 2, "catalogueUri": "s3://catalogue/snapshots/today"}},
         },
     }
 

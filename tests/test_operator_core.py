@@ -35,7 +35,7 @@ def manifest(encoder: str = "e1", ranker: str = "r1", **spec_extra: Any) -> dict
             "ranker": {"version": ranker, "modelUri": f"s3://models/ranker/{ranker}", "encoderVersion": encoder},
             "embeddings": {"store": {"url": "redis://redis.ads.svc:6379/0",
                                      "passwordSecretRef": {"name": "redis-auth", "key": "password"}},
-                           "minCoverage": 0.99, "backfill": {"parallelism": 4}},
+                           "minCoverage": 0.99, "backfill": {"parallelism": 4, "catalogueUri": "s3://catalogue/snapshots/today"}},
         },
     }
     body["spec"].update(spec_extra)
@@ -133,6 +133,27 @@ def test_backfill_job_is_indexed_and_sharded() -> None:
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:3] == ["mmrank", "backfill", "run"]
     assert args[args.index("--space") + 1] == "e1" and args[args.index("--shard") + 1] == "$(JOB_COMPLETION_INDEX)/4"
+
+
+def test_backfill_pods_fetch_the_catalogue_before_they_start() -> None:
+    pod = kinds(core.desired(ranker(), observed({"e1": 0.3})))[("Job", "shop-backfill-e1")]["spec"]["template"]["spec"]
+    fetch = pod["initContainers"][0]
+    assert fetch["args"] == ["s3://catalogue/snapshots/today", "/mnt/catalogue"]
+    backfill = pod["containers"][0]
+    assert backfill["args"][backfill["args"].index("--catalogue") + 1] == "/mnt/catalogue"
+    assert {"name": "catalogue", "mountPath": "/mnt/catalogue", "readOnly": True} in backfill["volumeMounts"]
+    assert {"name": "catalogue", "emptyDir": {}} in pod["volumes"]
+
+
+def test_without_a_catalogue_no_backfill_starts_and_status_says_why() -> None:
+    body = manifest()
+    del body["spec"]["embeddings"]["backfill"]["catalogueUri"]
+    want = core.desired(api.MultimodalRanker.model_validate(body), observed({"e1": 0.3}))
+    assert not [c for c in want.children if c["kind"] == "Job"]
+    synced = by_type(want.status)["EmbeddingsSynced"]
+    assert synced["status"] == "False" and synced["reason"] == "NoCatalogue"
+    assert "spec.embeddings.backfill.catalogueUri" in synced["message"]
+    assert not [c for c in want.children if c["kind"] == "InferenceService"]
 
 
 def test_inference_service_pins_the_space_and_keeps_the_password_in_its_secret() -> None:
