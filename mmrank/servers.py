@@ -71,10 +71,16 @@ class Server:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def _kill_group(self) -> None:
+        """SIGKILL whatever is left of the server's process group (each server starts its own
+        session): Triton's Python-backend stubs outlive a killed tritonserver otherwise."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
     def kill(self) -> None:
-        """Kill -9, as a crash would; `stop()` still cleans up afterwards."""
+        """Kill -9, as a crash would (the server and its helper processes); `stop()` still cleans up."""
         if self.alive():
-            self.process.kill()
+            self._kill_group()
             self.process.wait(timeout=30)
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -85,6 +91,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=30)
+        self._kill_group()
         for step in reversed(self.cleanup):
             step()
         self.cleanup.clear()

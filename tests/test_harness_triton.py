@@ -93,3 +93,43 @@ def test_triton_fixture_names_the_missing_stub(tmp_path, monkeypatch):
     monkeypatch.setattr(servers, "CACHE", tmp_path / "empty-cache")
     with pytest.raises(servers.ServerUnavailable, match="stub"):
         servers.start_triton(tmp_path)
+
+
+def test_killing_triton_leaves_no_python_backend_stub_behind(tmp_path):
+    import os
+    import time
+
+    from mmrank import servers
+
+    repo, _ = tiny_repository(tmp_path / "repo")
+    server = servers.start_triton(repo, tmp_path / "triton")
+    try:
+        group = server.process.pid
+        members = [p for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == group]
+        assert len(members) >= 2, "expected tritonserver and its Python-backend stub in one process group"
+        server.kill()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _group_alive(group):
+            time.sleep(0.1)
+        assert not _group_alive(group), "a process of the killed Triton is still running"
+    finally:
+        server.stop()
+
+
+def _pgid(pid: int) -> int | None:
+    import os
+
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _group_alive(group: int) -> bool:
+    import os
+
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
