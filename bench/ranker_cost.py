@@ -1,0 +1,108 @@
+"""What SimTier, MAKE and raw vectors cost over the ID model, on the same data.
+
+For each variant: seconds of one ID-parameter epoch on the training impressions, seconds per
+MAKE pre-training epoch (simtier-make), batch inference over the test impressions, and the
+serving call — one user's C candidates against one shared history (`score_candidates`) — as a
+median over repeats. Every figure is also printed as a ratio to the ID model's.
+
+    nice -n 10 .venv/bin/python bench/ranker_cost.py --data /tmp/shop-small --limit 50000
+    (without --data a `tiny` shop is generated in a temporary directory)
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from mmrank.predictors import train
+from mmrank.predictors.model import VARIANTS, RankerConfig
+
+
+def serving_latency_ms(model: train.Ranker, test: train.Impressions, catalogue: train.Catalogue,
+                       candidates: int, repeats: int) -> float:
+    """Median ms of one score_candidates call: one history of L, `candidates` items."""
+    row = int(np.argmax(test.history_mask.sum(1)))
+    hist = torch.from_numpy(test.history[row])
+    safe = hist.clamp(0, len(catalogue.vectors) - 1)
+    cand = torch.from_numpy(np.resize(test.item, candidates))
+    args = (int(test.user[row]), hist, torch.from_numpy(test.history_mask[row]),
+            torch.from_numpy(catalogue.vectors[safe.numpy()]), torch.from_numpy(catalogue.present[safe.numpy()]),
+            cand, torch.from_numpy(catalogue.vectors[cand.numpy()]), torch.from_numpy(catalogue.present[cand.numpy()]))
+    model.score_candidates(*args)     # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.score_candidates(*args)
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def measure(data_dir: str, space_dir: str | None, history_length: int, candidates: int, repeats: int,
+            batch_size: int, limit: int = 0) -> list[dict]:
+    train_data, test_data, catalogue, vocab = train.load_data(data_dir, history_length, space_dir)
+    if limit:
+        train_data, test_data = train_data.take(np.arange(min(limit, len(train_data)))), \
+            test_data.take(np.arange(min(limit, len(test_data))))
+    print(f"{len(train_data)} training / {len(test_data)} test impressions, dim {catalogue.vectors.shape[1]}, "
+          f"history {history_length}, batch {batch_size}, torch threads {torch.get_num_threads()}")
+    # warm-up: the first optimizer step of a process imports and initialises seconds of torch
+    for variant in VARIANTS:
+        config = RankerConfig(variant=variant, mm_dim=catalogue.vectors.shape[1], history_length=history_length, **vocab)
+        train.train_ranker(train_data.take(np.arange(min(2 * batch_size, len(train_data)))), catalogue, config,
+                           train.TrainSettings(batch_size=batch_size, make_epochs=1))
+    rows = []
+    for variant in VARIANTS:
+        config = RankerConfig(variant=variant, mm_dim=catalogue.vectors.shape[1], history_length=history_length, **vocab)
+        settings = train.TrainSettings(seed=0, batch_size=batch_size, make_epochs=1)
+        model, report = train.train_ranker(train_data, catalogue, config, settings)
+        start = time.perf_counter()
+        train.predict(model, test_data, catalogue)
+        infer = time.perf_counter() - start
+        rows.append({"variant": variant, "id_epoch_s": report["id_seconds"],
+                     "make_epoch_s": report.get("make_seconds", 0.0),
+                     "inference_s": infer, "serving_ms": serving_latency_ms(model, test_data, catalogue,
+                                                                             candidates, repeats)})
+    return rows
+
+
+def render(rows: list[dict], candidates: int) -> str:
+    base = rows[0]
+    lines = [f"| variant | ID epoch (s) | × ID | MAKE epoch (s) | test-set inference (s) | × ID | "
+             f"score {candidates} candidates (ms, median) | × ID |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['id_epoch_s']:.2f} | {r['id_epoch_s'] / base['id_epoch_s']:.2f} | "
+                     f"{r['make_epoch_s']:.2f} | {r['inference_s']:.2f} | {r['inference_s'] / base['inference_s']:.2f} | "
+                     f"{r['serving_ms']:.2f} | {r['serving_ms'] / base['serving_ms']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", help="shop directory (default: generate a tiny shop)")
+    parser.add_argument("--embeddings", help="space directory (default: oracle concept vectors)")
+    parser.add_argument("--history-length", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--candidates", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N training and N test impressions")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = args.data
+        if data_dir is None:
+            from mmrank import shop
+            shop.generate("tiny", seed=0, out=tmp)
+            data_dir = tmp
+        rows = measure(data_dir, args.embeddings, args.history_length, args.candidates, args.repeats, args.batch_size,
+                       args.limit)
+    print(render(rows, args.candidates))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Subcommands: `mmrank ranker train | eval | table`. Torch is imported inside the handlers."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+VARIANTS = ("id", "vector", "simtier", "simtier-make")
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("ranker", help="Train, evaluate and compare the CTR ranker (ID, SimTier, MAKE)")
+    sub = parser.add_subparsers(dest="ranker_command", metavar="ACTION", required=True)
+
+    train = sub.add_parser("train", help="Train one variant (id parameters for one epoch) and write its artifact")
+    _data_args(train)
+    train.add_argument("--variant", choices=VARIANTS, default="simtier-make")
+    train.add_argument("--out", required=True, help="artifact directory (ranker.json, weights.pt, item_features.npy)")
+    train.add_argument("--version", help="ranker version recorded in ranker.json (default: variant-space)")
+    _training_args(train)
+    train.set_defaults(handler=_train)
+
+    evaluate = sub.add_parser("eval", help="AUC, GAUC and log-loss of an artifact on the test day, overall and cold items")
+    evaluate.add_argument("--model", required=True, help="artifact directory")
+    _data_args(evaluate)
+    evaluate.set_defaults(handler=_eval)
+
+    table = sub.add_parser("table", help="The offline table: ID / Vector / SimTier / SimTier+MAKE over seeds")
+    _data_args(table)
+    table.add_argument("--seeds", type=int, default=3)
+    table.add_argument("--make-epochs-list", default="1,2,4", help="MAKE pre-training epochs compared")
+    table.add_argument("--jobs", type=int, default=1, help="seeds trained in parallel worker processes")
+    table.add_argument("--from-json", help="render the runs a previous --json wrote instead of training")
+    table.add_argument("--json", help="also write every run's figures here")
+    table.add_argument("--results", help="replace the ranker section of this markdown file (docs/results.md)")
+    _training_args(table, with_make_epochs=False)
+    table.set_defaults(handler=_table)
+
+
+def _data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="shop directory (mmrank shop generate --out)")
+    parser.add_argument("--embeddings", help="space directory (mmrank encoders embed / mmrank shop concept-space); "
+                        "default: the shop's oracle concept vectors")
+
+
+def _training_args(parser: argparse.ArgumentParser, with_make_epochs: bool = True) -> None:
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--history-length", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--tier-width", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 is fastest on a shared machine; 0: torch's default)")
+    if with_make_epochs:
+        parser.add_argument("--make-epochs", type=int, default=2, help="MAKE pre-training epochs (simtier-make)")
+
+
+def _settings(args: argparse.Namespace, seed: int | None = None, make_epochs: int | None = None):  # noqa: ANN202
+    from mmrank.predictors.train import TrainSettings
+
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    return TrainSettings(seed=args.seed if seed is None else seed, batch_size=args.batch_size,
+                         make_epochs=getattr(args, "make_epochs", 2) if make_epochs is None else make_epochs)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mmrank.predictors import artifact, train
+    from mmrank.predictors.model import RankerConfig
+
+    train_data, test_data, catalogue, vocab = train.load_data(args.data, args.history_length, args.embeddings)
+    config = RankerConfig(variant=args.variant, mm_dim=catalogue.vectors.shape[1],
+                          history_length=args.history_length, tier_width=args.tier_width, **vocab)
+    model, report = train.train_ranker(train_data, catalogue, config, _settings(args))
+    metrics = train.evaluate(model, test_data, catalogue)
+    meta = artifact.save_ranker(args.out, model, catalogue.encoder_version, catalogue.item_features,
+                                version=args.version, metrics=metrics,
+                                training={**report, "data": str(Path(args.data).resolve())})
+    print(json.dumps({"out": args.out, "version": meta["version"], "encoder_version": meta["encoder_version"],
+                      "metrics": metrics, "training": report}, indent=2))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from mmrank.predictors import artifact, train
+
+    model, meta = artifact.load_ranker(args.model)
+    _, test_data, catalogue, _ = train.load_data(args.data, meta["history_length"], args.embeddings)
+    if catalogue.encoder_version != meta["encoder_version"]:
+        print(f"ranker {meta['version']} was trained on space {meta['encoder_version']!r}, "
+              f"not {catalogue.encoder_version!r}: its scores would mean nothing", file=sys.stderr)
+        return 2
+    print(json.dumps({"version": meta["version"], "metrics": train.evaluate(model, test_data, catalogue)}, indent=2))
+    return 0
+
+
+def _table(args: argparse.Namespace) -> int:
+    from mmrank.predictors import table
+
+    if args.from_json:
+        runs = json.loads(Path(args.from_json).read_text())
+    else:
+        runs = _table_runs(args)
+    markdown = table.render(runs, command=_table_command(args))
+    print(markdown)
+    if args.json and not args.from_json:
+        Path(args.json).write_text(json.dumps(runs, indent=2) + "\n")
+    if args.results:
+        table.replace_section(Path(args.results), markdown)
+    return 0
+
+
+def _table_runs(args: argparse.Namespace) -> list[dict]:
+    from mmrank.predictors import table
+
+    make_epochs = tuple(int(e) for e in args.make_epochs_list.split(","))
+    common = dict(make_epochs=make_epochs, settings=_settings(args), history_length=args.history_length,
+                  tier_width=args.tier_width)
+    seeds = range(args.seed, args.seed + args.seeds)
+    if args.jobs > 1:
+        runs = table.run_table_parallel(args.data, args.embeddings, seeds, args.jobs, args.threads, **common)
+    else:
+        runs = table.run_table(args.data, args.embeddings, seeds,
+                               log=lambda line: print(line, file=sys.stderr, flush=True), **common)
+    return runs
+
+
+def _table_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces the table (paths as given)."""
+    parts = ["mmrank ranker table", f"--data {args.data}"]
+    if args.embeddings:
+        parts.append(f"--embeddings {args.embeddings}")
+    parts += [f"--seeds {args.seeds}", f"--make-epochs-list {args.make_epochs_list}"]
+    if args.jobs > 1:
+        parts.append(f"--jobs {args.jobs}")
+    if args.history_length != 50:
+        parts.append(f"--history-length {args.history_length}")
+    return " ".join(parts)
