@@ -17,6 +17,41 @@ from mmrank import servers
 
 _SERVERS = pytest.StashKey[list]()
 
+# kserve and tritonclient.grpc both register protobuf messages in the package `inference`
+# (kserve's grpc_predict_v2.proto, Triton's grpc_service.proto), so one process can import only
+# one of them. The modules that load kserve run as a group of their own: `pytest --group kserve`
+# (`./dev.sh test` runs both groups). A module named explicitly on the command line always runs.
+KSERVE_MODULES = ("test_predictor_requests.py", "test_predictor_server.py")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--group", choices=("main", "kserve"), default="main",
+                     help="which process group of test modules to run: main (default) or kserve")
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    if not (collection_path.name.startswith("test_") and collection_path.suffix == ".py"):
+        return None
+    in_kserve_group = collection_path.name in KSERVE_MODULES
+    if config.getoption("group") == "kserve":
+        return not in_kserve_group
+    if in_kserve_group:
+        config.stash.setdefault(_LEFT_TO_KSERVE_GROUP, []).append(collection_path.name)
+        return True
+    return None
+
+
+_LEFT_TO_KSERVE_GROUP = pytest.StashKey[list]()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # type: ignore[no-untyped-def]
+    left = config.stash.get(_LEFT_TO_KSERVE_GROUP, [])
+    if left:
+        terminalreporter.write_line(
+            f"not run in this process: {', '.join(sorted(set(left)))} (they import kserve, which cannot share "
+            "a process with tritonclient.grpc); run them with `pytest --group kserve` (./dev.sh test does)",
+            yellow=True)
+
 
 def _attach(request: pytest.FixtureRequest, server: servers.Server) -> servers.Server:
     request.node.stash.setdefault(_SERVERS, []).append(server)
