@@ -191,3 +191,20 @@ def test_a_password_comes_from_the_environment_when_the_url_has_none(redis_clien
     store = open_store(redis_server.url)
     store.create_space("e1", 4)
     assert store.spaces() == ["e1"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_batch_decode_keeps_order_and_gaps_and_refuses_a_truncated_vector(dtype):
+    from mmrank.store import decode_vectors, encode_vectors
+
+    vectors = np.random.default_rng(3).standard_normal((6, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    blobs: list = encode_vectors(vectors, dtype)
+    blobs[0] = blobs[4] = None
+    out, found = decode_vectors(blobs, 16, dtype)
+    assert found.tolist() == [False, True, True, True, False, True]
+    assert not out[~found].any()
+    np.testing.assert_allclose(out[found], vectors[found], atol=5e-3)
+    blobs[2] = blobs[2][:-1]
+    with pytest.raises(ValueError):
+        decode_vectors(blobs, 16, dtype)
