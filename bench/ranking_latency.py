@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -216,6 +217,7 @@ def main() -> int:
         if predictor is not None:
             predictor.stop()
         redis.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
     print(f"machine: {platform.machine()}, {multiprocessing.cpu_count()} cores, torch threads {args.torch_threads}, "
           f"max concurrency {args.max_concurrency}")

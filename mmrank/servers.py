@@ -95,6 +95,9 @@ class Server:
         for step in reversed(self.cleanup):
             step()
         self.cleanup.clear()
+        if self.workdir in _TEMPORARY_WORKDIRS:
+            _TEMPORARY_WORKDIRS.discard(self.workdir)
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def _launch(name: str, argv: Sequence[str], workdir: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
@@ -132,11 +135,17 @@ def http_ok(url: str, headers: dict[str, str] | None = None, context: object = N
         return False
 
 
+_TEMPORARY_WORKDIRS: set[Path] = set()
+
+
 def _workdir(name: str, workdir: Path | None) -> Path:
+    """The caller's folder (kept: a restart reuses it), or a temporary one `stop()` removes."""
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
         return workdir
-    return Path(tempfile.mkdtemp(prefix=f"mmrank-{name}-"))
+    temporary = Path(tempfile.mkdtemp(prefix=f"mmrank-{name}-"))
+    _TEMPORARY_WORKDIRS.add(temporary)
+    return temporary
 
 
 # --- Triton -----------------------------------------------------------------------------------
