@@ -441,6 +441,13 @@ class AnalysisResult(_Status):
                                          examples=[42.5])
     click_rate_ratio: float | None = Field(None, ge=0.0, description="Canary CTR / stable CTR.", examples=[1.03])
     passed: bool = Field(..., description="Whether every check passed.", examples=[True])
+    verdict: Literal["Passed", "Failed", "Inconclusive"] | None = Field(
+        None, description="Passed (every check inside its threshold), Failed (at least one outside) or "
+        "Inconclusive (fewer than minRequests, no data, or Prometheus unreachable: the step waits).",
+        examples=["Passed"])
+    failed_checks: list[Literal["errorRate", "latencyP99Ms", "clickRateRatio"]] | None = Field(
+        None, max_length=3, description="The checks outside their thresholds (named after "
+        "the measured fields); empty when none failed.", examples=[[]])
     message: str = Field("", max_length=4096, description="Which check failed and why, or why it waits.",
                          examples=["all checks passed"])
 
