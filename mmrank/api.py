@@ -60,6 +60,14 @@ RULE_CHILD_NAMES = ("metadata.name plus spec.encoder.version is too long: child 
                     "must fit in 63 characters")
 
 
+def duration_seconds(value: str) -> int:
+    """Seconds of a DURATION ("30s", "5m", "1h")."""
+    match = re.fullmatch(DURATION, value)
+    if not match:
+        raise ValueError(f"{value!r} is not a duration like 30s, 5m or 1h")
+    return int(value[:-1]) * {"s": 1, "m": 60, "h": 3600}[value[-1]]
+
+
 def _check_quantity(value: int | str) -> int | str:
     if isinstance(value, bool) or (isinstance(value, int) and value < 0):
         raise ValueError("a quantity is a non-negative integer or a string like 500m, 2Gi")
@@ -232,6 +240,12 @@ class RankerModelSpec(_Spec):
                                 "carry; larger requests are refused.", examples=[500])
     history_length: int = Field(1000, ge=1, le=10_000, description="Most behaviour-history items the "
                                 "ranker reads per user (SimTier and MAKE attention).", examples=[1000])
+    serving: Literal["KServe", "Kubernetes"] = Field(
+        "KServe", description="Serving backend. KServe: an InferenceService (spec.rollout.kserveMode picks "
+        "Standard or Knative), the canary split by weight in 1 % steps. Kubernetes: for clusters without "
+        "KServe, a stable and a canary Deployment behind one Service, the split by replica ratio, so a step "
+        "rounds down to a multiple of 100 / replicas percent (steps that round to 0 % are skipped).",
+        examples=["Kubernetes"])
 
 
 class SecretKeyRef(_Spec):
@@ -428,6 +442,11 @@ class VersionPair(_Status):
     ranker_version: str = Field(..., description="Ranker version.", examples=["r1"])
     encoder_version: str = Field(..., description="Encoder version (embedding space) the ranker reads.",
                                  examples=["e1"])
+    ranker: dict[str, Any] | None = Field(None, description="The stable ranker's spec.ranker as it was "
+                                          "promoted: what the operator keeps serving beside a canary.",
+                                          examples=[{"version": "r1", "modelUri": "s3://models/ranker/r1",
+                                                     "encoderVersion": "e1"}],
+                                          json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
 
 
 class AnalysisResult(_Status):
@@ -452,17 +471,64 @@ class AnalysisResult(_Status):
                          examples=["all checks passed"])
 
 
+class RolloutRequest(_Status):
+    """A person's decision about the canary, written by `kubectl mmrank promote|abort|retry` (or
+    `kubectl patch --subresource=status`); the operator acts on it, records it in history and
+    clears it."""
+
+    action: Literal["Promote", "Abort", "Retry"] = Field(..., description="Promote (from "
+                                                         "AwaitingPromotion), Abort (any time) or Retry "
+                                                         "(from RolledBack).", examples=["Promote"])
+    requested_at: str = Field(..., max_length=64, description="When it was asked (RFC 3339).",
+                              examples=["2026-11-29T03:20:00Z"])
+    requested_by: str = Field("", max_length=253, description="Who asked (free text, for the history).",
+                              examples=["alice"])
+
+
 class CanaryStatus(_Status):
-    """The canary ranker being rolled out."""
+    """The canary ranker being rolled out (kept after a rollback, so `retry` knows what to retry)."""
 
     ranker_version: str = Field(..., description="Canary ranker version.", examples=["r2"])
     encoder_version: str = Field(..., description="Encoder version (space) the canary reads.", examples=["e2"])
-    step: int = Field(0, ge=0, description="Index into spec.rollout.steps of the current step.", examples=[1])
+    identity: str = Field("", description="Hash of the canary's ranker spec (version, encoder, modelUri, "
+                          "image): a rollout rolled back stays RolledBack until it changes or `retry`.",
+                          examples=["4f1c2a9e0b7d3c55"])
+    state: Literal["Progressing", "AwaitingPromotion", "Promoted", "RolledBack"] = Field(
+        "Progressing", description="Progressing (stepping through spec.rollout.steps), AwaitingPromotion "
+        "(every step passed, Manual promotion), Promoted (taking all traffic) or RolledBack.",
+        examples=["Progressing"])
+    step: int = Field(0, ge=0, description="Index of the current step in `steps`.", examples=[1])
+    steps: list[int] = Field(default_factory=list, description="The canary's traffic at each step as the "
+                             "serving backend can split it (spec.rollout.steps rounded down to "
+                             "`granularityPercent`).", examples=[[25, 50]])
+    granularity_percent: float = Field(1.0, description="Smallest traffic share the backend can give: 1 "
+                                       "for KServe, 100 / replicas for the Kubernetes backend.", examples=[25.0])
     traffic_percent: int = Field(0, ge=0, le=100, description="Share of requests the canary receives now.",
                                  examples=[25])
     failed_checks: int = Field(0, ge=0, description="Failed analysis checks so far.", examples=[0])
+    step_started_at: str = Field("", description="When the current step's analysis window started "
+                                 "(RFC 3339); the step is judged `interval` after it.",
+                                 examples=["2026-11-29T03:00:00Z"])
     last_analysis: AnalysisResult | None = Field(None, description="The most recent analysis with its "
                                                  "measured values.")
+    last_request: RolloutRequest | None = Field(None, description="The last request handled (a replayed "
+                                                "request is not acted on twice).")
+
+
+class HistoryEntry(_Status):
+    """One rollout decision: what was asked or observed, when, and the numbers that decided."""
+
+    time: str = Field(..., description="When it was decided (RFC 3339).", examples=["2026-11-29T03:05:00Z"])
+    reason: str = Field(..., description="CanaryStarted, StepPassed, AnalysisFailed, AwaitingPromotion, "
+                        "Promoted, RolledBack, Aborted, Retried, Superseded, or *Refused.",
+                        examples=["StepPassed"])
+    message: str = Field("", max_length=4096, description="What happened, in words.",
+                         examples=["step 1 of 3 (10 %) passed"])
+    ranker_version: str = Field("", description="Canary ranker version.", examples=["r2"])
+    step: int = Field(0, ge=0, description="Step index when it was decided.", examples=[0])
+    traffic_percent: int = Field(0, ge=0, le=100, description="Canary traffic after the decision.",
+                                 examples=[25])
+    analysis: AnalysisResult | None = Field(None, description="The analysis that decided, if any.")
 
 
 class BackfillProgress(_Status):
@@ -508,7 +574,12 @@ class RankerStatus(_Status):
                                         json_schema_extra={"x-kubernetes-list-type": "map",
                                                            "x-kubernetes-list-map-keys": ["type"]})
     stable: VersionPair | None = Field(None, description="Versions serving all traffic outside a canary.")
-    canary: CanaryStatus | None = Field(None, description="The rollout in progress, if any.")
+    canary: CanaryStatus | None = Field(None, description="The rollout in progress, or the last one "
+                                        "rolled back.")
+    request: RolloutRequest | None = Field(None, description="A pending promote/abort/retry (see "
+                                           "`kubectl mmrank`); cleared once handled.")
+    history: list[HistoryEntry] = Field(default_factory=list, max_length=30, description="The last 30 "
+                                        "rollout decisions, oldest first.")
     embeddings: EmbeddingsStatus | None = Field(None, description="Embedding spaces, coverage, freshness.")
 
     @field_validator("conditions")
@@ -749,7 +820,9 @@ PRINTER_COLUMNS = [
     {"name": "Canary", "type": "string", "jsonPath": ".status.canary.rankerVersion",
      "description": "Ranker version in canary."},
     {"name": "Traffic", "type": "integer", "jsonPath": ".status.canary.trafficPercent",
-     "description": "Percent of requests on the canary."},
+     "description": "Percent of requests on the canary (a multiple of the backend's granularity)."},
+    {"name": "Step", "type": "integer", "jsonPath": ".status.canary.step", "priority": 1,
+     "description": "Index of the canary's current step."},
     {"name": "Coverage", "type": "number", "jsonPath": ".status.embeddings.coverage",
      "description": "Catalogue coverage of the target embedding space."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

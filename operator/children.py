@@ -246,34 +246,128 @@ def build_backfill_job(ranker: api.MultimodalRanker, encoder_version: str) -> di
                      "template": {"metadata": {"labels": selector}, "spec": pod_spec}}}
 
 
-# --- the ranker (KServe) ----------------------------------------------------------------------
+# --- the ranker: KServe (Standard or Knative) or plain Kubernetes -------------------------------
 
-def build_inference_service(ranker: api.MultimodalRanker, served: api.RankerModelSpec) -> dict[str, Any]:
-    """The KServe InferenceService serving `served` (the stable ranker, or the candidate once
-    its space is synced). The predictor is pinned to its space by `MMRANK_SPACE`."""
-    spec = ranker.spec
-    name = names(ranker, served.encoder_version)["ranker"]
+RANKER_HTTP = 8080
+RANKER_MODEL_DIR = "/mnt/models"
+CANARY_LABEL = "mmrank.io/canary-version"
+ROLE = "mmrank.io/role"
+
+
+def ranker_identity(served: api.RankerModelSpec) -> str:
+    """What a canary is judged on: a change of any of these is a new rollout."""
+    return digest({"version": served.version, "encoderVersion": served.encoder_version,
+                   "modelUri": served.model_uri, "image": served.image})
+
+
+def ranker_model_name(ranker: api.MultimodalRanker) -> str:
+    return names(ranker, ranker.spec.encoder.version)["ranker"]
+
+
+def ranker_container(ranker: api.MultimodalRanker, served: api.RankerModelSpec, name: str) -> dict[str, Any]:
+    """The predictor, pinned to its space by `MMRANK_SPACE`; its metrics carry `variant` = its
+    ranker version, which is how the canary analysis tells stable and canary apart."""
     env = [{"name": "MMRANK_SPACE", "value": served.encoder_version},
            {"name": "MMRANK_RANKER_VERSION", "value": served.version},
            *store_env(ranker)]
     container: dict[str, Any] = {
-        "name": "kserve-container", "image": served.image,
-        "args": ["mmrank", "predictor", "serve", "--model-dir", "/mnt/models", "--model-name", name,
-                 "--min-coverage", str(spec.embeddings.min_coverage), "--max-candidates", str(served.max_candidates),
-                 "--history-length", str(served.history_length)],
-        "env": env, "ports": [{"containerPort": 8080, "protocol": "TCP"}],
+        "name": name, "image": served.image,
+        "args": ["mmrank", "predictor", "serve", "--model-dir", RANKER_MODEL_DIR,
+                 "--model-name", ranker_model_name(ranker),
+                 "--min-coverage", str(ranker.spec.embeddings.min_coverage),
+                 "--max-candidates", str(served.max_candidates), "--history-length", str(served.history_length)],
+        "env": env, "ports": [{"containerPort": RANKER_HTTP, "protocol": "TCP"}],
         # Not ready while the space is below minCoverage or the store is unreachable (the
         # predictor answers 503 with the reason), so such a pod never takes traffic.
-        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": 8080}, "periodSeconds": 5},
+        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": RANKER_HTTP}, "periodSeconds": 5},
     }
     resources = plain(served.resources)
     if resources:
         container["resources"] = resources
-    mode = spec.rollout.kserve_mode          # KServe's own names: Standard (raw Deployments) or Knative
-    child_labels = labels(ranker, "ranker", **{RANKER_VERSION: served.version, ENCODER_VERSION: served.encoder_version})
-    predictor = {"minReplicas": served.replicas, "containers": [container],
-                 "storageUris": [{"uri": served.model_uri, "mountPath": "/mnt/models"}],
-                 "labels": {RANKER_VERSION: served.version, ENCODER_VERSION: served.encoder_version}}
+    return container
+
+
+def _predictor(ranker: api.MultimodalRanker, served: api.RankerModelSpec) -> dict[str, Any]:
+    return {"minReplicas": served.replicas, "containers": [ranker_container(ranker, served, "kserve-container")],
+            "storageUris": [{"uri": served.model_uri, "mountPath": RANKER_MODEL_DIR}],
+            "labels": {RANKER_VERSION: served.version, ENCODER_VERSION: served.encoder_version}}
+
+
+def build_inference_service(ranker: api.MultimodalRanker, stable: api.RankerModelSpec,
+                            canary: api.RankerModelSpec | None = None, traffic: int = 0) -> dict[str, Any]:
+    """The KServe InferenceService. Standard mode (KServe >= 0.20): `spec.predictor` is the stable
+    ranker and `spec.canary[0]` the canary with its `trafficPercent`; promotion makes the canary
+    the predictor, rollback drops the entry. Knative mode: `spec.predictor` is the newest ranker
+    and `canaryTrafficPercent` its share (KServe sends the rest to the previous revision);
+    rollback puts the stable ranker back as the predictor."""
+    mode = ranker.spec.rollout.kserve_mode
+    in_canary = canary is not None and 0 < traffic < 100
+    first = canary if canary is not None and (traffic >= 100 or (in_canary and mode == "Knative")) else stable
+    name = ranker_model_name(ranker)
+    child_labels = labels(ranker, "ranker", **{RANKER_VERSION: first.version, ENCODER_VERSION: first.encoder_version})
+    spec: dict[str, Any] = {"predictor": _predictor(ranker, first)}
+    if in_canary and canary is not None:
+        child_labels[CANARY_LABEL] = canary.version
+        if mode == "Knative":
+            spec["predictor"]["canaryTrafficPercent"] = traffic
+        else:
+            spec["canary"] = [{"trafficPercent": traffic, "predictor": _predictor(ranker, canary)}]
     return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
             "metadata": _metadata(ranker, name, child_labels, {"serving.kserve.io/deploymentMode": mode}),
-            "spec": {"predictor": predictor}}
+            "spec": spec}
+
+
+def ranker_deployment_name(ranker: api.MultimodalRanker, version: str) -> str:
+    return f"{ranker_model_name(ranker)}-{version}"
+
+
+def build_ranker_deployment(ranker: api.MultimodalRanker, served: api.RankerModelSpec, replicas: int,
+                            role: str) -> dict[str, Any]:
+    """One ranker version behind the `x-ranker` Service (the shape KServe's raw mode produces):
+    the artifact fetched by KServe's storage initializer into an emptyDir, the predictor ready
+    only on a covered space. `role` (stable or canary) is informational: the Service selects
+    both, so traffic follows the replica ratio."""
+    name = ranker_deployment_name(ranker, served.version)
+    selector = labels(ranker, "ranker", **{RANKER_VERSION: served.version})
+    pod_labels = {**selector, ENCODER_VERSION: served.encoder_version}
+    pod_spec = {
+        "initContainers": [{"name": "storage-initializer", "image": STORAGE_INITIALIZER,
+                            "args": [served.model_uri, RANKER_MODEL_DIR],
+                            "volumeMounts": [{"name": "model", "mountPath": RANKER_MODEL_DIR}]}],
+        "containers": [{**ranker_container(ranker, served, "predictor"),
+                        "volumeMounts": [{"name": "model", "mountPath": RANKER_MODEL_DIR, "readOnly": True}]}],
+        "volumes": [{"name": "model", "emptyDir": {}}],
+    }
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": _metadata(ranker, name, {**pod_labels, ROLE: role}),
+            "spec": {"replicas": replicas, "selector": {"matchLabels": selector},
+                     "template": {"metadata": {"labels": pod_labels, "annotations": {
+                         "prometheus.io/scrape": "true", "prometheus.io/port": str(RANKER_HTTP),
+                         "prometheus.io/path": "/metrics"}}, "spec": pod_spec}}}
+
+
+def build_ranker_service(ranker: api.MultimodalRanker) -> dict[str, Any]:
+    """`x-ranker`: every ready predictor pod of every version, stable and canary alike."""
+    selector = labels(ranker, "ranker")
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _metadata(ranker, ranker_model_name(ranker), selector),
+            "spec": {"selector": selector, "ports": [
+                {"name": "http", "port": RANKER_HTTP, "targetPort": RANKER_HTTP, "protocol": "TCP"}]}}
+
+
+def build_ranker_children(ranker: api.MultimodalRanker, stable: api.RankerModelSpec,
+                          canary: api.RankerModelSpec | None = None, traffic: int = 0) -> list[dict[str, Any]]:
+    """The serving children for a split of `traffic` percent to `canary` (0: all on stable,
+    100: all on the canary) on the backend the spec names."""
+    if ranker.spec.ranker.serving != "Kubernetes":
+        return [build_inference_service(ranker, stable, canary, traffic)]
+    from mmrank.operator.rollout import replica_split
+
+    out = [build_ranker_service(ranker)]
+    if canary is None or traffic <= 0 or canary.version == stable.version:
+        return [*out, build_ranker_deployment(ranker, stable, stable.replicas, "stable")]
+    if traffic >= 100:
+        return [*out, build_ranker_deployment(ranker, canary, canary.replicas, "stable")]
+    canary_pods, stable_pods = replica_split(traffic, canary.replicas)
+    return [*out, build_ranker_deployment(ranker, stable, stable_pods, "stable"),
+            build_ranker_deployment(ranker, canary, canary_pods, "canary")]

@@ -8,8 +8,11 @@ written to status, so a restarted operator resumes from the cluster, not from me
 Embedding sync, the invariant this core enforces: a ranker gets traffic only when the space
 of the encoder version it was trained on is (a) served by a ready encoder that keeps it fresh and
 (b) backfilled to `minCoverage`. Until then the previous stable ranker keeps serving, and its
-encoder keeps running. The canary state machine (`next_step`) will sit at the seam where
-`_serve` chooses between the stable and the candidate ranker.
+encoder keeps running.
+
+Canary rollouts: once a new ranker's space is synced, `rollout.next_step` moves it through
+`spec.rollout.steps`; the core renders the serving children for the share it decides (stable and
+canary side by side) and makes the canary stable once it serves all traffic and is ready.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from typing import Any
 
 from mmrank import api
 from mmrank.operator import children as build
+from mmrank.operator import rollout as roll
+from mmrank.operator.analysis import Analysis
 
 @dataclasses.dataclass(frozen=True)
 class Version:
@@ -51,11 +56,13 @@ class JobState:
 
 @dataclasses.dataclass(frozen=True)
 class ServedRanker:
-    """The InferenceService as observed: which ranker its spec serves and whether KServe reports
-    it Ready for that spec (its status' observedGeneration matches)."""
+    """The serving children as observed (the InferenceService, or the ranker Deployments of the
+    Kubernetes backend): which ranker takes the stable share, which one the canary share, and
+    whether all of them report ready for the spec they were given."""
 
     version: Version
     ready: bool
+    canary: Version | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +71,7 @@ class ChildRef:
     name: str
     api_version: str = ""
     encoder_version: str | None = None
+    component: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +87,7 @@ class Observed:
     jobs: Mapping[str, JobState] = dataclasses.field(default_factory=dict)
     ranker: ServedRanker | None = None
     children: Sequence[ChildRef] = ()
+    analysis: Analysis | None = None          # run by the I/O layer when `rollout.analysis_due`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +117,25 @@ def stable_of(status: Mapping[str, Any]) -> Version | None:
     return None
 
 
+def stable_spec_of(status: Mapping[str, Any]) -> api.RankerModelSpec | None:
+    """The stable ranker's spec as recorded when it was promoted (None in a status written by an
+    operator before canary rollouts: then a new ranker switches without a canary)."""
+    recorded = (status.get("stable") or {}).get("ranker")
+    if not recorded:
+        return None
+    try:
+        return api.RankerModelSpec.model_validate(dict(recorded))
+    except ValueError:
+        return None
+
+
+def plan_of(spec: api.RankerSpec) -> roll.Plan:
+    rollout = spec.rollout
+    return roll.Plan(steps=roll.effective_steps(rollout.steps, spec.ranker.serving, spec.ranker.replicas),
+                     interval_seconds=api.duration_seconds(rollout.interval),
+                     failure_limit=rollout.analysis.failure_limit, promotion=rollout.promotion)
+
+
 def known_spaces(status: Mapping[str, Any]) -> list[str]:
     """Spaces in the order the operator first saw them (oldest first)."""
     spaces = (status.get("embeddings") or {}).get("spaces") or []
@@ -116,9 +144,10 @@ def known_spaces(status: Mapping[str, Any]) -> list[str]:
 
 # --- decisions ----------------------------------------------------------------------------------
 
-def live_encoders(spec_encoder: str, stable: Version | None) -> list[str]:
-    """The encoder versions that must run: the spec's, and the stable ranker's while it serves."""
-    live = [spec_encoder]
+def live_encoders(spec_encoder: str, stable: Version | None, rolled_back: bool = False) -> list[str]:
+    """The encoder versions that must run: the spec's (unless its canary was rolled back: then its
+    space retires and is kept under `retainedSpaces`), and the stable ranker's while it serves."""
+    live = [] if rolled_back and stable is not None else [spec_encoder]
     if stable is not None and stable.encoder not in live:
         live.append(stable.encoder)
     return live
@@ -204,6 +233,114 @@ def space_status(version: str, space: SpaceState | None, job: JobState | None) -
     return entry
 
 
+# --- serving and rollout -----------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Serving:
+    """What the ranker's traffic should look like after this reconcile."""
+
+    stable: Version | None
+    stable_spec: api.RankerModelSpec | None
+    canary: roll.Rollout | None            # the rollout of the spec's ranker (active, promoted or rolled back)
+    traffic: int                            # the canary's share
+    render: bool                            # whether the core renders the serving children
+    records: tuple[roll.Record, ...] = ()
+    request_handled: bool = False
+
+
+def _first_ranker(spec: api.RankerSpec, observed: Observed, candidate: Version, synced: bool) -> Serving:
+    """No stable ranker yet: the candidate takes all traffic once synced (nothing to compare it
+    with), and becomes stable once it is ready."""
+    served = observed.ranker
+    if served is not None and served.ready and served.version == candidate and served.canary is None:
+        return Serving(candidate, spec.ranker, None, 0, True)
+    render = synced or (served is not None and served.version == candidate)
+    return Serving(None, None, None, 0, render) if render else Serving(None, None, None, 0, False)
+
+
+def _legacy_switch(spec: api.RankerSpec, observed: Observed, stable: Version, candidate: Version,
+                   synced: bool) -> Serving:
+    """A stable ranker recorded before canary rollouts (no spec in status): switch when synced,
+    as that operator did, and record the spec from then on."""
+    promoted = promote(stable, candidate, observed.ranker)
+    served = serve(promoted, candidate, synced, observed.ranker)
+    if promoted == candidate:
+        return Serving(candidate, spec.ranker, None, 0, True)
+    return Serving(promoted, None, None, 0, served == candidate)
+
+
+def _request_of(status: Mapping[str, Any]) -> roll.Request | None:
+    return roll.Request.from_status(status.get("request"))
+
+
+def serving(spec: api.RankerSpec, observed: Observed, candidate_synced: bool) -> Serving:
+    """Stable, canary and the split between them; the rollout state machine decides the split."""
+    status = observed.status
+    candidate = Version(spec.ranker.version, spec.ranker.encoder_version)
+    stable, stable_spec = stable_of(status), stable_spec_of(status)
+    request = _request_of(status)
+    if stable is None:
+        first = _first_ranker(spec, observed, candidate, candidate_synced)
+        return _refuse(first, request, observed.now, spec.ranker.version)
+    if stable_spec is None:
+        return _refuse(_legacy_switch(spec, observed, stable, candidate, candidate_synced), request,
+                       observed.now, stable.ranker)
+    if stable.ranker == candidate.ranker:
+        # Same version: other fields (replicas, resources) apply in place, no canary.
+        return _refuse(Serving(stable, spec.ranker, None, 0, True), request, observed.now, stable.ranker)
+    plan = plan_of(spec)
+    identity = build.ranker_identity(spec.ranker)
+    current = roll.Rollout.from_status(status.get("canary"))
+    records: list[roll.Record] = []
+    if current is not None and current.identity != identity:
+        if current.active:
+            records.append(roll.Record(observed.now, "Superseded", f"canary {current.ranker_version} replaced by "
+                                       f"{candidate.ranker} before it finished", current.ranker_version,
+                                       current.step, 0, "Warning"))
+        current = None
+    if current is None:
+        if not candidate_synced or not plan.steps:
+            out = Serving(stable, stable_spec, None, 0, True, tuple(records))
+            return _refuse(out, request, observed.now, stable.ranker)
+        started = roll.start(plan, candidate.ranker, candidate.encoder, identity, observed.now)
+        current = started.rollout
+        records += started.records
+        step = roll.next_step(plan, current, roll.Observation(observed.now, None, request))
+    else:
+        step = roll.next_step(plan, current, roll.Observation(observed.now, observed.analysis, request))
+    records += step.records
+    rollout = step.rollout
+    traffic = roll.traffic_of(plan, rollout)
+    served = observed.ranker
+    if (rollout.state == "Promoted" and served is not None and served.ready and served.version == candidate
+            and served.canary is None):
+        records.append(roll.Record(observed.now, "PromotionComplete", f"ranker {candidate.ranker} on space "
+                                   f"{candidate.encoder} serves all traffic and is stable", candidate.ranker,
+                                   rollout.step, 100))
+        return Serving(candidate, spec.ranker, None, 0, True, tuple(records), request is not None)
+    return Serving(stable, stable_spec, rollout, traffic, True, tuple(records), request is not None)
+
+
+def _refuse(out: Serving, request: roll.Request | None, now: str, ranker_version: str) -> Serving:
+    """A request while no rollout runs is answered (an Event, the history) and changes nothing."""
+    if request is None:
+        return out
+    return dataclasses.replace(out, records=(*out.records, roll.answer_without_rollout(request, now, ranker_version)),
+                               request_handled=True)
+
+
+def serving_children(ranker: api.MultimodalRanker, flow: Serving) -> list[dict[str, Any]]:
+    spec = ranker.spec
+    if not flow.render:
+        return []
+    if flow.stable_spec is None:                 # first ranker, or the legacy switch to the candidate
+        return build.build_ranker_children(ranker, spec.ranker)
+    stable_spec = spec.ranker if flow.stable_spec.version == spec.ranker.version else flow.stable_spec
+    if flow.canary is None or flow.traffic <= 0:
+        return build.build_ranker_children(ranker, stable_spec)
+    return build.build_ranker_children(ranker, stable_spec, spec.ranker, flow.traffic)
+
+
 # --- the core -----------------------------------------------------------------------------------
 
 def desired(ranker: api.MultimodalRanker, observed: Observed) -> Desired:
@@ -212,24 +349,28 @@ def desired(ranker: api.MultimodalRanker, observed: Observed) -> Desired:
     generation = int(ranker.metadata.generation or 0)
     min_coverage = spec.embeddings.min_coverage
     candidate = Version(spec.ranker.version, spec.ranker.encoder_version)
-
-    stable = promote(stable_of(status), candidate, observed.ranker)
-    live = live_encoders(spec.encoder.version, stable)
     candidate_synced = (is_synced(observed.spaces.get(candidate.encoder), min_coverage)
                         and observed.encoders_ready.get(candidate.encoder, False))
-    served = serve(stable, candidate, candidate_synced, observed.ranker)
 
-    children = [build.build_encoder_configmap(ranker), build.build_encoder_service(ranker),
-                build.build_encoder_deployment(ranker), build.build_embedder_deployment(ranker, live)]
+    flow = serving(spec, observed, candidate_synced)
+    stable = flow.stable
+    rolled_back = flow.canary is not None and flow.canary.state == "RolledBack"
+    live = live_encoders(spec.encoder.version, stable, rolled_back)
     encoder = spec.encoder.version
+
+    children: list[dict[str, Any]] = []
+    if encoder in live:
+        children += [build.build_encoder_configmap(ranker), build.build_encoder_service(ranker),
+                     build.build_encoder_deployment(ranker)]
+    children.append(build.build_embedder_deployment(ranker, live))
     jobs = dict(observed.jobs)
-    if (needs_backfill(observed.spaces.get(encoder), observed.jobs.get(encoder), min_coverage)
+    if (encoder in live and needs_backfill(observed.spaces.get(encoder), observed.jobs.get(encoder), min_coverage)
             and spec.embeddings.backfill.catalogue_uri is not None):
         children.append(build.build_backfill_job(ranker, encoder))
         jobs.setdefault(encoder, JobState(completions=spec.embeddings.backfill.parallelism))  # being created
-    if served is not None and served == candidate:
-        children.append(build.build_inference_service(ranker, spec.ranker))
-    keep = [c for c in observed.children if _kept(c, encoder, live, served, candidate)]
+    rendered = serving_children(ranker, flow)
+    children += rendered
+    keep = [c for c in observed.children if _kept(c, encoder, live, bool(rendered))]
 
     known = known_spaces(status)
     for version in (*live, candidate.encoder):
@@ -238,30 +379,64 @@ def desired(ranker: api.MultimodalRanker, observed: Observed) -> Desired:
     doomed = [] if observed.store_error else spaces_to_delete(known, live, spec.embeddings.retained_spaces)
     listed = [v for v in known if v not in doomed]
 
-    conditions = _conditions(spec, observed, live, candidate, stable, served)
+    served = _served_version(flow, candidate)
+    conditions = _conditions(spec, observed, live, candidate, flow, served)
     target = observed.spaces.get(candidate.encoder)
     new_status: dict[str, Any] = {
-        "phase": _phase(conditions, candidate, stable, served),
+        "phase": _phase(conditions, candidate, flow, served),
         "observedGeneration": generation,
         "conditions": stamp_conditions(conditions, status.get("conditions") or [], observed.now, generation),
-        "stable": stable.as_status() if stable else None,
+        "stable": _stable_status(stable, flow.stable_spec),
+        "canary": _canary_status(spec, flow),
         "embeddings": {"spaces": [space_status(v, observed.spaces.get(v), jobs.get(v)) for v in listed],
                        "coverage": round(target.coverage, 6) if target and target.coverage is not None else None},
     }
-    decisions = _decisions(status, new_status, served, observed.ranker, doomed, known)
+    if flow.records:
+        new_status["history"] = roll.add_history(status.get("history") or [], flow.records)
+    if flow.request_handled:
+        new_status["request"] = None
+    decisions = _decisions(status, new_status, served, observed.ranker, doomed, known, flow.records)
     return Desired(children, keep, new_status, doomed, decisions)
 
 
-def _kept(child: ChildRef, encoder: str, live: Sequence[str], served: Version | None, candidate: Version) -> bool:
+def _served_version(flow: Serving, candidate: Version) -> Version | None:
+    """The ranker taking the stable share (or all traffic) once the children are applied."""
+    if flow.canary is not None and flow.canary.state == "Promoted":
+        return candidate
+    if flow.stable_spec is None:
+        return candidate if flow.render else flow.stable
+    return flow.stable
+
+
+def _stable_status(stable: Version | None, stable_spec: api.RankerModelSpec | None) -> dict[str, Any] | None:
+    if stable is None:
+        return None
+    out: dict[str, Any] = stable.as_status()
+    if stable_spec is not None:
+        out["ranker"] = build.plain(stable_spec)
+    return out
+
+
+def _canary_status(spec: api.RankerSpec, flow: Serving) -> dict[str, Any] | None:
+    if flow.canary is None:
+        return None
+    plan = plan_of(spec)
+    return {**flow.canary.as_status(), "steps": list(plan.steps),
+            "granularityPercent": roll.granularity(spec.ranker.serving, spec.ranker.replicas)}
+
+
+def _kept(child: ChildRef, encoder: str, live: Sequence[str], serving_rendered: bool) -> bool:
     """Children whose spec is no longer in the resource but which must keep running: the encoder
-    of the stable ranker while the spec already names a new one, and the InferenceService of a
-    stable ranker while the candidate is not synced. They are left exactly as they are."""
-    if child.kind == "InferenceService":
-        return served is not None and served != candidate
+    of the stable ranker while the spec already names a new one, and the serving children of a
+    stable ranker the core cannot render (recorded before canary rollouts). They are left exactly
+    as they are."""
+    if child.kind == "InferenceService" or child.component == "ranker":
+        return not serving_rendered
     return child.encoder_version in live and child.encoder_version != encoder
 
 
-def _conditions(spec: Any, observed: Observed, live: Sequence[str], candidate: Version, stable: Version | None, served: Version | None) -> list[dict[str, str]]:
+def _conditions(spec: api.RankerSpec, observed: Observed, live: Sequence[str], candidate: Version, flow: Serving,
+                served: Version | None) -> list[dict[str, str]]:
     min_coverage = spec.embeddings.min_coverage
     not_ready = [v for v in live if not observed.encoders_ready.get(v, False)]
     encoder_ready = condition("EncoderReady", not not_ready, "EncodersReady" if not not_ready else "EncoderNotReady",
@@ -282,23 +457,65 @@ def _conditions(spec: Any, observed: Observed, live: Sequence[str], candidate: V
         else:
             reason = "BackfillFailed" if job is not None and job.failed else "Backfilling"
             synced = condition("EmbeddingsSynced", False, reason, f"{coverage} < minCoverage {min_coverage}")
-    want = Version(spec.ranker.version, spec.ranker.encoder_version)
-    if observed.ranker is not None and observed.ranker.ready and served == observed.ranker.version:
-        ranker_ready = condition("RankerReady", True, "InferenceServiceReady",
-                                 f"ranker {served.ranker} on space {served.encoder} is serving")
-    elif served is None:
-        ranker_ready = condition("RankerReady", False, "WaitingForEmbeddings",
-                                 f"ranker {want.ranker} gets no traffic until space {want.encoder} is synced")
-    else:
-        ranker_ready = condition("RankerReady", False, "InferenceServiceNotReady",
-                                 f"waiting for the InferenceService to serve ranker {served.ranker}")
-    canary = condition("CanaryHealthy", None, "NoCanary", "no canary analysis in progress")
-    all_ok = all(c["status"] == "True" for c in (encoder_ready, synced, ranker_ready)) and served == want \
-        and stable == want
+    ranker_ready = _ranker_ready(observed.ranker, served, candidate)
+    canary = _canary_condition(spec, flow, candidate_synced=synced["status"] == "True")
+    all_ok = (all(c["status"] == "True" for c in (encoder_ready, synced, ranker_ready)) and served == candidate
+              and flow.stable == candidate and flow.canary is None)
     ready = condition("Ready", all_ok, "Ready" if all_ok else "Reconciling",
-                      f"ranker {want.ranker} on space {want.encoder} serves all traffic" if all_ok
-                      else _waiting_for(encoder_ready, synced, ranker_ready))
+                      f"ranker {candidate.ranker} on space {candidate.encoder} serves all traffic" if all_ok
+                      else _waiting_for(encoder_ready, synced, ranker_ready, canary))
+    if flow.canary is not None and flow.canary.state == "RolledBack":
+        ready = condition("Ready", False, "RolledBack", f"ranker {candidate.ranker} was rolled back; "
+                          f"{flow.stable.ranker if flow.stable else '-'} serves all traffic (retry or change "
+                          "spec.ranker to roll out again)")
     return [encoder_ready, synced, ranker_ready, canary, ready]
+
+
+def _ranker_ready(observed: ServedRanker | None, served: Version | None, candidate: Version) -> dict[str, str]:
+    if observed is not None and observed.ready and served == observed.version:
+        extra = f", canary {observed.canary.ranker}" if observed.canary else ""
+        return condition("RankerReady", True, "RankerServing", f"ranker {observed.version.ranker} on space "
+                         f"{observed.version.encoder} is serving{extra}")
+    if served is None:
+        return condition("RankerReady", False, "WaitingForEmbeddings",
+                         f"ranker {candidate.ranker} gets no traffic until space {candidate.encoder} is synced")
+    return condition("RankerReady", False, "RankerNotReady", f"waiting for the serving pods of ranker {served.ranker}")
+
+
+def _canary_condition(spec: api.RankerSpec, flow: Serving, candidate_synced: bool) -> dict[str, str]:
+    rollout = flow.canary
+    if rollout is None:
+        if flow.stable is not None and flow.stable_spec is not None and flow.stable.ranker != spec.ranker.version:
+            if candidate_synced and not plan_of(spec).steps:
+                g = roll.granularity(spec.ranker.serving, spec.ranker.replicas)
+                return condition("CanaryHealthy", False, "NoUsableStep",
+                                 f"with {spec.ranker.replicas} replicas the Kubernetes backend splits traffic in "
+                                 f"steps of {g:g} %, and every step of {list(spec.rollout.steps)} rounds to 0 %: "
+                                 "raise spec.ranker.replicas or use KServe")
+            return condition("CanaryHealthy", None, "WaitingForEmbeddings",
+                             f"canary {spec.ranker.version} starts once space {spec.ranker.encoder_version} is synced")
+        return condition("CanaryHealthy", None, "NoCanary", "no canary analysis in progress")
+    steps = plan_of(spec).steps
+    where = f"canary {rollout.ranker_version} at step {rollout.step + 1} of {len(steps)} ({rollout.traffic_percent} %)"
+    last = rollout.last_analysis or {}
+    if rollout.state == "RolledBack":
+        return condition("CanaryHealthy", False, "RolledBack", f"canary {rollout.ranker_version} rolled back"
+                         + (f": {last.get('message')}" if last.get("message") else ""))
+    if rollout.state == "Promoted":
+        return condition("CanaryHealthy", True, "Promoted", f"canary {rollout.ranker_version} promoted")
+    if rollout.state == "AwaitingPromotion":
+        return condition("CanaryHealthy", True, "AwaitingPromotion", f"{where}: every step passed; "
+                         "waiting for `kubectl mmrank promote`")
+    verdict = last.get("verdict")
+    if verdict == "Failed" or (verdict is None and last and last.get("passed") is False and rollout.failed_checks):
+        return condition("CanaryHealthy", False, "ChecksFailed", f"{where}: {last.get('message', '')}; "
+                         f"{rollout.failed_checks} of {spec.rollout.analysis.failure_limit} allowed failures")
+    if verdict == "Inconclusive":
+        return condition("CanaryHealthy", None, "Inconclusive", f"{where}: {last.get('message', '')}")
+    if last and last.get("passed"):
+        return condition("CanaryHealthy", True, "ChecksPassed", f"{where}: {last.get('message', '')}")
+    return condition("CanaryHealthy", None, "Analysing", f"{where}: first analysis {spec.rollout.interval} "
+                     f"after {rollout.step_started_at}")
 
 
 def _waiting_for(*conditions: dict[str, str]) -> str:
@@ -306,27 +523,32 @@ def _waiting_for(*conditions: dict[str, str]) -> str:
     return "; ".join(waiting) or "switching traffic to the new ranker"
 
 
-def _phase(conditions: Sequence[dict[str, str]], candidate: Version, stable: Version | None,
-           served: Version | None) -> str:
+def _phase(conditions: Sequence[dict[str, str]], candidate: Version, flow: Serving, served: Version | None) -> str:
     by_type = {c["type"]: c for c in conditions}
     if by_type["Ready"]["status"] == "True":
         return "Ready"
+    rollout = flow.canary
+    if rollout is not None and rollout.state in ("RolledBack", "AwaitingPromotion"):
+        return rollout.state
+    if rollout is not None:
+        return "Progressing"
     if served != candidate:
         return "Backfilling" if by_type["EmbeddingsSynced"]["status"] != "True" else "Provisioning"
-    return "Progressing" if stable is not None and stable != candidate else "Provisioning"
+    return "Progressing" if flow.stable is not None and flow.stable != candidate else "Provisioning"
 
 
 def _decisions(before: Mapping[str, Any], after: Mapping[str, Any], served: Version | None,
-               observed_served: ServedRanker | None, doomed: Sequence[str], known: Sequence[str]) -> list[Decision]:
-    out = []
+               observed_served: ServedRanker | None, doomed: Sequence[str], known: Sequence[str],
+               records: Sequence[roll.Record] = ()) -> list[Decision]:
+    out = [Decision(r.reason, r.message, r.type) for r in records]
     old_known = set(known_spaces(before))
     for version in known:
         if version not in old_known and version not in doomed:
             out.append(Decision("SpaceAdded", f"embedding space {version} is live"))
     if served is not None and (observed_served is None or observed_served.version != served):
-        out.append(Decision("TrafficSwitched", f"InferenceService now serves ranker {served.ranker} "
+        out.append(Decision("TrafficSwitched", f"the serving children now route to ranker {served.ranker} "
                                                f"on space {served.encoder}"))
-    if before.get("stable") != after.get("stable") and after.get("stable"):
+    if _versions(before.get("stable")) != _versions(after.get("stable")) and after.get("stable"):
         s = after["stable"]
         out.append(Decision("RankerPromoted", f"ranker {s['rankerVersion']} on space {s['encoderVersion']} is stable"))
     for version in doomed:
@@ -337,6 +559,10 @@ def _decisions(before: Mapping[str, Any], after: Mapping[str, Any], served: Vers
         out.append(Decision(after["phase"], f"phase {before.get('phase') or '-'} -> {after['phase']}: "
                                             f"{ready['message']}", kind))
     return out
+
+
+def _versions(stable: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    return (stable.get("rankerVersion"), stable.get("encoderVersion")) if stable else None
 
 
 def invalid_status(status: Mapping[str, Any], problems: Sequence[str], now: str, generation: int) -> dict[str, Any]:

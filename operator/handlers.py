@@ -28,6 +28,7 @@ class Context:
 
     kube: Any = None
     store: observe.CoverageObserver | None = None
+    analyser: Any = None
     locks: dict[str, threading.Lock] = {}
     guard = threading.Lock()
 
@@ -57,6 +58,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         Context.kube = Kube()
     if Context.store is None:
         Context.store = observe.StoreCoverage()
+    if Context.analyser is None:
+        from mmrank.operator.analysis import PrometheusAnalyser
+
+        Context.analyser = PrometheusAnalyser()
 
 
 @kopf.on.login()
@@ -73,7 +78,7 @@ def run_reconcile(body: kopf.Body, retry: int, logger: logging.Logger | logging.
     uid = body.metadata.uid or body.metadata.name or ""
     with Context.lock(uid):
         try:
-            outcome = reconcile.reconcile(Context.kube, Context.store, body)  # type: ignore[arg-type]
+            outcome = reconcile.reconcile(Context.kube, Context.store, body, Context.analyser)  # type: ignore[arg-type]
         except Exception as exc:
             from mmrank.operator.kube import is_transient
 

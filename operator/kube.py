@@ -137,8 +137,11 @@ class Kube:
             if exc.status != 404:
                 raise
 
-    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.rankers().status.patch(body={"status": status}, name=name, namespace=namespace,
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None = None) -> None:
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        self.rankers().status.patch(body=body, name=name, namespace=namespace,
                                     content_type="application/merge-patch+json")
 
     def secret_value(self, namespace: str, name: str, key: str) -> str | None:

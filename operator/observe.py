@@ -41,17 +41,46 @@ def job_state(obj: Mapping[str, Any]) -> JobState:
     return JobState(completions=completions, succeeded=succeeded, finished=finished, failed=failed)
 
 
-def served_ranker(obj: Mapping[str, Any]) -> ServedRanker | None:
+def _version(obj: Mapping[str, Any]) -> Version | None:
     labels = obj["metadata"].get("labels") or {}
     ranker, encoder = labels.get(build.RANKER_VERSION), labels.get(build.ENCODER_VERSION)
-    if not ranker or not encoder:
+    return Version(ranker, encoder) if ranker and encoder else None
+
+
+def served_ranker(obj: Mapping[str, Any]) -> ServedRanker | None:
+    """The InferenceService: its predictor's version, the canary's (a label the operator sets),
+    and KServe's Ready condition for the current spec."""
+    version = _version(obj)
+    if version is None:
         return None
-    return ServedRanker(Version(ranker, encoder), _generation_seen(obj) and _conditions(obj).get("Ready") == "True")
+    labels = obj["metadata"].get("labels") or {}
+    canary = labels.get(build.CANARY_LABEL)
+    canary_version = None
+    if canary:
+        predictor = ((obj.get("spec") or {}).get("canary") or [{}])[0].get("predictor") or \
+            (obj.get("spec") or {}).get("predictor") or {}
+        encoder = (predictor.get("labels") or {}).get(build.ENCODER_VERSION, version.encoder)
+        canary_version = Version(canary, encoder)
+    ready = _generation_seen(obj) and _conditions(obj).get("Ready") == "True"
+    return ServedRanker(version, ready, canary_version)
+
+
+def served_by_deployments(objects: Sequence[Mapping[str, Any]]) -> ServedRanker | None:
+    """The Kubernetes backend: the `stable` Deployment takes the stable share, a `canary` one the
+    rest; ready when every one of them is."""
+    roles = {(o["metadata"].get("labels") or {}).get(build.ROLE): o for o in objects}
+    stable = roles.get("stable")
+    if stable is None or _version(stable) is None:
+        return None
+    canary = roles.get("canary")
+    ready = all(deployment_ready(o) for o in objects)
+    return ServedRanker(_version(stable), ready, _version(canary) if canary is not None else None)  # type: ignore[arg-type]
 
 
 def child_ref(obj: Mapping[str, Any]) -> ChildRef:
     labels = obj["metadata"].get("labels") or {}
-    return ChildRef(obj["kind"], obj["metadata"]["name"], obj.get("apiVersion", ""), labels.get(build.ENCODER_VERSION))
+    return ChildRef(obj["kind"], obj["metadata"]["name"], obj.get("apiVersion", ""), labels.get(build.ENCODER_VERSION),
+                    labels.get(build.COMPONENT, ""))
 
 
 def from_children(objects: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
@@ -60,16 +89,21 @@ def from_children(objects: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     jobs: dict[str, JobState] = {}
     ranker = None
     refs = []
+    ranker_deployments = []
     for obj in objects:
         refs.append(child_ref(obj))
         labels = obj["metadata"].get("labels") or {}
         component, version = labels.get(build.COMPONENT), labels.get(build.ENCODER_VERSION)
         if obj["kind"] == "Deployment" and component == "encoder" and version:
             encoders_ready[version] = deployment_ready(obj)
+        elif obj["kind"] == "Deployment" and component == "ranker":
+            ranker_deployments.append(obj)
         elif obj["kind"] == "Job" and version:
             jobs[version] = job_state(obj)
         elif obj["kind"] == "InferenceService":
             ranker = served_ranker(obj)
+    if ranker is None and ranker_deployments:
+        ranker = served_by_deployments(ranker_deployments)
     return {"encoders_ready": encoders_ready, "jobs": jobs, "ranker": ranker, "children": tuple(refs)}
 
 

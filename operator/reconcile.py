@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import datetime
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
 from mmrank import api
+from mmrank.operator import children as build
 from mmrank.operator import core, observe
+from mmrank.operator import rollout as roll
+from mmrank.operator.analysis import Analysis
 from mmrank.operator.kube import Kube, key, lower, stamped, up_to_date
 
 
@@ -65,13 +68,35 @@ def gather(kube: Kube, store: observe.CoverageObserver, ranker: api.MultimodalRa
     return observed, objects
 
 
-def reconcile(kube: Kube, store: observe.CoverageObserver, body: Mapping[str, Any]) -> Outcome:
+def analyse_if_due(analyser: Analyser | None, ranker: api.MultimodalRanker, observed: core.Observed) -> core.Observed:
+    """Query Prometheus only when the canary's current window is over (one analysis per step
+    window, not one per reconcile)."""
+    rollout = roll.Rollout.from_status(observed.status.get("canary"))
+    stable = core.stable_of(observed.status)
+    spec = ranker.spec
+    if (analyser is None or rollout is None or stable is None or rollout.identity != build.ranker_identity(spec.ranker)
+            or not roll.analysis_due(core.plan_of(spec), rollout, observed.now)):
+        return observed
+    window = api.duration_seconds(spec.rollout.interval)
+    analysis = analyser.analyse(spec.rollout.prometheus_url, rollout.ranker_version, stable.ranker, window,
+                                spec.rollout.analysis)
+    return dataclasses.replace(observed, analysis=analysis)
+
+
+class Analyser(Protocol):
+    def analyse(self, prometheus_url: str, canary_variant: str, stable_variant: str, window_seconds: int,
+                spec: api.AnalysisSpec) -> Analysis: ...
+
+
+def reconcile(kube: Kube, store: observe.CoverageObserver, body: Mapping[str, Any],
+              analyser: Analyser | None = None) -> Outcome:
     status = dict(body.get("status") or {})
     try:
         ranker = parse(body)
     except ValidationError as exc:
         return _invalid(kube, body, status, problems_of(exc))
     observed, objects = gather(kube, store, ranker, status)
+    observed = analyse_if_due(analyser, ranker, observed)
     want = core.desired(ranker, observed)
     live = {key(o): o for o in objects}
     applied, notes = [], {}
@@ -96,7 +121,11 @@ def reconcile(kube: Kube, store: observe.CoverageObserver, body: Mapping[str, An
         password = kube.secret_value(ranker.metadata.namespace or "default", ref.name, ref.key) if ref else None
         store.delete_space(store_spec.url, password, version)
     if _changed(status, want.status):
-        kube.patch_status(ranker.metadata.namespace or "default", ranker.metadata.name, _merge_patch(status, want.status))
+        # Clearing a handled request is guarded by resourceVersion: a request a person wrote after
+        # this reconcile read the resource makes the patch fail (409, retried), never vanish.
+        guard = ranker.metadata.resource_version if "request" in want.status else None
+        kube.patch_status(ranker.metadata.namespace or "default", ranker.metadata.name,
+                          _merge_patch(status, want.status), resource_version=guard)
     decisions = [_created(k, notes.get(k)) for k in applied if k not in live]
     decisions += [core.Decision("Deleted", f"{kind} {name}") for kind, name in deleted]
     return Outcome([*decisions, *want.decisions], applied, deleted, want.status["phase"])

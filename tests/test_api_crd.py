@@ -105,7 +105,7 @@ def test_schema_is_structural_and_described() -> None:
     conditions = schema["properties"]["status"]["properties"]["conditions"]
     assert conditions["x-kubernetes-list-type"] == "map" and conditions["x-kubernetes-list-map-keys"] == ["type"]
     assert version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Stable", "Canary", "Traffic",
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Stable", "Canary", "Traffic", "Step",
                                                                       "Coverage", "Age"]
     assert crd["spec"]["names"]["shortNames"] == ["mmr"] and crd["spec"]["scope"] == "Namespaced"
 

@@ -190,12 +190,16 @@ def test_status_round_trips_and_keeps_one_condition_per_type() -> None:
         "conditions": [{"type": "Ready", "status": "False", "reason": "CanaryInProgress", "message": "step 1 of 3",
                         "lastTransitionTime": "2026-11-29T03:00:00Z", "observedGeneration": 3}],
         "stable": {"rankerVersion": "r1", "encoderVersion": "e1"},
-        "canary": {"rankerVersion": "r2", "encoderVersion": "e2", "step": 1, "trafficPercent": 25, "failedChecks": 0,
+        "canary": {"rankerVersion": "r2", "encoderVersion": "e2", "identity": "4f1c2a9e0b7d3c55", "state": "Progressing",
+                   "step": 1, "steps": [10, 25, 50], "granularityPercent": 1.0, "trafficPercent": 25,
+                   "failedChecks": 0, "stepStartedAt": "2026-11-29T03:00:00Z",
                    "lastAnalysis": {"time": "2026-11-29T03:05:00Z", "requests": 900, "errorRate": 0.001,
                                     "latencyP99Ms": 41.0, "clickRateRatio": 1.02, "passed": True, "message": "ok"}},
         "embeddings": {"spaces": [{"version": "e2", "coverage": 0.995, "items": 9950,
                                    "backfill": {"completedShards": 8, "totalShards": 8, "progress": 1.0}}],
                        "coverage": 0.995, "freshnessP99Seconds": 1.2},
+        "history": [{"time": "2026-11-29T03:05:00Z", "reason": "StepPassed", "message": "step 1 of 3 (10 %) passed",
+                     "rankerVersion": "r2", "step": 1, "trafficPercent": 25}],
         "writtenByANewerOperator": "ignored",
     }
     parsed = api.RankerStatus.model_validate(status)

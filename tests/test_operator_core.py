@@ -177,7 +177,9 @@ def test_no_traffic_until_the_encoder_is_ready_even_at_full_coverage() -> None:
 def test_synced_space_and_ready_isvc_make_the_ranker_stable_and_ready() -> None:
     serving = core.ServedRanker(core.Version("r1", "e1"), ready=True)
     want = core.desired(ranker(), observed({"e1": 1.0}, ready=("e1",), serving=serving))
-    assert want.status["stable"] == {"rankerVersion": "r1", "encoderVersion": "e1"}
+    stable = want.status["stable"]
+    assert (stable["rankerVersion"], stable["encoderVersion"]) == ("r1", "e1")
+    assert stable["ranker"]["modelUri"] == "s3://models/ranker/r1"     # what a later canary runs beside
     assert want.status["phase"] == "Ready"
     assert all(c["status"] == "True" for c in want.status["conditions"] if c["type"] != "CanaryHealthy")
     assert ("Job", "shop-backfill-e1") not in kinds(want)
@@ -213,7 +215,9 @@ def test_encoder_change_keeps_the_old_encoder_and_stable_ranker_while_backfillin
     assert [s["version"] for s in want.status["embeddings"]["spaces"]] == ["e1", "e2"]
 
 
-def test_coverage_reached_switches_traffic_then_retires_the_old_encoder() -> None:
+def test_a_stable_ranker_recorded_before_canaries_switches_when_synced_then_retires_the_old_encoder() -> None:
+    """A status written by the operator before canary rollouts has no stable spec to run beside a
+    canary: the new ranker switches as it did then, and its spec is recorded from then on."""
     status = {**STABLE_E1, "embeddings": {"spaces": [{"version": "e1"}, {"version": "e2"}]}}
     old = core.ServedRanker(core.Version("r1", "e1"), ready=True)
     switching = core.desired(ranker(encoder="e2", ranker="r2"),
@@ -229,7 +233,8 @@ def test_coverage_reached_switches_traffic_then_retires_the_old_encoder() -> Non
     done = core.desired(ranker(encoder="e2", ranker="r2"),
                         observed({"e1": 1.0, "e2": 0.991}, ready=("e2",), status=switching.status, serving=new,
                                  children=OLD_CHILDREN))
-    assert done.status["stable"] == {"rankerVersion": "r2", "encoderVersion": "e2"}
+    assert core.stable_of(done.status) == core.Version("r2", "e2")
+    assert done.status["stable"]["ranker"]["version"] == "r2"
     assert done.keep == []                                        # e1's children are deleted
     assert done.status["phase"] == "Ready"
     assert [s["version"] for s in done.status["embeddings"]["spaces"]] == ["e1", "e2"]  # retained: 1
