@@ -7,9 +7,21 @@ error ~4e-3); `get` always returns float32. Two back ends share the `EmbeddingSt
 - `redis://host:port/db` — production (password from the URL or `MMRANK_STORE_PASSWORD`).
   One hash per space (`mmrank:emb:<space>`, field = item id), read with HMGET and written with HSET: measured against pipelined string keys in
   `bench/store_layout.py` (docs/benchmarks.md, "Store layout"); the hash also gives the exact
-  item count in O(1) (HLEN), so re-putting an item never counts it twice.
+  item count in O(1) (HLEN), so re-putting an item never counts it twice. Every put also takes
+  the space's next version number and logs it per item, atomically with the vectors (one Lua
+  script): `mmrank:embver:<space>` (epoch, seq, floor) and the sorted set
+  `mmrank:embchanges:<space>` (item -> seq of its last write, the newest `CHANGE_LOG_LIMIT` kept).
+  The predictor's item vector cache (predictors/item_cache.py) reads that log to drop what was
+  rewritten, so a re-embedded item is never served from a stale copy.
 - `file:///path` — the embedded store of the local quick start, one LMDB environment (chosen
   over SQLite by the same benchmark); several processes may share it.
+
+Every stored vector keeps the event time it was computed from (unix seconds; the hash
+`mmrank:emb-time:<space>` in Redis, a database beside the vectors in LMDB). `put` writes a row
+only when its event time is at least the stored one, checked and written atomically (in the same
+Lua script in Redis, one write transaction in LMDB), so an old event replayed after a new one, or
+a late batch of a slower replica, never overwrites a newer vector. `event_times(space, ids)` reads
+them alone (one HMGET, under 20 bytes per item).
 
 The item-event stream names live here too (`ITEM_STREAM`, `DEAD_LETTER_STREAM`,
 `EMBEDDER_GROUP`), so producers that only import the common package agree with the embedder.
@@ -35,6 +47,7 @@ ITEM_STREAM = "mmrank:items"
 DEAD_LETTER_STREAM = "mmrank:items:dead"
 EMBEDDER_GROUP = "embedder"
 DTYPES = ("float16", "int8")
+CHANGE_LOG_LIMIT = 100_000  # newest item versions kept per space; a reader further behind starts afresh
 PASSWORD_ENV = "MMRANK_STORE_PASSWORD"
 _INT8_SCALE = struct.Struct("<f")
 
@@ -141,6 +154,23 @@ def item_id_list(item_ids: Iterable[int] | np.ndarray) -> list[int]:
     return [int(i) for i in np.asarray(item_ids, dtype=np.int64).reshape(-1)]
 
 
+def event_time_list(event_times: Iterable[float] | np.ndarray | None, n: int) -> list[float]:
+    """One finite event time per row; None stamps every row with the current time."""
+    if event_times is None:
+        return [time.time()] * n
+    times = np.asarray(event_times, dtype=np.float64).reshape(-1)
+    if times.shape != (n,):
+        raise ValueError(f"expected {n} event times, got {times.shape[0]}")
+    if not np.isfinite(times).all():
+        raise ValueError("event times contain NaN or infinity")
+    return [float(t) for t in times]
+
+
+def newer_or_same(stored: float | None, event_time: float) -> bool:
+    """The write rule: a row replaces the stored vector unless that one comes from a later event."""
+    return stored is None or stored <= event_time
+
+
 def _space_meta(space: str, dim: int, dtype: str) -> dict[str, Any]:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {DTYPES}")
@@ -183,12 +213,19 @@ class EmbeddingStore(abc.ABC):
         """Idempotent; a second call with another dim or dtype raises ValueError."""
 
     @abc.abstractmethod
-    def put(self, space: str, item_ids: Iterable[int] | np.ndarray, vectors: np.ndarray) -> None:
-        """Write (or overwrite) vectors; putting an item again never counts it twice."""
+    def put(self, space: str, item_ids: Iterable[int] | np.ndarray, vectors: np.ndarray,
+            event_times: Iterable[float] | np.ndarray | None = None) -> np.ndarray:
+        """Write vectors computed from events at `event_times` (None: now); returns bool [n],
+        False where the stored vector comes from a later event and was kept. Atomic per row;
+        putting an item again never counts it twice."""
 
     @abc.abstractmethod
     def get(self, space: str, item_ids: Iterable[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(float32 [n, dim], found bool [n]) in the order asked; missing rows are zero."""
+
+    @abc.abstractmethod
+    def event_times(self, space: str, item_ids: Iterable[int] | np.ndarray) -> np.ndarray:
+        """float64 [n]: the event time each stored vector was computed from, NaN where none is."""
 
     @abc.abstractmethod
     def space_info(self, space: str) -> SpaceInfo: ...
@@ -231,10 +268,10 @@ class RedisStore(EmbeddingStore):
 
     SPACES = "mmrank:spaces"
     CATALOGUE = "mmrank:catalogue_size"
-
     def __init__(self, client: Any) -> None:
         self.client = client
         self._meta: dict[str, dict[str, Any]] = {}
+        self._put_versioned = client.register_script(_PUT_VERSIONED)
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
@@ -245,12 +282,24 @@ class RedisStore(EmbeddingStore):
         return f"mmrank:emb:{space}"
 
     @staticmethod
+    def event_times_key(space: str) -> str:
+        return f"mmrank:emb-time:{space}"
+
+    @staticmethod
     def meta_key(space: str) -> str:
         return f"mmrank:space:{space}"
 
     @staticmethod
     def backfill_key(space: str) -> str:
         return f"mmrank:backfill:{space}"
+
+    @staticmethod
+    def versions_key(space: str) -> str:
+        return f"mmrank:embver:{space}"
+
+    @staticmethod
+    def changes_key(space: str) -> str:
+        return f"mmrank:embchanges:{space}"
 
     @staticmethod
     def history_key(user_id: int) -> str:
@@ -278,20 +327,33 @@ class RedisStore(EmbeddingStore):
         _same_layout(self._load_meta(space, cached=False), dim, dtype)
         return self.space_info(space)
 
-    def put(self, space: str, item_ids: Iterable[int] | np.ndarray, vectors: np.ndarray) -> None:
+    def put(self, space: str, item_ids: Iterable[int] | np.ndarray, vectors: np.ndarray,
+            event_times: Iterable[float] | np.ndarray | None = None) -> np.ndarray:
         ids = item_id_list(item_ids)
+        times = event_time_list(event_times, len(ids))
         if not ids:
-            return
+            return np.zeros(0, dtype=bool)
         meta = self._load_meta(space)
         vectors = check_vectors(vectors, len(ids), int(meta["dim"]))
         blobs = encode_vectors(vectors, meta["dtype"])
-        self.client.hset(self.vectors_key(space), mapping=dict(zip(ids, blobs, strict=True)))
+        args: list[Any] = [CHANGE_LOG_LIMIT]
+        for item, blob, event_time in zip(ids, blobs, times, strict=True):
+            args += (item, blob, repr(event_time))
+        written = self._put_versioned(keys=[self.vectors_key(space), self.versions_key(space),
+                                            self.changes_key(space), self.event_times_key(space)], args=args)
+        return np.array(written, dtype=bool)
 
     def get(self, space: str, item_ids: Iterable[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids = item_id_list(item_ids)
         meta = self._load_meta(space)
         blobs = self.client.hmget(self.vectors_key(space), ids) if ids else []
         return decode_vectors(blobs, int(meta["dim"]), meta["dtype"])
+
+    def event_times(self, space: str, item_ids: Iterable[int] | np.ndarray) -> np.ndarray:
+        ids = item_id_list(item_ids)
+        self._load_meta(space)
+        raw = self.client.hmget(self.event_times_key(space), ids) if ids else []
+        return np.array([float(t) if t is not None else np.nan for t in raw], dtype=np.float64)
 
     def space_info(self, space: str) -> SpaceInfo:
         meta = self._load_meta(space, cached=False)
@@ -309,7 +371,8 @@ class RedisStore(EmbeddingStore):
     def delete_space(self, space: str) -> None:
         pipe = self.client.pipeline(transaction=True)
         pipe.srem(self.SPACES, space)
-        pipe.unlink(self.meta_key(space), self.vectors_key(space), self.backfill_key(space))
+        pipe.unlink(self.meta_key(space), self.vectors_key(space), self.backfill_key(space),
+                    self.versions_key(space), self.changes_key(space), self.event_times_key(space))
         pipe.execute()
         self._meta.pop(space, None)
 
@@ -346,6 +409,43 @@ class RedisStore(EmbeddingStore):
         self.client.close()
 
 
+# Writes the vectors whose event time is at least the stored one, and logs their version, in one
+# step. KEYS: vectors hash, versions hash (epoch: when the log began, seq: last version, floor:
+# newest version dropped from the log), changes zset, event times hash. ARGV: log limit, then
+# item, blob, event time triples. Returns 1 per row written, 0 per row kept (a newer one stored);
+# a put that writes nothing takes no version.
+_PUT_VERSIONED = """
+local seq = nil
+local written = {}
+for i = 2, #ARGV, 3 do
+  local stored = redis.call('HGET', KEYS[4], ARGV[i])
+  if (not stored) or tonumber(stored) <= tonumber(ARGV[i + 2]) then
+    if not seq then
+      seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
+      if seq == 1 then
+        local now = redis.call('TIME')
+        redis.call('HSET', KEYS[2], 'epoch', now[1] .. '.' .. now[2], 'floor', 0)
+      end
+    end
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 2])
+    redis.call('ZADD', KEYS[3], seq, ARGV[i])
+    written[#written + 1] = 1
+  else
+    written[#written + 1] = 0
+  end
+end
+if seq then
+  local excess = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[1])
+  if excess > 0 then
+    local dropped = redis.call('ZPOPMIN', KEYS[3], excess)
+    redis.call('HSET', KEYS[2], 'floor', dropped[#dropped])
+  end
+end
+return written
+"""
+
+
 # --- LMDB (embedded) ----------------------------------------------------------------------------
 
 _ENVS: dict[str, Any] = {}
@@ -370,11 +470,21 @@ def _id_key(item_id: int) -> bytes:
     return struct.pack(">q", item_id)
 
 
+_EVENT_TIME = struct.Struct("<d")
+
+
 class FileStore(EmbeddingStore):
     """Embedded back end: one LMDB environment, one named database per space.
 
-    Keys are big-endian int64 item ids; the `meta` database holds space metadata, backfill
-    progress and the catalogue size as JSON, the `history` database user sequences.
+    Keys are big-endian int64 item ids; each space has a database of vectors and one of their
+    event times (float64); the `meta` database holds space metadata, backfill progress and the
+    catalogue size as JSON, the `history` database user sequences.
+
+    A reader sees the snapshot the lock file names. A writer killed after writing its commit to
+    the data file but before publishing it in the lock file leaves that name one commit behind
+    until the next write, in every process that has the environment open. `space_info` (coverage,
+    backfill checkpoints: read after a pod was killed) therefore reads inside a write transaction,
+    which starts from the newest commit in the data file, and aborts it.
     """
 
     def __init__(self, path: str | Path, map_size: int = 1 << 36) -> None:
@@ -388,6 +498,10 @@ class FileStore(EmbeddingStore):
     def _vectors_db_name(space: str) -> bytes:
         return f"emb:{space}".encode()
 
+    @staticmethod
+    def _event_times_db_name(space: str) -> bytes:
+        return f"emb-time:{space}".encode()
+
     def _meta(self, txn: Any, space: str) -> dict[str, Any]:
         raw = txn.get(f"space:{space}".encode(), db=self.meta_db)
         if raw is None:
@@ -395,8 +509,13 @@ class FileStore(EmbeddingStore):
         return json.loads(raw)
 
     def _vectors_db(self, space: str) -> Any:
-        """The space's database handle, opened once per process (opening takes a write lock)."""
-        name = self._vectors_db_name(space)
+        return self._db(self._vectors_db_name(space))
+
+    def _event_times_db(self, space: str) -> Any:
+        return self._db(self._event_times_db_name(space))
+
+    def _db(self, name: bytes) -> Any:
+        """A database handle, opened once per process (opening takes a write lock)."""
         with _ENVS_LOCK:
             if name not in self._dbs:
                 self._dbs[name] = self.env.open_db(name)
@@ -412,21 +531,31 @@ class FileStore(EmbeddingStore):
             else:
                 _same_layout(json.loads(existing), dim, dtype)
         self._vectors_db(space)
+        self._event_times_db(space)
         return self.space_info(space)
 
-    def put(self, space: str, item_ids: Iterable[int] | np.ndarray, vectors: np.ndarray) -> None:
+    def put(self, space: str, item_ids: Iterable[int] | np.ndarray, vectors: np.ndarray,
+            event_times: Iterable[float] | np.ndarray | None = None) -> np.ndarray:
         ids = item_id_list(item_ids)
+        times = event_time_list(event_times, len(ids))
         if not ids:
-            return
+            return np.zeros(0, dtype=bool)
         with self.env.begin() as txn:
             meta = self._meta(txn, space)
         vectors = check_vectors(vectors, len(ids), int(meta["dim"]))
         blobs = encode_vectors(vectors, meta["dtype"])
-        db = self._vectors_db(space)
+        db, times_db = self._vectors_db(space), self._event_times_db(space)
+        written = np.zeros(len(ids), dtype=bool)
         with self.env.begin(write=True, db=db) as txn:
             self._meta(txn, space)
-            with txn.cursor(db=db) as cursor:
-                cursor.putmulti([(_id_key(i), b) for i, b in zip(ids, blobs, strict=True)])
+            for row, (item_id, blob, event_time) in enumerate(zip(ids, blobs, times, strict=True)):
+                key = _id_key(item_id)
+                stored = txn.get(key, db=times_db)
+                if newer_or_same(None if stored is None else _EVENT_TIME.unpack(stored)[0], event_time):
+                    txn.put(key, blob, db=db)
+                    txn.put(key, _EVENT_TIME.pack(event_time), db=times_db)
+                    written[row] = True
+        return written
 
     def get(self, space: str, item_ids: Iterable[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids = item_id_list(item_ids)
@@ -438,11 +567,21 @@ class FileStore(EmbeddingStore):
             blobs = [txn.get(_id_key(i), db=db) for i in ids]
         return decode_vectors(blobs, int(meta["dim"]), meta["dtype"])
 
+    def event_times(self, space: str, item_ids: Iterable[int] | np.ndarray) -> np.ndarray:
+        ids = item_id_list(item_ids)
+        with self.env.begin() as txn:
+            self._meta(txn, space)
+        db = self._event_times_db(space)
+        with self.env.begin(db=db, buffers=False) as txn:
+            raw = [txn.get(_id_key(i), db=db) for i in ids]
+        return np.array([_EVENT_TIME.unpack(t)[0] if t is not None else np.nan for t in raw], dtype=np.float64)
+
     def space_info(self, space: str) -> SpaceInfo:
         with self.env.begin() as txn:
             self._meta(txn, space)
         db = self._vectors_db(space)
-        with self.env.begin() as txn:
+        txn = self.env.begin(write=True)  # the newest commit, even one a killed writer never published
+        try:
             meta = self._meta(txn, space)
             items = int(txn.stat(db)["entries"])
             catalogue = int(txn.get(b"catalogue_size", b"0", db=self.meta_db))
@@ -454,6 +593,8 @@ class FileStore(EmbeddingStore):
                         if not key.startswith(prefix):
                             break
                         backfill[key[len(prefix):].decode()] = _shard(value)
+        finally:
+            txn.abort()
         return _info(meta, items, catalogue, dict(sorted(backfill.items())))
 
     def spaces(self) -> list[str]:
@@ -470,9 +611,10 @@ class FileStore(EmbeddingStore):
         with self.env.begin() as txn:
             if txn.get(f"space:{space}".encode(), db=self.meta_db) is None:
                 return
-        db = self._vectors_db(space)
+        db, times_db = self._vectors_db(space), self._event_times_db(space)
         with self.env.begin(write=True) as txn:
             txn.drop(db, delete=False)
+            txn.drop(times_db, delete=False)
             txn.delete(f"space:{space}".encode(), db=self.meta_db)
             prefix = f"backfill:{space}:".encode()
             with txn.cursor(db=self.meta_db) as cursor:

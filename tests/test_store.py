@@ -67,6 +67,80 @@ def test_reputting_an_item_overwrites_it_and_counts_it_once(store: EmbeddingStor
     np.testing.assert_allclose(store.get("e1", range(5))[0], newer, atol=1e-3)
 
 
+def test_an_older_event_never_overwrites_a_newer_vector(store: EmbeddingStore) -> None:
+    store.create_space("e1", 8)
+    newer, older, again = unit_vectors(3, 8, seed=5)
+    assert store.put("e1", [1], newer[None], event_times=[200.0]).tolist() == [True]
+    assert store.put("e1", [1], older[None], event_times=[100.0]).tolist() == [False], "a replayed old event"
+    np.testing.assert_allclose(store.get("e1", [1])[0][0], newer, atol=1e-3)
+    assert store.put("e1", [1], again[None], event_times=[200.0]).tolist() == [True], "the same event re-embedded"
+    np.testing.assert_allclose(store.get("e1", [1])[0][0], again, atol=1e-3)
+    # One batch: a stale row is kept, the rest written; a repeated item keeps its newest row.
+    rows = unit_vectors(4, 8, seed=6)
+    written = store.put("e1", [1, 2, 3, 3], rows, event_times=[150.0, 50.0, 20.0, 10.0])
+    assert written.tolist() == [False, True, True, False]
+    got, found = store.get("e1", [1, 2, 3])
+    np.testing.assert_allclose(got, np.stack([again, rows[1], rows[2]]), atol=1e-3)
+    times = store.event_times("e1", [1, 2, 3, 4])
+    assert times[:3].tolist() == [200.0, 50.0, 20.0] and np.isnan(times[3])
+    assert store.space_info("e1").items == 3
+
+
+def test_a_put_without_event_times_is_stamped_now(store: EmbeddingStore) -> None:
+    import time
+
+    store.create_space("e1", 4)
+    before = time.time()
+    assert store.put("e1", [1, 2], np.eye(2, 4)).tolist() == [True, True]
+    assert (store.event_times("e1", [1, 2]) >= before).all()
+    assert store.put("e1", [1], np.eye(1, 4), event_times=[before - 60]).tolist() == [False]
+    with pytest.raises(ValueError, match="event times"):
+        store.put("e1", [1, 2], np.eye(2, 4), event_times=[1.0])
+    with pytest.raises(ValueError, match="NaN"):
+        store.put("e1", [1], np.eye(1, 4), event_times=[float("nan")])
+    with pytest.raises(SpaceNotFound):
+        store.event_times("nope", [1])
+
+
+def test_racing_writers_leave_the_vector_of_the_newest_event(store: EmbeddingStore) -> None:
+    """Four threads write one item with shuffled event times: check and write are one step, so
+    the vector left is always the newest event's (a read-then-write would let an older one in)."""
+    import threading
+
+    store.create_space("e1", 4)
+    times = np.random.default_rng(7).permutation(400).astype(float)
+    vectors = np.zeros((400, 4), dtype=np.float32)
+    vectors[:, 0] = 1.0
+    vectors[:, 1] = times / 400  # each event's vector names its time
+
+    def write(part: np.ndarray) -> None:
+        for i in part:
+            store.put("e1", [9], vectors[i][None], event_times=[times[i]])
+
+    threads = [threading.Thread(target=write, args=(part,)) for part in np.array_split(np.arange(400), 4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert store.event_times("e1", [9]).tolist() == [399.0]
+    np.testing.assert_allclose(store.get("e1", [9])[0][0], [1.0, 399 / 400, 0, 0], atol=1e-3)
+
+
+def test_the_change_log_records_written_rows_only(redis_server) -> None:  # type: ignore[no-untyped-def]
+    """The predictor's cache reads the version log (mmrank:embver / mmrank:embchanges): a put
+    whose rows were all stale changes nothing there."""
+    store = open_store(redis_server.url)
+    store.create_space("e1", 4)
+    store.put("e1", [1, 2], np.eye(2, 4), event_times=[10.0, 10.0])
+    store.put("e1", [1], np.eye(1, 4), event_times=[5.0])
+    client = store.client  # type: ignore[attr-defined]
+    assert int(client.hget(store.versions_key("e1"), "seq")) == 1  # type: ignore[attr-defined]
+    store.put("e1", [1, 2], np.eye(2, 4), event_times=[11.0, 9.0])
+    assert int(client.hget(store.versions_key("e1"), "seq")) == 2  # type: ignore[attr-defined]
+    changes = client.zrange(store.changes_key("e1"), 0, -1, withscores=True)  # type: ignore[attr-defined]
+    assert changes == [(b"2", 1.0), (b"1", 2.0)]
+
+
 def test_space_info_reports_metadata_coverage_and_backfill(store: EmbeddingStore) -> None:
     created = store.create_space("e3", 32, "int8")
     assert created.items == 0 and created.coverage == 0.0 and created.catalogue_size == 0
@@ -126,6 +200,8 @@ def test_delete_space_removes_vectors_metadata_and_progress(store: EmbeddingStor
         store.space_info("old")
     recreated = store.create_space("old", 8)
     assert recreated.items == 0 and recreated.backfill == {}
+    assert np.isnan(store.event_times("old", [0])).all()
+    assert store.put("old", [0], np.ones((1, 8)), event_times=[0.0]).tolist() == [True], "no event time left over"
 
 
 def test_history_keeps_order_replaces_or_appends_and_truncates(store: EmbeddingStore) -> None:
