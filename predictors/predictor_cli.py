@@ -6,7 +6,7 @@ import os
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("predictor", help="Serve the ranker with KServe (v1 and v2 REST)")
+    parser = subparsers.add_parser("predictor", help="Serve the ranker with KServe (v1, v2 REST and gRPC)")
     commands = parser.add_subparsers(dest="predictor_command", metavar="COMMAND", required=True)
 
     serve = commands.add_parser(
@@ -20,7 +20,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                        help="embedding store URL, redis://host:port/db or file:///path (env MMRANK_STORE_URL)")
     serve.add_argument("--model-name", default=os.environ.get("MMRANK_MODEL_NAME", "ranker"),
                        help="name in /v1/models/<name>:predict and /v2/models/<name>/infer")
+    serve.add_argument("--host", default=os.environ.get("MMRANK_HOST", "0.0.0.0"),
+                       help="address REST and gRPC listen on (env MMRANK_HOST; 127.0.0.1: this machine only)")
     serve.add_argument("--http-port", type=int, default=int(os.environ.get("PORT", "8080")))
+    serve.add_argument("--grpc-port", type=int, default=int(os.environ.get("GRPC_PORT", "8081")),
+                       help="KServe's gRPC port (GRPCInferenceService, v2); 0: no gRPC")
     serve.add_argument("--space", default=os.environ.get("MMRANK_SPACE"),
                        help="the space this deployment is for (env MMRANK_SPACE); never ready when the "
                        "ranker was trained on another")
@@ -35,9 +39,16 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-candidates", type=int, default=500)
     serve.add_argument("--max-history", type=int, default=1000,
                        help="longest history a request may carry (raised to --history-length if smaller)")
-    serve.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                       help="larger ranking bodies are answered 413 (gRPC: RESOURCE_EXHAUSTED)")
+    serve.add_argument("--body-timeout-seconds", type=float, default=5.0,
+                       help="a ranking body not all received within this is answered 408")
+    serve.add_argument("--max-instances", type=int, default=16, help="ranking requests in one v1 `instances` body")
     serve.add_argument("--max-concurrency", type=int, default=8,
-                       help="ranking requests in flight; beyond it the answer is 503 at once")
+                       help="ranking requests in flight (REST and gRPC, counted once the body is in); "
+                       "beyond it the answer is 503 at once")
+    serve.add_argument("--item-cache-size", type=int, default=200_000,
+                       help="item vectors cached per process (Redis store; dropped when re-embedded); 0: off")
     serve.add_argument("--torch-threads", type=int, default=0, help="intra-op threads (0: torch's default)")
     serve.add_argument("--no-feedback-stream", action="store_true",
                        help="do not consume the mmrank:feedback Redis Stream")
@@ -69,13 +80,16 @@ def _serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.torch_threads)
     limits = Limits(max_candidates=args.max_candidates,
                     max_history=max(args.max_history, args.history_length or 0),
-                    max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency)
+                    max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
+                    max_instances=args.max_instances, body_timeout_seconds=args.body_timeout_seconds)
     store_url = with_password(args.store, os.environ.get("MMRANK_STORE_PASSWORD"))
     model = RankerModel(args.model_name, args.model_dir, store_url, limits=limits,
                         min_coverage=args.min_coverage, recheck_seconds=args.recheck_seconds,
                         feedback_stream=not args.no_feedback_stream, expected_space=args.space,
-                        version=args.ranker_version, history_length=args.history_length)
-    serve(model, args.http_port, workers_threads=max(4, args.max_concurrency + 2), access_log=args.access_log)
+                        version=args.ranker_version, history_length=args.history_length,
+                        item_cache_size=args.item_cache_size)
+    serve(model, args.http_port, grpc_port=args.grpc_port, host=args.host,
+          workers_threads=max(4, args.max_concurrency + 2), access_log=args.access_log)
     return 0
 
 

@@ -1,8 +1,9 @@
 """What a ranking request may say, what the answer says, and the limits on both.
 
-One request ranks one user's candidates. The v1 body is JSON (`RankRequest`, schema exported to
-`v1_request.schema.json`); the v2 body carries the same fields as named tensors
-(`rank_request_from_v2`). Every check here is a pure function that raises `BadRequest` with the
+One ranking request ranks one user's candidates. A v1 body is KServe's `{"instances": [...]}`
+with one ranking request per instance, or one ranking request alone (`RankRequest`, schema
+exported to `v1_request.schema.json`); a v2 request (REST or gRPC) carries the same fields as
+named tensors (`parse_v2`). Every check here is a pure function that raises `BadRequest` with the
 field it is about, so the server answers 4xx with a message and never 500 on bad input.
 This module imports neither torch nor kserve: the CLI and the schema test load it cheaply.
 """
@@ -40,6 +41,8 @@ class Limits:
     max_history: int = 1000
     max_body_bytes: int = 1 << 20
     max_concurrency: int = 8
+    max_instances: int = 16  # ranking requests in one v1 `instances` body
+    body_timeout_seconds: float = 5.0  # a body still arriving after this is answered 408
 
 
 DEFAULT_LIMITS = Limits()
@@ -93,6 +96,15 @@ class Ranking:
     cand_brand: np.ndarray  # int64 [C]
 
 
+def first_duplicate(ids: np.ndarray) -> int | None:
+    """An id that occurs more than once, or None."""
+    if len(ids) < 2:
+        return None
+    ordered = np.sort(ids)
+    same = np.flatnonzero(ordered[1:] == ordered[:-1])
+    return int(ordered[same[0]]) if len(same) else None
+
+
 def field_path(loc: Sequence[int | str]) -> str:
     """pydantic's error location as the caller wrote it: `candidates[3].item_id`."""
     text = ""
@@ -112,10 +124,14 @@ def bad_request_from(exc: ValidationError) -> BadRequest:
     return BadRequest(field_path(first["loc"]), f"{first['msg']}{more}")
 
 
-def check_limits(ranking: Ranking, limits: Limits) -> Ranking:
-    """The configured limits, which may be tighter than the schema's defaults."""
+def check_limits(ranking: Ranking, limits: Limits, field: str = "candidates") -> Ranking:
+    """The configured limits, which may be tighter than the schema's defaults, and each
+    candidate once (a duplicate is a caller's bug: it would get two scores for one item)."""
     if len(ranking.cand_ids) == 0:
-        raise BadRequest("candidates", "at least one candidate is needed")
+        raise BadRequest(field, "at least one candidate is needed")
+    duplicate = first_duplicate(ranking.cand_ids)
+    if duplicate is not None:
+        raise BadRequest(field, f"item {duplicate} is listed more than once", reason="duplicate_candidates")
     if len(ranking.cand_ids) > limits.max_candidates:
         raise BadRequest("candidates", f"{len(ranking.cand_ids)} candidates, at most {limits.max_candidates} "
                          "per request", reason="too_many_candidates")
@@ -125,8 +141,38 @@ def check_limits(ranking: Ranking, limits: Limits) -> Ranking:
     return ranking
 
 
-def parse_v1(body: Any, limits: Limits = DEFAULT_LIMITS) -> Ranking:
-    """A decoded v1 JSON body to a `Ranking`, or `BadRequest` naming the field."""
+def parse_v1_body(body: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[list[Ranking], bool]:
+    """A decoded v1 body to its rankings and whether it came as KServe `instances` (answered
+    as `predictions`, one per instance) rather than one ranking request alone."""
+    if not isinstance(body, Mapping):
+        raise BadRequest("body", f"expected a JSON object, got {type(body).__name__}")
+    if "instances" not in body:
+        return [parse_v1(body, limits)], False
+    extra = sorted(set(body) - {"instances"})
+    if extra:
+        raise BadRequest(extra[0], "unexpected beside instances (one ranking request per instance)")
+    instances = body["instances"]
+    if not isinstance(instances, list) or not instances:
+        raise BadRequest("instances", "expected a non-empty list of ranking requests")
+    if len(instances) > limits.max_instances:
+        raise BadRequest("instances", f"{len(instances)} instances, at most {limits.max_instances} per request",
+                         reason="too_many_instances")
+    return [parse_v1(instance, limits, at=f"instances[{i}]") for i, instance in enumerate(instances)], True
+
+
+def parse_v1(body: Any, limits: Limits = DEFAULT_LIMITS, at: str = "") -> Ranking:
+    """One ranking request (decoded JSON) to a `Ranking`, or `BadRequest` naming the field
+    (prefixed with `at`, e.g. `instances[2]`)."""
+    try:
+        return _parse_v1(body, limits)
+    except BadRequest as exc:
+        if not at:
+            raise
+        field = f"{at}.{exc.field}" if exc.field not in ("", "body") else at
+        raise BadRequest(field, str(exc).removeprefix(f"{exc.field}: "), exc.status, exc.reason) from None
+
+
+def _parse_v1(body: Any, limits: Limits) -> Ranking:
     if not isinstance(body, Mapping):
         raise BadRequest("body", f"expected a JSON object, got {type(body).__name__}")
     count = body.get("candidates")
@@ -156,26 +202,68 @@ def parse_v1(body: Any, limits: Limits = DEFAULT_LIMITS) -> Ranking:
 
 V2_INPUTS = {
     "user_id": "INT64 [1]: the user",
-    "candidates": "INT64 [C]: item ids to score",
+    "candidates": "INT64 [C]: item ids to score, each once",
     "history": "INT64 [L], optional: behaviour item ids, oldest first; absent: read from the store",
     "category": "INT64 [C], optional: -1 where unknown",
     "brand": "INT64 [C], optional: -1 where unknown",
 }
-_INT_TYPES = ("INT64", "INT32", "UINT32", "UINT64", "INT16", "UINT16", "INT8", "UINT8")
+V2_OUTPUTS = {"scores": "FP32 [C]: click probability of each candidate, in the order sent"}
+INT_TYPES = {"INT64": "<i8", "INT32": "<i4", "INT16": "<i2", "INT8": "i1",
+             "UINT64": "<u8", "UINT32": "<u4", "UINT16": "<u2", "UINT8": "u1"}
+INT64_MAX = 2**63 - 1
 
 
-def v2_tensor(name: str, datatype: str, shape: Sequence[int], read: Any) -> np.ndarray:
-    """One named v2 input as a flat int64 array; `read()` decodes its data (may raise)."""
-    if datatype.upper() not in _INT_TYPES:
-        raise BadRequest(f"inputs.{name}", f"datatype {datatype} is not an integer type (send INT64)")
-    if len(shape) != 1:
-        raise BadRequest(f"inputs.{name}", f"shape {list(shape)} must be one-dimensional")
+def v2_metadata() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(inputs, outputs) of the model metadata: every tensor's name, datatype and shape (-1:
+    any length); which inputs are optional is in the docs and the error messages."""
+    inputs = [{"name": name, "datatype": "INT64", "shape": [1] if name == "user_id" else [-1]}
+              for name in V2_INPUTS]
+    return inputs, [{"name": "scores", "datatype": "FP32", "shape": [-1]}]
+
+
+def v2_tensor(name: str, datatype: str, shape: Sequence[Any], read: Any) -> np.ndarray:
+    """One named v2 input as a flat int64 array; `read()` decodes its data (may raise).
+
+    JSON data must be integers (no bool, float, string or nesting) within INT64; binary data
+    of an unsigned type beyond INT64 is refused too, never wrapped to a negative id."""
+    field = f"inputs.{name}"
+    if not isinstance(datatype, str) or datatype.upper() not in INT_TYPES:
+        raise BadRequest(field, f"datatype {datatype} is not an integer type (send INT64)")
+    if not isinstance(shape, Sequence) or len(shape) != 1 or not _is_int(shape[0]) or shape[0] < 0:
+        raise BadRequest(field, f"shape {shape!r} must be one-dimensional, [n] with n >= 0")
     try:
-        values = np.array(read(), dtype=np.int64).reshape(-1)  # a writable copy (binary data is read-only)
-    except (ValueError, TypeError) as exc:
-        raise BadRequest(f"inputs.{name}", f"data does not match datatype {datatype} and shape "
-                         f"{list(shape)}: {exc}") from None
+        data = read()
+    except Exception as exc:  # noqa: BLE001 - whatever the decoder says is the caller's data
+        raise BadRequest(field, f"data does not decode as {datatype} {list(shape)}: {exc}") from None
+    if isinstance(data, np.ndarray):
+        values = data.reshape(-1)
+        if values.dtype.kind == "u" and len(values) and values.max() > INT64_MAX:
+            raise BadRequest(field, f"value {int(values.max())} is beyond INT64")
+        if values.dtype.kind not in "iu":
+            raise BadRequest(field, f"data of dtype {values.dtype} is not integer")
+        values = values.astype(np.int64)  # a writable copy (binary data is read-only)
+    else:
+        values = _int_list(field, data)
+    if len(values) != shape[0]:
+        raise BadRequest(field, f"{len(values)} values for shape {list(shape)}")
     return values
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_list(field: str, data: Any) -> np.ndarray:
+    if not isinstance(data, list | tuple):
+        raise BadRequest(field, f"data must be a list of integers, got {type(data).__name__}")
+    bad = next((i for i, v in enumerate(data) if not _is_int(v)), None)
+    if bad is not None:
+        raise BadRequest(f"{field}.data[{bad}]", f"{data[bad]!r} is not an integer")
+    try:
+        return np.array(data, dtype=np.int64)
+    except OverflowError:
+        big = next(v for v in data if not -INT64_MAX - 1 <= v <= INT64_MAX)
+        raise BadRequest(field, f"value {big} is beyond INT64") from None
 
 
 def parse_v2(tensors: Mapping[str, np.ndarray], limits: Limits = DEFAULT_LIMITS) -> Ranking:
@@ -190,6 +278,9 @@ def parse_v2(tensors: Mapping[str, np.ndarray], limits: Limits = DEFAULT_LIMITS)
     if user.shape != (1,) or user[0] < 0:
         raise BadRequest("inputs.user_id", "expected one non-negative id, shape [1]")
     cands = tensors["candidates"]
+    if len(cands) > limits.max_candidates:
+        raise BadRequest("inputs.candidates", f"{len(cands)} candidates, at most {limits.max_candidates} "
+                         "per request", reason="too_many_candidates")
     ranking = Ranking(
         user_id=int(user[0]),
         history=tensors.get("history"),
@@ -197,14 +288,20 @@ def parse_v2(tensors: Mapping[str, np.ndarray], limits: Limits = DEFAULT_LIMITS)
         cand_category=tensors.get("category", np.full(len(cands), UNKNOWN, dtype=np.int64)),
         cand_brand=tensors.get("brand", np.full(len(cands), UNKNOWN, dtype=np.int64)),
     )
-    check_limits(ranking, limits)
-    for name in ("category", "brand"):
-        if name in tensors and len(tensors[name]) != len(cands):
-            raise BadRequest(f"inputs.{name}", f"{len(tensors[name])} values for {len(cands)} candidates")
     for name, values in (("candidates", cands), ("history", ranking.history)):
         if values is not None and len(values) and values.min() < 0:
             raise BadRequest(f"inputs.{name}", "item ids must be non-negative")
-    return ranking
+    for name in ("category", "brand"):
+        if name in tensors:
+            values = tensors[name]
+            if len(values) != len(cands):
+                raise BadRequest(f"inputs.{name}", f"{len(values)} values for {len(cands)} candidates")
+            if len(values) and (values.min() < UNKNOWN or values.max() > 2**31 - 1):
+                raise BadRequest(f"inputs.{name}", "ids must be in [-1, 2^31 - 1] (-1: unknown)")
+    if ranking.history is not None and len(ranking.history) > limits.max_history:
+        raise BadRequest("inputs.history", f"{len(ranking.history)} items, at most {limits.max_history}",
+                         reason="history_too_long")
+    return check_limits(ranking, limits, field="inputs.candidates")
 
 
 # --- answers, request ids -----------------------------------------------------------------------

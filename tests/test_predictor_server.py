@@ -9,6 +9,7 @@ because the predictor outlives one test. Logs of both are attached to any failin
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import re
@@ -37,7 +38,8 @@ DIM = 16
 CATALOGUE = 100
 WINDOW = 20  # --history-length: the artifact was trained with 50
 USER = 7
-LIMITS = {"max_candidates": 50, "max_history": 100, "max_body_bytes": 20_000, "max_concurrency": 1}
+LIMITS = {"max_candidates": 50, "max_history": 100, "max_body_bytes": 20_000, "max_concurrency": 1,
+          "body_timeout_seconds": 1.0, "max_instances": 4}
 REQUEST_ID = re.compile(r"^r1\.[0-9a-f]{32}$")
 
 
@@ -77,10 +79,11 @@ def artifact(redis: servers.Server, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="module")
 def predictor(redis: servers.Server, artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Server]:
     workdir = tmp_path_factory.mktemp("predictor")
-    port = servers.free_port()
+    port, grpc_port = servers.free_port(), servers.free_port()
     # Configured the way the operator's InferenceService does: store, space and version by env.
     argv = [sys.executable, "-m", "mmrank", "predictor", "serve", "--model-dir", str(artifact),
-            "--model-name", MODEL, "--http-port", str(port), "--history-length", str(WINDOW),
+            "--model-name", MODEL, "--host", "127.0.0.1", "--http-port", str(port),
+            "--grpc-port", str(grpc_port), "--history-length", str(WINDOW),
             "--min-coverage", "0.99", "--recheck-seconds", "0.3", "--torch-threads", "1",
             *[a for k, v in LIMITS.items() for a in (f"--{k.replace('_', '-')}", str(v))]]
     env = {**os.environ, "MMRANK_STORE_URL": redis.url, "MMRANK_SPACE": SPACE, "MMRANK_RANKER_VERSION": VERSION}
@@ -88,7 +91,8 @@ def predictor(redis: servers.Server, artifact: Path, tmp_path_factory: pytest.Te
     with open(log_path, "ab") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env,
                                    start_new_session=True)
-    server = servers.Server("predictor", process, log_path, f"http://127.0.0.1:{port}", port, workdir)
+    server = servers.Server("predictor", process, log_path, f"http://127.0.0.1:{port}", port, workdir,
+                            extra={"grpc": f"127.0.0.1:{grpc_port}"})
     try:
         servers.wait_until(server, lambda: servers.http_ok(f"{server.url}/v2/models/{MODEL}/ready"), 120, "ready")
     except servers.ServerUnavailable as exc:
@@ -204,8 +208,8 @@ def test_v2_through_kserve_client_matches_v1(predictor: servers.Server) -> None:
     response = asyncio.run(call(InferRequest(MODEL, inputs, request_id="caller-1")))
     scores = response.outputs[0].as_numpy()
     assert response.outputs[0].name == "scores" and scores.shape == (3,) and scores.dtype == np.float32
-    assert REQUEST_ID.match(response.id) and response.parameters["ranker_version"] == VERSION
-    assert response.parameters["space"] == SPACE and response.parameters["request_id"] == response.id
+    assert response.id == "caller-1" and response.parameters["ranker_version"] == VERSION  # the caller's id echoed
+    assert response.parameters["space"] == SPACE and REQUEST_ID.match(response.parameters["request_id"])
     status, v1 = http(predictor, "POST", f"/v1/models/{MODEL}:predict",
                       {"user": {"id": USER, "history": [40, 41, 42, 43]}, "candidates": candidates.tolist()})
     assert status == 200
@@ -214,6 +218,102 @@ def test_v2_through_kserve_client_matches_v1(predictor: servers.Server) -> None:
     with_brand = asyncio.run(call(InferRequest(MODEL, [*inputs, binary])))
     changed = with_brand.outputs[0].as_numpy() != scores
     assert not changed[0] and not changed[2]  # -1: looked up as before
+
+
+def test_v1_instances_through_kserve_client_one_prediction_per_instance(
+        predictor: servers.Server, redis: servers.Server, artifact: Path) -> None:
+    from kserve import InferenceRESTClient, RESTConfig
+
+    body = {"instances": [{"user": {"id": USER}, "candidates": [5, 17, 3]},
+                          {"user": {"id": USER, "history": [40, 41]}, "candidates": [{"item_id": 9, "brand": 2}, 88]}]}
+
+    async def call() -> dict[str, Any]:
+        async with InferenceRESTClient(RESTConfig(protocol="v1", retries=0)) as client:
+            return await client.infer(predictor.url, body, model_name=MODEL)
+
+    answer = asyncio.run(call())
+    first, second = answer["predictions"]
+    np.testing.assert_allclose(first["scores"], expected_scores(redis, artifact, np.arange(40, 70), [5, 17, 3]),
+                               rtol=1e-5, atol=1e-6)
+    assert REQUEST_ID.match(first["request_id"]) and REQUEST_ID.match(second["request_id"])
+    assert first["request_id"] != second["request_id"] and first["embedding_misses"] == {"candidates": 0, "history": 0}
+    assert (answer["ranker_version"], answer["space"]) == (VERSION, SPACE)
+    status, alone = http(predictor, "POST", f"/v1/models/{MODEL}:predict", body["instances"][1])
+    assert status == 200
+    np.testing.assert_allclose(second["scores"], alone["predictions"], rtol=1e-5, atol=1e-6)
+
+
+def test_v2_model_metadata_describes_every_tensor(predictor: servers.Server) -> None:
+    status, meta = http(predictor, "GET", f"/v2/models/{MODEL}")
+    assert status == 200 and meta["name"] == MODEL
+    assert {t["name"]: (t["datatype"], t["shape"]) for t in meta["inputs"]} == {
+        "user_id": ("INT64", [1]), "candidates": ("INT64", [-1]), "history": ("INT64", [-1]),
+        "category": ("INT64", [-1]), "brand": ("INT64", [-1])}
+    assert meta["outputs"] == [{"name": "scores", "datatype": "FP32", "shape": [-1]}]
+
+
+def test_binary_tensors_from_tritonclient_both_ways(predictor: servers.Server) -> None:
+    """Triton's own HTTP client: binary inputs (Inference-Header-Content-Length) and a binary
+    `scores` output; the same scores as JSON."""
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    def tensor(name: str, values: list[int], datatype: str = "INT64") -> Any:
+        t = triton.InferInput(name, [len(values)], datatype)
+        t.set_data_from_numpy(np.array(values, dtype=np.uint64 if datatype == "UINT64" else np.int64), binary_data=True)
+        return t
+
+    client = triton.InferenceServerClient(predictor.url.removeprefix("http://"))
+    try:
+        inputs = [tensor("user_id", [USER]), tensor("candidates", [5, 17, 3]), tensor("history", [40, 41, 42, 43])]
+        result = client.infer(MODEL, inputs, request_id="t-1",
+                              outputs=[triton.InferRequestedOutput("scores", binary_data=True)])
+        response = result.get_response()
+        assert response["id"] == "t-1" and "data" not in response["outputs"][0]  # the scores came as bytes
+        scores = result.as_numpy("scores")
+        with pytest.raises(InferenceServerException, match="inputs.candidates: value 9223372036854775808 is beyond"):
+            client.infer(MODEL, [tensor("user_id", [USER]), tensor("candidates", [1, 2**63], "UINT64")])
+    finally:
+        client.close()
+    status, v1 = http(predictor, "POST", f"/v1/models/{MODEL}:predict",
+                      {"user": {"id": USER, "history": [40, 41, 42, 43]}, "candidates": [5, 17, 3]})
+    assert status == 200 and scores.dtype == np.float32
+    np.testing.assert_allclose(scores, v1["predictions"], rtol=1e-6)
+
+
+def test_grpc_through_kserve_client_matches_rest_and_is_counted(predictor: servers.Server) -> None:
+    import grpc
+    from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+    def request(candidates: list[int], request_id: str) -> InferRequest:
+        return InferRequest(MODEL, [InferInput("user_id", [1], "INT64", [USER]),
+                                    InferInput("candidates", [len(candidates)], "INT64", candidates)],
+                            request_id=request_id)
+
+    ok = metric(predictor, "mmrank_requests_total", variant=VERSION, protocol="grpc", code="200")
+    refused = metric(predictor, "mmrank_requests_total", variant=VERSION, protocol="grpc", code="400")
+
+    async def call() -> tuple[bool, Any, Any]:
+        client = InferenceGRPCClient(predictor.extra["grpc"])
+        try:
+            ready = await client.is_model_ready(MODEL)
+            response = await client.infer(request([5, 17, 3], "g-1"))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.infer(request([5, -1], "g-2"))
+            return ready, response, caught.value
+        finally:
+            await client.close()
+
+    ready, response, error = asyncio.run(call())
+    parameters = {k: v.string_param or v.int64_param for k, v in response.parameters.items()}  # gRPC InferParameter
+    assert ready and response.id == "g-1" and (parameters["ranker_version"], parameters["space"]) == (VERSION, SPACE)
+    assert REQUEST_ID.match(parameters["request_id"])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "inputs.candidates" in error.details()
+    status, v1 = http(predictor, "POST", f"/v1/models/{MODEL}:predict", {"user": {"id": USER}, "candidates": [5, 17, 3]})
+    assert status == 200
+    np.testing.assert_allclose(response.outputs[0].as_numpy(), v1["predictions"], rtol=1e-5, atol=1e-6)
+    assert metric(predictor, "mmrank_requests_total", variant=VERSION, protocol="grpc", code="200") == ok + 1
+    assert metric(predictor, "mmrank_requests_total", variant=VERSION, protocol="grpc", code="400") == refused + 1
 
 
 def test_an_item_without_embedding_is_scored_and_counted_never_a_500(predictor: servers.Server) -> None:
@@ -232,7 +332,7 @@ def test_an_item_without_embedding_is_scored_and_counted_never_a_500(predictor: 
 BAD = [
     # (name, method, path, body, expected status, text the error must contain)
     ("malformed JSON", "POST", f"/v1/models/{MODEL}:predict", b'{"user": {"id": 7}, "candidates": [1,', 400,
-     "Unrecognized request format"),
+     "body: not valid JSON"),
     ("not an object", "POST", f"/v1/models/{MODEL}:predict", [1, 2], 400, "body: expected a JSON object"),
     ("user id type", "POST", f"/v1/models/{MODEL}:predict", {"user": {"id": "7"}, "candidates": [1]}, 400, "user.id"),
     ("candidate type", "POST", f"/v1/models/{MODEL}:predict", {"user": {"id": 7}, "candidates": [1, 2.5]}, 400,
@@ -251,9 +351,22 @@ BAD = [
     ("v2 shape and data disagree", "POST", f"/v2/models/{MODEL}/infer",
      {"inputs": [{"name": "user_id", "datatype": "INT64", "shape": [1], "data": [7]},
                  {"name": "candidates", "datatype": "INT64", "shape": [3], "data": [1]}]}, 400, "inputs.candidates"),
-    ("v2 not an inference request", "POST", f"/v2/models/{MODEL}/infer", {"inputs": [{"name": "user_id"}]}, 422,
-     "datatype"),
+    ("v2 not an inference request", "POST", f"/v2/models/{MODEL}/infer", {"inputs": [{"name": "user_id"}]}, 400,
+     "inputs.user_id.datatype: missing"),
     ("unknown model", "POST", "/v1/models/nope:predict", {"user": {"id": 7}, "candidates": [1]}, 404, "nope"),
+    ("duplicate candidates", "POST", f"/v1/models/{MODEL}:predict", {"user": {"id": 7}, "candidates": [4, 2, 4]},
+     400, "candidates: item 4 is listed more than once"),
+    ("too many instances", "POST", f"/v1/models/{MODEL}:predict",
+     {"instances": [{"user": {"id": 7}, "candidates": [1]}] * 5}, 400, "instances: 5 instances, at most 4"),
+    ("bad instance", "POST", f"/v1/models/{MODEL}:predict",
+     {"instances": [{"user": {"id": 7}, "candidates": [1]}, {"user": {"id": 7}, "candidates": []}]}, 400,
+     "instances[1].candidates"),
+    ("v2 binary size beyond the body", "POST", f"/v2/models/{MODEL}/infer",
+     {"inputs": [{"name": "user_id", "datatype": "INT64", "shape": [1], "parameters": {"binary_data_size": 8}}]},
+     400, "inputs.user_id.parameters.binary_data_size"),
+    ("v2 no inputs", "POST", f"/v2/models/{MODEL}/infer", {"id": "x"}, 400, "inputs: expected a non-empty list"),
+    ("v2 NaN", "POST", f"/v2/models/{MODEL}/infer", b'{"inputs": [{"name": "user_id", "datatype": "INT64", '
+     b'"shape": [1], "data": [NaN]}]}', 400, "body: not valid JSON"),
     ("feedback request id", "POST", "/v1/feedback", {"request_id": "x" * 40, "impressions": 1}, 400, "request_id"),
     ("feedback clicks", "POST", "/v1/feedback", {"request_id": f"r1.{'a' * 32}", "impressions": 1, "clicks": 2},
      400, "clicks"),
@@ -261,7 +374,12 @@ BAD = [
 
 
 def test_the_bad_request_matrix_answers_4xx_with_a_message(predictor: servers.Server) -> None:
+    """Each answer is counted and timed (errors too, all under the variant label) and no 4xx
+    writes a traceback to the log."""
     before = metric(predictor, "mmrank_request_errors_total", variant=VERSION, reason="too_many_candidates")
+    answered = metric(predictor, "mmrank_requests_total", variant=VERSION)
+    timed = metric(predictor, "mmrank_request_duration_seconds_count", variant=VERSION)
+    rankings = sum(1 for _, _, path, *_ in BAD if path != "/v1/feedback")
     failures = []
     for name, method, path, body, want_status, want_text in BAD:
         status, answer = http(predictor, method, path, body)
@@ -270,34 +388,104 @@ def test_the_bad_request_matrix_answers_4xx_with_a_message(predictor: servers.Se
             failures.append(f"{name}: {status} {message[:300]}")
     assert not failures, "\n".join(failures)
     assert metric(predictor, "mmrank_request_errors_total", variant=VERSION, reason="too_many_candidates") == before + 1
+    assert metric(predictor, "mmrank_requests_total", variant=VERSION) == answered + rankings
+    assert metric(predictor, "mmrank_request_duration_seconds_count", variant=VERSION) == timed + rankings
+    assert "Traceback" not in predictor.log_path.read_text()
     status, _ = http(predictor, "POST", f"/v1/models/{MODEL}:predict", {"user": {"id": 7}, "candidates": [1]})
     assert status == 200  # and the server is still serving
 
 
-def test_overload_answers_503_at_once_instead_of_queueing(predictor: servers.Server) -> None:
-    """max_concurrency is 1: a request whose body is still arriving holds the only slot."""
-    body = json.dumps({"user": {"id": USER}, "candidates": [1, 2]}).encode()
-    held = socket.create_connection(("127.0.0.1", predictor.port), timeout=30)
+def test_overload_answers_503_at_once_instead_of_queueing(predictor: servers.Server, redis: servers.Server) -> None:
+    """max_concurrency is 1: a ranking stuck in its store read (Redis paused) holds the only slot."""
+    import redis as redis_py
+
+    body = {"user": {"id": USER}, "candidates": [1, 2]}
+    before = metric(predictor, "mmrank_requests_total", variant=VERSION, protocol="v1", code="503")
+    client = redis_py.Redis.from_url(redis.url)
     try:
-        held.sendall(f"POST /v1/models/{MODEL}:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body[:10])
-        deadline = time.monotonic() + 10
-        while metric(predictor, "mmrank_inflight_requests", variant=VERSION) < 1:
-            assert time.monotonic() < deadline, "the held request never took the slot"
-            time.sleep(0.05)
-        started = time.monotonic()
-        status, answer = http(predictor, "POST", f"/v1/models/{MODEL}:predict", body)
-        assert status == 503 and "overloaded: 1 requests in flight, at most 1" in answer["error"]
-        assert time.monotonic() - started < 2.0
-        held.sendall(body[10:])
-        reply = b""
-        while chunk := held.recv(65536):
-            reply += chunk
-        assert reply.startswith(b"HTTP/1.1 200") and b'"predictions"' in reply
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            client.execute_command("CLIENT", "PAUSE", "2000", "ALL")
+            held = pool.submit(http, predictor, "POST", f"/v1/models/{MODEL}:predict", body)
+            wait_for(lambda: metric(predictor, "mmrank_inflight_requests", variant=VERSION) >= 1, timeout=5)
+            started = time.monotonic()
+            status, answer = http(predictor, "POST", f"/v1/models/{MODEL}:predict", body)
+            assert status == 503 and "overloaded: 1 requests in flight, at most 1" in answer["error"]
+            assert time.monotonic() - started < 0.5
+            assert held.result()[0] == 200  # answered once Redis is back
     finally:
-        held.close()
+        client.execute_command("CLIENT", "UNPAUSE")
+        client.close()
+    assert metric(predictor, "mmrank_requests_total", variant=VERSION, protocol="v1", code="503") == before + 1
     assert metric(predictor, "mmrank_request_errors_total", variant=VERSION, reason="overloaded") >= 1
     assert http(predictor, "POST", f"/v1/models/{MODEL}:predict", body)[0] == 200
+
+
+def test_idle_uploads_hold_no_slot_and_are_answered_408(predictor: servers.Server) -> None:
+    """Eight connections that send headers and a few body bytes, then nothing: the one slot stays
+    free for real requests, the server stays ready, and each idle one gets 408 after the deadline."""
+    body = json.dumps({"user": {"id": USER}, "candidates": [1, 2]}).encode()
+    before = metric(predictor, "mmrank_requests_total", variant=VERSION, protocol="v1", code="408")
+    idle = [socket.create_connection(("127.0.0.1", predictor.port), timeout=10) for _ in range(8)]
+    try:
+        for sock in idle:
+            sock.sendall(f"POST /v1/models/{MODEL}:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                         f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+        started = time.monotonic()
+        for _ in range(3):
+            assert http(predictor, "POST", f"/v1/models/{MODEL}:predict", body)[0] == 200
+        assert http(predictor, "GET", "/v2/health/ready")[0] == 200
+        assert time.monotonic() - started < 1.0  # served while the uploads were still open
+        for sock in idle:
+            status, answer = read_response(sock)
+            assert status == 408 and "body: 10 bytes received, the rest not within 1 s" in answer["error"]
+            assert sock.recv(1) == b""  # and the connection closed: the rest is never taken for a request
+    finally:
+        for sock in idle:
+            sock.close()
+    assert metric(predictor, "mmrank_requests_total", variant=VERSION, protocol="v1", code="408") == before + 8
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, Any]]:
+    """One HTTP/1.1 response with a Content-Length, read off a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response: {data!r}"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return int(head.split()[1]), json.loads(rest[:length])
+
+
+def exchange(sock: socket.socket, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    data = json.dumps(body).encode()
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return read_response(sock)
+
+
+def v2_body(user: Any, candidates: list[Any], datatype: str = "INT64") -> dict[str, Any]:
+    return {"inputs": [{"name": "user_id", "datatype": datatype, "shape": [1], "data": [user]},
+                       {"name": "candidates", "datatype": datatype, "shape": [len(candidates)], "data": candidates}]}
+
+
+def test_ids_beyond_int64_are_400_and_the_kept_alive_connection_serves_on(predictor: servers.Server) -> None:
+    infer = f"/v2/models/{MODEL}/infer"
+    with socket.create_connection(("127.0.0.1", predictor.port), timeout=10) as sock:
+        for body, field in [(v2_body(2**63, [1, 2]), "inputs.user_id"), (v2_body(7, [1, 2**64]), "inputs.candidates"),
+                            (v2_body(-2**63 - 1, [1]), "inputs.user_id"), (v2_body(7, [1.5]), "inputs.candidates"),
+                            (v2_body(7, [2**63 - 1, 3]), None)]:
+            status, answer = exchange(sock, infer, body)
+            if field is None:
+                assert status == 200 and len(answer["outputs"][0]["data"]) == 2  # the largest INT64 is an id too
+            else:
+                assert status == 400 and answer["error"].startswith(field), answer
+        status, answer = exchange(sock, f"/v1/models/{MODEL}:predict", {"user": {"id": 2**64}, "candidates": [1]})
+        assert status == 400 and answer["error"].startswith("user.id")
+        assert exchange(sock, infer, v2_body(USER, [1, 2]))[0] == 200  # same connection, still served
+    assert "Traceback" not in predictor.log_path.read_text()
 
 
 # --- readiness ---------------------------------------------------------------------------------
