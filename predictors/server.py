@@ -286,8 +286,8 @@ class RankerModel(Model):
         self.ranker, self.meta = load_ranker(self.model_dir)
         self.features = self.ranker.item_features.numpy()
         self.store = open_store(self.store_url)
-        if not isinstance(self.store, RedisStore):
-            self.item_cache = None  # the embedded store is a local memory map already
+        if not isinstance(self.store, RedisStore) or not hasattr(self.store, "changes_key"):
+            self.item_cache = None  # the embedded store is a local memory map; no version log: no cache
         log.info("loaded ranker %s (artifact %s, %s) from %s, trained on space %s; history window %d; store %s "
                  "(reply parser: %s; item vector cache: %s)", self.version, self.meta.get("version"),
                  self.meta.get("variant"), self.model_dir, self.space, self.window, redact(self.store_url),

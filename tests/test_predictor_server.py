@@ -327,6 +327,28 @@ def test_an_item_without_embedding_is_scored_and_counted_never_a_500(predictor: 
     assert metric(predictor, "mmrank_embedding_miss_total", variant=VERSION, role="candidate") == before + 2
 
 
+def test_a_re_embedded_item_is_scored_with_its_new_vector_at_once(
+        predictor: servers.Server, redis: servers.Server, artifact: Path) -> None:
+    """The process caches item vectors (hiredis parses the replies); a put that has returned is
+    seen by the next request."""
+    body = {"user": {"id": USER}, "candidates": [5, 17, 3]}
+    hits = metric(predictor, "mmrank_item_cache_rows_total", variant=VERSION, result="hit")
+    assert http(predictor, "POST", f"/v1/models/{MODEL}:predict", body)[0] == 200
+    status, before = http(predictor, "POST", f"/v1/models/{MODEL}:predict", body)
+    assert status == 200 and metric(predictor, "mmrank_item_cache_rows_total", variant=VERSION, result="hit") >= hits + 23
+    store = open_store(redis.url)
+    try:
+        store.put(SPACE, [17], unit_vectors(1, DIM, seed=99))  # what the embedder does
+    finally:
+        store.close()
+    status, after = http(predictor, "POST", f"/v1/models/{MODEL}:predict", body)
+    assert status == 200 and after["predictions"][1] != before["predictions"][1]
+    np.testing.assert_allclose(after["predictions"], expected_scores(redis, artifact, np.arange(40, 70), [5, 17, 3]),
+                               rtol=1e-5, atol=1e-6)
+    status, info = http(predictor, "GET", f"/v1/models/{MODEL}/status")
+    assert info["redis_parser"] == "hiredis" and info["item_cache"]["dropped"] >= 1
+
+
 # --- bad requests ---------------------------------------------------------------------------------
 
 BAD = [
