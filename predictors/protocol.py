@@ -25,6 +25,7 @@ from mmrank.predictors.requests import (
     Ranking,
     parse_v1_body,
     parse_v2,
+    unknown_field,
     v2_tensor,
 )
 
@@ -74,7 +75,7 @@ def decode_v2(body: bytes, header_length: str | None, limits: Limits) -> Ranking
         raise BadRequest("body", f"expected a JSON object, got {type(request).__name__}")
     extra = sorted(set(request) - _REQUEST_KEYS)
     if extra:
-        raise BadRequest(extra[0], f"unknown field; a v2 request has {sorted(_REQUEST_KEYS)}")
+        raise unknown_field("", extra[0], _REQUEST_KEYS)
     caller_id = request.get("id")
     if caller_id is not None and (not isinstance(caller_id, str) or len(caller_id) > 256):
         raise BadRequest("id", "must be a string of at most 256 characters")
@@ -144,7 +145,7 @@ def _tensor(tensor: Any, index: int, body: bytes, offset: int) -> tuple[str, np.
     field = f"inputs.{name}"
     extra = sorted(set(tensor) - _INPUT_KEYS)
     if extra:
-        raise BadRequest(f"{field}.{extra[0]}", f"unknown field; a tensor has {sorted(_INPUT_KEYS)}")
+        raise unknown_field(field, extra[0], _INPUT_KEYS)
     for key in ("datatype", "shape"):
         if key not in tensor:
             raise BadRequest(f"{field}.{key}", "missing")

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -105,23 +106,38 @@ def first_duplicate(ids: np.ndarray) -> int | None:
     return int(ordered[same[0]]) if len(same) else None
 
 
-def field_path(loc: Sequence[int | str]) -> str:
-    """pydantic's error location as the caller wrote it: `candidates[3].item_id`."""
+_IDENTIFIER = re.compile(r"[A-Za-z_][\w-]*\Z")
+
+
+def field_path(loc: Sequence[int | str]) -> tuple[str, str]:
+    """pydantic's error location as the caller wrote it, `candidates[3].item_id`, and "" or, when
+    the location goes through a key that is no identifier, that key for the message: the field
+    is then its parent (`body` at the top)."""
     text = ""
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
         elif part.startswith("function-") or part in ("int", "Candidate"):
             continue
+        elif not _IDENTIFIER.match(part):
+            return text or "body", f"field {json.dumps(part)}: "
         else:
             text += f".{part}" if text else part
-    return text or "body"
+    return text or "body", ""
+
+
+def unknown_field(parent: str, key: Any, known: Iterable[str]) -> BadRequest:
+    """A key the protocol does not have, named in the field when it is an identifier."""
+    if isinstance(key, str) and _IDENTIFIER.match(key):
+        return BadRequest(f"{parent}.{key}" if parent else key, f"unknown field; expected one of {sorted(known)}")
+    return BadRequest(parent or "body", f"unknown field {json.dumps(key)}; expected one of {sorted(known)}")
 
 
 def bad_request_from(exc: ValidationError) -> BadRequest:
     first = exc.errors(include_url=False)[0]
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return BadRequest(field_path(first["loc"]), f"{first['msg']}{more}")
+    field, prefix = field_path(first["loc"])
+    return BadRequest(field, f"{prefix}{first['msg']}{more}")
 
 
 def check_limits(ranking: Ranking, limits: Limits, field: str = "candidates") -> Ranking:
@@ -150,7 +166,7 @@ def parse_v1_body(body: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[list[Rank
         return [parse_v1(body, limits)], False
     extra = sorted(set(body) - {"instances"})
     if extra:
-        raise BadRequest(extra[0], "unexpected beside instances (one ranking request per instance)")
+        raise unknown_field("", extra[0], ["instances"])
     instances = body["instances"]
     if not isinstance(instances, list) or not instances:
         raise BadRequest("instances", "expected a non-empty list of ranking requests")

@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import hypothesis
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
 from mmrank import servers
 from mmrank.store import open_store
@@ -603,3 +605,148 @@ def test_feedback_by_http_and_stream_reaches_prometheus_by_variant(
     assert query(f'mmrank_ready{{variant="{VERSION}", space="{SPACE}"}}') == 1.0
     assert query(f'sum(mmrank_request_duration_seconds_count{{variant="{VERSION}"}})') >= 1
     assert query(f'sum(request_predict_seconds_count{{model_name="{MODEL}"}})') >= 1  # KServe's own, beside ours
+
+
+# --- property-based fuzzing of every endpoint and protocol -----------------------------------------
+# Whatever a caller sends, the answer is 200 or a 4xx whose message starts with the field it is
+# about: never a 5xx, a traceback in the log, or a connection left hanging (every call has a 10 s
+# timeout). Derandomized, so a run is repeatable; the examples are drawn around the valid shape.
+
+FUZZ = hypothesis.settings(max_examples=120, deadline=None, derandomize=True, database=None,
+                           suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture,
+                                                  hypothesis.HealthCheck.too_slow])
+FIELD_MESSAGE = re.compile(r"^([A-Za-z_][\w.\[\]-]*: |Model with name )")
+ANY_ID = st.one_of(st.integers(-3, 120), st.integers(-2**70, 2**70), st.floats(), st.booleans(), st.text(max_size=3),
+                   st.none())
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=4),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=12)
+
+
+def candidates_strategy() -> st.SearchStrategy[Any]:
+    candidate = ANY_ID | st.fixed_dictionaries({"item_id": ANY_ID}, optional={"category": ANY_ID, "brand": ANY_ID,
+                                                                               "colour": ANY_ID})
+    return st.lists(candidate, max_size=60) | JSON
+
+
+def ranking_strategy() -> st.SearchStrategy[Any]:
+    user = st.fixed_dictionaries({"id": ANY_ID}, optional={"history": st.lists(ANY_ID, max_size=110) | JSON})
+    return st.fixed_dictionaries({"user": user | JSON, "candidates": candidates_strategy()},
+                                 optional={"extra": JSON}) | JSON
+
+
+def tensor_strategy() -> st.SearchStrategy[Any]:
+    name = st.sampled_from(["user_id", "candidates", "history", "category", "brand", "colour"]) | st.text(max_size=4)
+    datatype = st.sampled_from(["INT64", "INT32", "UINT64", "UINT8", "FP32", "BYTES", "BOOL"]) | JSON
+    shape = st.lists(st.integers(-2, 60) | st.integers(-2**70, 2**70), max_size=3) | JSON
+    return st.fixed_dictionaries({"name": name, "datatype": datatype, "shape": shape},
+                                 optional={"data": st.lists(ANY_ID, max_size=60) | JSON,
+                                           "parameters": st.fixed_dictionaries(
+                                               {"binary_data_size": st.integers(-8, 2**40) | JSON}) | JSON})
+
+
+def v2_request_strategy() -> st.SearchStrategy[Any]:
+    return st.fixed_dictionaries({"inputs": st.lists(tensor_strategy(), max_size=6) | JSON},
+                                 optional={"id": JSON, "parameters": st.fixed_dictionaries(
+                                     {"binary_data_output": JSON}) | JSON, "outputs": JSON}) | JSON
+
+
+def check_answer(response: httpx.Response) -> None:
+    assert response.status_code < 500, f"{response.status_code} {response.text[:300]}"
+    if response.status_code >= 400:
+        error = response.json()["error"]
+        assert FIELD_MESSAGE.match(error), error
+
+
+@pytest.fixture(scope="module")
+def fuzz_client(predictor: servers.Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=predictor.url, timeout=10) as client:
+        yield client
+
+
+@FUZZ
+@hypothesis.given(body=ranking_strategy() | st.fixed_dictionaries({"instances": st.lists(ranking_strategy(), max_size=5)}))
+def test_fuzz_v1_answers_200_or_a_4xx_naming_the_field(fuzz_client: httpx.Client, body: Any) -> None:
+    response = fuzz_client.post(f"/v1/models/{MODEL}:predict", content=json.dumps(body),
+                                headers={"content-type": "application/json"})
+    check_answer(response)
+    if response.status_code == 200:
+        predictions = response.json()["predictions"]
+        wanted = len(body["instances"]) if "instances" in body else len(body["candidates"])
+        assert len(predictions) == wanted
+
+
+@FUZZ
+@hypothesis.given(body=v2_request_strategy())
+def test_fuzz_v2_json_answers_200_or_a_4xx_naming_the_field(fuzz_client: httpx.Client, body: Any) -> None:
+    check_answer(fuzz_client.post(f"/v2/models/{MODEL}/infer", content=json.dumps(body),
+                                  headers={"content-type": "application/json"}))
+
+
+@FUZZ
+@hypothesis.given(head=v2_request_strategy(), tail=st.binary(max_size=64),
+                  length=st.none() | st.integers(-5, 400).map(str) | st.text("0123456789x-", min_size=1, max_size=4))
+def test_fuzz_v2_binary_answers_200_or_a_4xx_naming_the_field(fuzz_client: httpx.Client, head: Any, tail: bytes,
+                                                            length: str | None) -> None:
+    header = json.dumps(head).encode()
+    headers = {"content-type": "application/octet-stream",
+               "inference-header-content-length": str(len(header)) if length is None else length}
+    check_answer(fuzz_client.post(f"/v2/models/{MODEL}/infer", content=header + tail, headers=headers))
+
+
+@FUZZ
+@hypothesis.given(body=JSON | st.fixed_dictionaries({"request_id": JSON, "impressions": ANY_ID, "clicks": ANY_ID}),
+                  raw=st.binary(max_size=30))
+def test_fuzz_feedback_never_answers_5xx(fuzz_client: httpx.Client, body: Any, raw: bytes) -> None:
+    for content in (json.dumps(body).encode(), raw):
+        response = fuzz_client.post("/v1/feedback", content=content, headers={"content-type": "application/json"})
+        assert response.status_code < 500 or "feedback stream unavailable" in response.text, response.text[:300]
+
+
+def grpc_tensor_strategy() -> st.SearchStrategy[dict[str, Any]]:
+    return st.fixed_dictionaries({
+        "name": st.sampled_from(["user_id", "candidates", "history", "brand", "colour"]),
+        "datatype": st.sampled_from(["INT64", "INT32", "UINT64", "FP32", "BYTES", "WHAT"]),
+        "shape": st.lists(st.integers(-2, 60), max_size=3),
+        "contents": st.sampled_from(["int64_contents", "uint64_contents", "fp32_contents", "int_contents"]),
+        "values": st.lists(st.integers(0, 2**63 - 1) | st.integers(-3, 120), max_size=40),
+        "raw": st.none() | st.binary(max_size=80)})
+
+
+@FUZZ
+@hypothesis.given(tensors=st.lists(grpc_tensor_strategy(), max_size=5), model=st.sampled_from([MODEL, MODEL, "nope"]),
+                  request_id=st.text(max_size=8))
+def test_fuzz_grpc_answers_ok_or_a_client_error(predictor: servers.Server, tensors: list[dict[str, Any]], model: str,
+                                                request_id: str) -> None:
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    inputs, raw = [], []
+    for t in tensors:
+        contents = {}
+        if t["raw"] is None:
+            fits = {"int_contents": lambda v: -2**31 <= v < 2**31, "uint64_contents": lambda v: v >= 0}
+            values = [v for v in t["values"] if fits.get(t["contents"], lambda v: True)(v)]
+            contents = {t["contents"]: [float(v) for v in values] if t["contents"] == "fp32_contents" else values}
+        else:
+            raw.append(t["raw"])
+        inputs.append(pb.ModelInferRequest.InferInputTensor(name=t["name"], datatype=t["datatype"], shape=t["shape"],
+                                                            contents=pb.InferTensorContents(**contents)))
+    if raw and len(raw) != len(inputs):
+        raw = []
+    request = pb.ModelInferRequest(model_name=model, id=request_id, inputs=inputs, raw_input_contents=raw)
+    with grpc.insecure_channel(predictor.extra["grpc"]) as channel:
+        try:
+            GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+        except grpc.RpcError as exc:
+            assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), \
+                f"{exc.code()} {exc.details()}"
+
+
+def test_deep_nesting_and_the_log_after_fuzzing(predictor: servers.Server, fuzz_client: httpx.Client) -> None:
+    for body in (b"[" * 100_000 + b"]" * 100_000, b'{"user": ' * 5000 + b"1" + b"}" * 5000):
+        response = fuzz_client.post(f"/v1/models/{MODEL}:predict", content=body[:19_000])
+        assert response.status_code == 400 and response.json()["error"].startswith("body: ")
+    assert fuzz_client.post(f"/v1/models/{MODEL}:predict", json={"user": {"id": USER}, "candidates": [1]}).status_code == 200
+    assert "Traceback" not in predictor.log_path.read_text()
