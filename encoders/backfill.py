@@ -132,8 +132,11 @@ def checkpoint(store: EmbeddingStore, space: str, shard_name: str) -> tuple[int 
 
 async def store_window(store: EmbeddingStore, config: BackfillConfig, ids: np.ndarray, vectors: np.ndarray,
                        done: int, total: int, on_progress: Callable[[int], None]) -> None:
-    """Write one window, then move the checkpoint past it (while Triton embeds the next one)."""
-    await asyncio.to_thread(store.put, config.space, ids, vectors)
+    """Write one window, then move the checkpoint past it (while Triton embeds the next one).
+
+    Rows go in with event time 0: the backfill fills what no item event has written, and never
+    overwrites the vector of an event the embedder stored meanwhile (a rerun rewrites its own)."""
+    await asyncio.to_thread(store.put, config.space, ids, vectors, np.zeros(len(ids)))
     await asyncio.to_thread(store.report_backfill, config.space, config.shard_name, done, total)
     on_progress(len(ids))
 

@@ -7,12 +7,28 @@
 
 At least once, idempotent: an entry is acknowledged only after every space's write succeeded; a
 batch that fails (Triton down, Redis down) is retried with exponential back-off and never
-dropped, and what a crashed embedder left pending is read again on restart (its own pending
-entries) or claimed by another replica after `claim_idle` seconds (XAUTOCLAIM). Writing the same
-item twice overwrites one vector with an identical one. An item the encoder itself keeps refusing
+dropped, and what a crashed embedder left pending is claimed again on restart (its own pending
+entries) or by another replica once idle for `claim_idle` seconds (XAUTOCLAIM, following its
+cursor through the whole pending list, then again every `claim_idle / 2`). Entries being embedded
+are re-claimed by their owner (XCLAIM JUSTID) every `claim_idle / 3`, so a live replica's slow
+batch is never taken over. Every claim counts a delivery; an entry delivered more than
+`max_deliveries` times (it crashed or hung every embedder that took it) is dead-lettered with the
+reason `too_many_deliveries`. Consumers with nothing pending and idle for `forget_consumer_after`
+seconds (pods gone) are removed from the group after a sweep.
+
+Every write carries the event's `event_time`: the store keeps the newest per item atomically, so
+a replayed old event, or a late batch of a slower replica, never overwrites a newer vector
+(`mmrank_embedder_stale_events_total`). An item the encoder itself keeps refusing
 (Triton answers INTERNAL / INVALID_ARGUMENT, or a vector that is not finite) is found by embedding
 the batch one item at a time, while a probe item still goes through, and dead-lettered with the
 reason `encoder_rejected`, so one poisoned item never stalls the stream.
+
+Bounded streams: every `trim_interval` seconds the item stream is trimmed (XTRIM MINID) to the
+oldest entry some consumer group still needs (its oldest pending entry, or the one after its
+last delivered), so acknowledged events leave Redis within seconds; `POST /items` answers 503
+`stream_full` once the stream holds `stream_max_len` entries (a backlog the embedders cannot
+drain: nothing is dropped, the producer retries). The dead-letter stream keeps its newest
+`dead_letter_max_len` entries (XADD MAXLEN), each without payload fields over 64 KiB.
 
 Encoders ("every live encoder version") come from `--encoder SPACE=HOST:PORT[/MODEL]` or the
 environment variable `MMRANK_ENCODERS` ("e1=triton-e1:8001,e2=triton-e2:8001/item_encoder"),
@@ -44,7 +60,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from mmrank.encoders.item_events import (DEAD_LETTER_STREAM, EMBEDDER_GROUP, ITEM_STREAM, MAX_EVENT_BYTES, BadEvent,
-                                         ItemEvent, dead_letter_fields, parse_event)
+                                         ItemEvent, StreamFull, dead_letter_fields, parse_event)
 from mmrank.store import EmbeddingStore, open_store, redis_client
 
 log = logging.getLogger("mmrank.embedder")
@@ -56,8 +72,28 @@ ENV_GROUP = "MMRANK_CONSUMER_GROUP"
 DEFAULT_MODEL = "item_encoder"
 FRESHNESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 30, 60, 120, 300)
 T = TypeVar("T")
+CLAIM_STEP_BATCHES = 8  # a sweep step takes over this many batches (ids only; `recover_own` reads them)
+AUTOCLAIM_IDS = """
+return redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5], 'JUSTID')
+"""
+# Removes the group's consumers that have nothing pending and were idle at least ARGV[2] ms,
+# except ARGV[3] (the caller). KEYS[1]: stream; ARGV[1]: group. Returns the names removed.
+FORGET_CONSUMERS = """
+local removed = {}
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  if info['pending'] == 0 and info['idle'] >= tonumber(ARGV[2]) and info['name'] ~= ARGV[3] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    removed[#removed + 1] = info['name']
+  end
+end
+return removed
+"""
 Entry = tuple[bytes, "dict[bytes, bytes] | None"]  # a stream entry: id, fields (None once deleted)
+Delivered = tuple[bytes, "dict[bytes, bytes] | None", int]  # an entry and how often it was delivered
 Refused = tuple[bytes, "dict[bytes, bytes]", BadEvent]  # entry id, fields, why it is dead-lettered
+NO_CURSOR = b"0-0"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +143,16 @@ class EmbedderConfig:
     stream: str = ITEM_STREAM
     dead_stream: str = ""  # default: "<stream>:dead" (mmrank:items:dead)
     group: str = EMBEDDER_GROUP
+    max_deliveries: int = 5
+    forget_consumer_after: float = 600.0
+    trim_interval: float = 5.0
+    stream_max_len: int = 100_000
+    dead_letter_max_len: int = 10_000
 
     def __post_init__(self) -> None:
+        if self.max_deliveries < 3:
+            raise ValueError(f"max_deliveries must be at least 3 (a batch-mate of a crashing entry is delivered "
+                             f"up to 3 times), got {self.max_deliveries}")
         if not self.dead_stream:
             self.dead_stream = DEAD_LETTER_STREAM if self.stream == ITEM_STREAM else f"{self.stream}:dead"
 
@@ -121,11 +165,65 @@ def backoff_delay(attempt: int, base: float, cap: float) -> float:
 
 
 def latest_per_item(events: Sequence[ItemEvent]) -> list[ItemEvent]:
-    """Two events of one item in a batch: embed the later one only (stream order wins)."""
+    """Two events of one item in a batch: embed the one with the later event time only (on a
+    tie, the later in the stream); the store would refuse the older one anyway."""
     latest: dict[int, ItemEvent] = {}
     for event in events:
-        latest[event.item_id] = event
+        kept = latest.get(event.item_id)
+        if kept is None or kept.event_time <= event.event_time:
+            latest[event.item_id] = event
     return list(latest.values())
+
+
+def over_delivered(entries: Sequence[Delivered], limit: int) -> tuple[list[Entry], list[Refused]]:
+    """Entries delivered more than `limit` times go to the dead letters: each delivery ended
+    without an acknowledgement, so the entry crashed or hung every embedder that took it."""
+    keep: list[Entry] = []
+    refused: list[Refused] = []
+    for entry_id, fields, deliveries in entries:
+        if deliveries > limit:
+            refused.append((entry_id, fields or {}, BadEvent(
+                "too_many_deliveries", f"delivered {deliveries} times without an acknowledgement (limit {limit}): "
+                "every embedder that took it crashed or hung")))
+        else:
+            keep.append((entry_id, fields))
+    return keep, refused
+
+
+def redelivery(waiting: Sequence[tuple[bytes, int]]) -> list[tuple[bytes, int]]:
+    """Which pending entries (id, deliveries so far; oldest first) to deliver again now.
+
+    Entries delivered once go again as a batch: their consumer most likely died for a reason of
+    its own. An entry delivered twice or more was in a batch that crashed again, so it goes
+    alone (and is embedded with nothing else in flight): only the entry that kills the embedder
+    keeps counting deliveries, and its batch-mates are stored after at most three."""
+    if waiting[0][1] >= 2:
+        return [waiting[0]]
+    batch = []
+    for entry in waiting:
+        if entry[1] >= 2:
+            break
+        batch.append(entry)
+    return batch
+
+
+def next_stream_id(entry_id: bytes | str) -> str:
+    """The smallest stream id after `entry_id` ("ms-seq")."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
+
+
+def trim_floor(groups: Sequence[tuple[int, bytes | None, bytes | str]]) -> str | None:
+    """MINID for XTRIM: the oldest entry any consumer group still needs, from each group's
+    (pending count, oldest pending id, last delivered id). None: keep everything (no group)."""
+    needed = []
+    for pending, oldest_pending, last_delivered in groups:
+        needed.append(oldest_pending if pending and oldest_pending else next_stream_id(last_delivered))
+    if not needed:
+        return None
+    as_text = [n.decode() if isinstance(n, bytes) else n for n in needed]
+    return min(as_text, key=lambda n: tuple(int(part) for part in n.split("-")))
 
 
 class EncoderOutputError(RuntimeError):
@@ -225,6 +323,12 @@ class Metrics:
                          registry=self.registry)
         self.batch = Histogram("mmrank_embedder_batch_size", "Events per batch read from the stream",
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self.stale = Counter("mmrank_embedder_stale_events", "Events not written: the item's stored vector "
+                             "comes from a later event", ["space"], registry=self.registry)
+        self.stream_length = Gauge("mmrank_embedder_stream_entries", "Entries in the item stream (after trimming)",
+                                   registry=self.registry)
+        self.claimed = Counter("mmrank_embedder_claimed", "Entries taken over from idle or restarted consumers",
+                               registry=self.registry)
 
     def exposition(self) -> bytes:
         from prometheus_client import generate_latest
@@ -250,11 +354,13 @@ class Embedder:
         self.triton_ok = {t.space: False for t in config.encoders}
         self.heartbeat = time.monotonic()
         self.recover = True
+        self.claim_cursor = NO_CURSOR
         self.last_claim = 0.0
         self.last_lag = 0.0
         self.processed = 0
         self.in_flight: dict[bytes, asyncio.Task[None]] = {}
         self.item_tasks: dict[int, asyncio.Task[None]] = {}
+        self.running: set[asyncio.Task[None]] = set()
 
     # readiness -------------------------------------------------------------------------------
 
@@ -325,27 +431,19 @@ class Embedder:
 
     # reading -------------------------------------------------------------------------------
 
-    async def read_batch(self) -> list[Entry]:
-        """Own pending entries first (after a start or an outage), stale ones of dead replicas
-        next, then new entries: up to batch_size, waiting at most max_wait after the first."""
+    async def read_batch(self) -> list[Delivered]:
+        """Own pending entries first (after a start or an outage), idle ones of other consumers
+        next (one step of a sweep), then new entries: up to batch_size, waiting at most max_wait
+        after the first."""
         cfg = self.config
-        start = "0"
-        while self.recover:
-            pending = await self._xread(start, cfg.batch_size, None)
-            if not pending:
-                self.recover = False
-                break
-            fresh = [entry for entry in pending if entry[0] not in self.in_flight]
-            if fresh:
-                return fresh
-            start = pending[-1][0].decode()
-        if time.monotonic() - self.last_claim > cfg.claim_idle / 2:
-            self.last_claim = time.monotonic()
-            claimed = await self.redis.xautoclaim(cfg.stream, cfg.group, cfg.consumer, int(cfg.claim_idle * 1000),
-                                                  start_id="0-0", count=cfg.batch_size)
-            fresh = [entry for entry in claimed[1] if entry[0] not in self.in_flight]
-            if fresh:
-                return fresh
+        if self.recover:
+            entries = await self.recover_own()
+            if entries:
+                return entries
+        if self.claim_cursor != NO_CURSOR or time.monotonic() - self.last_claim > cfg.claim_idle / 2:
+            entries = await self.claim_idle_entries()
+            if entries:
+                return entries
         entries = await self._xread(">", cfg.batch_size, int(cfg.idle_block * 1000))
         deadline = time.monotonic() + cfg.max_wait
         while entries and len(entries) < cfg.batch_size and time.monotonic() < deadline:
@@ -354,7 +452,103 @@ class Embedder:
             if not more:
                 break
             entries.extend(more)
-        return entries
+        return [(entry_id, fields, 1) for entry_id, fields in entries]
+
+    async def recover_own(self) -> list[Delivered]:
+        """This consumer's pending entries that no batch here is embedding (after a restart, a
+        sweep's take-over, or an XREADGROUP answer lost in an outage), claimed again with their
+        fields: a claim counts a delivery. Which ones: `redelivery(...)` decides."""
+        cfg = self.config
+        start = "-"
+        while True:
+            rows = await self.redis.xpending_range(cfg.stream, cfg.group, min=start, max="+", count=cfg.batch_size,
+                                                   consumername=cfg.consumer)
+            self.redis_ok = True
+            if not rows:
+                self.recover = False
+                return []
+            waiting = [(row["message_id"], int(row["times_delivered"])) for row in rows
+                       if row["message_id"] not in self.in_flight]
+            if waiting:
+                return await self._claim(redelivery(waiting))
+            start = "(" + rows[-1]["message_id"].decode()
+
+    async def claim_idle_entries(self) -> list[Delivered]:
+        """One step of a sweep over the group's pending entries: XAUTOCLAIM (JUSTID: counting no
+        delivery yet) from the cursor the last step returned takes over what other consumers
+        left idle; `recover_own` then redelivers it. At the sweep's end, the consumers that are
+        gone are removed. Entries deleted from the stream meanwhile come back for dead letters."""
+        cfg = self.config
+        # Through EVAL: redis-py's xautoclaim(justid=True) drops the cursor from its answer.
+        cursor, claimed, deleted = (list(await self.redis.eval(
+            AUTOCLAIM_IDS, 1, cfg.stream, cfg.group, cfg.consumer, int(cfg.claim_idle * 1000), self.claim_cursor,
+            CLAIM_STEP_BATCHES * cfg.batch_size)) + [[]])[:3]
+        self.claim_cursor = cursor
+        if cursor == NO_CURSOR:
+            self.last_claim = time.monotonic()
+            await self.forget_dead_consumers()
+        if claimed or deleted:
+            self.metrics.claimed.inc(len(claimed) + len(deleted))
+            log.info("took over %d idle entries (%d deleted from the stream)", len(claimed), len(deleted))
+        if claimed:
+            self.recover = True
+        return [(entry_id, None, 1) for entry_id in deleted]
+
+    async def _claim(self, deliveries: Sequence[tuple[bytes, int]]) -> list[Delivered]:
+        """XCLAIM (id, deliveries so far) for this consumer, with fields; an id that comes back
+        without its entry was deleted from the stream (it is dead-lettered as such)."""
+        cfg = self.config
+        claimed = dict(await self.redis.xclaim(cfg.stream, cfg.group, cfg.consumer, 0, [i for i, _ in deliveries]))
+        return [(entry_id, claimed.get(entry_id), count + 1) for entry_id, count in deliveries]
+
+    async def forget_dead_consumers(self) -> None:
+        """Remove consumers with nothing pending, idle for `forget_consumer_after` (pods gone).
+        Checked and removed in one script: a consumer that reads meanwhile is never removed
+        with entries pending (which would orphan them)."""
+        cfg = self.config
+        removed = await self.redis.eval(FORGET_CONSUMERS, 1, cfg.stream, cfg.group,
+                                        int(cfg.forget_consumer_after * 1000), cfg.consumer)
+        if removed:
+            log.info("removed %d consumers gone from the group: %s", len(removed),
+                     ", ".join(r.decode() if isinstance(r, bytes) else str(r) for r in removed))
+
+    async def keep_claims(self) -> None:
+        """Reset the idle time of the entries being embedded here (XCLAIM JUSTID counts no
+        delivery), so another replica never takes over a live replica's slow batch."""
+        ids = list(self.in_flight)
+        if ids:
+            cfg = self.config
+            await self.redis.xclaim(cfg.stream, cfg.group, cfg.consumer, 0, ids, justid=True)
+
+    async def trim(self) -> None:
+        """Drop the entries every consumer group has acknowledged (XTRIM MINID)."""
+        cfg = self.config
+        groups = await self.redis.xinfo_groups(cfg.stream)
+        pipe = self.redis.pipeline(transaction=False)
+        for group in groups:
+            pipe.xpending(cfg.stream, group["name"])
+        summaries = await pipe.execute()
+        floor = trim_floor([(int(summary["pending"]), summary["min"], group["last-delivered-id"])
+                            for group, summary in zip(groups, summaries, strict=True)])
+        if floor is not None:
+            await self.redis.xtrim(cfg.stream, minid=floor, approximate=False)
+
+    async def maintain(self) -> None:
+        """Until stopped: keep the claims of batches in flight, trim the stream. Failures are
+        counted and retried at the next tick; they never stop the embedder."""
+        cfg = self.config
+        tick = min(cfg.claim_idle / 3, cfg.trim_interval)
+        last_trim = 0.0
+        while not self.stop_event.is_set():
+            try:
+                await self.keep_claims()
+                if time.monotonic() - last_trim >= cfg.trim_interval:
+                    last_trim = time.monotonic()
+                    await self.trim()
+            except Exception as exc:  # noqa: BLE001 - Redis down: the main loop reports it too
+                self.metrics.errors.labels(reason="redis_unavailable").inc()
+                log.warning("stream maintenance: %s", exc)
+            await self._sleep(tick)
 
     async def _xread(self, start: str, count: int, block_ms: int | None) -> list[Any]:
         cfg = self.config
@@ -367,7 +561,12 @@ class Embedder:
         if time.monotonic() - self.last_lag < 1.0:
             return
         self.last_lag = time.monotonic()
-        for group in await self.redis.xinfo_groups(self.config.stream):
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xinfo_groups(self.config.stream)
+        pipe.xlen(self.config.stream)
+        groups, length = await pipe.execute()
+        self.metrics.stream_length.set(int(length))
+        for group in groups:
             if group["name"] in (self.config.group, self.config.group.encode()):
                 self.metrics.lag.set(int(group.get("lag") or 0) + int(group.get("pending") or 0))
 
@@ -388,7 +587,8 @@ class Embedder:
         cfg = self.config
         pipe = self.redis.pipeline(transaction=True)
         for entry_id, fields, exc in bad:
-            pipe.xadd(cfg.dead_stream, dead_letter_fields(fields, exc.reason, exc.detail, entry_id.decode()))
+            pipe.xadd(cfg.dead_stream, dead_letter_fields(fields, exc.reason, exc.detail, entry_id.decode()),
+                      maxlen=cfg.dead_letter_max_len, approximate=False)
         pipe.xack(cfg.stream, cfg.group, *[entry_id for entry_id, _, _ in bad])
         await pipe.execute()
 
@@ -411,13 +611,19 @@ class Embedder:
             events, vectors, rejected = await self.retry("triton_unavailable", lambda: self.isolate(encoder, events),
                                                          triton_down)
         self.triton_ok[space] = True
+        written = np.zeros(0, dtype=bool)
         if events:
             ids = np.array([e.item_id for e in events], dtype=np.int64)
-            await self.retry("store_write", lambda: asyncio.to_thread(self.store.put, space, ids, vectors))
+            times = np.array([e.event_time for e in events], dtype=np.float64)
+            written = await self.retry("store_write",
+                                       lambda: asyncio.to_thread(self.store.put, space, ids, vectors, times))
         stored = time.time()
-        for event in events:
-            self.metrics.freshness.labels(space=space).observe(max(0.0, stored - event.event_time))
-        self.metrics.items.labels(space=space).inc(len(events))
+        for event, fresh in zip(events, written, strict=True):
+            if fresh:
+                self.metrics.freshness.labels(space=space).observe(max(0.0, stored - event.event_time))
+        self.metrics.items.labels(space=space).inc(int(written.sum()))
+        if not written.all():
+            self.metrics.stale.labels(space=space).inc(int((~written).sum()))
         return rejected
 
     async def isolate(self, encoder: TritonEncoder,
@@ -443,29 +649,36 @@ class Embedder:
         pipe = self.redis.pipeline(transaction=True)
         for event, detail in rejected:
             fields = {"item_id": str(event.item_id), "title": event.title, "event_time": repr(event.event_time)}
-            pipe.xadd(cfg.dead_stream, dead_letter_fields(fields, "encoder_rejected", detail, event.message_id))
+            pipe.xadd(cfg.dead_stream, dead_letter_fields(fields, "encoder_rejected", detail, event.message_id),
+                      maxlen=cfg.dead_letter_max_len, approximate=False)
         await pipe.execute()
 
-    async def take_batch(self) -> list[ItemEvent]:
-        """Read a batch, dead-letter what fails validation; the events left to embed.
+    async def take_batch(self) -> tuple[list[ItemEvent], bool]:
+        """Read a batch, dead-letter what fails validation or was delivered too often; the events
+        left to embed, and whether they must be embedded alone (a suspect: see `redelivery`).
 
         Entries already being embedded by a batch in flight are skipped: re-reading pending
         entries after an outage (or claiming idle ones) must not start the same work twice."""
         self.heartbeat = time.monotonic()
-        entries = await self.retry("redis_unavailable", self.read_batch, self._redis_down)
+        delivered = await self.retry("redis_unavailable", self.read_batch, self._redis_down)
         await self.retry("redis_unavailable", self.update_lag, self._redis_down)
-        entries = [(entry_id, fields) for entry_id, fields in entries if entry_id not in self.in_flight]
-        if not entries:
-            return []
-        self.metrics.batch.observe(len(entries))
+        delivered = [entry for entry in delivered if entry[0] not in self.in_flight]
+        if not delivered:
+            return [], False
+        self.metrics.batch.observe(len(delivered))
+        entries, too_often = over_delivered(delivered, self.config.max_deliveries)
+        alone = any(deliveries > 2 for _, _, deliveries in delivered)
+        if alone and entries and self.running:  # validating it may be what crashes: nothing else in flight
+            await asyncio.wait(self.running)
         good, bad = await asyncio.to_thread(self.validate, entries)
+        bad = too_often + bad
         for _, _, exc in bad:
             self.metrics.errors.labels(reason=exc.reason).inc()
             log.info("dead letter %s: %s", exc.reason, exc.detail)
         if bad:
             await self.retry("redis_unavailable", lambda: self.dead_letter(bad), self._redis_down)
             self.processed += len(bad)
-        return good
+        return good, alone
 
     async def process(self, good: Sequence[ItemEvent]) -> None:
         """Embed in every space, store, then acknowledge (only then)."""
@@ -500,25 +713,36 @@ class Embedder:
         """Until `stop_event` is set, keep up to `in_flight` batches going (Triton batches them
         further); an item's events are embedded in stream order. On stop, drain and return."""
         await self.setup()
-        running: set[asyncio.Task[None]] = set()
+        running = self.running
+        maintenance = asyncio.create_task(self.maintain())
         try:
             while not self.stop_event.is_set():
-                while len(running) >= self.config.in_flight:
-                    done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                    for task in done:
-                        task.result()
-                good = await self.take_batch()
+                await self.settle(self.config.in_flight - 1)
+                good, alone = await self.take_batch()
                 if not good:
                     continue
                 earlier = {self.item_tasks[e.item_id] for e in good if e.item_id in self.item_tasks}
                 if earlier:
                     await asyncio.wait(earlier)
                 running.add(self.launch(good))
+                if alone:
+                    await self.settle(0)
         finally:
             results = await asyncio.gather(*running, return_exceptions=True)
+            maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await maintenance
             failures = [r for r in results if isinstance(r, BaseException)]
             if failures and not self.stop_event.is_set():
                 raise failures[0]
+
+    async def settle(self, at_most: int) -> None:
+        """Wait until at most `at_most` batches are in flight; a failed batch ends the run."""
+        while len(self.running) > at_most:
+            done, _ = await asyncio.wait(self.running, return_when=asyncio.FIRST_COMPLETED)
+            self.running.difference_update(done)
+            for task in done:
+                task.result()
 
     async def close(self) -> None:
         for encoder in self.encoders:
@@ -533,6 +757,8 @@ class Embedder:
         """Validate an HTTP event exactly as the stream would, then append it to the stream."""
         fields = http_event_fields(body)
         await asyncio.to_thread(parse_event, fields)
+        if await self.redis.xlen(self.config.stream) >= self.config.stream_max_len:
+            raise StreamFull(self.config.stream, self.config.stream_max_len)
         entry = await self.redis.xadd(self.config.stream, fields)
         return entry.decode() if isinstance(entry, bytes) else str(entry)
 
@@ -569,6 +795,10 @@ def http_app(embedder: Embedder) -> Any:
             embedder.metrics.errors.labels(reason=exc.reason).inc()
             status = 413 if exc.reason == "oversized" else 400
             return web.json_response({"error": exc.reason, "detail": exc.detail}, status=status)
+        except StreamFull as exc:
+            embedder.metrics.errors.labels(reason="stream_full").inc()
+            return web.json_response({"error": "stream_full", "detail": str(exc)}, status=503,
+                                     headers={"Retry-After": "1"})
         except (ConnectionError, OSError, TimeoutError) as exc:
             return web.json_response({"error": "redis_unavailable", "detail": str(exc)}, status=503)
         except Exception as exc:  # noqa: BLE001 - redis errors are not all ConnectionError subclasses

@@ -28,6 +28,15 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--consumer", default=None, help="consumer name in the group (default: host name)")
     run.add_argument("--claim-idle", type=float, default=30.0,
                      help="seconds after which another replica's unacknowledged events are taken over")
+    run.add_argument("--max-deliveries", type=int, default=5,
+                     help="an event delivered more often without an acknowledgement is dead-lettered")
+    run.add_argument("--forget-consumer-after", type=float, default=600.0,
+                     help="seconds idle after which a consumer with nothing pending leaves the group")
+    run.add_argument("--trim-interval", type=float, default=5.0,
+                     help="seconds between trims of the acknowledged events from the stream")
+    run.add_argument("--stream-max-len", type=int, default=100_000,
+                     help="POST /items answers 503 stream_full while the stream holds this many events")
+    run.add_argument("--dead-letter-max-len", type=int, default=10_000, help="dead letters kept (newest)")
     run.add_argument("--dtype", default="float16", choices=("float16", "int8"), help="storage of new spaces")
     run.add_argument("--http-host", default="0.0.0.0")
     run.add_argument("--http-port", type=int, default=8080, help="POST /items, /healthz, /readyz, /metrics (0: any)")
@@ -63,7 +72,9 @@ def run_embedder(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = config_from_env(args.encoder, args.store, args.redis, batch_size=args.batch_size,
                              max_wait=args.max_wait, in_flight=args.in_flight, consumer=args.consumer,
-                             claim_idle=args.claim_idle,
+                             claim_idle=args.claim_idle, max_deliveries=args.max_deliveries,
+                             forget_consumer_after=args.forget_consumer_after, trim_interval=args.trim_interval,
+                             stream_max_len=args.stream_max_len, dead_letter_max_len=args.dead_letter_max_len,
                              dtype=args.dtype, http_host=args.http_host, http_port=args.http_port,
                              **{k: v for k, v in (("stream", args.stream), ("group", args.group)) if v})
 

@@ -27,8 +27,9 @@ MAX_TITLE_BYTES = 1024
 MAX_IMAGE_BYTES = 4 << 20
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_EVENT_BYTES = MAX_IMAGE_BYTES + (64 << 10)
+MAX_DEAD_LETTER_FIELD_BYTES = 64 << 10  # a dead letter keeps the fields to diagnose it, not 4 MB images
 
-__all__ = ["DEAD_LETTER_STREAM", "EMBEDDER_GROUP", "ITEM_STREAM", "BadEvent", "ItemEvent", "event_fields",
+__all__ = ["DEAD_LETTER_STREAM", "EMBEDDER_GROUP", "ITEM_STREAM", "BadEvent", "ItemEvent", "StreamFull", "event_fields",
            "parse_event", "publish_item"]
 
 
@@ -39,6 +40,16 @@ class BadEvent(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class StreamFull(RuntimeError):
+    """The stream holds its limit of entries (a backlog the embedders have not drained): the
+    event was not added; try again later. Nothing already in the stream is dropped for it."""
+
+    def __init__(self, stream: str, max_len: int) -> None:
+        super().__init__(f"stream {stream} holds {max_len} entries or more (its limit); retry later")
+        self.stream = stream
+        self.max_len = max_len
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +106,15 @@ def read_image_path(path_or_url: str) -> bytes:
         size = path.stat().st_size
         if size > MAX_IMAGE_BYTES:
             raise BadEvent("oversized", f"image file {path} has {size} bytes (limit {MAX_IMAGE_BYTES})")
+        if not path.is_file():
+            raise BadEvent("unreadable_image_path", f"{path} is not a regular file")
         return path.read_bytes()
+    except BadEvent:
+        raise
     except OSError as exc:
         raise BadEvent("unreadable_image_path", f"{path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # a NUL byte in the path
+        raise BadEvent("unreadable_image_path", f"{path_or_url!r}: {exc}") from exc
 
 
 def event_size(fields: Mapping[Any, Any]) -> int:
@@ -152,14 +169,21 @@ def event_fields(item_id: int, title: str, image: np.ndarray | bytes | None = No
 
 def publish_item(client: Any, item_id: int, title: str, image: np.ndarray | bytes | None = None,
                  image_path: str | None = None, event_time: float | None = None,
-                 stream: str = ITEM_STREAM) -> str:
-    """XADD one event with a synchronous redis client; returns the entry id."""
+                 stream: str = ITEM_STREAM, max_len: int | None = None) -> str:
+    """XADD one event with a synchronous redis client; returns the entry id. With `max_len`,
+    raises StreamFull instead when the stream already holds that many entries."""
+    if max_len is not None and client.xlen(stream) >= max_len:
+        raise StreamFull(stream, max_len)
     entry = client.xadd(stream, event_fields(item_id, title, image, image_path, event_time))
     return entry.decode() if isinstance(entry, bytes) else str(entry)
 
 
 def dead_letter_fields(fields: Mapping[Any, Any], reason: str, detail: str, message_id: str) -> dict[Any, Any]:
-    """The original fields (an oversized image dropped) plus why and where the event came from."""
-    kept = {k: v for k, v in fields.items() if event_size({k: v}) <= MAX_IMAGE_BYTES}
+    """The original fields (those over 64 KiB dropped, their names in `dropped`) plus why and
+    where the event came from."""
+    kept = {k: v for k, v in fields.items() if event_size({k: v}) <= MAX_DEAD_LETTER_FIELD_BYTES}
+    dropped = [k.decode() if isinstance(k, bytes) else str(k) for k in fields if k not in kept]
     kept.update({"reason": reason, "detail": detail[:500], "source_id": message_id, "dead_time": repr(time.time())})
+    if dropped:
+        kept["dropped"] = ",".join(dropped)
     return kept

@@ -29,7 +29,7 @@ import redis
 from mmrank import servers
 from mmrank.encoders import item_events
 from mmrank.encoders.embedder import (Embedder, EmbedderConfig, EncoderTarget, backoff_delay, latest_per_item,
-                                      parse_encoders, serve)
+                                      next_stream_id, over_delivered, parse_encoders, redelivery, serve, trim_floor)
 from mmrank.store import DEAD_LETTER_STREAM, EMBEDDER_GROUP, ITEM_STREAM, open_store
 
 pytestmark = [pytest.mark.triton, pytest.mark.redis]
@@ -158,18 +158,23 @@ class Triton:
 
 
 PICKY_MODEL = textwrap.dedent('''
+    import time
+
     import numpy as np
     import triton_python_backend_utils as pb_utils
 
 
     class TritonPythonModel:
-        """Follows the encoder's contract, but refuses any request with a title containing POISON."""
+        """Follows the encoder's contract, but refuses any request with a title containing POISON
+        and takes 3 s over one with a title containing HANG."""
 
         def execute(self, requests):
             responses = []
             for request in requests:
                 images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
                 titles = [t[0].decode() for t in pb_utils.get_input_tensor_by_name(request, "TITLE").as_numpy()]
+                if any("HANG" in t for t in titles):
+                    time.sleep(3)
                 if any("POISON" in t for t in titles):
                     responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError("cannot embed POISON")))
                     continue
@@ -249,11 +254,43 @@ def test_backoff_grows_and_stays_under_its_cap() -> None:
     assert max(delays[10:]) > max(delays[:2])
 
 
-def test_a_later_event_of_the_same_item_wins_within_a_batch() -> None:
-    first = item_events.ItemEvent(1, "old", np.zeros((64, 64, 3), np.uint8), 1.0, "1-0")
-    other = item_events.ItemEvent(2, "x", np.zeros((64, 64, 3), np.uint8), 1.0, "2-0")
-    second = item_events.ItemEvent(1, "new", np.zeros((64, 64, 3), np.uint8), 2.0, "3-0")
+def test_the_latest_event_of_an_item_wins_within_a_batch() -> None:
+    def event(item: int, title: str, event_time: float) -> item_events.ItemEvent:
+        return item_events.ItemEvent(item, title, np.zeros((64, 64, 3), np.uint8), event_time)
+
+    first, other, second = event(1, "old", 1.0), event(2, "x", 1.0), event(1, "new", 2.0)
     assert [e.title for e in latest_per_item([first, other, second])] == ["new", "x"]
+    replayed = event(1, "replayed", 0.5)  # later in the stream, older event
+    assert [e.title for e in latest_per_item([second, other, replayed])] == ["new", "x"]
+    tie = event(1, "same time, later in the stream", 2.0)
+    assert [e.title for e in latest_per_item([second, tie])] == ["same time, later in the stream"]
+
+
+def test_entries_delivered_twice_are_delivered_again_alone() -> None:
+    assert redelivery([(b"1-0", 1), (b"2-0", 1), (b"3-0", 2), (b"4-0", 1)]) == [(b"1-0", 1), (b"2-0", 1)]
+    assert redelivery([(b"3-0", 2), (b"4-0", 1)]) == [(b"3-0", 2)]
+    assert redelivery([(b"5-0", 7)]) == [(b"5-0", 7)]
+
+
+def test_an_entry_delivered_more_than_the_limit_is_refused_with_its_reason() -> None:
+    fields = {b"item_id": b"1"}
+    keep, refused = over_delivered([(b"1-0", fields, 4), (b"2-0", fields, 3), (b"3-0", None, 9)], limit=3)
+    assert keep == [(b"2-0", fields)]
+    assert [(entry_id, exc.reason) for entry_id, _, exc in refused] == \
+        [(b"1-0", "too_many_deliveries"), (b"3-0", "too_many_deliveries")]
+    assert "delivered 4 times" in refused[0][2].detail
+    with pytest.raises(ValueError, match="at least 3"):
+        config("redis://x", [EncoderTarget("e1", "h:1")], max_deliveries=2)
+
+
+def test_the_stream_is_trimmed_to_the_oldest_entry_a_group_still_needs() -> None:
+    assert next_stream_id(b"1700-9") == "1700-10"
+    # (pending, oldest pending, last delivered) per group
+    assert trim_floor([(0, None, b"1700-3")]) == "1700-4", "all acknowledged: everything up to the last goes"
+    assert trim_floor([(2, b"1650-0", b"1700-3"), (0, None, b"1800-0")]) == "1650-0"
+    assert trim_floor([(0, None, b"1700-3"), (0, None, b"0-0")]) == "0-1", "a group that read nothing keeps all"
+    assert trim_floor([(0, None, b"99-0"), (0, None, b"100-0")]) == "99-1", "ids compare as numbers"
+    assert trim_floor([]) is None
 
 
 @pytest.mark.parametrize("fields, reason", [
@@ -483,6 +520,161 @@ def test_the_cli_reads_its_encoders_from_the_environment_and_drains_on_sigterm(
         if process.poll() is None:
             process.kill()
             process.wait(10)
+
+
+def test_a_crashed_embedders_500_pending_entries_are_reclaimed_within_seconds(
+        triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server) -> None:
+    """XAUTOCLAIM follows its cursor through the pending list at once, instead of claiming one
+    batch every `claim_idle / 2` from the start (which took 16 s for these 500 entries)."""
+    holder, _ = triton
+    client = redis.Redis.from_url(redis_server.url)
+    client.xgroup_create(ITEM_STREAM, EMBEDDER_GROUP, id="0", mkstream=True)
+    png = item_events.encode_image(images(1, seed=5)[0])
+    pipe = client.pipeline()
+    for i in range(500):
+        pipe.xadd(ITEM_STREAM, item_events.event_fields(i, f"cotton shirt {i}", png))
+    pipe.execute()
+    client.xreadgroup(EMBEDDER_GROUP, "crashed-pod", {ITEM_STREAM: ">"}, count=500)  # and never acknowledged
+    assert pending(client) == 500
+    time.sleep(1.0)  # idle for claim_idle
+    started = time.monotonic()
+    running = Running(config(redis_server.url, [EncoderTarget("p1", holder.grpc, "picky")], claim_idle=1.0,
+                             forget_consumer_after=0.5))
+    try:
+        store = open_store(redis_server.url)
+
+        def left_to_the_crashed_pod() -> int:
+            return next((int(c["pending"]) for c in client.xinfo_consumers(ITEM_STREAM, EMBEDDER_GROUP)
+                         if c["name"] == b"crashed-pod"), 0)
+
+        wait_for(lambda: left_to_the_crashed_pod() == 0, 60, "every entry taken over", interval=0.01)
+        taken_over = time.monotonic() - started
+        wait_for(lambda: pending(client) == 0, 60, "every entry embedded and acknowledged")
+        elapsed = time.monotonic() - started
+        assert store.get("p1", np.arange(500))[1].all()
+        assert taken_over < 4, f"500 entries took {taken_over:.1f} s to take over"
+        assert elapsed < 20, f"500 entries took {elapsed:.1f} s to reclaim and embed"
+        assert running.metric("mmrank_embedder_claimed_total") == 500
+        assert running.metric("mmrank_embedder_items_total", space="p1") == 500
+        wait_for(lambda: [c["name"] for c in client.xinfo_consumers(ITEM_STREAM, EMBEDDER_GROUP)] == [b"test-pod"],
+                 10, "the crashed consumer removed from the group")
+        print(f"500 pending entries taken over in {taken_over:.1f} s, embedded and acknowledged in {elapsed:.1f} s")
+    finally:
+        running.stop()
+
+
+def test_an_entry_that_kills_every_embedder_taking_it_ends_in_dead_letters_after_n_deliveries(
+        triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server, tmp_path: Path) -> None:
+    """`mmrank embedder run` processes are killed (-9) while they embed one entry, as a crash in
+    a decoder or an OOM kill would end them: twice as the same pod (its own pending entries come
+    back on restart), then as a new pod (XAUTOCLAIM takes them over). The next one dead-letters
+    the entry (delivered 4 times, limit 3) and stores its batch-mates, delivered alone."""
+    holder, _ = triton
+    client = redis.Redis.from_url(redis_server.url)
+    client.xgroup_create(ITEM_STREAM, EMBEDDER_GROUP, id="0", mkstream=True)
+    poison = item_events.publish_item(client, 0, "HANG poison lamp", images(1, seed=1)[0]).encode()
+    for i in (1, 2):
+        item_events.publish_item(client, i, f"desk lamp {i}", images(1, seed=1 + i)[0])
+
+    def start(consumer: str) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "mmrank", "embedder", "run", "--encoder", f"p1={holder.grpc}/picky",
+                "--store", redis_server.url, "--http-host", "127.0.0.1", "--http-port", "0", "--consumer", consumer,
+                "--claim-idle", "0.5", "--max-deliveries", "3", "--forget-consumer-after", "0.5"]
+        return subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def deliveries() -> int:
+        rows = client.xpending_range(ITEM_STREAM, EMBEDDER_GROUP, poison, poison, 1)
+        return int(rows[0]["times_delivered"]) if rows else 0
+
+    for attempt, consumer in enumerate(("pod-a", "pod-a", "pod-b"), start=1):
+        process = start(consumer)
+        try:
+            wait_for(lambda: deliveries() == attempt, 60, f"delivery {attempt} of the poison entry", interval=0.02)
+            assert process.poll() is None
+        finally:
+            process.kill()
+            process.wait(10)
+    store = open_store(redis_server.url)
+    assert not store.get("p1", [0, 1, 2])[1].any(), "nothing stored while the poison entry crashed every batch"
+    last = start("pod-c")
+    try:
+        wait_for(lambda: pending(client) == 0, 60, "every entry acknowledged")
+        ((_, dead),) = client.xrange(DEAD_LETTER_STREAM)
+        assert (dead[b"item_id"], dead[b"reason"], dead[b"source_id"]) == (b"0", b"too_many_deliveries", poison)
+        assert b"delivered 4 times" in dead[b"detail"]
+        assert store.get("p1", [0, 1, 2])[1].tolist() == [False, True, True]
+        wait_for(lambda: [c["name"] for c in client.xinfo_consumers(ITEM_STREAM, EMBEDDER_GROUP)] == [b"pod-c"],
+                 10, "the killed pods' consumers removed")
+    finally:
+        last.kill()
+        last.wait(10)
+
+
+def test_an_old_event_replayed_after_a_new_one_leaves_the_new_vector(
+        triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server) -> None:
+    holder, encoders = triton
+    client = redis.Redis.from_url(redis_server.url)
+    running = Running(config(redis_server.url, [EncoderTarget("e1", holder.grpc, "enc_e1")]))
+    pixels = images(3, seed=11)
+    now = time.time()
+    try:
+        store = open_store(redis_server.url)
+        item_events.publish_item(client, 5, "linen dress", pixels[0], event_time=now)
+        wait_for(lambda: "e1" in store.spaces() and store.get("e1", [5])[1].all(), 60, "the new event stored")
+        item_events.publish_item(client, 5, "old linen dress", pixels[1], event_time=now - 3600)
+        wait_for(lambda: pending(client) == 0 and running.metric("mmrank_embedder_stale_events_total", space="e1") == 1,
+                 30, "the replayed event acknowledged, not written")
+        expected = reference(encoders["enc_e1"], pixels[:1], ["linen dress"])
+        np.testing.assert_allclose(store.get("e1", [5])[0], expected, atol=3e-3)
+        assert store.event_times("e1", [5]).tolist() == [now]
+        item_events.publish_item(client, 5, "linen dress, new photo", pixels[2], event_time=now + 1)
+        wait_for(lambda: store.event_times("e1", [5]).tolist() == [now + 1], 30, "a newer event written")
+        np.testing.assert_allclose(store.get("e1", [5])[0],
+                                   reference(encoders["enc_e1"], pixels[2:], ["linen dress, new photo"]), atol=3e-3)
+        assert running.metric("mmrank_embedding_freshness_seconds_count", space="e1") == 2, "stale rows are not observed"
+    finally:
+        running.stop()
+
+
+def test_acknowledged_events_are_trimmed_and_the_dead_letters_capped(
+        triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server) -> None:
+    """A second group ("audit") that has not read yet holds the stream: trimming keeps what any
+    group still needs, and producers are refused once the stream holds its limit."""
+    holder, _ = triton
+    client = redis.Redis.from_url(redis_server.url)
+    client.xgroup_create(ITEM_STREAM, "audit", id="0", mkstream=True)
+    running = Running(config(redis_server.url, [EncoderTarget("p1", holder.grpc, "picky")], trim_interval=0.2,
+                             stream_max_len=30, dead_letter_max_len=5))
+    try:
+        for i in range(20):
+            item_events.publish_item(client, i, f"wool hat {i}", images(1, seed=i)[0], max_len=30)
+        for i in range(20, 30):
+            client.xadd(ITEM_STREAM, {"item_id": str(i), "title": " ", "image": b"x"})  # empty title
+        store = open_store(redis_server.url)
+        wait_for(lambda: pending(client) == 0 and "p1" in store.spaces() and store.get("p1", range(20))[1].all(),
+                 60, "every event embedded or dead-lettered")
+        wait_for(lambda: client.xlen(DEAD_LETTER_STREAM) == 5, 10, "the dead letters capped at 5")
+        assert [int(f[b"item_id"]) for _, f in client.xrange(DEAD_LETTER_STREAM)] == [25, 26, 27, 28, 29]
+        time.sleep(0.5)
+        assert client.xlen(ITEM_STREAM) == 30, "the audit group has read nothing: all kept"
+        status, body = running.http("/items", {"item_id": 99, "title": "t", "image_path": "/x.png"})
+        assert (status, body["error"]) == (400, "unreadable_image_path"), "validated first"
+        png = base64.b64encode(item_events.encode_image(images(1)[0])).decode()
+        status, body = running.http("/items", {"item_id": 99, "title": "t", "image": png})
+        assert (status, body["error"]) == (503, "stream_full")
+        with pytest.raises(item_events.StreamFull):
+            item_events.publish_item(client, 99, "t", images(1)[0], max_len=30)
+
+        audit = client.xreadgroup("audit", "auditor", {ITEM_STREAM: ">"}, count=30)[0][1]
+        client.xack(ITEM_STREAM, "audit", *[entry_id for entry_id, _ in audit[:15]])
+        wait_for(lambda: client.xlen(ITEM_STREAM) == 15, 10, "trimmed to the audit group's oldest pending entry")
+        assert client.xrange(ITEM_STREAM, count=1)[0][0] == audit[15][0]
+        client.xgroup_destroy(ITEM_STREAM, "audit")
+        wait_for(lambda: client.xlen(ITEM_STREAM) == 0, 10, "every acknowledged event trimmed")
+        wait_for(lambda: running.metric("mmrank_embedder_stream_entries") == 0, 5, "the stream length reported")
+        assert running.http("/items", {"item_id": 99, "title": "t", "image": png})[0] == 202
+    finally:
+        running.stop()
 
 
 def test_triton_killed_mid_stream_and_restarted_loses_nothing(
