@@ -384,7 +384,8 @@ class RolloutSpec(_Spec):
                                                         "Standard (raw Deployments, spec.canary weights) or "
                                                         "Knative (canaryTrafficPercent).", examples=["Knative"])
     prometheus_url: str = Field("http://prometheus.monitoring.svc:9090", max_length=512, pattern=HTTP_URL,
-                                description="Prometheus the analysis queries.",
+                                description="Prometheus the canary analysis queries; the embedder's freshness p99 "
+                                "(status.embeddings.freshnessP99Seconds) is read there too.",
                                 examples=["http://prometheus.monitoring.svc:9090"])
 
     @field_validator("steps")
@@ -394,6 +395,24 @@ class RolloutSpec(_Spec):
         if problem:
             raise ValueError(problem)
         return steps
+
+
+class StorageSpec(_Spec):
+    """How pods fetch what the spec points at (encoder repository, ranker artifact, catalogue):
+    an init container runs `mmrank fetch`, which is KServe's own storage code (s3://, gs://,
+    http(s)://, hf://, ...); `pvc://CLAIM/PATH` mounts the claim read-only and copies from it."""
+
+    image: str = Field(DEFAULT_MMRANK_IMAGE, max_length=512, pattern=IMAGE, description="Image of the fetch "
+                       "init containers (the mmrank runtime image carries KServe's storage module).",
+                       examples=[DEFAULT_MMRANK_IMAGE])
+    secret_name: str | None = Field(None, max_length=253, pattern=DNS1123_SUBDOMAIN, description="Secret "
+                                    "whose keys become the fetch containers' environment, the variables "
+                                    "KServe's storage code reads (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                                    "AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, AZURE_STORAGE_ACCESS_KEY, HF_TOKEN, ...).",
+                                    examples=["model-store-credentials"])
+    service_account_name: str | None = Field(None, max_length=253, pattern=DNS1123_SUBDOMAIN, description=(
+        "ServiceAccount the pods that fetch run under, for cloud identities bound to it (IRSA, GKE Workload "
+        "Identity); also set on the KServe predictor."), examples=["model-reader"])
 
 
 class RankerSpec(_Spec):
@@ -408,6 +427,8 @@ class RankerSpec(_Spec):
                                        "real-time embedder.")
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Canary rollout of new ranker "
                                  "versions.", json_schema_extra={"default": {}})
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="How pods fetch model artifacts "
+                                 "and the catalogue, with which credentials.", json_schema_extra={"default": {}})
 
     @model_validator(mode="after")
     def _ranker_on_encoder_space(self) -> RankerSpec:

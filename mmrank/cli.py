@@ -15,6 +15,7 @@ from collections.abc import Sequence
 # (module, the commands it adds) in the order `mmrank --help` lists them.
 PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("mmrank.shop_cli", ("shop",)),
+    ("mmrank.fetch", ("fetch",)),
     ("mmrank.encoders.cli", ("encoders", "embedder", "backfill")),
     ("mmrank.predictors.cli", ("ranker", "predictor")),
     ("mmrank.api_cli", ("crd", "validate")),

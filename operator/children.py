@@ -25,7 +25,7 @@ APPLIED_HASH = "mmrank.io/applied-hash"
 
 TRITON_HTTP, TRITON_GRPC, TRITON_METRICS = 8000, 8001, 8002
 MODEL_DIR = "/models"
-STORAGE_INITIALIZER = "kserve/storage-initializer:v0.15.2"
+PVC_MOUNTS = "/mnt/pvc"
 EMBEDDER_HTTP = 8080
 DEFAULT_MODEL_NAME = "item_encoder"
 CATALOGUE_DIR = "/mnt/catalogue"   # where a backfill pod expects the catalogue (see docs/operator.md)
@@ -83,6 +83,43 @@ def store_env(ranker: api.MultimodalRanker) -> list[dict[str, Any]]:
     return env
 
 
+# --- fetching artifacts ------------------------------------------------------------------------
+
+def fetch_source(uri: str) -> tuple[str, dict[str, Any] | None]:
+    """What `mmrank fetch` reads for `uri`, and the volume it needs: `pvc://CLAIM/PATH` is the
+    claim mounted read-only under /mnt/pvc/CLAIM (as KServe mounts it); every other scheme is
+    fetched by KServe's storage code from where it is."""
+    if not uri.startswith("pvc://"):
+        return uri, None
+    claim, _, path = uri.removeprefix("pvc://").partition("/")
+    volume = {"name": f"pvc-{claim}"[:63].rstrip("-."), "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+    return f"{PVC_MOUNTS}/{claim}/{path}".rstrip("/"), volume
+
+
+def fetch_init_container(ranker: api.MultimodalRanker, name: str, uri: str, volume: str,
+                         dest: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """An init container copying `uri` into the emptyDir `volume` at `dest`, with the storage
+    credentials of `spec.storage`; and the extra volumes it needs."""
+    storage = ranker.spec.storage
+    source, pvc = fetch_source(uri)
+    mounts = [{"name": volume, "mountPath": dest}]
+    volumes = []
+    if pvc is not None:
+        claim = pvc["persistentVolumeClaim"]["claimName"]
+        mounts.append({"name": pvc["name"], "mountPath": f"{PVC_MOUNTS}/{claim}", "readOnly": True})
+        volumes.append(pvc)
+    container: dict[str, Any] = {"name": name, "image": storage.image, "args": ["mmrank", "fetch", source, dest],
+                                 "volumeMounts": mounts}
+    if storage.secret_name:
+        container["envFrom"] = [{"secretRef": {"name": storage.secret_name}}]
+    return container, volumes
+
+
+def _with_service_account(ranker: api.MultimodalRanker, pod_spec: dict[str, Any]) -> dict[str, Any]:
+    account = ranker.spec.storage.service_account_name
+    return {**pod_spec, "serviceAccountName": account} if account else pod_spec
+
+
 # --- encoder (Triton) ------------------------------------------------------------------------
 
 def encoder_config(ranker: api.MultimodalRanker) -> str:
@@ -138,10 +175,10 @@ def build_encoder_deployment(ranker: api.MultimodalRanker) -> dict[str, Any]:
     resources = _encoder_resources(ranker)
     if resources:
         triton["resources"] = resources
+    fetch, fetch_volumes = fetch_init_container(ranker, "fetch-model", encoder.model_uri, "models", MODEL_DIR)
     pod_spec: dict[str, Any] = {
         "initContainers": [
-            {"name": "fetch-model", "image": STORAGE_INITIALIZER, "args": [encoder.model_uri, MODEL_DIR],
-             "volumeMounts": [{"name": "models", "mountPath": MODEL_DIR}]},
+            fetch,
             {"name": "install-config", "image": encoder.image,
              "command": ["sh", "-c", f"mkdir -p {model_path} && cp /config/config.pbtxt {model_path}/config.pbtxt"],
              "volumeMounts": [{"name": "models", "mountPath": MODEL_DIR},
@@ -149,8 +186,9 @@ def build_encoder_deployment(ranker: api.MultimodalRanker) -> dict[str, Any]:
         ],
         "containers": [triton],
         "volumes": [{"name": "models", "emptyDir": {}},
-                    {"name": "config", "configMap": {"name": name}}],
+                    {"name": "config", "configMap": {"name": name}}, *fetch_volumes],
     }
+    pod_spec = _with_service_account(ranker, pod_spec)
     if encoder.node_selector:
         pod_spec["nodeSelector"] = dict(encoder.node_selector)
     if encoder.tolerations:
@@ -214,7 +252,9 @@ def build_embedder_deployment(ranker: api.MultimodalRanker, live_encoders: Seque
     return {"apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": _metadata(ranker, name, selector),
             "spec": {"replicas": embedder.replicas, "selector": {"matchLabels": selector},
-                     "template": {"metadata": {"labels": selector},
+                     "template": {"metadata": {"labels": selector, "annotations": {
+                         "prometheus.io/scrape": "true", "prometheus.io/port": str(EMBEDDER_HTTP),
+                         "prometheus.io/path": "/metrics"}},
                                   "spec": {"containers": [container]}}}}
 
 
@@ -235,11 +275,11 @@ def build_backfill_job(ranker: api.MultimodalRanker, encoder_version: str) -> di
         "env": store_env(ranker),
         "volumeMounts": [{"name": "catalogue", "mountPath": CATALOGUE_DIR, "readOnly": True}],
     }
-    fetch = {"name": "fetch-catalogue", "image": STORAGE_INITIALIZER,
-             "args": [backfill.catalogue_uri or "", CATALOGUE_DIR],
-             "volumeMounts": [{"name": "catalogue", "mountPath": CATALOGUE_DIR}]}
-    pod_spec = {"restartPolicy": "OnFailure", "initContainers": [fetch], "containers": [container],
-                "volumes": [{"name": "catalogue", "emptyDir": {}}]}
+    fetch, fetch_volumes = fetch_init_container(ranker, "fetch-catalogue", backfill.catalogue_uri or "",
+                                                "catalogue", CATALOGUE_DIR)
+    pod_spec = _with_service_account(ranker, {
+        "restartPolicy": "OnFailure", "initContainers": [fetch], "containers": [container],
+        "volumes": [{"name": "catalogue", "emptyDir": {}}, *fetch_volumes]})
     return {"apiVersion": "batch/v1", "kind": "Job",
             "metadata": _metadata(ranker, child["backfill"], selector),
             "spec": {"completionMode": "Indexed", "completions": n, "parallelism": n, "backoffLimit": 6 * n,
@@ -288,9 +328,11 @@ def ranker_container(ranker: api.MultimodalRanker, served: api.RankerModelSpec, 
 
 
 def _predictor(ranker: api.MultimodalRanker, served: api.RankerModelSpec) -> dict[str, Any]:
-    return {"minReplicas": served.replicas, "containers": [ranker_container(ranker, served, "kserve-container")],
-            "storageUris": [{"uri": served.model_uri, "mountPath": RANKER_MODEL_DIR}],
-            "labels": {RANKER_VERSION: served.version, ENCODER_VERSION: served.encoder_version}}
+    """KServe fetches `storageUris` itself, with the credentials of the predictor's ServiceAccount."""
+    return _with_service_account(ranker, {
+        "minReplicas": served.replicas, "containers": [ranker_container(ranker, served, "kserve-container")],
+        "storageUris": [{"uri": served.model_uri, "mountPath": RANKER_MODEL_DIR}],
+        "labels": {RANKER_VERSION: served.version, ENCODER_VERSION: served.encoder_version}})
 
 
 def build_inference_service(ranker: api.MultimodalRanker, stable: api.RankerModelSpec,
@@ -330,14 +372,13 @@ def build_ranker_deployment(ranker: api.MultimodalRanker, served: api.RankerMode
     name = ranker_deployment_name(ranker, served.version)
     selector = labels(ranker, "ranker", **{RANKER_VERSION: served.version})
     pod_labels = {**selector, ENCODER_VERSION: served.encoder_version}
-    pod_spec = {
-        "initContainers": [{"name": "storage-initializer", "image": STORAGE_INITIALIZER,
-                            "args": [served.model_uri, RANKER_MODEL_DIR],
-                            "volumeMounts": [{"name": "model", "mountPath": RANKER_MODEL_DIR}]}],
+    fetch, fetch_volumes = fetch_init_container(ranker, "fetch-model", served.model_uri, "model", RANKER_MODEL_DIR)
+    pod_spec = _with_service_account(ranker, {
+        "initContainers": [fetch],
         "containers": [{**ranker_container(ranker, served, "predictor"),
                         "volumeMounts": [{"name": "model", "mountPath": RANKER_MODEL_DIR, "readOnly": True}]}],
-        "volumes": [{"name": "model", "emptyDir": {}}],
-    }
+        "volumes": [{"name": "model", "emptyDir": {}}, *fetch_volumes],
+    })
     return {"apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": _metadata(ranker, name, {**pod_labels, ROLE: role}),
             "spec": {"replicas": replicas, "selector": {"matchLabels": selector},

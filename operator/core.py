@@ -88,6 +88,7 @@ class Observed:
     ranker: ServedRanker | None = None
     children: Sequence[ChildRef] = ()
     analysis: Analysis | None = None          # run by the I/O layer when `rollout.analysis_due`
+    freshness_p99: float | None = None         # seconds, from the embedder's histogram in Prometheus
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,6 +392,8 @@ def desired(ranker: api.MultimodalRanker, observed: Observed) -> Desired:
         "embeddings": {"spaces": [space_status(v, observed.spaces.get(v), jobs.get(v)) for v in listed],
                        "coverage": round(target.coverage, 6) if target and target.coverage is not None else None},
     }
+    if observed.freshness_p99 is not None:
+        new_status["embeddings"]["freshnessP99Seconds"] = observed.freshness_p99
     if flow.records:
         new_status["history"] = roll.add_history(status.get("history") or [], flow.records)
     if flow.request_handled:

@@ -29,6 +29,7 @@ class Context:
     kube: Any = None
     store: observe.CoverageObserver | None = None
     analyser: Any = None
+    freshness: observe.FreshnessObserver | None = None
     locks: dict[str, threading.Lock] = {}
     guard = threading.Lock()
 
@@ -62,6 +63,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         from mmrank.operator.analysis import PrometheusAnalyser
 
         Context.analyser = PrometheusAnalyser()
+    if Context.freshness is None:
+        Context.freshness = observe.FreshnessObserver(Context.analyser)
 
 
 @kopf.on.login()
@@ -78,7 +81,8 @@ def run_reconcile(body: kopf.Body, retry: int, logger: logging.Logger | logging.
     uid = body.metadata.uid or body.metadata.name or ""
     with Context.lock(uid):
         try:
-            outcome = reconcile.reconcile(Context.kube, Context.store, body, Context.analyser)  # type: ignore[arg-type]
+            outcome = reconcile.reconcile(Context.kube, Context.store, body, Context.analyser,  # type: ignore[arg-type]
+                                          Context.freshness)
         except Exception as exc:
             from mmrank.operator.kube import is_transient
 

@@ -6,6 +6,7 @@ The `from_*` functions are pure (raw child objects in, small values out). The st
 from __future__ import annotations
 
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -172,3 +173,43 @@ class FixedCoverage:
 
     def delete_space(self, url: str, password: str | None, version: str) -> None:
         self.deleted.append(version)
+
+
+# --- freshness from Prometheus ------------------------------------------------------------------
+
+def freshness_query(namespace: str, name: str, space: str, window_seconds: int = 300) -> str:
+    """p99 seconds from an item event to its vector in `space`, over the ranker's embedder pods.
+    Needs the pod labels as target labels, as the usual `kubernetes_sd` scrape config makes them
+    (labelmap of `__meta_kubernetes_pod_label_(.+)`, and `namespace`), which the in-cluster
+    Prometheus of `mmrank cluster` and docs/operator.md use."""
+    def quoted(value: str) -> str:
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    selector = (f"namespace={quoted(namespace)},mmrank_io_ranker={quoted(name)},space={quoted(space)}")
+    return ("histogram_quantile(0.99, sum by (le) (rate("
+            f"mmrank_embedding_freshness_seconds_bucket{{{selector}}}[{window_seconds}s])))")
+
+
+class FreshnessObserver:
+    """Reads freshness p99 at most once per `min_age_seconds` per (ranker, space): it changes
+    slowly, and 300 rankers must not turn the reconcile timer into a Prometheus load."""
+
+    def __init__(self, querier: Any, min_age_seconds: float = 60.0) -> None:
+        self.querier = querier
+        self.min_age_seconds = min_age_seconds
+        self._seen: dict[tuple[str, str, str], tuple[float, float | None]] = {}
+
+    def p99(self, prometheus_url: str, namespace: str, name: str, space: str,
+            previous: float | None) -> float | None:
+        key = (namespace, name, space)
+        now = time.monotonic()
+        cached = self._seen.get(key)
+        if cached is not None and now - cached[0] < self.min_age_seconds:
+            return cached[1]
+        try:
+            value = self.querier.query(prometheus_url, freshness_query(namespace, name, space))
+        except Exception:  # noqa: BLE001 - no Prometheus: keep what status had, try again later
+            value = previous
+        value = round(value, 4) if value is not None else previous
+        self._seen[key] = (now, value)
+        return value

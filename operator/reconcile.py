@@ -88,8 +88,19 @@ class Analyser(Protocol):
                 spec: api.AnalysisSpec) -> Analysis: ...
 
 
+def with_freshness(freshness: observe.FreshnessObserver | None, ranker: api.MultimodalRanker,
+                   observed: core.Observed) -> core.Observed:
+    previous = ((observed.status.get("embeddings") or {}).get("freshnessP99Seconds"))
+    if freshness is None:
+        return dataclasses.replace(observed, freshness_p99=previous)
+    meta = ranker.metadata
+    value = freshness.p99(ranker.spec.rollout.prometheus_url, meta.namespace or "default", meta.name,
+                          ranker.spec.encoder.version, previous)
+    return dataclasses.replace(observed, freshness_p99=value)
+
+
 def reconcile(kube: Kube, store: observe.CoverageObserver, body: Mapping[str, Any],
-              analyser: Analyser | None = None) -> Outcome:
+              analyser: Analyser | None = None, freshness: observe.FreshnessObserver | None = None) -> Outcome:
     status = dict(body.get("status") or {})
     try:
         ranker = parse(body)
@@ -97,6 +108,7 @@ def reconcile(kube: Kube, store: observe.CoverageObserver, body: Mapping[str, An
         return _invalid(kube, body, status, problems_of(exc))
     observed, objects = gather(kube, store, ranker, status)
     observed = analyse_if_due(analyser, ranker, observed)
+    observed = with_freshness(freshness, ranker, observed)
     want = core.desired(ranker, observed)
     live = {key(o): o for o in objects}
     applied, notes = [], {}

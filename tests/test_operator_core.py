@@ -138,7 +138,8 @@ def test_backfill_job_is_indexed_and_sharded() -> None:
 def test_backfill_pods_fetch_the_catalogue_before_they_start() -> None:
     pod = kinds(core.desired(ranker(), observed({"e1": 0.3})))[("Job", "shop-backfill-e1")]["spec"]["template"]["spec"]
     fetch = pod["initContainers"][0]
-    assert fetch["args"] == ["s3://catalogue/snapshots/today", "/mnt/catalogue"]
+    assert fetch["args"] == ["mmrank", "fetch", "s3://catalogue/snapshots/today", "/mnt/catalogue"]
+    assert fetch["image"] == api.DEFAULT_MMRANK_IMAGE          # the runtime image: KServe's storage code
     backfill = pod["containers"][0]
     assert backfill["args"][backfill["args"].index("--catalogue") + 1] == "/mnt/catalogue"
     assert {"name": "catalogue", "mountPath": "/mnt/catalogue", "readOnly": True} in backfill["volumeMounts"]
@@ -454,3 +455,66 @@ def test_every_example_renders_children_that_validate(repo_root: Path) -> None:
                         validator.validate(child)
                     else:
                         kubernetes_validate.validate(child, "1.33", strict=True)
+
+
+# --- fetching artifacts -------------------------------------------------------------------------
+
+def test_pvc_uris_mount_the_claim_read_only_for_the_fetch_only() -> None:
+    body = manifest()
+    body["spec"]["encoder"]["modelUri"] = "pvc://models/encoder/e1"
+    body["spec"]["storage"] = {"secretName": "model-creds", "serviceAccountName": "model-reader"}
+    pod = build.build_encoder_deployment(api.MultimodalRanker.model_validate(body))["spec"]["template"]["spec"]
+    fetch = pod["initContainers"][0]
+    assert fetch["args"] == ["mmrank", "fetch", "/mnt/pvc/models/encoder/e1", "/models"]
+    assert {"name": "pvc-models", "mountPath": "/mnt/pvc/models", "readOnly": True} in fetch["volumeMounts"]
+    assert {"name": "pvc-models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["volumes"]
+    assert fetch["envFrom"] == [{"secretRef": {"name": "model-creds"}}]
+    assert pod["serviceAccountName"] == "model-reader"
+    assert all(m["name"] != "pvc-models" for m in pod["containers"][0]["volumeMounts"])   # copied, not linked
+
+
+def test_remote_uris_are_fetched_by_kserve_storage_without_extra_volumes() -> None:
+    assert build.fetch_source("s3://bucket/ranker/r1") == ("s3://bucket/ranker/r1", None)
+    assert build.fetch_source("https://host/r1.tar.gz") == ("https://host/r1.tar.gz", None)
+    path, volume = build.fetch_source("pvc://shared-models")
+    assert path == "/mnt/pvc/shared-models" and volume is not None
+
+
+def test_embedder_pods_are_scraped() -> None:
+    pod = build.build_embedder_deployment(ranker(), ["e1"])["spec"]["template"]["metadata"]
+    assert pod["annotations"] == {"prometheus.io/scrape": "true", "prometheus.io/port": "8080",
+                                  "prometheus.io/path": "/metrics"}
+
+
+def test_freshness_is_read_from_the_embedders_histogram_at_most_once_a_minute() -> None:
+    promql = observe.freshness_query("ads", "shop", "e1")
+    assert promql == ('histogram_quantile(0.99, sum by (le) (rate(mmrank_embedding_freshness_seconds_bucket'
+                      '{namespace="ads",mmrank_io_ranker="shop",space="e1"}[300s])))')
+
+    class Answers:
+        def __init__(self) -> None:
+            self.asked = 0
+
+        def query(self, url: str, promql: str) -> float | None:
+            self.asked += 1
+            if self.asked == 2:
+                raise OSError("down")
+            return 0.123456
+
+    answers = Answers()
+    reader = observe.FreshnessObserver(answers, min_age_seconds=0.0)
+    assert reader.p99("http://p", "ads", "shop", "e1", None) == 0.1235
+    assert reader.p99("http://p", "ads", "shop", "e1", 0.1235) == 0.1235        # Prometheus down: keep
+    cached = observe.FreshnessObserver(answers, min_age_seconds=60.0)
+    cached.p99("http://p", "ads", "shop", "e1", None)
+    asked = answers.asked
+    cached.p99("http://p", "ads", "shop", "e1", None)
+    assert answers.asked == asked
+    want = core.desired(ranker(), dataclasses_replace(observed({"e1": 0.5}), freshness_p99=0.25))
+    assert want.status["embeddings"]["freshnessP99Seconds"] == 0.25
+
+
+def dataclasses_replace(obj: Any, **changes: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
