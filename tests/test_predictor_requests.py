@@ -185,3 +185,134 @@ def test_the_model_class_ranks_from_the_embedded_file_store_of_the_quick_start(t
         assert caught.value.status == 409 and clicks() == before + 1
     finally:
         model.stop()
+
+
+# --- KServe's protocols: decoding and answers, byte for byte ----------------------------------------
+
+def test_v1_instances_are_one_ranking_each_and_errors_name_the_instance() -> None:
+    rankings, instances = rq.parse_v1_body({"instances": [GOOD, {"user": {"id": 8}, "candidates": [3]}]})
+    assert instances and [r.user_id for r in rankings] == [7, 8]
+    alone, instances = rq.parse_v1_body(GOOD)
+    assert not instances and alone[0].cand_ids.tolist() == [1, 2]
+    with pytest.raises(rq.BadRequest, match=r"^instances\[1\]\.user\.id: ") as caught:
+        rq.parse_v1_body({"instances": [GOOD, {"user": {"id": "8"}, "candidates": [3]}]})
+    assert caught.value.field == "instances[1].user.id"
+    with pytest.raises(rq.BadRequest, match=r'^body: unknown field ""'):
+        rq.parse_v1_body({"instances": [GOOD], "": 1})
+    with pytest.raises(rq.BadRequest, match=r'^user: field "a b": Extra inputs are not permitted'):
+        rq.parse_v1({"user": {"id": 1, "a b": 2}, "candidates": [1]})
+    with pytest.raises(rq.BadRequest, match="candidates: item 2 is listed more than once"):
+        rq.parse_v1({"user": {"id": 1}, "candidates": [2, 1, {"item_id": 2}]})
+
+
+def test_a_v2_binary_body_decodes_like_its_json_twin() -> None:
+    from mmrank.predictors.protocol import decode_v2
+
+    limits = rq.Limits()
+    as_json = json.dumps({"id": "x", "inputs": [
+        {"name": "user_id", "datatype": "INT64", "shape": [1], "data": [7]},
+        {"name": "candidates", "datatype": "INT64", "shape": [3], "data": [5, 2, 9]}]}).encode()
+    head = json.dumps({"inputs": [
+        {"name": "user_id", "datatype": "INT64", "shape": [1], "parameters": {"binary_data_size": 8}},
+        {"name": "candidates", "datatype": "UINT32", "shape": [3], "parameters": {"binary_data_size": 12}}],
+        "parameters": {"binary_data_output": True}}).encode()
+    binary = head + np.array([7], "<i8").tobytes() + np.array([5, 2, 9], "<u4").tobytes()
+    from_json, from_binary = decode_v2(as_json, None, limits), decode_v2(binary, str(len(head)), limits)
+    assert from_json.caller_id == "x" and not from_json.binary_output and from_binary.binary_output
+    assert from_json.rankings[0].cand_ids.tolist() == from_binary.rankings[0].cand_ids.tolist() == [5, 2, 9]
+    for body, length, field in [(binary, "0", "Inference-Header-Content-Length"),
+                                (binary + b"x", str(len(head)), "body"),
+                                (binary[:-4], str(len(head)), "inputs.candidates.parameters.binary_data_size"),
+                                (as_json.replace(b'"id"', b'"nope"'), None, "nope")]:
+        with pytest.raises(rq.BadRequest) as caught:
+            decode_v2(body, length, limits)
+        assert caught.value.field == field, caught.value
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_the_v2_answer_is_what_kserves_own_encoder_writes(binary: bool) -> None:
+    from kserve.protocol.infer_type import InferOutput, InferResponse
+
+    from mmrank.predictors.protocol import RankingCall, Scored, encode_v2, v2_parameters
+
+    scored = Scored("r1." + "a" * 32, np.array([0.25, 0.5, 0.125], np.float32), 1, 0, 4)
+    call = RankingCall("v2", [], caller_id="caller", binary_output=binary)
+    body, headers = encode_v2(call, scored, "ranker", "r1", "e1")
+    output = InferOutput("scores", [3], "FP32")
+    output.set_data_from_numpy(scored.scores, binary_data=binary)
+    theirs, json_length = InferResponse("caller", "ranker", [output], model_version="r1",
+                                        parameters=v2_parameters(scored, "r1", "e1"),
+                                        use_binary_outputs=binary).to_rest()
+    if binary:
+        assert dict(headers)[b"inference-header-content-length"] == str(json_length).encode()
+        assert json.loads(body[:json_length]) == json.loads(theirs[:json_length])
+        assert body[json_length:] == theirs[json_length:] == scored.scores.tobytes()
+    else:
+        assert json.loads(body) == json.loads(json.dumps(theirs))
+
+
+def test_exceptions_map_to_statuses_and_grpc_codes() -> None:
+    from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+
+    from mmrank.predictors.server import StoreUnavailable, classify, grpc_code
+
+    assert classify(rq.BadRequest("x", "y", status=413, reason="body_too_large"))[:2] == (413, "body_too_large")
+    assert classify(InvalidInput("bad"))[:2] == (400, "invalid_request")
+    assert classify(ModelNotFound("m"))[:2] == (404, "model_not_found")
+    assert classify(ModelNotReady("m", "coverage"))[:2] == (503, "not_ready")
+    assert classify(StoreUnavailable("store read failed"))[:2] == (503, "store_unavailable")
+    assert classify(KeyError("bug")) == (500, "internal", "internal error: KeyError: 'bug'")
+    assert [grpc_code(s) for s in (400, 404, 408, 413, 422, 503, 500)] == [
+        "INVALID_ARGUMENT", "NOT_FOUND", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "INVALID_ARGUMENT", "UNAVAILABLE",
+        "INTERNAL"]
+
+
+def test_an_unexpected_failure_is_answered_500_counted_timed_and_logged_once(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A fault inside the model (its item table gone) behind the real ASGI layer: a 500 with a
+    message, in mmrank_requests_total and the latency histogram, one traceback in the log."""
+    import asyncio
+    import logging
+
+    import httpx
+    from prometheus_client import REGISTRY
+
+    from mmrank.predictors.artifact import write_random_ranker
+    from mmrank.predictors.server import Admission, Guard, RankerModel
+    from mmrank.store import open_store
+
+    url = f"file://{tmp_path / 'store'}"
+    store = open_store(url)
+    store.create_space("e1", 8)
+    store.set_catalogue_size(4)
+    store.put("e1", np.arange(4), np.eye(8, dtype=np.float32)[:4])
+    write_random_ranker(tmp_path / "ranker", "e1", dim=8, history_length=4, version="r500")
+    model = RankerModel("ranker", tmp_path / "ranker", url, min_coverage=0.5, feedback_stream=False)
+
+    async def not_found(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        raise AssertionError("the ranking routes never reach KServe's app")
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, {"variant": "r500", **labels}) or 0.0
+
+    async def call() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=Guard(not_found, model, Admission(model)))
+        async with httpx.AsyncClient(transport=transport, base_url="http://ranker") as client:
+            body = {"user": {"id": 1, "history": [0, 1]}, "candidates": [2, 3]}
+            ok = await client.post("/v1/models/ranker:predict", json=body)
+            model.features = None  # the fault
+            failed = await client.post("/v1/models/ranker:predict", json=body)
+            return [ok, failed]
+
+    try:
+        model.load()
+        with caplog.at_level(logging.ERROR, logger="mmrank.predictor"):
+            ok, failed = asyncio.run(call())
+    finally:
+        model.stop()
+    assert ok.status_code == 200 and len(ok.json()["predictions"]) == 2
+    assert failed.status_code == 500 and failed.json()["error"].startswith("internal error: TypeError")
+    assert sample("mmrank_requests_total", protocol="v1", code="500") == 1
+    assert sample("mmrank_request_duration_seconds_count", protocol="v1") == 2
+    assert sample("mmrank_request_errors_total", reason="internal") == 1
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and isinstance(tracebacks[0].exc_info[1], TypeError)
