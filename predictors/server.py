@@ -812,14 +812,22 @@ def _grpc_classes() -> tuple[type, type]:
 
         async def start(self, max_workers: int) -> None:
             limit = self.admission.model.limits.max_body_bytes
+            # No SO_REUSEPORT: a second server on the port (another variant) must fail to bind, not
+            # silently share the port's traffic.
             self._server = aio.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                                       interceptors=(ExceptionToStatusInterceptor(),),
                                       options=[("grpc.max_receive_message_length", limit),
-                                               ("grpc.max_send_message_length", 64 << 20)])
+                                               ("grpc.max_send_message_length", 64 << 20), ("grpc.so_reuseport", 0)])
             grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
                 RankingServicer(self._data_plane, self._model_repository_extension, self.admission), self._server)
             address = f"[{self.host}]:{self._port}" if ":" in self.host else f"{self.host}:{self._port}"
-            self._server.add_insecure_port(address)
+            try:
+                self._server.add_insecure_port(address)
+            except RuntimeError as exc:
+                log.error("gRPC is OFF: cannot listen on %s (%s); REST serves on (--grpc-port 0 turns gRPC off, "
+                          "another port moves it)", address, exc)
+                self._server = None
+                return
             log.info("gRPC (GRPCInferenceService) on %s", address)
             await self._server.start()
             await self._server.wait_for_termination()

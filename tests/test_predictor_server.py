@@ -425,6 +425,7 @@ def test_overload_answers_503_at_once_instead_of_queueing(predictor: servers.Ser
 
     body = {"user": {"id": USER}, "candidates": [1, 2]}
     before = metric(predictor, "mmrank_requests_total", variant=VERSION, protocol="v1", code="503")
+    grpc_before = metric(predictor, "mmrank_requests_total", variant=VERSION, protocol="grpc", code="503")
     client = redis_py.Redis.from_url(redis.url)
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -435,13 +436,35 @@ def test_overload_answers_503_at_once_instead_of_queueing(predictor: servers.Ser
             status, answer = http(predictor, "POST", f"/v1/models/{MODEL}:predict", body)
             assert status == 503 and "overloaded: 1 requests in flight, at most 1" in answer["error"]
             assert time.monotonic() - started < 0.5
+            code, details = grpc_infer(predictor, [1, 2])  # gRPC takes the same slots
+            assert code == "UNAVAILABLE" and "overloaded" in details
             assert held.result()[0] == 200  # answered once Redis is back
     finally:
         client.execute_command("CLIENT", "UNPAUSE")
         client.close()
     assert metric(predictor, "mmrank_requests_total", variant=VERSION, protocol="v1", code="503") == before + 1
-    assert metric(predictor, "mmrank_request_errors_total", variant=VERSION, reason="overloaded") >= 1
+    assert metric(predictor, "mmrank_requests_total", variant=VERSION, protocol="grpc", code="503") == grpc_before + 1
+    assert metric(predictor, "mmrank_request_errors_total", variant=VERSION, reason="overloaded") >= 2
     assert http(predictor, "POST", f"/v1/models/{MODEL}:predict", body)[0] == 200
+
+
+def grpc_infer(predictor: servers.Server, candidates: list[int]) -> tuple[str, str]:
+    """(status name, details) of one ModelInfer on a plain stub (KServe's client retries UNAVAILABLE)."""
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    tensor = pb.ModelInferRequest.InferInputTensor
+    request = pb.ModelInferRequest(model_name=MODEL, inputs=[
+        tensor(name="user_id", datatype="INT64", shape=[1], contents=pb.InferTensorContents(int64_contents=[USER])),
+        tensor(name="candidates", datatype="INT64", shape=[len(candidates)],
+               contents=pb.InferTensorContents(int64_contents=candidates))])
+    with grpc.insecure_channel(predictor.extra["grpc"]) as channel:
+        try:
+            GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code().name, exc.details()
+    return "OK", ""
 
 
 def test_idle_uploads_hold_no_slot_and_are_answered_408(predictor: servers.Server) -> None:
