@@ -1,0 +1,376 @@
+"""A bounded load generator for canary tests and benchmarks.
+
+It plays the two sides a canary needs: the router (ranking requests split between a stable and a
+canary predictor by a share the caller sets, as the Gateway's weights or the Service's replica
+ratio would) and the users (click feedback posted for every answer, with a click probability per
+variant). It counts at the client what each variant served, per share ("epoch"), so a test can
+check that the canary never served more than its step.
+
+Routing is exact, not random: within an epoch the canary gets a request only while its count
+stays at or below `share × requests`, so a 10 % step never serves 11 % by chance. Clicks are
+spread evenly too (error diffusion): the click rate of any window is the chosen probability within
+one click, so a 20 % lower canary is told from noise in seconds, not minutes.
+
+Requests use the v2 (Open Inference Protocol) REST body; the request id that feedback names
+comes from the answer's `parameters.request_id` (or its `id`).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One variant: the predictor's `--ranker-version` and its base URL."""
+
+    variant: str
+    url: str
+    click_probability: float = 0.1
+
+
+@dataclasses.dataclass
+class Tally:
+    """What one variant did, counted at the client."""
+
+    sent: int = 0
+    ok: int = 0
+    client_errors: int = 0
+    server_errors: int = 0
+    unanswered: int = 0  # timeout or connection refused
+    impressions: int = 0
+    clicks: int = 0
+    feedback_failed: int = 0
+    latencies_ms: list[float] = dataclasses.field(default_factory=list)
+
+    def copy(self) -> Tally:
+        return dataclasses.replace(self, latencies_ms=list(self.latencies_ms))
+
+    @property
+    def click_rate(self) -> float | None:
+        return self.clicks / self.impressions if self.impressions else None
+
+
+@dataclasses.dataclass
+class Epoch:
+    """A span during which the canary share stayed the same; counts at routing time."""
+
+    share: float
+    started: float  # time.monotonic()
+    sent: int = 0
+    canary_sent: int = 0
+    canary_ok: int = 0
+    stable_ok: int = 0
+
+    @property
+    def canary_fraction(self) -> float:
+        return self.canary_sent / self.sent if self.sent else 0.0
+
+
+class ClickSampler:
+    """Clicks for a number of impressions at probability p, spread evenly (error diffusion)."""
+
+    def __init__(self, probability: float) -> None:
+        self.probability = probability
+        self._owed = 0.0
+
+    def clicks(self, impressions: int) -> int:
+        self._owed += self.probability * impressions
+        clicks = min(impressions, int(self._owed))
+        self._owed -= clicks
+        return clicks
+
+
+def route_to_canary(share: float, sent: int, canary_sent: int) -> bool:
+    """Should the next request of an epoch go to the canary? Keeps canary/sent at or below share."""
+    return canary_sent + 1 <= share * (sent + 1) + 1e-9
+
+
+def v2_body(user_id: int, candidates: list[int], history: list[int]) -> dict[str, Any]:
+    def tensor(name: str, data: list[int]) -> dict[str, Any]:
+        return {"name": name, "datatype": "INT64", "shape": [len(data)], "data": data}
+
+    return {"inputs": [tensor("user_id", [user_id]), tensor("candidates", candidates), tensor("history", history)]}
+
+
+def request_id_of(answer: Any) -> str | None:
+    if not isinstance(answer, dict):
+        return None
+    parameters = answer.get("parameters") or {}
+    found = parameters.get("request_id") or answer.get("request_id") or answer.get("id")
+    return found if isinstance(found, str) else None
+
+
+class LoadGenerator:
+    """Paced ranking requests (at most `rate` per second, `concurrency` in flight) with feedback.
+
+    `canary_share` may be changed while it runs (a test follows the operator's trafficPercent);
+    each change starts a new `Epoch`. `run()` and `start()` are bounded by time and by count.
+    """
+
+    def __init__(self, stable: Target, canary: Target, *, rate: float = 40.0, concurrency: int = 4,
+                 model_name: str = "ranker", catalogue: int = 100, n_users: int = 20, candidates: int = 20,
+                 history: int = 10, impressions: int = 10, timeout: float = 2.0, canary_share: float = 0.0,
+                 seed: int = 0) -> None:
+        if not 0.0 <= canary_share <= 1.0:
+            raise ValueError(f"canary_share must be within [0, 1], got {canary_share}")
+        if impressions > candidates:
+            raise ValueError(f"impressions ({impressions}) cannot exceed candidates ({candidates})")
+        self.targets = {"stable": stable, "canary": canary}
+        self.rate, self.concurrency, self.model_name = rate, concurrency, model_name
+        self.catalogue, self.n_users, self.candidates, self.history = catalogue, n_users, candidates, history
+        self.impressions, self.timeout, self.seed = impressions, timeout, seed
+        self.tallies = {stable.variant: Tally(), canary.variant: Tally()}
+        self.samplers = {t.variant: ClickSampler(t.click_probability) for t in (stable, canary)}
+        self.epochs = [Epoch(canary_share, time.monotonic())]
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._client = httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=2 * concurrency))
+
+    # --- what a test changes while it runs -----------------------------------------------------
+    @property
+    def canary_share(self) -> float:
+        return self.epochs[-1].share
+
+    @canary_share.setter
+    def canary_share(self, share: float) -> None:
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"canary_share must be within [0, 1], got {share}")
+        with self._lock:
+            if share != self.epochs[-1].share:
+                self.epochs.append(Epoch(share, time.monotonic()))
+
+    def set_click_probability(self, variant: str, probability: float) -> None:
+        with self._lock:
+            self.samplers[variant].probability = probability
+
+    def snapshot(self) -> tuple[dict[str, Tally], list[Epoch]]:
+        with self._lock:
+            return ({k: v.copy() for k, v in self.tallies.items()},
+                    [dataclasses.replace(e) for e in self.epochs])
+
+    # --- running -------------------------------------------------------------------------------
+    def run(self, seconds: float, max_requests: int | None = None) -> dict[str, Tally]:
+        """Send load for `seconds` (or until `max_requests`), then return the tallies."""
+        self.start(seconds, max_requests)
+        self.join()
+        return self.snapshot()[0]
+
+    def start(self, seconds: float, max_requests: int | None = None,
+              on_error: Callable[[BaseException], None] | None = None) -> None:
+        if self._threads:
+            raise RuntimeError("this load generator is running already")
+        self._stop.clear()
+        started = time.monotonic()
+        deadline = started + seconds
+        limit = max_requests if max_requests is not None else int(self.rate * seconds) + 1
+        slots = iter(range(limit))
+        for index in range(self.concurrency):
+            worker = threading.Thread(target=self._worker, name=f"mmrank-load-{index}", daemon=True,
+                                      args=(random.Random(self.seed * 1000 + index), started, deadline, slots))
+            worker.start()
+            self._threads.append(worker)
+
+    def stop(self) -> dict[str, Tally]:
+        self._stop.set()
+        self.join()
+        return self.snapshot()[0]
+
+    def join(self) -> None:
+        for worker in self._threads:
+            worker.join()
+        self._threads.clear()
+
+    def close(self) -> None:
+        self.stop()
+        self._client.close()
+
+    def __enter__(self) -> LoadGenerator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _next_slot(self, slots: Any, started: float, deadline: float) -> bool:
+        """Wait for the next paced slot; False when the run is over."""
+        with self._lock:
+            index = next(slots, None)
+        if index is None:
+            return False
+        due = started + index / self.rate
+        if due >= deadline:
+            return False
+        self._stop.wait(max(0.0, due - time.monotonic()))
+        return not self._stop.is_set()
+
+    def _worker(self, rng: random.Random, started: float, deadline: float, slots: Any) -> None:
+        while self._next_slot(slots, started, deadline):
+            with self._lock:
+                epoch = self.epochs[-1]
+                side = "canary" if route_to_canary(epoch.share, epoch.sent, epoch.canary_sent) else "stable"
+                epoch.sent += 1
+                epoch.canary_sent += side == "canary"
+                target = self.targets[side]
+                self.tallies[target.variant].sent += 1
+            self._one_request(rng, target, epoch, side)
+
+    def _one_request(self, rng: random.Random, target: Target, epoch: Epoch, side: str) -> None:
+        items = rng.sample(range(self.catalogue), self.candidates + self.history)
+        body = v2_body(rng.randrange(self.n_users), items[:self.candidates], items[self.candidates:])
+        began = time.perf_counter()
+        try:
+            response = self._client.post(f"{target.url}/v2/models/{self.model_name}/infer", json=body)
+        except httpx.HTTPError:
+            with self._lock:
+                self.tallies[target.variant].unanswered += 1
+            return
+        elapsed_ms = 1000 * (time.perf_counter() - began)
+        with self._lock:
+            tally = self.tallies[target.variant]
+            tally.latencies_ms.append(elapsed_ms)
+            if response.status_code >= 500:
+                tally.server_errors += 1
+            elif response.status_code >= 400:
+                tally.client_errors += 1
+            else:
+                tally.ok += 1
+                if side == "canary":
+                    epoch.canary_ok += 1
+                else:
+                    epoch.stable_ok += 1
+        if response.status_code < 300:
+            self._feedback(target, response)
+
+    def _feedback(self, target: Target, response: httpx.Response) -> None:
+        try:
+            request_id = request_id_of(response.json())
+        except ValueError:
+            request_id = None
+        with self._lock:
+            clicks = self.samplers[target.variant].clicks(self.impressions)
+        if request_id is None:
+            with self._lock:
+                self.tallies[target.variant].feedback_failed += 1
+            return
+        try:
+            answer = self._client.post(f"{target.url}/v1/feedback", json={
+                "request_id": request_id, "impressions": self.impressions, "clicks": clicks})
+            delivered = answer.status_code < 300
+        except httpx.HTTPError:
+            delivered = False
+        with self._lock:
+            tally = self.tallies[target.variant]
+            if delivered:
+                tally.impressions += self.impressions
+                tally.clicks += clicks
+            else:
+                tally.feedback_failed += 1
+
+
+# --- the predictors it drives: a stable and a canary `mmrank predictor serve` ----------------
+
+def prepare_space(store_url: str, space: str = "e1", dim: int = 16, catalogue: int = 100, seed: int = 1) -> None:
+    """A fully embedded space of random unit vectors: every candidate the generator sends is found."""
+    import numpy as np
+
+    from mmrank.store import open_store
+
+    vectors = np.random.default_rng(seed).normal(size=(catalogue, dim)).astype(np.float32)
+    store = open_store(store_url)
+    try:
+        store.create_space(space, dim)
+        store.set_catalogue_size(catalogue)
+        store.put(space, np.arange(catalogue), vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+    finally:
+        store.close()
+
+
+def write_ranker(directory: Path, space: str = "e1", dim: int = 16, catalogue: int = 100, seed: int = 0) -> Path:
+    """An untrained ranker artifact pinned to `space` (seconds cheaper than training one)."""
+    import numpy as np
+
+    from mmrank.predictors.artifact import write_random_ranker
+
+    features = np.stack([np.arange(catalogue) % 5, np.arange(catalogue) % 7], axis=1)
+    write_random_ranker(directory, space, dim=dim, item_features=features, history_length=20, n_users=50, seed=seed)
+    return directory
+
+
+def start_predictor(model_dir: Path, store_url: str, variant: str, workdir: Path | None = None,
+                    space: str = "e1", model_name: str = "ranker", extra_args: tuple[str, ...] = (),
+                    timeout: float = 180.0) -> Any:
+    """`mmrank predictor serve` as its own process (and session), labelled `variant`, once ready.
+
+    Returns an `mmrank.servers.Server`; raises `ServerUnavailable` with its log when it never
+    became ready."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from mmrank import servers
+
+    workdir = workdir or Path(tempfile.mkdtemp(prefix=f"mmrank-predictor-{variant}-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = servers.free_port()
+    argv = [sys.executable, "-m", "mmrank", "predictor", "serve", "--model-dir", str(model_dir),
+            "--model-name", model_name, "--http-port", str(port), "--recheck-seconds", "0.5",
+            "--torch-threads", "1", *extra_args]
+    env = {**os.environ, "MMRANK_STORE_URL": store_url, "MMRANK_SPACE": space, "MMRANK_RANKER_VERSION": variant}
+    log_path = workdir / f"predictor-{variant}.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env,
+                                   start_new_session=True)
+    server = servers.Server(f"predictor {variant}", process, log_path, f"http://127.0.0.1:{port}", port, workdir,
+                            extra={"variant": variant})
+    servers.wait_until(server, lambda: servers.http_ok(f"{server.url}/v2/models/{model_name}/ready"), timeout,
+                       "ready")
+    return server
+
+
+class Throttle:
+    """Starves a process of CPU the way a CFS quota does, by SIGSTOP/SIGCONT in a duty cycle:
+    it runs `running` of every `period` seconds. A throttled predictor answers correctly, slowly.
+    Always resumes the process on exit."""
+
+    def __init__(self, pid: int, running: float = 0.005, period: float = 0.1) -> None:
+        if not 0 < running < period:
+            raise ValueError(f"running ({running}) must be within (0, period={period})")
+        self.pid, self.running, self.period = pid, running, period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._cycle, name="mmrank-throttle", daemon=True)
+
+    def _cycle(self) -> None:
+        import os
+        import signal
+
+        try:
+            while not self._stop.is_set():
+                os.kill(self.pid, signal.SIGCONT)
+                self._stop.wait(self.running)
+                if self._stop.is_set():
+                    break
+                os.kill(self.pid, signal.SIGSTOP)
+                self._stop.wait(self.period - self.running)
+        except ProcessLookupError:
+            return
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGCONT)
+
+    def __enter__(self) -> Throttle:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
