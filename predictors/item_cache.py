@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 SYNC_LIMIT = 10_000  # changed items one request applies; beyond it the space's cache starts afresh
+DENSE_IDS = 1 << 22  # item ids below this are indexed by an array (16 MB at most), larger ones by a dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,55 +50,84 @@ def sync_decision(epoch: bytes | None, log: LogState) -> str:
 
 
 class SpaceCache:
-    """Rows of one space: item -> slot in `rows`; `seen` is the last version applied."""
+    """Rows of one space: item -> slot in `rows` (an array indexed by item id below `DENSE_IDS`,
+    a dict above), `owner` the other way; `seen` is the last version applied."""
 
     def __init__(self, dim: int, capacity: int) -> None:
         self.rows = np.zeros((capacity, dim), dtype=np.float32)
         self.owner = np.full(capacity, -1, dtype=np.int64)
-        self.slots: dict[int, int] = {}
+        self.dense = np.full(0, -1, dtype=np.int32)
+        self.sparse: dict[int, int] = {}
         self.next_slot = 0
         self.epoch: bytes | None = None
         self.seen = 0
         self.generation = 0  # bumped whenever items are dropped: reads in flight must not refill them
 
     def reset(self, epoch: bytes | None, seq: int) -> None:
-        self.slots.clear()
+        self.dense[:] = -1
+        self.sparse.clear()
         self.owner[:] = -1
         self.next_slot = 0
         self.epoch, self.seen = epoch, seq
         self.generation += 1
 
-    def drop(self, items: tuple[int, ...], seq: int) -> None:
+    def slot_of(self, item: int) -> int:
+        if 0 <= item < len(self.dense):
+            return int(self.dense[item])
+        return self.sparse.get(item, -1) if item >= DENSE_IDS else -1
+
+    def _assign(self, item: int, slot: int) -> None:
+        if 0 <= item < DENSE_IDS:
+            if item >= len(self.dense):
+                grown = np.full(min(DENSE_IDS, max(item + 1, 2 * len(self.dense), 1024)), -1, dtype=np.int32)
+                grown[:len(self.dense)] = self.dense
+                self.dense = grown
+            self.dense[item] = slot
+        elif slot < 0:
+            self.sparse.pop(item, None)
+        else:
+            self.sparse[item] = slot
+
+    def drop(self, items: tuple[int, ...], seq: int) -> int:
+        """Forget `items` (rewritten at version `seq`); how many were held."""
+        held = 0
         for item in items:
-            slot = self.slots.pop(item, None)
-            if slot is not None:
+            slot = self.slot_of(item)
+            if slot >= 0:
+                self._assign(item, -1)
                 self.owner[slot] = -1
+                held += 1
         self.seen = max(self.seen, seq)
         if items:
             self.generation += 1
+        return held
 
     def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(float32 [n, dim] copies, held bool [n]); rows not held are zero."""
-        get = self.slots.get
-        slot = np.fromiter((get(i, -1) for i in ids.tolist()), dtype=np.int64, count=len(ids))
+        slot = np.full(len(ids), -1, dtype=np.int64)
+        small = (ids >= 0) & (ids < len(self.dense))
+        slot[small] = self.dense[ids[small]]
+        if self.sparse:
+            big = np.flatnonzero(ids >= DENSE_IDS)
+            slot[big] = [self.sparse.get(i, -1) for i in ids[big].tolist()]
         held = slot >= 0
-        out = self.rows[np.where(held, slot, 0)]
+        out = np.take(self.rows, np.where(held, slot, 0), axis=0)
         out[~held] = 0.0
         return out, held
 
     def insert(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         capacity = len(self.rows)
         for item, row in zip(ids.tolist(), vectors, strict=True):
-            if item in self.slots:
+            if self.slot_of(item) >= 0:
                 continue
             slot = self.next_slot
             self.next_slot = (slot + 1) % capacity
             old = int(self.owner[slot])
             if old >= 0:
-                self.slots.pop(old, None)
+                self._assign(old, -1)
             self.owner[slot] = item
             self.rows[slot] = row
-            self.slots[item] = slot
+            self._assign(item, slot)
 
 
 @dataclasses.dataclass
@@ -148,8 +178,7 @@ class ItemVectorCache:
                 cached.reset(log.epoch, log.seq)
                 self.stats.resets += 1
             else:
-                self.stats.dropped += sum(1 for i in log.changed if i in cached.slots)
-                cached.drop(log.changed, log.seq)
+                self.stats.dropped += cached.drop(log.changed, log.seq)
             if decision == "bypass":
                 vectors, held = np.zeros((len(ids), dim), np.float32), np.zeros(len(ids), bool)
             else:

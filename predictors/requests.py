@@ -48,7 +48,7 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
-ItemId = Annotated[int, Field(ge=0, le=2**62, description="dense item id")]
+ItemId = Annotated[int, Field(ge=0, le=2**62, description="dense item id")]  # MAX_ID
 Feature = Annotated[int, Field(ge=UNKNOWN, le=2**31 - 1)]
 
 
@@ -157,6 +157,39 @@ def check_limits(ranking: Ranking, limits: Limits, field: str = "candidates") ->
     return ranking
 
 
+MAX_ID = 2**62
+
+
+def _plain_ids(values: Any, limit: int) -> np.ndarray | None:
+    """A list of plain integer ids in [0, MAX_ID] as int64, else None."""
+    if type(values) is not list or len(values) > limit or not all(type(v) is int for v in values):
+        return None
+    try:
+        ids = np.array(values, dtype=np.int64)
+    except OverflowError:
+        return None
+    return ids if not len(ids) or (ids.min() >= 0 and ids.max() <= MAX_ID) else None
+
+
+def _plain_v1(body: Mapping[str, Any], limits: Limits) -> Ranking | None:
+    """The common body, ids as plain integers and no per-candidate features, read without
+    pydantic (a fifth of its time for 200 candidates); None for anything else, which the full
+    validation then reads and, if wrong, names the field of."""
+    user, cands = body.get("user"), body.get("candidates")
+    if len(body) != 2 or type(user) is not dict or set(user) - {"id", "history"}:
+        return None
+    user_id, history = user.get("id"), user.get("history")
+    if type(user_id) is not int or not 0 <= user_id <= MAX_ID:
+        return None
+    cand_ids = _plain_ids(cands, limits.max_candidates)
+    history_ids = None if history is None else _plain_ids(history, limits.max_history)
+    if cand_ids is None or not len(cand_ids) or (history is not None and history_ids is None):
+        return None
+    unknown = np.full(len(cand_ids), UNKNOWN, dtype=np.int64)
+    return Ranking(user_id=user_id, history=history_ids, cand_ids=cand_ids, cand_category=unknown,
+                   cand_brand=unknown.copy())
+
+
 def parse_v1_body(body: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[list[Ranking], bool]:
     """A decoded v1 body to its rankings and whether it came as KServe `instances` (answered
     as `predictions`, one per instance) rather than one ranking request alone."""
@@ -191,6 +224,9 @@ def parse_v1(body: Any, limits: Limits = DEFAULT_LIMITS, at: str = "") -> Rankin
 def _parse_v1(body: Any, limits: Limits) -> Ranking:
     if not isinstance(body, Mapping):
         raise BadRequest("body", f"expected a JSON object, got {type(body).__name__}")
+    common = _plain_v1(body, limits)
+    if common is not None:
+        return check_limits(common, limits)
     count = body.get("candidates")
     if isinstance(count, list) and len(count) > limits.max_candidates:
         raise BadRequest("candidates", f"{len(count)} candidates, at most {limits.max_candidates} per request",

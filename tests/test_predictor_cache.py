@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mmrank import servers
-from mmrank.predictors.item_cache import SYNC_LIMIT, ItemVectorCache, LogState, sync_decision
+from mmrank.predictors.item_cache import DENSE_IDS, SYNC_LIMIT, ItemVectorCache, LogState, sync_decision
 from mmrank.store import RedisStore, open_store
 
 SPACE, DIM = "e1", 8
@@ -104,3 +104,15 @@ def test_when_full_the_oldest_entries_give_up_their_slots(store: Any) -> None:
     _, got, _ = read(cache, store, [3, 4, 5, 6, 1])
     assert cache.stats.hits - before == 4
     np.testing.assert_array_equal(got, store.get(SPACE, [3, 4, 5, 6, 1])[0])
+
+
+def test_ids_beyond_the_dense_index_are_cached_and_dropped_too(store: Any) -> None:
+    big = DENSE_IDS + 12345
+    store.put(SPACE, [big], vectors(1, seed=5))
+    cache = ItemVectorCache(capacity=100)
+    read(cache, store, [big, 3])
+    _, got, found = read(cache, store, [big, 3])
+    assert found.all() and cache.stats.hits == 2
+    store.put(SPACE, [big], vectors(1, seed=6))
+    _, got, _ = read(cache, store, [big])
+    assert np.abs(got[0] - vectors(1, seed=6)[0]).max() < 2e-3 and cache.stats.dropped == 1

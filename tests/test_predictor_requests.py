@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import hypothesis
 import jsonschema
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
 from mmrank.predictors import requests as rq
 from mmrank.predictors.server import error_reason, fill_features, newest, readiness, redact, route_of, with_password
@@ -316,3 +318,24 @@ def test_an_unexpected_failure_is_answered_500_counted_timed_and_logged_once(tmp
     assert sample("mmrank_request_errors_total", reason="internal") == 1
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert len(tracebacks) == 1 and isinstance(tracebacks[0].exc_info[1], TypeError)
+
+
+@hypothesis.settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@hypothesis.given(user=st.integers(-2, 2**63) | st.booleans(), history=st.none() | st.lists(st.integers(-2, 2**64), max_size=8),
+                  candidates=st.lists(st.integers(-2, 2**63) | st.booleans() | st.floats(0, 5), max_size=8))
+def test_the_plain_body_reader_agrees_with_the_full_validation(user: object, history: object, candidates: object) -> None:
+    """Bodies of plain ids skip pydantic (rq._plain_v1); whatever it accepts, pydantic accepts
+    the same way, and what it passes on gets pydantic's message naming the field."""
+    user_part = {"id": user} if history is None else {"id": user, "history": history}
+    body = {"user": user_part, "candidates": candidates}
+    plain = rq._plain_v1(body, rq.DEFAULT_LIMITS)
+    try:
+        full = rq.RankRequest.model_validate(body)
+    except Exception:  # noqa: BLE001 - pydantic refuses it: so must the plain reader
+        assert plain is None
+        return
+    if plain is not None:
+        assert plain.user_id == full.user.id and plain.cand_ids.tolist() == [c.item_id for c in full.candidates]
+        assert (plain.history is None) == (full.user.history is None)
+        assert plain.history is None or plain.history.tolist() == full.user.history
+        assert plain.cand_category.tolist() == plain.cand_brand.tolist() == [rq.UNKNOWN] * len(candidates)
