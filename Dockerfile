@@ -21,11 +21,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_
 RUN useradd --uid 10001 --create-home mmrank && python3 -m venv /opt/mmrank
 WORKDIR /src
 
-# The operator needs the API models, kopf and the Kubernetes client, never torch.
+# The operator needs the API models, kopf, the Kubernetes client and httpx (Prometheus queries), never torch.
 FROM base AS operator
 ARG PIP_CERT
 COPY requirements.lock ./
-RUN grep -E '^(kopf|kubernetes|pydantic|pydantic[-_]core|annotated-types|typing[-_]extensions|typing-inspection|pyyaml|PyYAML|redis|numpy|prometheus[-_]client|aiohttp|aiosignal|aiohappyeyeballs|attrs|frozenlist|multidict|yarl|propcache|idna|iso8601|python-json-logger|click|certifi|urllib3|requests|requests-oauthlib|oauthlib|charset[-_]normalizer|six|python-dateutil|websocket-client|durationpy|google-auth|cachetools|pyasn1|pyasn1-modules|rsa)==' requirements.lock > operator.lock \
+RUN grep -E '^(kopf|kubernetes|pydantic|pydantic[-_]core|annotated-types|typing[-_]extensions|typing-inspection|pyyaml|PyYAML|redis|numpy|prometheus[-_]client|aiohttp|aiosignal|aiohappyeyeballs|attrs|frozenlist|multidict|yarl|propcache|idna|iso8601|python-json-logger|click|certifi|urllib3|requests|requests-oauthlib|oauthlib|charset[-_]normalizer|six|python-dateutil|websocket-client|durationpy|google-auth|cachetools|pyasn1|pyasn1-modules|rsa|httpx|httpcore|h11|anyio|sniffio)==' requirements.lock > operator.lock \
  && pip install -r operator.lock
 COPY pyproject.toml README.md ./
 COPY mmrank mmrank

@@ -507,6 +507,7 @@ def up(images: Sequence[str] = ("operator", "runtime"), network: Network = NETWO
     started = time.monotonic()
     pause = image_builds.pause_archive()
     archives = [image_builds.build(target, log=CLUSTER_DIR / f"build-{target}.log") for target in images]
+    image_builds.prune_archives([pause, *archives])
     if time.monotonic() - started > 5:
         log(f"images ready in {time.monotonic() - started:.0f} s")
     paths.run.mkdir(parents=True, exist_ok=True)
@@ -589,11 +590,25 @@ def healthy(paths: Paths = Paths()) -> bool:
     return out.strip() == "True"
 
 
+def _rss_mib(pid: int) -> float:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def status(paths: Paths = Paths()) -> dict[str, object]:
+    """What runs, and the resident memory of every process of the cluster (components, shims,
+    containers) in MiB."""
     pids = _read_state(paths).get("pids", {})
+    everything = _processes_of(paths)
     return {"kubeconfig": str(paths.kubeconfig) if paths.kubeconfig.exists() else None,
             "processes": {name: ("running" if name in pids and _alive(pids[name]) else "stopped")
                           for name in STOP_ORDER},
+            "rss_mib": {name: round(_rss_mib(pids[name]), 1) for name in STOP_ORDER if name in pids},
+            "rss_mib_all_processes": round(sum(_rss_mib(pid) for pid in everything), 1),
+            "process_count": len(everything),
             "healthy": healthy(paths)}
 
 

@@ -1,7 +1,8 @@
 """The project's container images, built on this machine and loaded into the local node.
 
 No registry can be reached here, so the images come from our own Dockerfile built with Debian's
-buildah (vfs storage) on a bookworm root filesystem made by debootstrap, and reach containerd as
+buildah (overlay storage; `MMRANK_BUILDAH_DRIVER=vfs` where overlay mounts are not allowed, about
+a minute per Dockerfile step on the 3 GB runtime image) on a bookworm root filesystem made by debootstrap, and reach containerd as
 OCI archives (`buildah push ... oci-archive:`, `ctr images import`). Each archive is named by a
 hash of everything its build reads, so a second build with the same inputs is a file lookup.
 
@@ -23,7 +24,8 @@ from mmrank.servers import CACHE
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_DIR = CACHE / "images"
-BUILDAH_ROOT = CACHE / "buildah"
+BUILDAH_DRIVER = os.environ.get("MMRANK_BUILDAH_DRIVER", "overlay")
+BUILDAH_ROOT = CACHE / "buildah" / BUILDAH_DRIVER
 WHEELS = Path("/opt/wheels")              # torch's CPU wheel on this disk, when it is there
 DEBIAN_MIRROR = os.environ.get("MMRANK_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 
@@ -95,8 +97,12 @@ def buildah(*args: str, what: str = "buildah", **kwargs: object) -> str:
     if binary is None:
         raise ImageBuildError("buildah is not installed: ./dev.sh cluster up installs Debian's buildah")
     BUILDAH_ROOT.mkdir(parents=True, exist_ok=True)
-    return _run([binary, "--storage-driver", "vfs", "--root", str(BUILDAH_ROOT / "storage"),
-                 "--runroot", str(BUILDAH_ROOT / "run"), *args], what, **kwargs)
+    return _run([*_buildah_argv(binary), *args], what, **kwargs)
+
+
+def _buildah_argv(binary: str) -> list[str]:
+    return [binary, "--storage-driver", BUILDAH_DRIVER, "--root", str(BUILDAH_ROOT / "storage"),
+            "--runroot", str(BUILDAH_ROOT / "run")]
 
 
 def _image_exists(name: str) -> bool:
@@ -129,8 +135,7 @@ def base_image() -> str:
                     "--cmd", "/bin/bash", container)
             buildah("commit", "--rm", container, name, what="buildah commit (base)")
         except BaseException:
-            subprocess.run(["buildah", "--storage-driver", "vfs", "--root", str(BUILDAH_ROOT / "storage"),
-                            "--runroot", str(BUILDAH_ROOT / "run"), "rm", container], capture_output=True)
+            subprocess.run([*_buildah_argv("buildah"), "rm", container], capture_output=True)
             raise
     return name
 
@@ -200,8 +205,7 @@ def build(target: str, root: Path = ROOT, log: Path | None = None) -> Path:
         Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log or os.devnull, "w") as out:
         binary = shutil.which("buildah") or "buildah"
-        result = subprocess.run(["nice", binary, "--storage-driver", "vfs", "--root", str(BUILDAH_ROOT / "storage"),
-                                 "--runroot", str(BUILDAH_ROOT / "run"), *argv], stdout=out, stderr=subprocess.STDOUT)
+        result = subprocess.run(["nice", *_buildah_argv(binary), *argv], stdout=out, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         tail = Path(log).read_text(errors="replace").splitlines()[-40:] if log else []
         raise ImageBuildError(f"buildah build --target {target} failed (exit {result.returncode}):\n" + "\n".join(tail))
