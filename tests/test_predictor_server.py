@@ -391,6 +391,9 @@ BAD = [
     ("v2 no inputs", "POST", f"/v2/models/{MODEL}/infer", {"id": "x"}, 400, "inputs: expected a non-empty list"),
     ("v2 NaN", "POST", f"/v2/models/{MODEL}/infer", b'{"inputs": [{"name": "user_id", "datatype": "INT64", '
      b'"shape": [1], "data": [NaN]}]}', 400, "body: not valid JSON"),
+    ("unknown model's metadata", "GET", "/v2/models/nope", None, 404, "nope"),
+    ("v2 route with a model version", "POST", f"/v2/models/{MODEL}/versions/7/infer",
+     {"inputs": []}, 400, "inputs: expected a non-empty list"),
     ("feedback request id", "POST", "/v1/feedback", {"request_id": "x" * 40, "impressions": 1}, 400, "request_id"),
     ("feedback clicks", "POST", "/v1/feedback", {"request_id": f"r1.{'a' * 32}", "impressions": 1, "clicks": 2},
      400, "clicks"),
@@ -403,7 +406,7 @@ def test_the_bad_request_matrix_answers_4xx_with_a_message(predictor: servers.Se
     before = metric(predictor, "mmrank_request_errors_total", variant=VERSION, reason="too_many_candidates")
     answered = metric(predictor, "mmrank_requests_total", variant=VERSION)
     timed = metric(predictor, "mmrank_request_duration_seconds_count", variant=VERSION)
-    rankings = sum(1 for _, _, path, *_ in BAD if path != "/v1/feedback")
+    rankings = sum(1 for _, _, path, *_ in BAD if path.endswith((":predict", "/infer")))
     failures = []
     for name, method, path, body, want_status, want_text in BAD:
         status, answer = http(predictor, method, path, body)
