@@ -323,7 +323,8 @@ def start_predictor(model_dir: Path, store_url: str, variant: str, workdir: Path
     workdir.mkdir(parents=True, exist_ok=True)
     port = servers.free_port()
     argv = [sys.executable, "-m", "mmrank", "predictor", "serve", "--model-dir", str(model_dir),
-            "--model-name", model_name, "--http-port", str(port), "--recheck-seconds", "0.5",
+            "--model-name", model_name, "--host", "127.0.0.1", "--http-port", str(port),
+            "--grpc-port", str(servers.free_port()), "--recheck-seconds", "0.5",
             "--torch-threads", "1", *extra_args]
     env = {**os.environ, "MMRANK_STORE_URL": store_url, "MMRANK_SPACE": space, "MMRANK_RANKER_VERSION": variant}
     log_path = workdir / f"predictor-{variant}.log"
