@@ -6,7 +6,23 @@ item events (PNG image + title) at `--rate` per second for `--seconds`, and watc
 (HMGET every `--poll` seconds) for each item's vector. Prints p50/p99/max freshness beside the
 floor: Triton's own round trip for one item from a direct tritonclient call.
 
+To explain a tail it also prints the stalls (runs of items fresher than `--stall` seconds only
+after a wait, with when they began and how long they lasted), where the embedder's time went
+(p50/p99 of `mmrank_embedder_stage_seconds` per stage: queued in the stream, validate, embed,
+store, ack), Triton's own split of a request into queue and compute time, and Redis' latency
+events over 10 ms (LATENCY LATEST: `aof-fsync-always`, `command`, ...).
+
+Two settings decide the tail on a small CPU machine, and both are printed with the result:
+- `--triton-threads` (default 1): torch's intra-op threads in Triton's Python-backend model
+  (OMP_NUM_THREADS). torch's default, one per core, makes two threads contend with the
+  embedder, Redis and this script for 2 cores; in a 15 s run at 200 items/s under the same
+  load, Triton computed a request in ~10x the time with the default.
+- `--redis-fsync` (default everysec, Redis' default with an append-only file): `always`
+  syncs the disk inside every write, in Redis' one thread, so every client stalls while the
+  shared disk is slow (`aof-fsync-always` spikes).
+
     .venv/bin/python bench/freshness.py --rate 50 --seconds 30
+    .venv/bin/python bench/freshness.py --rate 200 --seconds 30
 """
 from __future__ import annotations
 
@@ -82,12 +98,16 @@ def publish_steadily(client, rate: float, seconds: float, sent: dict[int, float]
         sent[i] = now
 
 
-def histogram_quantile(q: float, metrics_text: str, name: str = "mmrank_embedding_freshness_seconds") -> float:
+def histogram_quantile(q: float, metrics_text: str, name: str = "mmrank_embedding_freshness_seconds",
+                       **labels: str) -> float:
     """Prometheus' histogram_quantile over the embedder's own histogram (linear within a bucket)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     buckets = sorted((float(s.labels["le"]), s.value) for f in text_string_to_metric_families(metrics_text)
-                     for s in f.samples if s.name == f"{name}_bucket")
+                     for s in f.samples if s.name == f"{name}_bucket"
+                     and all(s.labels.get(k) == v for k, v in labels.items()))
+    if not buckets or not buckets[-1][1]:
+        return float("nan")
     total = buckets[-1][1]
     rank, lower, below = q * total, 0.0, 0.0
     for upper, count in buckets:
@@ -97,6 +117,49 @@ def histogram_quantile(q: float, metrics_text: str, name: str = "mmrank_embeddin
     return lower
 
 
+def stalls(sent_at: np.ndarray, fresh: np.ndarray, threshold: float) -> list[dict[str, float]]:
+    """Runs of consecutive items (in send order) each slower than `threshold` seconds: when the
+    run began (seconds into the run), how many items, the longest wait."""
+    runs: list[dict[str, float]] = []
+    start = None
+    for i, slow in enumerate(np.append(fresh > threshold, False)):
+        if slow and start is None:
+            start = i
+        elif not slow and start is not None:
+            runs.append({"at_s": round(float(sent_at[start] - sent_at[0]), 2), "items": i - start,
+                         "worst_s": round(float(fresh[start:i].max()), 3)})
+            start = None
+    return runs
+
+
+def redis_latency_events(client) -> dict[str, dict[str, float]]:  # type: ignore[no-untyped-def]
+    """Redis' latency monitor: per event, the worst spike and how many spikes over the threshold."""
+    events = {}
+    for name, _, _, worst in client.execute_command("LATENCY", "LATEST"):
+        name = name.decode() if isinstance(name, bytes) else name
+        history = client.execute_command("LATENCY", "HISTORY", name)
+        events[name] = {"worst_ms": int(worst), "spikes": len(history)}
+    return events
+
+
+def triton_request_split(metrics_url: str) -> dict[str, float]:
+    """Triton's own account per request (its counters, averaged): waiting for the model
+    instance (queue) against running it (compute input + infer + output), in ms."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("nv_inference_") and not line.startswith("#"):
+            name = line.split("{", 1)[0]
+            totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    requests = totals.get("nv_inference_request_success", 0.0) or 1.0
+    compute = sum(totals.get(f"nv_inference_compute_{p}_duration_us", 0.0) for p in ("input", "infer", "output"))
+    return {"requests": int(totals.get("nv_inference_request_success", 0.0)),
+            "executions": int(totals.get("nv_inference_exec_count", 0.0)),
+            "queue_ms_per_request": round(totals.get("nv_inference_queue_duration_us", 0.0) / requests / 1000, 2),
+            "compute_ms_per_request": round(compute / requests / 1000, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, default=50.0)
@@ -104,6 +167,11 @@ def main() -> None:
     parser.add_argument("--poll", type=float, default=0.005)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-wait", type=float, default=0.02)
+    parser.add_argument("--stall", type=float, default=0.1, help="seconds of freshness that count as a stall")
+    parser.add_argument("--redis-fsync", choices=("everysec", "always"), default="everysec",
+                        help="appendfsync of the Redis append-only file")
+    parser.add_argument("--triton-threads", type=int, default=1,
+                        help="torch threads in Triton's model (OMP_NUM_THREADS); 0: torch's default (one per core)")
     args = parser.parse_args()
 
     import redis
@@ -114,7 +182,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mmrank-freshness-"))
     export_small_encoder(work / "repo")
     redis_server = servers.start_redis(work / "redis")
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.config_set("appendfsync", args.redis_fsync)
+    admin.config_set("latency-monitor-threshold", 10)
+    if args.triton_threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.triton_threads)  # inherited by Triton's Python-backend stub
     triton = servers.start_triton(work / "repo", work / "triton")
+    os.environ.pop("OMP_NUM_THREADS", None)
     http_port = servers.free_port()
     embedder = subprocess.Popen(
         [sys.executable, "-m", "mmrank", "embedder", "run", "--encoder", f"e1={triton.extra['grpc_url']}",
@@ -144,6 +218,8 @@ def main() -> None:
         publisher.join()
         order = sorted(seen)
         fresh = np.array([seen[i] - sent[i] for i in order])
+        sent_at = np.array([sent[i] for i in order])
+        slow = stalls(sent_at, fresh, args.stall)
         thirds = [np.percentile(part, [50, 99]).round(3).tolist() for part in np.array_split(fresh, 3)]
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as response:
             metrics = response.read().decode()
@@ -158,7 +234,17 @@ def main() -> None:
             "p50_p99_by_third_of_the_run_s": thirds,
             "embedder_histogram_p50_s": round(histogram_quantile(0.5, metrics), 3),
             "embedder_histogram_p99_s": round(histogram_quantile(0.99, metrics), 3),
-            "poll_interval_s": args.poll, "cpus": os.cpu_count(),
+            "poll_interval_s": args.poll, "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+            "redis_appendfsync": args.redis_fsync,
+            f"stalls_over_{args.stall}_s": {"count": len(slow), "items": sum(r["items"] for r in slow),
+                                            "longest": sorted(slow, key=lambda r: -r["worst_s"])[:5]},
+            "embedder_stage_p50_p99_s": {
+                stage: [round(histogram_quantile(q, metrics, "mmrank_embedder_stage_seconds", stage=stage), 4)
+                        for q in (0.5, 0.99)]
+                for stage in ("queued", "validate", "embed", "store", "ack")},
+            "redis_latency_events_over_10_ms": redis_latency_events(admin),
+            "triton_threads": args.triton_threads or "default",
+            "triton_requests": triton_request_split(str(triton.extra["metrics_url"])),
         }
         print(json.dumps(result, indent=2))
     finally:

@@ -70,7 +70,8 @@ ENV_REDIS = "MMRANK_REDIS_URL"
 ENV_STREAM = "MMRANK_ITEM_STREAM"
 ENV_GROUP = "MMRANK_CONSUMER_GROUP"
 DEFAULT_MODEL = "item_encoder"
-FRESHNESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 30, 60, 120, 300)
+FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 30, 60, 120, 300)
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 T = TypeVar("T")
 CLAIM_STEP_BATCHES = 8  # a sweep step takes over this many batches (ids only; `recover_own` reads them)
 AUTOCLAIM_IDS = """
@@ -329,6 +330,10 @@ class Metrics:
                                    registry=self.registry)
         self.claimed = Counter("mmrank_embedder_claimed", "Entries taken over from idle or restarted consumers",
                                registry=self.registry)
+        self.stage = Histogram("mmrank_embedder_stage_seconds",
+                               "Where freshness goes: queued (event time to read, per event), validate (a batch "
+                               "decoded), embed (Triton, per space), store (write, per space), ack",
+                               ["stage"], buckets=STAGE_BUCKETS, registry=self.registry)
 
     def exposition(self) -> bytes:
         from prometheus_client import generate_latest
@@ -603,8 +608,9 @@ class Embedder:
             return is_rejection(exc) and attempt >= REJECT_AFTER
 
         try:
-            vectors = await self.retry("triton_unavailable", lambda: encoder.embed(*model_inputs(events)), triton_down,
-                                       refused)
+            with self.metrics.stage.labels(stage="embed").time():
+                vectors = await self.retry("triton_unavailable", lambda: encoder.embed(*model_inputs(events)),
+                                           triton_down, refused)
             rejected: list[tuple[ItemEvent, str]] = []
         except Exception as exc:  # noqa: BLE001 - only rejections get here (retry gives up on nothing else)
             log.warning("encoder for %s refused a batch of %d (%s); isolating the items", space, len(events), exc)
@@ -615,8 +621,9 @@ class Embedder:
         if events:
             ids = np.array([e.item_id for e in events], dtype=np.int64)
             times = np.array([e.event_time for e in events], dtype=np.float64)
-            written = await self.retry("store_write",
-                                       lambda: asyncio.to_thread(self.store.put, space, ids, vectors, times))
+            with self.metrics.stage.labels(stage="store").time():
+                written = await self.retry("store_write",
+                                           lambda: asyncio.to_thread(self.store.put, space, ids, vectors, times))
         stored = time.time()
         for event, fresh in zip(events, written, strict=True):
             if fresh:
@@ -661,6 +668,7 @@ class Embedder:
         entries after an outage (or claiming idle ones) must not start the same work twice."""
         self.heartbeat = time.monotonic()
         delivered = await self.retry("redis_unavailable", self.read_batch, self._redis_down)
+        read = time.time()
         await self.retry("redis_unavailable", self.update_lag, self._redis_down)
         delivered = [entry for entry in delivered if entry[0] not in self.in_flight]
         if not delivered:
@@ -670,7 +678,8 @@ class Embedder:
         alone = any(deliveries > 2 for _, _, deliveries in delivered)
         if alone and entries and self.running:  # validating it may be what crashes: nothing else in flight
             await asyncio.wait(self.running)
-        good, bad = await asyncio.to_thread(self.validate, entries)
+        with self.metrics.stage.labels(stage="validate").time():
+            good, bad = await asyncio.to_thread(self.validate, entries)
         bad = too_often + bad
         for _, _, exc in bad:
             self.metrics.errors.labels(reason=exc.reason).inc()
@@ -678,6 +687,9 @@ class Embedder:
         if bad:
             await self.retry("redis_unavailable", lambda: self.dead_letter(bad), self._redis_down)
             self.processed += len(bad)
+        queued = self.metrics.stage.labels(stage="queued")
+        for event in good:
+            queued.observe(max(0.0, read - event.event_time))
         return good, alone
 
     async def process(self, good: Sequence[ItemEvent]) -> None:
@@ -690,8 +702,9 @@ class Embedder:
             self.metrics.errors.labels(reason="encoder_rejected").inc(len(rejected))
             await self.retry("redis_unavailable", lambda: self.dead_letter_rejected(rejected), self._redis_down)
         ids = [e.message_id for e in good]
-        await self.retry("redis_unavailable",
-                         lambda: self.redis.xack(self.config.stream, self.config.group, *ids), self._redis_down)
+        with self.metrics.stage.labels(stage="ack").time():
+            await self.retry("redis_unavailable",
+                             lambda: self.redis.xack(self.config.stream, self.config.group, *ids), self._redis_down)
         self.processed += len(ids)
 
     def launch(self, good: Sequence[ItemEvent]) -> asyncio.Task[None]:
