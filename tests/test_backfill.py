@@ -140,6 +140,8 @@ def test_backfill_killed_half_way_resumes_to_full_coverage_without_counting_work
     store = open_store(url)
 
     def progress() -> int:
+        # space_info reads through a write transaction: it sees the killed writer's last commit
+        # even when the kill left the lock file naming the one before (a plain read would not).
         try:
             shard = store.space_info("e3").backfill.get("0/1")
         except KeyError:
