@@ -15,8 +15,8 @@ events over 10 ms (LATENCY LATEST: `aof-fsync-always`, `command`, ...).
 Two settings decide the tail on a small CPU machine, and both are printed with the result:
 - `--triton-threads` (default 1): torch's intra-op threads in Triton's Python-backend model
   (OMP_NUM_THREADS). torch's default, one per core, makes two threads contend with the
-  embedder, Redis and this script for 2 cores; in a 15 s run at 200 items/s under the same
-  load, Triton computed a request in ~10x the time with the default.
+  embedder, Redis and this script for 2 cores, and Triton's compute time per request grows
+  several-fold (compare `triton_requests` with `--triton-threads 0`).
 - `--redis-fsync` (default everysec, Redis' default with an append-only file): `always`
   syncs the disk inside every write, in Redis' one thread, so every client stalls while the
   shared disk is slow (`aof-fsync-always` spikes).

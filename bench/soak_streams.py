@@ -5,10 +5,12 @@ small test encoder (`EncoderConfig(image_channels=(8, 16), text_width=32, text_l
 randomly initialised, Python backend), runs `mmrank embedder run` as its own process, and
 publishes item events (64x64 PNG of noise, about 12 KB, + title) at `--rate` per second for
 `--seconds`, item ids cycling over `--items` (a catalogue whose items keep changing), with
-`--bad` of them invalid (empty title: dead letters). Every `--sample` seconds it records the
-item stream's and the dead-letter stream's length, the group's pending count, the memory of
-each key (MEMORY USAGE) and Redis' `used_memory`. Prints the samples and a JSON summary with
-what the item stream would hold without trimming.
+`--bad` of them invalid (empty title: dead letters). Every `--sample` seconds (default 1: the
+stream grows between trims and drops at each, so a sampling period that is a multiple of the
+trim interval would only ever see it just trimmed) it records the item stream's and the
+dead-letter stream's length, the group's pending count, the memory of each key (MEMORY USAGE)
+and Redis' `used_memory`. Prints, per 10 samples, the last one with the window's maxima, and a
+JSON summary (maxima over all samples) with what the item stream would hold without trimming.
 
     .venv/bin/python bench/soak_streams.py --rate 50 --seconds 180
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -92,7 +95,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=180.0)
     parser.add_argument("--items", type=int, default=2000, help="catalogue size the item ids cycle over")
     parser.add_argument("--bad", type=float, default=0.05, help="share of invalid events (dead letters)")
-    parser.add_argument("--sample", type=float, default=10.0)
+    parser.add_argument("--sample", type=float, default=1.0)
     parser.add_argument("--dead-letter-max-len", type=int, default=100)
     parser.add_argument("--trim-interval", type=float, default=5.0)
     args = parser.parse_args()
@@ -126,7 +129,11 @@ def main() -> None:
             time.sleep(args.sample)
             row = {"t_s": round(time.time() - began), "events_sent": sent[0], **sample(client)}
             samples.append(row)
-            print(json.dumps(row), flush=True)
+            if len(samples) % 10 == 0:
+                window = samples[-10:]
+                print(json.dumps({**row, **{f"window_max_{k}": max(s[k] for s in window)
+                                            for k in ("stream_entries", "stream_mib", "used_memory_mib")}}),
+                      flush=True)
         publisher.join()
         deadline = time.time() + 60
         while sample(client)["pending"] and time.time() < deadline:
@@ -143,6 +150,7 @@ def main() -> None:
             "max_dead_letters": max(s["dead_letters"] for s in samples),
             "max_used_memory_mib": max(s["used_memory_mib"] for s in samples),
             "untrimmed_stream_would_hold_mib": round(sent[0] * entry_bytes / 2**20, 1),
+            "load_average": os.getloadavg(),
         }
         print(json.dumps(summary, indent=2))
     finally:

@@ -38,9 +38,13 @@ is Redis), `MMRANK_ITEM_STREAM` and `MMRANK_CONSUMER_GROUP` likewise.
 
 HTTP (aiohttp, same process): `POST /items` takes the event as JSON (`item_id`, `title`,
 `image` base64 PNG/JPEG or `image_path`, optional `event_time`), validates it like the stream
-does (400 with the reason) and appends it to the stream (202); `/healthz`, `/readyz`, `/metrics`
+does (400 with the reason) and appends it to the stream (202; 503 `stream_full` while the
+stream holds `stream_max_len` entries); `/healthz`, `/readyz`, `/metrics`
 (`mmrank_embedding_freshness_seconds`, `mmrank_embedder_items_total`,
-`mmrank_embedder_errors_total{reason}`, `mmrank_embedder_stream_lag`).
+`mmrank_embedder_errors_total{reason}`, `mmrank_embedder_stream_lag`,
+`mmrank_embedder_stream_entries`, `mmrank_embedder_claimed_total`,
+`mmrank_embedder_stale_events_total{space}`, `mmrank_embedder_stage_seconds{stage}`: where the
+time goes, queued in the stream / validate / embed / store / ack).
 """
 from __future__ import annotations
 
