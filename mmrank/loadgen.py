@@ -339,9 +339,9 @@ def start_predictor(model_dir: Path, store_url: str, variant: str, workdir: Path
 
 
 class Throttle:
-    """Starves a process of CPU the way a CFS quota does, by SIGSTOP/SIGCONT in a duty cycle:
-    it runs `running` of every `period` seconds. A throttled predictor answers correctly, slowly.
-    Always resumes the process on exit."""
+    """Pauses a process in a duty cycle (SIGSTOP/SIGCONT): it runs `running` of every `period`
+    seconds. On the canary's Redis it makes a slow store, and every ranking request waits for one
+    store round trip: a canary that answers correctly, slowly. Always resumes the process on exit."""
 
     def __init__(self, pid: int, running: float = 0.005, period: float = 0.1) -> None:
         if not 0 < running < period:
@@ -375,3 +375,114 @@ class Throttle:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class CanaryRig:
+    """Everything a canary analysis reads, for real: a Redis store per variant (so the canary's can
+    be stopped alone), a ranker artifact per variant, the two predictors, and a Prometheus
+    scraping both every `scrape_interval`. `stop()` ends them all."""
+
+    def __init__(self, workdir: Path, stable: str = "r1", canary: str = "r2", scrape_interval: str = "1s") -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from mmrank import servers
+
+        self.variants = (stable, canary)
+        self.started: list[Any] = []
+        try:
+            self.stores = {v: servers.start_redis(workdir / f"redis-{v}") for v in self.variants}
+            self.started += self.stores.values()
+            for store in self.stores.values():
+                prepare_space(store.url)
+            artifacts = {v: write_ranker(workdir / f"ranker-{v}", seed=i) for i, v in enumerate(self.variants)}
+            with ThreadPoolExecutor(2) as pool:
+                futures = [pool.submit(start_predictor, artifacts[v], self.stores[v].url, v, workdir / f"predictor-{v}")
+                           for v in self.variants]
+                errors = []
+                self.predictors = {}
+                for variant, future in zip(self.variants, futures):
+                    try:
+                        self.predictors[variant] = future.result()
+                        self.started.append(self.predictors[variant])
+                    except servers.ServerUnavailable as exc:
+                        errors.append(f"predictor {variant}: {exc}")
+                if errors:
+                    raise servers.ServerUnavailable("; ".join(errors))
+            self.prometheus = servers.start_prometheus([f"127.0.0.1:{p.port}" for p in self.predictors.values()],
+                                                       workdir / "prometheus", scrape_interval)
+            self.started.append(self.prometheus)
+            self._wait_for_targets()
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def stable(self) -> Any:
+        return self.predictors[self.variants[0]]
+
+    @property
+    def canary(self) -> Any:
+        return self.predictors[self.variants[1]]
+
+    def servers(self) -> list[Any]:
+        return list(self.started)
+
+    def _wait_for_targets(self, timeout: float = 30.0) -> None:
+        from mmrank import servers
+
+        url = f"{self.prometheus.url}/api/v1/query"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError):
+                result = httpx.get(url, params={"query": 'count(up{job="mmrank"} == 1)'}, timeout=2).json()
+                if result["data"]["result"] and result["data"]["result"][0]["value"][1] == "2":
+                    return
+            time.sleep(0.2)
+        raise servers.ServerUnavailable(f"Prometheus never scraped both predictors within {timeout:.0f} s")
+
+    def generator(self, rate: float = 30.0, canary_click: float = 0.1, stable_click: float = 0.1,
+                  share: float = 0.0, **options: Any) -> LoadGenerator:
+        stable, canary = self.variants
+        return LoadGenerator(Target(stable, self.stable.url, stable_click), Target(canary, self.canary.url, canary_click),
+                             rate=rate, canary_share=share, **options)
+
+    def stop_canary_store(self) -> None:
+        """The canary's Redis down: every ranking request needs a vector read, so it answers 503."""
+        self.stores[self.variants[1]].stop()
+
+    def restart_canary_store(self) -> None:
+        """Back on the same port and append-only file: the space is there again."""
+        from mmrank import servers
+
+        store = self.stores[self.variants[1]]
+        restarted = servers.start_redis(store.workdir, port=store.port)
+        store.process, store.log_path = restarted.process, restarted.log_path
+
+    def wait_canary_ready(self, timeout: float = 30.0) -> None:
+        from mmrank import servers
+
+        deadline = time.monotonic() + timeout
+        while not servers.http_ok(f"{self.canary.url}/v2/models/ranker/ready"):
+            if time.monotonic() > deadline:
+                raise servers.ServerUnavailable(f"the canary was not ready again within {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        for server in reversed(self.started):
+            with contextlib.suppress(Exception):
+                server.stop()
+        self.started.clear()
+
+
+def answered(url: str, variant: str) -> int:
+    """Ranking requests a predictor says it answered (its own `mmrank_requests_total`, any code),
+    read from its /metrics with prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "mmrank_requests":
+            total += sum(s.value for s in family.samples
+                         if s.name == "mmrank_requests_total" and s.labels.get("variant") == variant)
+    return int(total)

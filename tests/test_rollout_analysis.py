@@ -2,8 +2,9 @@
 scraping two real predictor processes (stable `r1`, canary `r2`) under the load generator.
 
 The predictors run as subprocesses (`mmrank predictor serve`), so kserve stays out of this process.
-Each I/O test starts its own Prometheus, so no test reads another one's samples; the predictors
-and their Redis stores (one each, so the canary's can be stopped alone) serve the whole module.
+The rig (`mmrank.loadgen.CanaryRig`: a Redis store per variant, so the canary's can be stopped or
+slowed alone, the two predictors, one Prometheus) serves the whole module; each test judges only
+the window of its own load.
 """
 from __future__ import annotations
 
@@ -19,16 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mmrank import api, servers
-from mmrank.loadgen import (
-    ClickSampler,
-    LoadGenerator,
-    Target,
-    Throttle,
-    prepare_space,
-    route_to_canary,
-    start_predictor,
-    write_ranker,
-)
+from mmrank.loadgen import CanaryRig, ClickSampler, LoadGenerator, Throttle, route_to_canary
 from mmrank.operator.analysis import (
     Analysis,
     Measurement,
@@ -274,68 +266,28 @@ STABLE, CANARY = "r1", "r2"
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Redis per variant (the canary's can be stopped alone), a ranker artifact per variant, and the
-    two predictors started side by side."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    started: list[servers.Server] = []
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CanaryRig]:
     try:
-        stores = {v: servers.start_redis(tmp_path_factory.mktemp(f"redis-{v}")) for v in (STABLE, CANARY)}
-        started += stores.values()
-        for store in stores.values():
-            prepare_space(store.url)
-        artifacts = {v: write_ranker(tmp_path_factory.mktemp(f"ranker-{v}"), seed=i) for i, v in enumerate((STABLE, CANARY))}
-        with ThreadPoolExecutor(2) as pool:
-            futures = {v: pool.submit(start_predictor, artifacts[v], stores[v].url, v, tmp_path_factory.mktemp(f"p-{v}"))
-                       for v in (STABLE, CANARY)}
-            predictors = {}
-            for variant, future in futures.items():
-                try:
-                    predictors[variant] = future.result()
-                    started.append(predictors[variant])
-                except servers.ServerUnavailable as exc:
-                    pytest.fail(f"real server unavailable: predictor {variant}: {exc}", pytrace=False)
+        rig = CanaryRig(tmp_path_factory.mktemp("rig"), STABLE, CANARY)
     except servers.ServerUnavailable as exc:
         pytest.fail(f"real server unavailable: {exc}", pytrace=False)
-    yield {"stores": stores, "predictors": predictors}
-    for server in reversed(started):
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def module_prometheus(rig: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Server]:
-    """One Prometheus scraping both predictors every second. Tests share it safely: each judges
-    only the window of its own load, which starts after the previous test's load ended."""
-    try:
-        server = servers.start_prometheus([f"127.0.0.1:{p.port}" for p in rig["predictors"].values()],
-                                          tmp_path_factory.mktemp("prometheus"), "1s")
-    except servers.ServerUnavailable as exc:
-        pytest.fail(f"real server unavailable: {exc}", pytrace=False)
-    analyser = PrometheusAnalyser()
-    deadline = time.monotonic() + 30
-    while analyser.query(server.url, 'count(up{job="mmrank"} == 1)') != 2.0:
-        if time.monotonic() > deadline:
-            server.stop()
-            pytest.fail("Prometheus never scraped both predictors", pytrace=False)
-        time.sleep(0.2)
-    yield server
-    server.stop()
+    yield rig
+    rig.stop()
 
 
 @pytest.fixture
-def prometheus(rig: dict[str, Any], module_prometheus: servers.Server, request: pytest.FixtureRequest) -> servers.Server:
-    """The module's Prometheus, with every server's log attached to a failing test."""
+def prometheus(rig: CanaryRig, request: pytest.FixtureRequest) -> servers.Server:
+    """The module's Prometheus, with every server's log attached to a failing test. Tests share
+    it safely: each judges only the window of its own load, which starts after the previous
+    test's load ended."""
     conftest = next(p for p in request.config.pluginmanager.get_plugins() if hasattr(p, "_attach"))
-    for server in (*rig["stores"].values(), *rig["predictors"].values(), module_prometheus):
+    for server in rig.servers():
         conftest._attach(request, server)
-    return module_prometheus
+    return rig.prometheus
 
 
-def load(rig: dict[str, Any], canary_click: float = 0.1, rate: float = 30.0, share: float = 0.5) -> LoadGenerator:
-    predictors = rig["predictors"]
-    return LoadGenerator(Target(STABLE, predictors[STABLE].url, 0.1), Target(CANARY, predictors[CANARY].url, canary_click),
-                         rate=rate, concurrency=4, canary_share=share, timeout=5.0)
+def load(rig: CanaryRig, canary_click: float = 0.1, rate: float = 30.0, share: float = 0.5) -> LoadGenerator:
+    return rig.generator(rate=rate, canary_click=canary_click, share=share, concurrency=4, timeout=5.0)
 
 
 def analyse_after(generator: LoadGenerator, prometheus: servers.Server, seconds: float,
@@ -353,7 +305,7 @@ def analyse_after(generator: LoadGenerator, prometheus: servers.Server, seconds:
 TEST_SPEC = api.AnalysisSpec(max_error_rate=0.05, max_latency_p99_ms=250.0, min_click_rate_ratio=0.9, min_requests=40)
 
 
-def test_a_healthy_canary_passes(rig: dict[str, Any], prometheus: servers.Server) -> None:
+def test_a_healthy_canary_passes(rig: CanaryRig, prometheus: servers.Server) -> None:
     result, tallies = analyse_after(load(rig), prometheus, 6, TEST_SPEC)
     served = tallies[CANARY]
     assert served.ok >= 40 and served.server_errors == 0 and tallies[STABLE].ok >= 40
@@ -363,32 +315,26 @@ def test_a_healthy_canary_passes(rig: dict[str, Any], prometheus: servers.Server
     assert 0 < result.latency_p99_ms <= TEST_SPEC.max_latency_p99_ms
 
 
-def test_a_canary_answering_5xx_fails_on_its_error_rate(rig: dict[str, Any], prometheus: servers.Server) -> None:
+def test_a_canary_answering_5xx_fails_on_its_error_rate(rig: CanaryRig, prometheus: servers.Server) -> None:
     """Its store stopped: every ranking request needs a vector read, so the canary answers 503."""
-    store = rig["stores"][CANARY]
-    port, workdir = store.port, store.workdir
-    store.stop()
+    rig.stop_canary_store()
     try:
         result, tallies = analyse_after(load(rig), prometheus, 6, TEST_SPEC)
     finally:
-        restarted = servers.start_redis(workdir, port=port)  # same append-only file: the space is back
-        store.process, store.log_path = restarted.process, restarted.log_path
+        rig.restart_canary_store()  # same append-only file: the space is back
     assert tallies[CANARY].server_errors >= 40 and tallies[CANARY].ok == 0 and tallies[STABLE].server_errors == 0
     assert result.verdict == "Failed" and "errorRate" in result.failed_checks, result.message
     assert result.error_rate == pytest.approx(1.0)
     assert "errorRate 1 > maxErrorRate 0.05" in result.message
-    deadline = time.monotonic() + 30
-    while not servers.http_ok(f"{rig['predictors'][CANARY].url}/v2/models/ranker/ready"):
-        assert time.monotonic() < deadline, "the canary never recovered once its store was back"
-        time.sleep(0.2)
+    rig.wait_canary_ready()
 
 
-def test_a_slow_canary_fails_on_its_p99(rig: dict[str, Any], prometheus: servers.Server) -> None:
-    """Starved of CPU: it runs 4 ms of every 100 ms (SIGSTOP/SIGCONT, what a tight CPU quota does),
-    so a request needing more than 4 ms of CPU waits out pauses and the canary saturates: right
-    answers, hundreds of ms late. (Pauses a request merely arrives in are not seen by the server's
-    own timer, which starts when it reads the request: the CPU has to run short.)"""
-    with Throttle(rig["predictors"][CANARY].process.pid, running=0.004, period=0.1):
+def test_a_slow_canary_fails_on_its_p99(rig: CanaryRig, prometheus: servers.Server) -> None:
+    """Its store answers slowly: the canary's Redis runs 20 ms of every 600 ms (SIGSTOP/SIGCONT),
+    and every ranking request waits for one store round trip: right answers, hundreds of ms late.
+    (Starving the predictor itself would not do: its timer starts once it has read a request, and
+    a request needs under a millisecond of CPU, so pauses fall between requests.)"""
+    with Throttle(rig.stores[CANARY].process.pid, running=0.02, period=0.6):
         result, tallies = analyse_after(load(rig), prometheus, 8, TEST_SPEC)
     assert tallies[CANARY].ok >= 40 and tallies[CANARY].server_errors == 0
     assert result.verdict == "Failed" and result.failed_checks == ("latencyP99Ms",), result.message
@@ -396,7 +342,7 @@ def test_a_slow_canary_fails_on_its_p99(rig: dict[str, Any], prometheus: servers
 
 
 def test_a_canary_with_a_20_percent_lower_click_rate_fails_on_the_ratio(
-        rig: dict[str, Any], prometheus: servers.Server) -> None:
+        rig: CanaryRig, prometheus: servers.Server) -> None:
     result, tallies = analyse_after(load(rig, canary_click=0.08), prometheus, 6, TEST_SPEC)
     assert tallies[CANARY].click_rate == pytest.approx(0.08, abs=0.005)
     assert tallies[STABLE].click_rate == pytest.approx(0.1, abs=0.005)
@@ -404,7 +350,7 @@ def test_a_canary_with_a_20_percent_lower_click_rate_fails_on_the_ratio(
     assert result.click_rate_ratio == pytest.approx(0.8, abs=0.04)
 
 
-def test_too_few_canary_requests_wait_and_ask_nothing_more(rig: dict[str, Any], prometheus: servers.Server) -> None:
+def test_too_few_canary_requests_wait_and_ask_nothing_more(rig: CanaryRig, prometheus: servers.Server) -> None:
     analyser = PrometheusAnalyser()
     result, tallies = analyse_after(load(rig, share=0.05), prometheus, 4, TEST_SPEC, analyser)
     assert 0 < tallies[CANARY].sent < TEST_SPEC.min_requests
@@ -413,7 +359,7 @@ def test_too_few_canary_requests_wait_and_ask_nothing_more(rig: dict[str, Any], 
 
 
 def test_a_full_analysis_sends_five_queries_and_one_less_with_the_click_check_off(
-        rig: dict[str, Any], prometheus: servers.Server) -> None:
+        rig: CanaryRig, prometheus: servers.Server) -> None:
     analyser = PrometheusAnalyser()
     analyse_after(load(rig), prometheus, 4, TEST_SPEC.model_copy(update={"min_requests": 1}), analyser)
     assert analyser.queries_sent == 5
@@ -422,8 +368,8 @@ def test_a_full_analysis_sends_five_queries_and_one_less_with_the_click_check_of
     assert analyser.queries_sent == 9
 
 
-def test_prometheus_down_is_inconclusive_with_the_reason(rig: dict[str, Any], start_prometheus: Any) -> None:
-    own = start_prometheus([f"127.0.0.1:{rig['predictors'][CANARY].port}"])
+def test_prometheus_down_is_inconclusive_with_the_reason(rig: CanaryRig, start_prometheus: Any) -> None:
+    own = start_prometheus([f"127.0.0.1:{rig.canary.port}"])
     url = own.url
     own.stop()
     started = time.monotonic()
