@@ -554,7 +554,8 @@ def test_a_crashed_embedders_500_pending_entries_are_reclaimed_within_seconds(
         assert store.get("p1", np.arange(500))[1].all()
         assert taken_over < 4, f"500 entries took {taken_over:.1f} s to take over"
         assert elapsed < 20, f"500 entries took {elapsed:.1f} s to reclaim and embed"
-        assert running.metric("mmrank_embedder_claimed_total") == 500
+        # (more than 500 only if some waited here longer than claim_idle and were swept again)
+        assert running.metric("mmrank_embedder_claimed_total") >= 500
         assert running.metric("mmrank_embedder_items_total", space="p1") == 500
         wait_for(lambda: [c["name"] for c in client.xinfo_consumers(ITEM_STREAM, EMBEDDER_GROUP)] == [b"test-pod"],
                  10, "the crashed consumer removed from the group")
