@@ -443,7 +443,8 @@ class Embedder:
     async def read_batch(self) -> list[Delivered]:
         """Own pending entries first (after a start or an outage), idle ones of other consumers
         next (one step of a sweep), then new entries: up to batch_size, waiting at most max_wait
-        after the first."""
+        after the first while another batch is being embedded (with none, waiting to fill a
+        batch would only add to the freshness of what is there: Triton batches again anyway)."""
         cfg = self.config
         if self.recover:
             entries = await self.recover_own()
@@ -454,7 +455,8 @@ class Embedder:
             if entries:
                 return entries
         entries = await self._xread(">", cfg.batch_size, int(cfg.idle_block * 1000))
-        deadline = time.monotonic() + cfg.max_wait
+        busy = any(not task.done() for task in self.running)
+        deadline = time.monotonic() + (cfg.max_wait if busy else 0.0)
         while entries and len(entries) < cfg.batch_size and time.monotonic() < deadline:
             more = await self._xread(">", cfg.batch_size - len(entries),
                                      max(1, int((deadline - time.monotonic()) * 1000)))
