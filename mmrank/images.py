@@ -214,8 +214,10 @@ def build(target: str, root: Path = ROOT, log: Path | None = None) -> Path:
 
 
 def prune_archives(keep: Iterable[Path]) -> None:
-    """Remove older archives of the same targets (each is hundreds of MB to GBs)."""
+    """Remove older archives of the targets in `keep` (each is hundreds of MB); archives of other
+    targets stay."""
     keep = {Path(p) for p in keep}
+    targets = {path.name.split("-")[0] for path in keep}
     for path in IMAGE_DIR.glob("*.tar"):
-        if path not in keep and path.name.split("-")[0] in (*TARGETS, "pause"):
+        if path not in keep and path.name.split("-")[0] in targets:
             path.unlink(missing_ok=True)
