@@ -179,7 +179,6 @@ oom_score = 0
   sandbox_image = "{pause_image}"
   restrict_oom_score_adj = true
   disable_apparmor = true
-  netns_mounts_under = "{paths.run / 'netns'}"
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   [plugins."io.containerd.grpc.v1.cri".containerd]
@@ -448,7 +447,6 @@ def _network_up(paths: Paths, network: Network) -> None:
     if _sh("iptables", "-C", "FORWARD", "-j", "MMRANK-FORWARD", check=False).returncode != 0:
         _sh("iptables", "-I", "FORWARD", "1", "-j", "MMRANK-FORWARD")
     (paths.run / "cni").mkdir(parents=True, exist_ok=True)
-    (paths.run / "netns").mkdir(parents=True, exist_ok=True)
     (paths.run / "cni" / "10-mmrank.conflist").write_text(json.dumps(cni_config(paths, network), indent=1))
 
 
@@ -641,14 +639,31 @@ def _processes_of(paths: Paths) -> list[int]:
     return found
 
 
+def _pod_netns(network: Network = NETWORK) -> list[str]:
+    """Named network namespaces of our pods: containerd's CNI namespaces (/var/run/netns/cni-*)
+    with an address in the cluster's pod range."""
+    if shutil.which("ip") is None:
+        return []
+    cidr = ipaddress.ip_network(network.cluster_cidr)
+    ours = []
+    for line in _sh("ip", "netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if not name.startswith("cni-"):
+            continue
+        for address in _sh("ip", "-n", name, "-4", "-o", "addr", check=False).stdout.split():
+            with contextlib.suppress(ValueError):
+                if "/" in address and ipaddress.ip_interface(address).ip in cidr:
+                    ours.append(name)
+                    break
+    return ours
+
+
 def leftovers(paths: Paths = Paths(), network: Network = NETWORK) -> list[str]:
     """What of a cluster is still on this machine: processes, mounts, network namespaces, the
     bridge, iptables rules. Empty after `down()`."""
     out = [f"process {pid}: {_cmdline(pid)[:120]}" for pid in _processes_of(paths)]
     out += [f"mount {m}" for m in _mounts_under([paths.run, paths.containerd_root])]
-    netns = paths.run / "netns"
-    if netns.is_dir():
-        out += [f"network namespace {p}" for p in netns.iterdir()]
+    out += [f"network namespace {name}" for name in _pod_netns(network)]
     if _sh("ip", "link", "show", network.bridge, check=False).returncode == 0:
         out.append(f"bridge {network.bridge}")
     for tool in ("iptables-save", "ip6tables-save"):
@@ -697,11 +712,8 @@ def down(network: Network = NETWORK, paths: Paths = Paths(), log=lambda *_: None
     _clean_iptables()
     for point in sorted(_mounts_under([paths.run, paths.containerd_root]), key=len, reverse=True):
         _sh("umount", "-l", point, check=False)
-    netns = paths.run / "netns"
-    if netns.is_dir():
-        for entry in netns.iterdir():
-            _sh("umount", "-l", str(entry), check=False)
-            entry.unlink(missing_ok=True)
+    for name in _pod_netns(network):
+        _sh("ip", "netns", "delete", name, check=False)
     if shutil.which("ip") and _sh("ip", "link", "show", network.bridge, check=False).returncode == 0:
         _sh("ip", "link", "delete", network.bridge, check=False)
     for key, value in state.get("sysctls", {}).items():

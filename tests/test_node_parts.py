@@ -77,7 +77,7 @@ def test_containerd_config_restricts_oom_score_adj_and_keeps_to_its_folders():
     paths = cluster.Paths(run=Path("/x/run"), containerd_root=Path("/x/c"))
     text = cluster.containerd_config(paths, "p:1")
     assert "restrict_oom_score_adj = true" in text
-    assert 'netns_mounts_under = "/x/run/netns"' in text and 'root = "/x/c"' in text
+    assert 'root = "/x/c"' in text and 'state = "/x/run/containerd/state"' in text
     assert 'sandbox_image = "p:1"' in text
 
 
