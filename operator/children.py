@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -150,6 +151,13 @@ def _encoder_resources(ranker: api.MultimodalRanker) -> dict[str, Any]:
     return resources
 
 
+def cpu_threads(resources: Mapping[str, Any]) -> int:
+    """Intra-op threads for a CPU encoder: its CPU request rounded up (1 without one)."""
+    request = str((resources.get("requests") or {}).get("cpu") or (resources.get("limits") or {}).get("cpu") or "1")
+    cores = float(request[:-1]) / 1000 if request.endswith("m") else float(request)
+    return max(1, math.ceil(cores))
+
+
 def build_encoder_deployment(ranker: api.MultimodalRanker) -> dict[str, Any]:
     """Triton serving one encoder version: weights pulled by an init container into an emptyDir,
     the ConfigMap's config.pbtxt installed beside them, ready when Triton says so."""
@@ -175,6 +183,10 @@ def build_encoder_deployment(ranker: api.MultimodalRanker) -> dict[str, Any]:
     resources = _encoder_resources(ranker)
     if resources:
         triton["resources"] = resources
+    if encoder.gpus == 0:
+        # torch in the Python backend starts a thread per core of the node otherwise; on CPU
+        # those threads fight each other and everything else on the node (docs/streams.md).
+        triton["env"] = [{"name": "OMP_NUM_THREADS", "value": str(cpu_threads(resources))}]
     fetch, fetch_volumes = fetch_init_container(ranker, "fetch-model", encoder.model_uri, "models", MODEL_DIR)
     pod_spec: dict[str, Any] = {
         "initContainers": [

@@ -518,3 +518,16 @@ def dataclasses_replace(obj: Any, **changes: Any) -> Any:
     import dataclasses
 
     return dataclasses.replace(obj, **changes)
+
+
+@pytest.mark.parametrize(("resources", "threads"), [({}, 1), ({"requests": {"cpu": "500m"}}, 1),
+                                                    ({"requests": {"cpu": "2"}}, 2), ({"limits": {"cpu": "2500m"}}, 3)])
+def test_a_cpu_encoder_runs_torch_with_as_many_threads_as_it_requests_cores(resources: dict, threads: int) -> None:
+    body = manifest()
+    body["spec"]["encoder"]["gpus"] = 0
+    if resources:
+        body["spec"]["encoder"]["resources"] = resources
+    triton = build.build_encoder_deployment(api.MultimodalRanker.model_validate(body))["spec"]["template"]["spec"]["containers"][0]
+    assert triton["env"] == [{"name": "OMP_NUM_THREADS", "value": str(threads)}]
+    gpu = build.build_encoder_deployment(ranker())["spec"]["template"]["spec"]["containers"][0]
+    assert "env" not in gpu
