@@ -48,7 +48,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                        help="ranking requests in flight (REST and gRPC, counted once the body is in); "
                        "beyond it the answer is 503 at once")
     serve.add_argument("--item-cache-size", type=int, default=200_000,
-                       help="item vectors cached per process (Redis store; dropped when re-embedded); 0: off")
+                       help="item vectors cached per process (Redis store; dropped when re-embedded), float32: "
+                       "at most 100 MB at 128 dimensions, resident as they fill; 0: off")
     serve.add_argument("--torch-threads", type=int, default=0, help="intra-op threads (0: torch's default)")
     serve.add_argument("--no-feedback-stream", action="store_true",
                        help="do not consume the mmrank:feedback Redis Stream")

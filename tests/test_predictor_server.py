@@ -245,13 +245,16 @@ def test_v1_instances_through_kserve_client_one_prediction_per_instance(
     np.testing.assert_allclose(second["scores"], alone["predictions"], rtol=1e-5, atol=1e-6)
 
 
-def test_v2_model_metadata_describes_every_tensor(predictor: servers.Server) -> None:
+def test_v2_model_metadata_describes_every_tensor_and_both_servers_bind_the_host(predictor: servers.Server) -> None:
     status, meta = http(predictor, "GET", f"/v2/models/{MODEL}")
     assert status == 200 and meta["name"] == MODEL
     assert {t["name"]: (t["datatype"], t["shape"]) for t in meta["inputs"]} == {
         "user_id": ("INT64", [1]), "candidates": ("INT64", [-1]), "history": ("INT64", [-1]),
         "category": ("INT64", [-1]), "brand": ("INT64", [-1])}
     assert meta["outputs"] == [{"name": "scores", "datatype": "FP32", "shape": [-1]}]
+    log = predictor.log_path.read_text()  # --host 127.0.0.1: both servers on the loopback only
+    assert f"Uvicorn running on http://127.0.0.1:{predictor.port}" in log
+    assert f"gRPC (GRPCInferenceService) on {predictor.extra['grpc']}" in log
 
 
 def test_binary_tensors_from_tritonclient_both_ways(predictor: servers.Server) -> None:
