@@ -1,0 +1,198 @@
+"""The whole system on the local node, the way a user deploys it (issue 14).
+
+`helm install` the operator chart with values-dev.yaml → `kubectl apply -f examples/dev.yaml` →
+Triton encoder Ready → backfill Job complete → coverage ≥ minCoverage → predictor pods Ready →
+rankings through the ranker's Service, scored from vectors read in Redis → a new item posted to
+the embedder, in every live space within seconds and used by the next ranking → the embedder's
+freshness p99 in status (from the in-cluster Prometheus) → encoder upgrade e2 with ranker r2, e2
+backfilled while r1 serves → canary judged by the in-cluster Prometheus from this traffic and
+its click feedback → promoted, e1 retired → a ranker r3 its users click less → rolled back →
+`kubectl delete` → every child gone.
+
+Run it alone (it brings the node up and takes it down; about 10 minutes on 2 cores):
+
+    ./dev.sh test e2e/test_local_node.py -s
+
+The timeline is printed as it happens and saved to docs/img/e2e-local-node.png (and .txt).
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from e2e import artifacts, services
+from e2e.node import NAMESPACE, NODE_IMAGES, Node, Timeline, Traffic, helm, png, rank
+from mmrank import cluster, images, servers
+
+pytestmark = [pytest.mark.node, pytest.mark.slow, pytest.mark.timeout(1800)]
+
+ROOT = Path(__file__).resolve().parent.parent
+PICTURE = ROOT / "docs" / "img" / "e2e-local-node.png"
+RANKER = "shop"
+MODEL = "shop-ranker"          # the predictor's model name (children.ranker_model_name)
+CLICKS = {"r1": 0.10, "r2": 0.10, "r3": 0.05}   # r3's users click half as often: its canary fails
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[Node]:
+    paths = cluster.Paths()
+    try:
+        cluster.up(images=NODE_IMAGES, log=lambda message: print(f"[cluster] {message}", flush=True))
+        cluster.load_images(paths, [services.build(image) for image in services.SERVICE_IMAGES.values()])
+    except (cluster.ClusterError, images.ImageBuildError, servers.ServerUnavailable) as exc:
+        left = cluster.down(paths=paths)
+        pytest.fail(f"the local node cannot start: {exc}" + (f"\nleft behind: {left}" if left else ""), pytrace=False)
+    try:
+        yield Node(paths)
+    finally:
+        cluster.down(paths=paths)
+
+
+def dev_ranker() -> dict:
+    return yaml.safe_load((ROOT / "examples" / "dev.yaml").read_text())
+
+
+def test_helm_install_apply_rank_fresh_item_upgrade_canary_rollback_delete(node: Node) -> None:
+    timeline = Timeline()
+    tree = artifacts.build(log=lambda line: print(f"[artifacts] {line}", flush=True))
+    catalogue = np.load(tree / "catalogue" / "images.npy", mmap_mode="r")
+    items = list(range(600))
+
+    # --- the cluster's own services, the artifacts' claim, the operator -----------------------
+    node.kubectl("create", "namespace", NAMESPACE)
+    node.apply(services.artifacts_volume(tree, NAMESPACE))
+    node.apply(services.manifests(NAMESPACE))
+    node.wait("Redis and Prometheus Ready", lambda: node.deployment_ready("redis") and node.deployment_ready("prometheus"),
+              120)
+    timeline.mark("Redis and Prometheus Ready")
+    from kubernetes import config as kube_config
+
+    servers.install_crds(kube_config.new_client_from_config(config_file=str(node.paths.kubeconfig)),
+                         servers.kserve_crds_for_k8s_1_20(servers.shared_dir() / "schemas" / "kserve"))
+    chart = ROOT / "charts" / "mmrank-operator"
+    installed = helm(node.paths, "install", "mmrank", str(chart), "-f", str(chart / "values-dev.yaml"),
+                     "--namespace", NAMESPACE, "--wait", "--timeout", "180s", "--server-side=false")
+    assert installed.returncode == 0, installed.stderr + node.events()
+    timeline.mark("helm install: operator Ready")
+
+    # --- apply the ranker: encoder, backfill, coverage, predictors, first ranking -------------
+    node.kubectl("apply", "-f", str(ROOT / "examples" / "dev.yaml"))
+    applied = timeline.mark("kubectl apply -f examples/dev.yaml")
+    node.wait("Triton encoder e1 Ready", lambda: node.deployment_ready("shop-encoder-e1"), 300)
+    timeline.mark("Triton encoder e1 Ready")
+    node.wait("backfill Job e1 complete", lambda: node.job_complete("shop-backfill-e1"), 300)
+    timeline.mark("backfill Job e1 complete")
+    node.wait("coverage >= minCoverage", lambda: ((node.status().get("embeddings") or {}).get("coverage") or 0) >= 0.99,
+              120)
+    timeline.mark("coverage of e1 >= 0.99 in status")
+    node.wait("predictors r1 Ready", lambda: node.deployment_ready("shop-ranker-r1"), 300)
+    timeline.mark("predictor pods r1 Ready (2 of 2)")
+    url = f"http://{node.cluster_ip('shop-ranker')}:8080"
+    answer = node.wait("a ranking through the Service", lambda: rank(url, MODEL, 1, items[:20]), 60)
+    first = timeline.mark("first ranking answered through Service shop-ranker")
+    assert answer["ranker_version"] == "r1" and answer["space"] == "e1"
+    assert len(answer["predictions"]) == 20 and answer["embedding_misses"]["candidates"] == 0
+    assert all(0.0 < p < 1.0 for p in answer["predictions"])
+    print(f"apply -> first answered ranking: {first - applied:.1f} s", flush=True)
+
+    traffic = Traffic(url, MODEL, items, click_probability=CLICKS).start()
+    try:
+        # --- a new item, embedded within seconds, used by the next ranking ----------------------
+        from mmrank.store import open_store
+
+        store = open_store(f"redis://{node.cluster_ip('redis')}:6379/0")
+        embedder = node.wait("embedder Ready", lambda: node.pod_ips("app.kubernetes.io/component=embedder"), 120)[0]
+        new_item = 600
+        posted = time.time()
+        response = httpx.post(f"http://{embedder}:8080/items", json={
+            "item_id": new_item, "title": "linen shirt new arrival", "image": png(np.asarray(catalogue[0])),
+            "event_time": posted}, timeout=10)
+        assert response.status_code in (200, 202), response.text
+        timeline.mark("new item 600 posted to the embedder")
+        node.wait("item 600 in space e1", lambda: bool(store.get("e1", [new_item])[1][0]), 30, poll=0.05)
+        fresh = time.time() - posted
+        timeline.mark(f"item 600 in space e1 ({fresh:.2f} s after posting)")
+        assert fresh < 10
+        again = rank(url, MODEL, 1, [new_item, *items[:9]])
+        assert again["embedding_misses"]["candidates"] == 0
+        node.wait("freshnessP99Seconds in status",
+                  lambda: (node.status().get("embeddings") or {}).get("freshnessP99Seconds") is not None, 150, poll=2)
+        freshness = node.status()["embeddings"]["freshnessP99Seconds"]
+        timeline.mark(f"status.embeddings.freshnessP99Seconds = {freshness:.2f}")
+
+        # --- encoder upgrade e2 + ranker r2, judged as a canary, promoted --------------------------
+        upgrade = dev_ranker()
+        upgrade["spec"]["encoder"].update(version="e2", modelUri="pvc://mmrank-artifacts/encoders/e2")
+        upgrade["spec"]["ranker"].update(version="r2", modelUri="pvc://mmrank-artifacts/rankers/r2", encoderVersion="e2")
+        node.kubectl("apply", "-f", "-", input=json.dumps(upgrade))
+        upgraded = timeline.mark("kubectl apply: encoder e2 + ranker r2")
+        node.wait("Triton encoder e2 Ready", lambda: node.deployment_ready("shop-encoder-e2"), 300)
+        timeline.mark("Triton encoder e2 Ready")
+        node.wait("backfill Job e2 complete", lambda: node.job_complete("shop-backfill-e2"), 300)
+        backfilled = timeline.mark("backfill Job e2 complete")
+        during = traffic.served_since(upgraded)
+        assert during.get("r1", 0) > 0 and set(during) == {"r1"}, during   # r1 served alone, no error
+        second = 601
+        httpx.post(f"http://{node.pod_ips('app.kubernetes.io/component=embedder')[0]}:8080/items", json={
+            "item_id": second, "title": "wool coat", "image": png(np.asarray(catalogue[1])), "event_time": time.time()},
+            timeout=10).raise_for_status()
+        node.wait("item 601 in both live spaces",
+                  lambda: all(store.get(space, [second])[1][0] for space in ("e1", "e2")), 60, poll=0.1)
+        timeline.mark("item 601 in both live spaces e1 and e2")
+        node.wait("canary r2 Progressing",
+                  lambda: (node.status().get("canary") or {}).get("rankerVersion") == "r2", 300, poll=1)
+        timeline.mark("canary r2 Progressing (50 %)")
+        node.wait("canary r2 answers", lambda: traffic.served_since(backfilled).get("r2", 0) > 0, 300)
+        timeline.mark("canary r2 answers through the Service")
+        node.wait("r2 promoted", lambda: (node.status().get("stable") or {}).get("rankerVersion") == "r2"
+                  and not node.status().get("canary"), 400, poll=1)
+        promoted = timeline.mark("r2 promoted (stable r2 on e2)")
+        history = [h.get("action") or h.get("decision") or h.get("reason") for h in node.status().get("history", [])]
+        print("history:", history, flush=True)
+        node.wait("encoder e1 retired", lambda: not node.exists("-n", NAMESPACE, "deployment", "shop-encoder-e1")
+                  and not node.exists("-n", NAMESPACE, "deployment", "shop-ranker-r1"), 120)
+        timeline.mark("encoder e1 and ranker r1 retired")
+
+        # --- a ranker its users like less: rolled back ------------------------------------------
+        bad = dev_ranker()
+        bad["spec"]["encoder"].update(version="e2", modelUri="pvc://mmrank-artifacts/encoders/e2")
+        bad["spec"]["ranker"].update(version="r3", modelUri="pvc://mmrank-artifacts/rankers/r3", encoderVersion="e2")
+        node.kubectl("apply", "-f", "-", input=json.dumps(bad))
+        bad_applied = timeline.mark("kubectl apply: ranker r3")
+        node.wait("canary r3 Progressing", lambda: (node.status().get("canary") or {}).get("rankerVersion") == "r3"
+                  and node.status()["canary"].get("state") == "Progressing", 400)
+        timeline.mark("canary r3 Progressing (50 %)")
+        node.wait("r3 rolled back", lambda: (node.status().get("canary") or {}).get("state") == "RolledBack", 400, poll=1)
+        timeline.mark("r3 rolled back")
+        status = node.status()
+        assert status["phase"] == "RolledBack" and status["stable"]["rankerVersion"] == "r2", status
+        print("last analysis:", json.dumps(status["canary"].get("lastAnalysis")), flush=True)
+        node.wait("r3 pods gone", lambda: not node.exists("-n", NAMESPACE, "deployment", "shop-ranker-r3"), 120)
+        rolled_back = timeline.mark("ranker r3's Deployment gone, r2 serves alone")
+        settled = time.monotonic()
+        time.sleep(5)
+        assert set(traffic.served_since(settled)) == {"r2"}
+    finally:
+        traffic.stop()
+    tallies = {v: vars(t) for v, t in traffic.tallies.items()}
+    print("traffic:", json.dumps(tallies), "unanswered:", traffic.unanswered, flush=True)
+    assert tallies["r3"]["clicks"] < tallies["r2"]["clicks"]
+
+    # --- delete: every child gone -------------------------------------------------------------
+    node.kubectl("delete", "-n", NAMESPACE, "multimodalranker", RANKER, "--wait=true", "--timeout=120s")
+    selector = f"mmrank.io/ranker={RANKER}"
+    node.wait("every child gone", lambda: not node.kubectl(
+        "get", "-n", NAMESPACE, "deployments,replicasets,jobs,services,configmaps,pods", "-l", selector, "-o", "name",
+        check=False).strip(), 180)
+    timeline.mark("kubectl delete: every child gone")
+    timeline.save(PICTURE, "mmrank on the local node (examples/dev.yaml, 2 cores)")
+    print(json.dumps({"apply_to_first_ranking_s": round(first - applied, 1), "fresh_item_s": round(fresh, 2),
+                      "freshness_p99_s": freshness, "upgrade_to_promotion_s": round(promoted - upgraded, 1),
+                      "r3_apply_to_rollback_s": round(rolled_back - bad_applied, 1)}), flush=True)
