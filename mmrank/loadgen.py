@@ -21,7 +21,7 @@ import dataclasses
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -486,3 +486,77 @@ def answered(url: str, variant: str) -> int:
             total += sum(s.value for s in family.samples
                          if s.name == "mmrank_requests_total" and s.labels.get("variant") == variant)
     return int(total)
+
+
+# --- the router: traffic by what the operator wrote ------------------------------------------
+
+def canary_share(status: Mapping[str, Any], canary_variant: str) -> float:
+    """The share of requests the serving backend gives `canary_variant`, read from a ranker's
+    status: the canary's `trafficPercent` while it is Progressing or AwaitingPromotion, all of it
+    once Promoted or stable, nothing once RolledBack (or before any canary)."""
+    canary = status.get("canary") or {}
+    if canary.get("rankerVersion") == canary_variant:
+        state = canary.get("state")
+        if state in ("Progressing", "AwaitingPromotion"):
+            return min(100, max(0, int(canary.get("trafficPercent") or 0))) / 100
+        if state == "Promoted":
+            return 1.0
+        if state == "RolledBack":
+            return 0.0
+    return 1.0 if (status.get("stable") or {}).get("rankerVersion") == canary_variant else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """The router's view at one moment."""
+
+    at: float  # time.monotonic()
+    stable: str | None
+    state: str | None
+    step: int | None
+    traffic_percent: int | None
+    share: float
+
+
+class Router:
+    """Polls a ranker's status and routes the generator by it (as KServe's or the Service's split
+    would), recording every change in `timeline`."""
+
+    def __init__(self, read_status: Callable[[], Mapping[str, Any]], generator: LoadGenerator,
+                 canary_variant: str, poll: float = 0.1) -> None:
+        self.read_status, self.generator, self.canary_variant, self.poll = read_status, generator, canary_variant, poll
+        self.timeline: list[Sample] = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="mmrank-router", daemon=True)
+
+    def sample(self, status: Mapping[str, Any]) -> Sample:
+        canary = status.get("canary") or {}
+        ours = canary.get("rankerVersion") == self.canary_variant
+        return Sample(time.monotonic(), (status.get("stable") or {}).get("rankerVersion"),
+                      canary.get("state") if ours else None, canary.get("step") if ours else None,
+                      canary.get("trafficPercent") if ours else None, canary_share(status, self.canary_variant))
+
+    def _follow(self) -> None:
+        while not self._stop.is_set():
+            try:
+                now = self.sample(self.read_status())
+            except Exception:  # noqa: BLE001 - an unanswered read keeps the last split
+                self.errors += 1
+            else:
+                self.generator.canary_share = now.share
+                last = self.timeline[-1] if self.timeline else None
+                if last is None or dataclasses.replace(last, at=0) != dataclasses.replace(now, at=0):
+                    self.timeline.append(now)
+            self._stop.wait(self.poll)
+
+    def first(self, predicate: Callable[[Sample], bool]) -> Sample | None:
+        return next((s for s in list(self.timeline) if predicate(s)), None)
+
+    def __enter__(self) -> Router:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
