@@ -732,6 +732,19 @@ def test_fuzz_feedback_never_answers_5xx(fuzz_client: httpx.Client, body: Any, r
         assert response.status_code < 500 or "feedback stream unavailable" in response.text, response.text[:300]
 
 
+@FUZZ
+@hypothesis.given(name=st.text(min_size=1, max_size=12), route=st.sampled_from([
+    "GET /v1/models/{}", "GET /v1/models/{}/status", "GET /v2/models/{}", "GET /v2/models/{}/ready",
+    "POST /v1/models/{}:predict", "POST /v2/models/{}/infer", "GET /v2/models/{}/versions/1"]))
+def test_fuzz_model_names_in_every_route_answer_without_5xx(fuzz_client: httpx.Client, name: str, route: str) -> None:
+    method, path = route.split(" ")
+    response = fuzz_client.request(method, path.format(urllib.parse.quote(name, safe="")),
+                                   json={"user": {"id": USER}, "candidates": [1]} if method == "POST" else None)
+    assert response.status_code < 500 or response.status_code == 501, f"{response.status_code} {response.text[:200]}"
+    if name != MODEL and response.status_code >= 400 and response.headers.get("content-type") == "application/json":
+        assert "error" in response.json() or "detail" in response.json()
+
+
 def grpc_tensor_strategy() -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries({
         "name": st.sampled_from(["user_id", "candidates", "history", "brand", "colour"]),
