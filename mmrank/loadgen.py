@@ -560,3 +560,63 @@ class Router:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+# --- the controllers a bare apiserver lacks ---------------------------------------------------
+
+def ready_status(kind: str, live: Mapping[str, Any], now: str) -> dict[str, Any] | None:
+    """The status a Deployment, Job or InferenceService controller would report once the object's
+    current generation is up and ready (None: it already says so)."""
+    status, generation = live.get("status") or {}, live["metadata"].get("generation")
+    if kind == "Deployment":
+        n = live["spec"].get("replicas", 1)
+        if status.get("observedGeneration") == generation and status.get("readyReplicas") == n:
+            return None
+        return {"observedGeneration": generation, "replicas": n, "updatedReplicas": n, "readyReplicas": n,
+                "availableReplicas": n}
+    if kind == "Job":
+        if status.get("succeeded"):
+            return None
+        return {"succeeded": live["spec"].get("completions", 1), "startTime": now, "completionTime": now,
+                "conditions": [{"type": "Complete", "status": "True", "lastProbeTime": now, "lastTransitionTime": now}]}
+    if status.get("observedGeneration") == generation:
+        return None
+    return {"observedGeneration": generation, "conditions": [{"type": "Ready", "status": "True",
+                                                               "lastTransitionTime": now}]}
+
+
+class Controllers:
+    """Plays the Deployment, Job and KServe controllers of one namespace on an apiserver that runs
+    none (the test apiserver): every child is reported ready for its current generation."""
+
+    KINDS = (("apps/v1", "Deployment"), ("batch/v1", "Job"), ("serving.kserve.io/v1beta1", "InferenceService"))
+
+    def __init__(self, api_client: Any, namespace: str, period: float = 0.2) -> None:
+        from kubernetes import dynamic
+
+        self.client = dynamic.DynamicClient(api_client)
+        self.namespace, self.period = namespace, period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._play, name="mmrank-controllers", daemon=True)
+
+    def _play(self) -> None:
+        import datetime
+
+        while not self._stop.wait(self.period):
+            now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            for api_version, kind in self.KINDS:
+                with contextlib.suppress(Exception):  # a conflict or a vanished object: next round
+                    resource = self.client.resources.get(api_version=api_version, kind=kind)
+                    for live in resource.get(namespace=self.namespace).to_dict()["items"]:
+                        ready = ready_status(kind, live, now)
+                        if ready is not None:
+                            resource.status.patch(name=live["metadata"]["name"], namespace=self.namespace,
+                                                  body={"status": ready}, content_type="application/merge-patch+json")
+
+    def __enter__(self) -> Controllers:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -15,12 +15,10 @@ can start up to one timer period after its window ends. Hence
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,7 +30,7 @@ from kubernetes import dynamic
 from kubernetes.client.exceptions import ApiException
 
 from mmrank import api, servers
-from mmrank.loadgen import CanaryRig, LoadGenerator, Router, Sample, Throttle, answered
+from mmrank.loadgen import CanaryRig, Controllers, LoadGenerator, Router, Sample, Throttle, answered
 
 pytestmark = [pytest.mark.apiserver, pytest.mark.slow]
 
@@ -42,7 +40,6 @@ INTERVAL_S, FAILURE_LIMIT, SCRAPE_S, TIMER_S = 3, 2, 1, 1
 ROLLBACK_BOUND_S = INTERVAL_S * FAILURE_LIMIT + SCRAPE_S + FAILURE_LIMIT * TIMER_S
 ANALYSIS = {"maxErrorRate": 0.05, "maxLatencyP99Ms": 250, "minClickRateRatio": 0.9, "minRequests": 5,
             "failureLimit": FAILURE_LIMIT}
-CHILD_KINDS = (("apps/v1", "Deployment"), ("batch/v1", "Job"), ("serving.kserve.io/v1beta1", "InferenceService"))
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
@@ -57,13 +54,8 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
 
 
-def stamp() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 class Cluster:
-    """One namespace: the ranker `shop`, and a thread playing the Deployment, Job and KServe
-    controllers (every child ready for its current generation)."""
+    """One namespace with the ranker `shop`, and the controllers the apiserver lacks played."""
 
     def __init__(self, api_client: Any, namespace: str) -> None:
         self.client = dynamic.DynamicClient(api_client)
@@ -71,12 +63,7 @@ class Cluster:
         self.rankers = self.client.resources.get(api_version=api.API_VERSION, kind=api.KIND)
         self.client.resources.get(api_version="v1", kind="Namespace").create(
             body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
-        self._stop = threading.Event()
-        self._controllers = threading.Thread(target=self._play_controllers, daemon=True)
-        self._controllers.start()
-
-    def res(self, api_version: str, kind: str) -> Any:
-        return self.client.resources.get(api_version=api_version, kind=kind)
+        self.controllers = Controllers(api_client, namespace).__enter__()
 
     def status(self) -> dict:
         return self.rankers.get(name="shop", namespace=self.namespace).to_dict().get("status") or {}
@@ -85,39 +72,8 @@ class Cluster:
         self.rankers.patch(name="shop", namespace=self.namespace, body={"spec": spec},
                            content_type="application/merge-patch+json")
 
-    def _ready_status(self, kind: str, live: dict) -> dict | None:
-        status, generation = live.get("status") or {}, live["metadata"].get("generation")
-        if kind == "Deployment":
-            n = live["spec"].get("replicas", 1)
-            if status.get("observedGeneration") == generation and status.get("readyReplicas") == n:
-                return None
-            return {"observedGeneration": generation, "replicas": n, "updatedReplicas": n, "readyReplicas": n,
-                    "availableReplicas": n}
-        if kind == "Job":
-            if status.get("succeeded"):
-                return None
-            return {"succeeded": live["spec"].get("completions", 1), "startTime": stamp(), "completionTime": stamp(),
-                    "conditions": [{"type": "Complete", "status": "True", "lastProbeTime": stamp(),
-                                    "lastTransitionTime": stamp()}]}
-        if status.get("observedGeneration") == generation:
-            return None
-        return {"observedGeneration": generation,
-                "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": stamp()}]}
-
-    def _play_controllers(self) -> None:
-        while not self._stop.wait(0.2):
-            for api_version, kind in CHILD_KINDS:
-                with contextlib.suppress(Exception):
-                    resource = self.res(api_version, kind)
-                    for live in resource.get(namespace=self.namespace).to_dict()["items"]:
-                        ready = self._ready_status(kind, live)
-                        if ready is not None:
-                            resource.status.patch(name=live["metadata"]["name"], namespace=self.namespace,
-                                                  body={"status": ready}, content_type="application/merge-patch+json")
-
     def close(self) -> None:
-        self._stop.set()
-        self._controllers.join()
+        self.controllers.__exit__()
 
 
 def manifest(namespace: str, store_url: str, prometheus_url: str, ranker: str = STABLE,
