@@ -154,9 +154,9 @@ class ItemVectorCache:
         return read_log(store, space, history_user, window, self._seen(space))
 
     def vectors(self, store: Any, space: str, dim: int, log: LogState,
-                ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(float32 [n, dim], found bool [n]) for `ids`, after applying `log`; the store is read
-        only for what the cache does not hold."""
+                ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """(float32 [n, dim], found bool [n], rows served from the cache) for `ids`, after
+        applying `log`; the store is read only for what the cache does not hold."""
         return self._read(store, space, dim, log, ids)
 
     def _seen(self, space: str) -> int | None:
@@ -165,7 +165,7 @@ class ItemVectorCache:
             return None if cached is None or cached.epoch is None else cached.seen
 
     def _read(self, store: Any, space: str, dim: int, log: LogState,
-              ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+              ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         with self._lock:
             cached = self.spaces.get(space)
             if cached is None or cached.rows.shape[1] != dim:
@@ -195,9 +195,10 @@ class ItemVectorCache:
                 if decision != "bypass" and cached.generation == generation:
                     unique, first = np.unique(missing[read_found], return_index=True)
                     cached.insert(unique, read[read_found][first])
+        hits = int(held.sum())
         with self._lock:
-            self.stats.hits += int(held.sum())
-        return vectors, found
+            self.stats.hits += hits
+        return vectors, found, hits
 
 
 def history_ids(raw: list[bytes]) -> np.ndarray:

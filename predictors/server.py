@@ -441,10 +441,9 @@ class RankerModel(Model):
         stored_history, version_log = cache.sync(self.store, space, None if ranking.history is not None
                                                  else ranking.user_id, window)
         history = newest(ranking.history if ranking.history is not None else stored_history, window)
-        before = dataclasses.replace(cache.stats)
-        vectors, found = cache.vectors(self.store, space, int(self.meta["dim"]), version_log,
-                                       np.concatenate([history, ranking.cand_ids]))
-        hits, misses = cache.stats.hits - before.hits, cache.stats.misses - before.misses
+        ids = np.concatenate([history, ranking.cand_ids])
+        vectors, found, hits = cache.vectors(self.store, space, int(self.meta["dim"]), version_log, ids)
+        misses = len(ids) - hits
         if hits > 0:
             CACHED_ROWS.labels(self.version, space, "hit").inc(hits)
         if misses > 0:

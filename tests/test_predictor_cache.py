@@ -32,7 +32,8 @@ def store(redis_server: servers.Server) -> Any:
 
 def read(cache: ItemVectorCache, store: Any, ids: list[int], user: int | None = None) -> tuple[Any, np.ndarray, np.ndarray]:
     history, log = cache.sync(store, SPACE, user, 10)
-    found_vectors, found = cache.vectors(store, SPACE, DIM, log, np.asarray(ids, dtype=np.int64))
+    found_vectors, found, hits = cache.vectors(store, SPACE, DIM, log, np.asarray(ids, dtype=np.int64))
+    assert 0 <= hits <= int(found.sum())
     return history, found_vectors, found
 
 
