@@ -301,6 +301,7 @@ def build_backfill_job(ranker: api.MultimodalRanker, encoder_version: str) -> di
 # --- the ranker: KServe (Standard or Knative) or plain Kubernetes -------------------------------
 
 RANKER_HTTP = 8080
+RANKER_GRPC = 8081          # KServe's gRPC port (`mmrank predictor serve --grpc-port`)
 RANKER_MODEL_DIR = "/mnt/models"
 CANARY_LABEL = "mmrank.io/canary-version"
 ROLE = "mmrank.io/role"
@@ -328,7 +329,8 @@ def ranker_container(ranker: api.MultimodalRanker, served: api.RankerModelSpec, 
                  "--model-name", ranker_model_name(ranker),
                  "--min-coverage", str(ranker.spec.embeddings.min_coverage),
                  "--max-candidates", str(served.max_candidates), "--history-length", str(served.history_length)],
-        "env": env, "ports": [{"containerPort": RANKER_HTTP, "protocol": "TCP"}],
+        "env": env, "ports": [{"name": "http", "containerPort": RANKER_HTTP, "protocol": "TCP"},
+                              {"name": "grpc", "containerPort": RANKER_GRPC, "protocol": "TCP"}],
         # Not ready while the space is below minCoverage or the store is unreachable (the
         # predictor answers 503 with the reason), so such a pod never takes traffic.
         "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": RANKER_HTTP}, "periodSeconds": 5},
@@ -405,7 +407,8 @@ def build_ranker_service(ranker: api.MultimodalRanker) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": _metadata(ranker, ranker_model_name(ranker), selector),
             "spec": {"selector": selector, "ports": [
-                {"name": "http", "port": RANKER_HTTP, "targetPort": RANKER_HTTP, "protocol": "TCP"}]}}
+                {"name": "http", "port": RANKER_HTTP, "targetPort": RANKER_HTTP, "protocol": "TCP"},
+                {"name": "grpc", "port": RANKER_GRPC, "targetPort": RANKER_GRPC, "protocol": "TCP"}]}}
 
 
 def build_ranker_children(ranker: api.MultimodalRanker, stable: api.RankerModelSpec,
