@@ -487,7 +487,22 @@ def load_images(paths: Paths, archives: Iterable[Path]) -> list[str]:
         done[archive.name] = imported[0]
         names.append(imported[0])
         record.write_text(json.dumps(done, indent=1))
+    _forget_replaced_images(paths)
     return names
+
+
+def replaced_image_refs(listing: str) -> list[str]:
+    """`sha256:` references (kept by the CRI plugin per image ID) to manifests no named image
+    points at any more: older builds a re-import replaced. `listing` is `ctr images ls`."""
+    rows = [line.split() for line in listing.splitlines()[1:] if len(line.split()) >= 3]
+    current = {row[2] for row in rows if not row[0].startswith("sha256:")}
+    return [row[0] for row in rows if row[0].startswith("sha256:") and row[2] not in current]
+
+
+def _forget_replaced_images(paths: Paths) -> None:
+    """Drop references to replaced builds so containerd's garbage collector frees their layers."""
+    for ref in replaced_image_refs(_ctr(paths, "images", "ls").stdout):
+        _ctr(paths, "images", "rm", ref, check=False)
 
 
 def up(images: Sequence[str] = ("operator", "runtime"), network: Network = NETWORK, paths: Paths = Paths(),

@@ -118,3 +118,11 @@ def test_a_command_imports_only_the_part_that_owns_it():
                            capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip() == "[]"
+
+
+def test_replaced_builds_lose_their_image_id_references_and_current_ones_keep_them():
+    listing = ("REF TYPE DIGEST SIZE PLATFORMS LABELS\n"
+               "ghcr.io/mmrank/mmrank:0.1.0 application/vnd.oci.image.manifest.v1+json sha256:new 844 linux/amd64 x\n"
+               "sha256:idnew application/vnd.oci.image.manifest.v1+json sha256:new 844 linux/amd64 x\n"
+               "sha256:idold application/vnd.oci.image.manifest.v1+json sha256:old 840 linux/amd64 x\n")
+    assert cluster.replaced_image_refs(listing) == ["sha256:idold"]
