@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from mmrank import api
@@ -73,8 +74,13 @@ def label_value(value: str) -> str:
     return '"' + escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t") + '"'
 
 
-def queries(canary_variant: str, stable_variant: str, window_seconds: int) -> dict[str, str]:
+def queries(canary_variant: str, stable_variant: str, window_seconds: int,
+            scope: Mapping[str, str] | None = None) -> dict[str, str]:
     """PromQL per measured number, each over the last `window_seconds`.
+
+    `scope`: extra label matchers on every series (e.g. `namespace` and `mmrank_io_ranker`, the
+    target labels a `kubernetes_sd` scrape config adds), for a Prometheus that scrapes several
+    rankers whose versions share names; without it every series of the variant counts.
 
     Keys: `requests` and `stable_requests` (answered ranking requests, any code), `error_rate`
     (5xx / all: a 4xx is the caller's fault, as bad for stable as for canary), `latency_p99_ms`,
@@ -85,6 +91,8 @@ def queries(canary_variant: str, stable_variant: str, window_seconds: int) -> di
     if window_seconds < 1:
         raise ValueError(f"window_seconds must be at least 1, got {window_seconds}")
     canary, stable, w = label_value(canary_variant), label_value(stable_variant), f"{int(window_seconds)}s"
+    scoped = "".join(f",{name}={label_value(value)}" for name, value in sorted((scope or {}).items()))
+    canary, stable = canary + scoped, stable + scoped
     server_errors = ',code=~"5.."'
 
     def total(metric: str, variant: str, extra: str = "") -> str:
@@ -195,16 +203,16 @@ class PrometheusAnalyser:
         self._client.close()
 
     def analyse(self, prometheus_url: str, canary_variant: str, stable_variant: str, window_seconds: int,
-                spec: api.AnalysisSpec) -> Analysis:
+                spec: api.AnalysisSpec, scope: Mapping[str, str] | None = None) -> Analysis:
         try:
-            measured = self.measure(prometheus_url, canary_variant, stable_variant, window_seconds, spec)
+            measured = self.measure(prometheus_url, canary_variant, stable_variant, window_seconds, spec, scope)
         except PrometheusUnavailable as exc:
             return Analysis("Inconclusive", message=str(exc))
         return judge(measured, spec)
 
     def measure(self, prometheus_url: str, canary_variant: str, stable_variant: str, window_seconds: int,
-                spec: api.AnalysisSpec) -> Measurement:
-        promql = queries(canary_variant, stable_variant, window_seconds)
+                spec: api.AnalysisSpec, scope: Mapping[str, str] | None = None) -> Measurement:
+        promql = queries(canary_variant, stable_variant, window_seconds, scope)
         requests = self.query(prometheus_url, promql["requests"])
         count = round(requests) if requests is not None else 0
         if count < spec.min_requests:

@@ -81,6 +81,15 @@ def test_label_values_are_escaped_as_promql_strings(value: str, literal: str) ->
     assert f"variant={literal}" in queries(value, "r1", 10)["requests"]
 
 
+def test_a_scope_adds_its_matchers_to_every_series_of_both_variants() -> None:
+    promql = queries("r2", "r1", 30, scope={"namespace": "shop", "mmrank_io_ranker": 'x"y'})
+    scoped = ',mmrank_io_ranker="x\\"y",namespace="shop"'
+    for key, query in promql.items():
+        selectors = query.count("{variant=")
+        assert query.count(scoped) == selectors > 0, key
+    assert queries("r2", "r1", 30, scope={}) == queries("r2", "r1", 30)
+
+
 def test_a_window_below_one_second_is_refused() -> None:
     with pytest.raises(ValueError, match="window_seconds must be at least 1"):
         queries("r2", "r1", 0)
@@ -326,6 +335,7 @@ def test_a_canary_answering_5xx_fails_on_its_error_rate(rig: CanaryRig, promethe
     assert result.verdict == "Failed" and "errorRate" in result.failed_checks, result.message
     assert result.error_rate == pytest.approx(1.0)
     assert "errorRate 1 > maxErrorRate 0.05" in result.message
+    assert result.latency_p99_ms is not None  # the predictor times its error answers too
     rig.wait_canary_ready()
 
 
@@ -366,6 +376,18 @@ def test_a_full_analysis_sends_five_queries_and_one_less_with_the_click_check_of
     analyser.analyse(prometheus.url, CANARY, STABLE, 6, TEST_SPEC.model_copy(update={"min_requests": 1,
                                                                                       "min_click_rate_ratio": 0.0}))
     assert analyser.queries_sent == 9
+
+
+def test_a_scope_reads_only_the_series_with_its_labels(rig: CanaryRig, prometheus: servers.Server) -> None:
+    """`job` is a target label Prometheus gives every series it scrapes here."""
+    spec = TEST_SPEC.model_copy(update={"min_requests": 1})
+    analyser = PrometheusAnalyser()
+    ours, _ = analyse_after(load(rig), prometheus, 4, spec, analyser)
+    assert ours.verdict == "Passed", ours.message
+    scoped = analyser.analyse(prometheus.url, CANARY, STABLE, 6, spec, scope={"job": "mmrank"})
+    assert scoped.verdict == "Passed" and scoped.requests == pytest.approx(ours.requests, rel=0.25)
+    other = analyser.analyse(prometheus.url, CANARY, STABLE, 6, spec, scope={"job": "another-ranker"})
+    assert other.verdict == "Inconclusive" and other.requests == 0
 
 
 def test_prometheus_down_is_inconclusive_with_the_reason(rig: CanaryRig, start_prometheus: Any) -> None:
