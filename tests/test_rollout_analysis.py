@@ -20,7 +20,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mmrank import api, servers
-from mmrank.loadgen import CanaryRig, ClickSampler, LoadGenerator, Throttle, route_to_canary
+from mmrank.loadgen import (
+    CanaryRig,
+    ClickSampler,
+    LoadGenerator,
+    Throttle,
+    canary_share,
+    ready_status,
+    route_to_canary,
+)
 from mmrank.operator.analysis import (
     Analysis,
     Measurement,
@@ -267,6 +275,33 @@ def test_click_sampler_keeps_the_click_rate_within_one_click(p: float, impressio
     clicks = [sampler.clicks(impressions) for _ in range(n)]
     assert all(0 <= c <= impressions for c in clicks)
     assert abs(sum(clicks) - p * impressions * n) < 1 + 1e-6
+
+
+@pytest.mark.parametrize(("status", "share"), [
+    ({}, 0.0),
+    ({"stable": {"rankerVersion": "r1"}}, 0.0),
+    ({"stable": {"rankerVersion": "r1"}, "canary": {"rankerVersion": "r2", "state": "Progressing", "trafficPercent": 30}}, 0.3),
+    ({"stable": {"rankerVersion": "r1"}, "canary": {"rankerVersion": "r2", "state": "AwaitingPromotion",
+                                                    "trafficPercent": 60}}, 0.6),
+    ({"stable": {"rankerVersion": "r1"}, "canary": {"rankerVersion": "r2", "state": "Promoted", "trafficPercent": 100}}, 1.0),
+    ({"stable": {"rankerVersion": "r1"}, "canary": {"rankerVersion": "r2", "state": "RolledBack", "trafficPercent": 0}}, 0.0),
+    ({"stable": {"rankerVersion": "r2"}}, 1.0),
+    ({"stable": {"rankerVersion": "r1"}, "canary": {"rankerVersion": "r3", "state": "Progressing", "trafficPercent": 30}}, 0.0),
+])
+def test_the_router_gives_the_canary_what_status_says(status: dict[str, Any], share: float) -> None:
+    assert canary_share(status, "r2") == share
+
+
+def test_the_controller_stand_ins_report_ready_once_per_generation() -> None:
+    deployment = {"metadata": {"generation": 3}, "spec": {"replicas": 2}, "status": {}}
+    ready = ready_status("Deployment", deployment, "2026-12-01T00:00:00Z")
+    assert ready == {"observedGeneration": 3, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 2,
+                     "availableReplicas": 2}
+    assert ready_status("Deployment", {**deployment, "status": ready}, "2026-12-01T00:00:00Z") is None
+    isvc = {"metadata": {"generation": 5}, "spec": {}, "status": {"observedGeneration": 4}}
+    assert ready_status("InferenceService", isvc, "t")["conditions"][0]["type"] == "Ready"
+    assert ready_status("InferenceService", {**isvc, "status": {"observedGeneration": 5}}, "t") is None
+    assert ready_status("Job", {"metadata": {}, "spec": {"completions": 4}, "status": {}}, "t")["succeeded"] == 4
 
 
 # --- against a real Prometheus scraping two real predictors ---------------------------------------

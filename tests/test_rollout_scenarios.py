@@ -183,6 +183,29 @@ def rollout(cluster: Cluster, rig: CanaryRig, promotion: str = "Automatic", cana
         yield router, generator
         generator.stop()
     check_served_shares(router, generator, rig, served_before)
+    if os.environ.get("MMRANK_ROLLOUT_TIMELINE_DIR"):
+        write_timeline(Path(os.environ["MMRANK_ROLLOUT_TIMELINE_DIR"]), router, cluster)
+
+
+def write_timeline(folder: Path, router: Router, cluster: Cluster) -> Path:
+    """The run as data for the rollout timeline picture in docs/rollouts.md: the canary's share
+    as the router applied it, and each decision with its analysis (click-rate ratio and all),
+    both in seconds since the first sample. Written when MMRANK_ROLLOUT_TIMELINE_DIR is set."""
+    import datetime
+    import json
+
+    wall = time.time() - time.monotonic()
+    start = router.timeline[0].at + wall if router.timeline else time.time()
+    decisions = [{**h, "t": round(datetime.datetime.fromisoformat(h["time"].replace("Z", "+00:00")).timestamp()
+                                  - start, 3)} for h in cluster.status().get("history") or []]
+    samples = [{"t": round(s.at + wall - start, 3), "share": s.share, "state": s.state, "step": s.step,
+                "trafficPercent": s.traffic_percent, "stable": s.stable} for s in router.timeline]
+    name = os.environ.get("PYTEST_CURRENT_TEST", "rollout").split("::")[-1].split(" ")[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps({"steps": STEPS, "interval_s": INTERVAL_S, "samples": samples,
+                                "decisions": decisions}, indent=1))
+    return path
 
 
 def check_served_shares(router: Router, generator: LoadGenerator, rig: CanaryRig, served_before: int) -> None:
