@@ -34,7 +34,10 @@ DNS_LABEL_MAX = 63
 VERSION_MAX = 20
 DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-DURATION = r"^[1-9][0-9]*(s|m|h)$"
+# A Go duration in whole hours, minutes and seconds, in that order, each part at least 1 ("90s",
+# "2m30s", "1h30m"): the CRD's pattern and `duration_seconds` are this one expression (RE2 and
+# ECMA alike, no lookaround), so what the apiserver admits the operator can read.
+DURATION = r"^(?:([1-9][0-9]*)h(?:([1-9][0-9]*)m)?(?:([1-9][0-9]*)s)?|([1-9][0-9]*)m(?:([1-9][0-9]*)s)?|([1-9][0-9]*)s)$"
 # A Kubernetes quantity without a sign ("500m", "2Gi", "1", "1.5", "1e3").
 QUANTITY = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|([eE][0-9]+))?$"
 # redis://host:port/db, rediss://..., or file:///path. No `user:password@` part: credentials
@@ -61,11 +64,12 @@ RULE_CHILD_NAMES = ("metadata.name plus spec.encoder.version is too long: child 
 
 
 def duration_seconds(value: str) -> int:
-    """Seconds of a DURATION ("30s", "5m", "1h")."""
+    """Seconds of a DURATION ("30s", "5m", "1h30m")."""
     match = re.fullmatch(DURATION, value)
     if not match:
-        raise ValueError(f"{value!r} is not a duration like 30s, 5m or 1h")
-    return int(value[:-1]) * {"s": 1, "m": 60, "h": 3600}[value[-1]]
+        raise ValueError(f"{value!r} is not a duration like 30s, 5m, 2m30s or 1h30m")
+    hours, minutes, seconds, only_minutes, and_seconds, only_seconds = (int(g or 0) for g in match.groups())
+    return 3600 * hours + 60 * (minutes + only_minutes) + seconds + and_seconds + only_seconds
 
 
 def _check_quantity(value: int | str) -> int | str:
@@ -374,7 +378,7 @@ class RolloutSpec(_Spec):
         json_schema_extra={"default": [10, 25, 50], **_cel(
             "self.isSorted() && self.all(x, self.indexOf(x) == self.lastIndexOf(x))", RULE_STEPS)})
     interval: str = Field("5m", max_length=16, pattern=DURATION, description="Time at each step before the "
-                          "analysis judges it (e.g. 30s, 5m, 1h).", examples=["5m"])
+                          "analysis judges it: a Go duration in whole h, m, s (e.g. 30s, 5m, 1h30m).", examples=["5m"])
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec, description="Checks that decide advance or "
                                    "rollback.", json_schema_extra={"default": {}})
     promotion: Literal["Automatic", "Manual"] = Field("Automatic", description="Automatic: promote after the "
