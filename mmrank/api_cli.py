@@ -4,6 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mmrank.cli import CommandError
+
+FILE_PROBLEM = "(file): "  # how api.validate_file reports a file it cannot read, or one without a manifest
+
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     crd = subparsers.add_parser("crd", help="Print the MultimodalRanker CRD generated from the models")
@@ -29,7 +33,14 @@ def _validate(args: argparse.Namespace) -> int:
 
     invalid = False
     for filename in args.filename:
-        for label, found in api.validate_file(filename):
+        try:
+            results = api.validate_file(filename)
+        except UnicodeDecodeError as exc:
+            raise CommandError(f"{filename}: cannot read a YAML manifest: not UTF-8 text ({exc.reason})") from exc
+        unreadable = [problem for _, found in results for problem in found if problem.startswith(FILE_PROBLEM)]
+        if unreadable:  # the file itself, not a manifest in it: one line on stderr, like every command
+            raise CommandError(f"{filename}: {unreadable[0].removeprefix(FILE_PROBLEM)}")
+        for label, found in results:
             if found:
                 invalid = True
                 print(f"{label}: invalid")

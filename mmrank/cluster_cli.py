@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+TARGETS = ("operator", "runtime", "triton")  # the Dockerfile's targets (mmrank.images.TARGETS, without its imports)
+
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     cluster = subparsers.add_parser("cluster", help="A single-node Kubernetes cluster on this machine "
@@ -21,8 +23,15 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     images = subparsers.add_parser("images", help="Build the project's images with buildah (cached by content)")
     sub = images.add_subparsers(dest="images_command", metavar="COMMAND", required=True)
     build = sub.add_parser("build", help="Build targets into OCI archives; prints each archive's path")
-    build.add_argument("targets", nargs="*", default=["operator", "runtime", "triton"])
+    build.add_argument("targets", nargs="*", metavar="TARGET", type=_target, default=list(TARGETS),
+                       help=f"Dockerfile targets: {', '.join(TARGETS)} (default: all)")
     build.set_defaults(handler=_build)
+
+
+def _target(name: str) -> str:
+    if name not in TARGETS:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a target ({', '.join(TARGETS)})")
+    return name
 
 
 def _up(args: argparse.Namespace) -> int:

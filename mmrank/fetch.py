@@ -46,6 +46,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import logging
+
+    # KServe's storage code logs the error it then raises; the line below says it once.
+    logging.getLogger("storage.initializer").addFilter(lambda record: record.levelno < logging.ERROR)
     try:
         dest = fetch(args.source, args.dest)
     except Exception as exc:  # noqa: BLE001 - an init container's failure is one line for `kubectl logs`

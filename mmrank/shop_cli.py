@@ -7,6 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+from mmrank.cli import (CommandError, existing_dir, existing_file, file_problem, non_negative_float, non_negative_int,
+                        positive_int, show_progress)
+
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("shop", help="Generate the synthetic multimodal shop (data for everything else)")
@@ -14,36 +17,37 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
     gen = sub.add_parser("generate", help="Draw a shop (deterministic in size, seed and config) into DIR")
     gen.add_argument("--size", choices=("tiny", "small", "medium"), default="tiny")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=non_negative_int, default=0)
     gen.add_argument("--out", required=True, type=Path, help="output directory")
-    gen.add_argument("--config", type=Path, help="JSON or YAML file of knob overrides (see docs/data.md)")
-    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen.add_argument("--config", type=existing_file, help="JSON or YAML file of knob overrides (see docs/data.md)")
+    gen.add_argument("--no-progress", action="store_true",
+                     help="no progress bar (there is none unless stderr is a terminal)")
     gen.set_defaults(handler=_generate)
 
     space = sub.add_parser("concept-space", help="Write oracle embeddings from the hidden concepts as a space")
-    space.add_argument("--data", required=True, type=Path, help="shop directory")
+    space.add_argument("--data", required=True, type=existing_dir, help="shop directory")
     space.add_argument("--out", required=True, type=Path, help="space directory")
-    space.add_argument("--dim", type=int, default=128)
-    space.add_argument("--noise", type=float, default=0.0, help="per-item noise norm before normalising")
+    space.add_argument("--dim", type=positive_int, default=128)
+    space.add_argument("--noise", type=non_negative_float, default=0.0, help="per-item noise norm before normalising")
     space.add_argument("--version", default="oracle", help="encoder version the space is named for")
-    space.add_argument("--seed", type=int, default=0)
+    space.add_argument("--seed", type=non_negative_int, default=0)
     space.set_defaults(handler=_concept_space)
 
     grid = sub.add_parser("grid", help="PNG grid of random items with their titles")
-    grid.add_argument("--data", required=True, type=Path)
+    grid.add_argument("--data", required=True, type=existing_dir)
     grid.add_argument("--out", required=True, type=Path)
-    grid.add_argument("--rows", type=int, default=4)
-    grid.add_argument("--cols", type=int, default=6)
-    grid.add_argument("--seed", type=int, default=0)
+    grid.add_argument("--rows", type=positive_int, default=4)
+    grid.add_argument("--cols", type=positive_int, default=6)
+    grid.add_argument("--seed", type=non_negative_int, default=0)
     grid.set_defaults(handler=_grid)
 
     plot = sub.add_parser("click-plot", help="PNG of click rate against hidden interest match")
-    plot.add_argument("--data", required=True, type=Path)
+    plot.add_argument("--data", required=True, type=existing_dir)
     plot.add_argument("--out", required=True, type=Path)
     plot.set_defaults(handler=_click_plot)
 
     base = sub.add_parser("baselines", help="AUC of model-free baselines on the test day, warm vs cold")
-    base.add_argument("--data", required=True, type=Path)
+    base.add_argument("--data", required=True, type=existing_dir)
     base.set_defaults(handler=_baselines)
 
 
@@ -51,10 +55,14 @@ def _generate(args: argparse.Namespace) -> int:
     from mmrank.shop_config import config_for, read_overrides
     from mmrank.shop_gen import generate_into
 
-    overrides = read_overrides(args.config) if args.config else None
-    cfg = config_for(args.size, overrides)
+    try:
+        cfg = config_for(args.size, read_overrides(args.config) if args.config else None)
+    except Exception as exc:  # noqa: BLE001 - JSON, YAML, unknown knobs, wrong types: the file is at fault
+        raise CommandError(f"--config {file_problem(args.config, exc)}") from exc
+    if args.out.exists() and not args.out.is_dir():
+        raise CommandError(f"--out {args.out}: not a directory")
     started = time.perf_counter()
-    generate_into(args.out, cfg, args.seed, args.size, progress=not args.no_progress)
+    generate_into(args.out, cfg, args.seed, args.size, progress=show_progress(args))
     counts = json.loads((args.out / "manifest.json").read_text())["counts"]
     print(f"shop {args.size} seed {args.seed} -> {args.out} in {time.perf_counter() - started:.1f}s: "
           + ", ".join(f"{k} {v}" for k, v in counts.items()))

@@ -9,6 +9,8 @@ import os
 import sys
 from typing import Any
 
+from mmrank.cli import CommandError, describe, file_problem, positive_duration
+
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     operator = subparsers.add_parser("operator", help="Run the MultimodalRanker operator (kopf)")
@@ -20,8 +22,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                      help="namespace to watch (repeatable; default: every namespace)")
     run.add_argument("--standalone", action="store_true",
                      help="no peering with other operator replicas (a single replica, tests)")
-    run.add_argument("--interval", type=float, default=float(os.environ.get("MMRANK_OPERATOR_INTERVAL", "30")),
-                     help="seconds between level-triggered reconciles of each ranker (default 30)")
+    run.add_argument("--interval", type=positive_duration, default=os.environ.get("MMRANK_OPERATOR_INTERVAL", "30"),
+                     help="seconds, or a duration (30s, 1m30s), between level-triggered reconciles of each "
+                     "ranker (default 30; env MMRANK_OPERATOR_INTERVAL)")
     run.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     run.add_argument("--verbose", action="store_true")
     run.set_defaults(handler=_run)
@@ -35,7 +38,27 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     render.set_defaults(handler=_render)
 
 
+def check_cluster_access(timeout: float = 10.0) -> None:
+    """Fail at once, in one line, without credentials or an apiserver to talk to: kopf would log a
+    traceback and wait forever (in a pod, a restart is the better answer)."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        try:
+            config.load_kube_config()
+        except Exception as exc:  # noqa: BLE001 - missing, unreadable or malformed kubeconfig alike
+            raise CommandError(f"no Kubernetes credentials (not in a pod, and the kubeconfig: {describe(exc)})") from exc
+    try:
+        client.VersionApi().get_code(_request_timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - refused, TLS, DNS, timeout: the apiserver is not there for us
+        host = client.Configuration.get_default_copy().host
+        raise CommandError(f"cannot reach the Kubernetes API at {host}: {describe(exc)}") from exc
+
+
 def _run(args: argparse.Namespace) -> int:
+    check_cluster_access()
     os.environ["MMRANK_OPERATOR_INTERVAL"] = str(args.interval)
     import kopf
     import urllib3
@@ -53,9 +76,13 @@ def parse_coverage(values: list[str]) -> dict[str, float]:
     out = {}
     for value in values:
         space, _, fraction = value.partition("=")
-        if not space or not fraction:
-            raise SystemExit(f"--coverage wants SPACE=FRACTION, got {value!r}")
-        out[space] = float(fraction)
+        try:
+            share = float(fraction)
+        except ValueError:
+            share = -1.0
+        if not space or not 0.0 <= share <= 1.0:
+            raise CommandError(f"--coverage wants SPACE=FRACTION with a fraction in [0, 1], got {value!r}")
+        out[space] = share
     return out
 
 
@@ -87,13 +114,20 @@ def _render(args: argparse.Namespace) -> int:
     import yaml
     from pydantic import ValidationError
 
-    text = sys.stdin.read() if args.filename == "-" else open(args.filename, encoding="utf-8").read()
+    from mmrank import api
+
+    coverage = parse_coverage(args.coverage)
     try:
-        documents = render_documents([d for d in yaml.safe_load_all(text) if d], parse_coverage(args.coverage),
-                                     args.status)
+        text = sys.stdin.read() if args.filename == "-" else open(args.filename, encoding="utf-8").read()
+        manifests = [d for d in yaml.safe_load_all(text) if d]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise CommandError(f"cannot read a YAML manifest: {file_problem(args.filename, exc)}") from exc
+    try:
+        documents = render_documents(manifests, coverage, args.status)
     except ValidationError as exc:
-        print(f"{args.filename}: invalid MultimodalRanker:\n{exc}", file=sys.stderr)
-        return 1
+        found = [problem for document in manifests if isinstance(document, dict)
+                 and document.get("kind") == "MultimodalRanker" for problem in api.problems(document)]
+        raise CommandError(f"{args.filename}: invalid MultimodalRanker: {'; '.join(found) or describe(exc)}") from None
     sys.stdout.write(to_yaml(documents))
     return 0
 

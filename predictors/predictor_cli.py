@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+
+from mmrank.cli import fraction, non_negative_int, port, positive_duration, positive_int
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -22,35 +25,39 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                        help="name in /v1/models/<name>:predict and /v2/models/<name>/infer")
     serve.add_argument("--host", default=os.environ.get("MMRANK_HOST", "0.0.0.0"),
                        help="address REST and gRPC listen on (env MMRANK_HOST; 127.0.0.1: this machine only)")
-    serve.add_argument("--http-port", type=int, default=int(os.environ.get("PORT", "8080")))
-    serve.add_argument("--grpc-port", type=int, default=int(os.environ.get("GRPC_PORT", "8081")),
-                       help="KServe's gRPC port (GRPCInferenceService, v2); 0: no gRPC")
+    serve.add_argument("--http-port", type=port, default=os.environ.get("PORT", "8080"), help="REST port (env PORT)")
+    serve.add_argument("--grpc-port", type=port, default=os.environ.get("GRPC_PORT", "8081"),
+                       help="KServe's gRPC port (GRPCInferenceService, v2; env GRPC_PORT); 0: no gRPC")
     serve.add_argument("--space", default=os.environ.get("MMRANK_SPACE"),
                        help="the space this deployment is for (env MMRANK_SPACE); never ready when the "
                        "ranker was trained on another")
     serve.add_argument("--ranker-version", default=os.environ.get("MMRANK_RANKER_VERSION"),
                        help="variant label of metrics and request ids (env MMRANK_RANKER_VERSION; "
                        "default: the artifact's version)")
-    serve.add_argument("--history-length", type=int, default=None,
+    serve.add_argument("--history-length", type=positive_int, default=None,
                        help="newest behaviours read per user (default: the artifact's history_length)")
-    serve.add_argument("--min-coverage", type=float, default=0.99,
+    serve.add_argument("--min-coverage", type=fraction, default=0.99,
                        help="not ready below this share of the catalogue embedded in the ranker's space")
-    serve.add_argument("--recheck-seconds", type=float, default=5.0, help="how often readiness is re-read")
-    serve.add_argument("--max-candidates", type=int, default=500)
-    serve.add_argument("--max-history", type=int, default=1000,
+    serve.add_argument("--recheck-seconds", type=positive_duration, default=5.0,
+                       help="how often readiness is re-read (seconds, or a duration: 5s, 1m)")
+    serve.add_argument("--max-candidates", type=positive_int, default=500)
+    serve.add_argument("--max-history", type=positive_int, default=1000,
                        help="longest history a request may carry (raised to --history-length if smaller)")
-    serve.add_argument("--max-body-bytes", type=int, default=1 << 20,
+    serve.add_argument("--max-body-bytes", type=positive_int, default=1 << 20,
                        help="larger ranking bodies are answered 413 (gRPC: RESOURCE_EXHAUSTED)")
-    serve.add_argument("--body-timeout-seconds", type=float, default=5.0,
-                       help="a ranking body not all received within this is answered 408")
-    serve.add_argument("--max-instances", type=int, default=16, help="ranking requests in one v1 `instances` body")
-    serve.add_argument("--max-concurrency", type=int, default=8,
+    serve.add_argument("--body-timeout-seconds", type=positive_duration, default=5.0,
+                       help="a ranking body not all received within this (seconds, or a duration: 5s, 500ms) "
+                       "is answered 408")
+    serve.add_argument("--max-instances", type=positive_int, default=16,
+                       help="ranking requests in one v1 `instances` body")
+    serve.add_argument("--max-concurrency", type=positive_int, default=8,
                        help="ranking requests in flight (REST and gRPC, counted once the body is in); "
                        "beyond it the answer is 503 at once")
-    serve.add_argument("--item-cache-size", type=int, default=200_000,
+    serve.add_argument("--item-cache-size", type=non_negative_int, default=200_000,
                        help="item vectors cached per process (Redis store; dropped when re-embedded), float32: "
                        "at most 100 MB at 128 dimensions, resident as they fill; 0: off")
-    serve.add_argument("--torch-threads", type=int, default=0, help="intra-op threads (0: torch's default)")
+    serve.add_argument("--torch-threads", type=non_negative_int, default=0,
+                       help="intra-op threads (0: torch's default)")
     serve.add_argument("--no-feedback-stream", action="store_true",
                        help="do not consume the mmrank:feedback Redis Stream")
     serve.add_argument("--access-log", action="store_true",
@@ -66,11 +73,11 @@ def _serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     if not args.store:
-        print("mmrank predictor serve: --store (or MMRANK_STORE_URL) is required")
+        print("mmrank predictor serve: --store (or MMRANK_STORE_URL) is required", file=sys.stderr)
         return 2
     if not (Path(args.model_dir) / "ranker.json").is_file():
         print(f"mmrank predictor serve: no ranker artifact in {args.model_dir} (ranker.json missing; "
-              "write one with `mmrank ranker train --out DIR`)")
+              "write one with `mmrank ranker train --out DIR`)", file=sys.stderr)
         return 2
     import torch
 

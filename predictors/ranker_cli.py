@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from mmrank.cli import (CommandError, existing_dir, existing_file, non_negative_int, positive_float, positive_int)
+
 VARIANTS = ("id", "vector", "simtier", "simtier-make")
 
 
@@ -22,16 +24,17 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(handler=_train)
 
     evaluate = sub.add_parser("eval", help="AUC, GAUC and log-loss of an artifact on the test day, overall and cold items")
-    evaluate.add_argument("--model", required=True, help="artifact directory")
+    evaluate.add_argument("--model", required=True, type=existing_dir, help="artifact directory")
     _data_args(evaluate)
     evaluate.set_defaults(handler=_eval)
 
     table = sub.add_parser("table", help="The offline table: ID / Vector / SimTier / SimTier+MAKE over seeds")
     _data_args(table)
-    table.add_argument("--seeds", type=int, default=3)
+    table.add_argument("--seeds", type=positive_int, default=3)
     table.add_argument("--make-epochs-list", default="1,2,4", help="MAKE pre-training epochs compared")
-    table.add_argument("--jobs", type=int, default=1, help="seeds trained in parallel worker processes")
-    table.add_argument("--from-json", help="render the runs a previous --json wrote instead of training")
+    table.add_argument("--jobs", type=positive_int, default=1, help="seeds trained in parallel worker processes")
+    table.add_argument("--from-json", type=existing_file,
+                       help="render the runs a previous --json wrote instead of training")
     table.add_argument("--json", help="also write every run's figures here")
     table.add_argument("--results", help="replace the ranker section of this markdown file (docs/results.md)")
     _training_args(table, with_make_epochs=False)
@@ -39,20 +42,22 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="shop directory (mmrank shop generate --out)")
-    parser.add_argument("--embeddings", help="space directory (mmrank encoders embed / mmrank shop concept-space); "
+    parser.add_argument("--data", required=True, type=existing_dir, help="shop directory (mmrank shop generate --out)")
+    parser.add_argument("--embeddings", type=existing_dir,
+                        help="space directory (mmrank encoders embed / mmrank shop concept-space); "
                         "default: the shop's oracle concept vectors")
 
 
 def _training_args(parser: argparse.ArgumentParser, with_make_epochs: bool = True) -> None:
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--history-length", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--tier-width", type=float, default=0.1)
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--history-length", type=positive_int, default=50)
+    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--tier-width", type=positive_float, default=0.1)
+    parser.add_argument("--threads", type=non_negative_int, default=1,
                         help="torch threads (1 is fastest on a shared machine; 0: torch's default)")
     if with_make_epochs:
-        parser.add_argument("--make-epochs", type=int, default=2, help="MAKE pre-training epochs (simtier-make)")
+        parser.add_argument("--make-epochs", type=positive_int, default=2,
+                            help="MAKE pre-training epochs (simtier-make)")
 
 
 def _settings(args: argparse.Namespace, seed: int | None = None, make_epochs: int | None = None):  # noqa: ANN202
@@ -99,7 +104,10 @@ def _table(args: argparse.Namespace) -> int:
     from mmrank.predictors import table
 
     if args.from_json:
-        runs = json.loads(Path(args.from_json).read_text())
+        try:
+            runs = json.loads(Path(args.from_json).read_text())
+        except ValueError as exc:
+            raise CommandError(f"--from-json {args.from_json}: not JSON ({exc})") from exc
     else:
         runs = _table_runs(args)
     markdown = table.render(runs, command=_table_command(args))
@@ -114,7 +122,13 @@ def _table(args: argparse.Namespace) -> int:
 def _table_runs(args: argparse.Namespace) -> list[dict]:
     from mmrank.predictors import table
 
-    make_epochs = tuple(int(e) for e in args.make_epochs_list.split(","))
+    try:
+        make_epochs = tuple(int(e) for e in args.make_epochs_list.split(","))
+    except ValueError:
+        raise CommandError(f"--make-epochs-list wants whole numbers separated by commas, "
+                           f"got {args.make_epochs_list!r}") from None
+    if any(e < 1 for e in make_epochs):
+        raise CommandError(f"--make-epochs-list: each is at least 1 epoch, got {args.make_epochs_list!r}")
     common = dict(make_epochs=make_epochs, settings=_settings(args), history_length=args.history_length,
                   tier_width=args.tier_width)
     seeds = range(args.seed, args.seed + args.seeds)
