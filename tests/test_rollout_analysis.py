@@ -309,6 +309,12 @@ def test_the_controller_stand_ins_report_ready_once_per_generation() -> None:
 STABLE, CANARY = "r1", "r2"
 
 
+def real_parts(test: Any) -> Any:
+    for mark in (pytest.mark.redis, pytest.mark.prometheus, pytest.mark.slow):
+        test = mark(test)
+    return test
+
+
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CanaryRig]:
     try:
@@ -349,6 +355,7 @@ def analyse_after(generator: LoadGenerator, prometheus: servers.Server, seconds:
 TEST_SPEC = api.AnalysisSpec(max_error_rate=0.05, max_latency_p99_ms=250.0, min_click_rate_ratio=0.9, min_requests=40)
 
 
+@real_parts
 def test_a_healthy_canary_passes(rig: CanaryRig, prometheus: servers.Server) -> None:
     result, tallies = analyse_after(load(rig), prometheus, 6, TEST_SPEC)
     served = tallies[CANARY]
@@ -359,6 +366,7 @@ def test_a_healthy_canary_passes(rig: CanaryRig, prometheus: servers.Server) -> 
     assert 0 < result.latency_p99_ms <= TEST_SPEC.max_latency_p99_ms
 
 
+@real_parts
 def test_a_canary_answering_5xx_fails_on_its_error_rate(rig: CanaryRig, prometheus: servers.Server) -> None:
     """Its store stopped: every ranking request needs a vector read, so the canary answers 503."""
     rig.stop_canary_store()
@@ -374,6 +382,7 @@ def test_a_canary_answering_5xx_fails_on_its_error_rate(rig: CanaryRig, promethe
     rig.wait_canary_ready()
 
 
+@real_parts
 def test_a_slow_canary_fails_on_its_p99(rig: CanaryRig, prometheus: servers.Server) -> None:
     """Its store answers slowly: the canary's Redis runs 20 ms of every 600 ms (SIGSTOP/SIGCONT),
     and every ranking request waits for one store round trip: right answers, hundreds of ms late.
@@ -386,6 +395,7 @@ def test_a_slow_canary_fails_on_its_p99(rig: CanaryRig, prometheus: servers.Serv
     assert result.latency_p99_ms > TEST_SPEC.max_latency_p99_ms
 
 
+@real_parts
 def test_a_canary_with_a_20_percent_lower_click_rate_fails_on_the_ratio(
         rig: CanaryRig, prometheus: servers.Server) -> None:
     result, tallies = analyse_after(load(rig, canary_click=0.08), prometheus, 6, TEST_SPEC)
@@ -395,6 +405,7 @@ def test_a_canary_with_a_20_percent_lower_click_rate_fails_on_the_ratio(
     assert result.click_rate_ratio == pytest.approx(0.8, abs=0.04)
 
 
+@real_parts
 def test_too_few_canary_requests_wait_and_ask_nothing_more(rig: CanaryRig, prometheus: servers.Server) -> None:
     analyser = PrometheusAnalyser()
     result, tallies = analyse_after(load(rig, share=0.05), prometheus, 4, TEST_SPEC, analyser)
@@ -403,6 +414,7 @@ def test_too_few_canary_requests_wait_and_ask_nothing_more(rig: CanaryRig, prome
     assert analyser.queries_sent == 1  # the request count only
 
 
+@real_parts
 def test_a_full_analysis_sends_five_queries_and_one_less_with_the_click_check_off(
         rig: CanaryRig, prometheus: servers.Server) -> None:
     analyser = PrometheusAnalyser()
@@ -413,6 +425,7 @@ def test_a_full_analysis_sends_five_queries_and_one_less_with_the_click_check_of
     assert analyser.queries_sent == 9
 
 
+@real_parts
 def test_a_scope_reads_only_the_series_with_its_labels(rig: CanaryRig, prometheus: servers.Server) -> None:
     """`job` is a target label Prometheus gives every series it scrapes here."""
     spec = TEST_SPEC.model_copy(update={"min_requests": 1})
@@ -425,6 +438,7 @@ def test_a_scope_reads_only_the_series_with_its_labels(rig: CanaryRig, prometheu
     assert other.verdict == "Inconclusive" and other.requests == 0
 
 
+@real_parts
 def test_prometheus_down_is_inconclusive_with_the_reason(rig: CanaryRig, start_prometheus: Any) -> None:
     own = start_prometheus([f"127.0.0.1:{rig.canary.port}"])
     url = own.url
@@ -436,6 +450,7 @@ def test_prometheus_down_is_inconclusive_with_the_reason(rig: CanaryRig, start_p
     assert time.monotonic() - started < 5
 
 
+@real_parts
 def test_real_prometheus_errors_and_escaped_labels(prometheus: servers.Server) -> None:
     analyser = PrometheusAnalyser()
     with pytest.raises(PrometheusUnavailable, match="bad_data"):

@@ -32,7 +32,7 @@ from kubernetes.client.exceptions import ApiException
 from mmrank import api, servers
 from mmrank.loadgen import CanaryRig, Controllers, LoadGenerator, Router, Sample, Throttle, answered
 
-pytestmark = [pytest.mark.apiserver, pytest.mark.slow]
+pytestmark = [pytest.mark.apiserver, pytest.mark.prometheus, pytest.mark.redis, pytest.mark.slow]
 
 STABLE, CANARY = "r1", "r2"
 STEPS = [10, 30, 60]
