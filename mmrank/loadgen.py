@@ -13,6 +13,12 @@ one click, so a 20 % lower canary is told from noise in seconds, not minutes.
 
 Requests use the v2 (Open Inference Protocol) REST body; the request id that feedback names
 comes from the answer's `parameters.request_id` (or its `id`).
+
+Beside the generator, what the canary tests and `bench/rollout.py` share: `CanaryRig` (a Redis
+store per variant, the two `mmrank predictor serve` processes, a Prometheus scraping both),
+`Router` (routes the generator by the traffic the operator writes to `status.canary`),
+`Controllers` (the Deployment, Job and KServe controllers the test apiserver does not run) and
+`Throttle` (a process paused in a duty cycle: a slow store).
 """
 from __future__ import annotations
 
