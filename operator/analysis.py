@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import threading
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -30,6 +31,7 @@ Verdict = Literal["Passed", "Failed", "Inconclusive"]
 
 ERROR_RATE, LATENCY_P99, CLICK_RATE_RATIO = "errorRate", "latencyP99Ms", "clickRateRatio"
 CHECKS = (ERROR_RATE, LATENCY_P99, CLICK_RATE_RATIO)  # the order of messages and failedChecks
+LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +92,9 @@ def queries(canary_variant: str, stable_variant: str, window_seconds: int,
     """
     if window_seconds < 1:
         raise ValueError(f"window_seconds must be at least 1, got {window_seconds}")
+    bad = [name for name in (scope or {}) if not LABEL_NAME.fullmatch(name)]
+    if bad:
+        raise ValueError(f"scope: not Prometheus label names: {', '.join(map(repr, bad))}")
     canary, stable, w = label_value(canary_variant), label_value(stable_variant), f"{int(window_seconds)}s"
     scoped = "".join(f",{name}={label_value(value)}" for name, value in sorted((scope or {}).items()))
     canary, stable = canary + scoped, stable + scoped

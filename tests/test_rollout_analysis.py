@@ -96,6 +96,8 @@ def test_a_scope_adds_its_matchers_to_every_series_of_both_variants() -> None:
         selectors = query.count("{variant=")
         assert query.count(scoped) == selectors > 0, key
     assert queries("r2", "r1", 30, scope={}) == queries("r2", "r1", 30)
+    with pytest.raises(ValueError, match="not Prometheus label names: 'mmrank.io/ranker'"):
+        queries("r2", "r1", 30, scope={"mmrank.io/ranker": "shop"})
 
 
 def test_a_window_below_one_second_is_refused() -> None:
