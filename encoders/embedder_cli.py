@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from mmrank.cli import CommandError, duration, existing_dir, port, positive_duration, positive_int, show_progress
+from mmrank.cli import (CommandError, add_progress_flag, duration, existing_dir, port, positive_duration, positive_int,
+                        show_progress)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -64,7 +65,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     brun.add_argument("--batch-size", type=positive_int, default=64)
     brun.add_argument("--in-flight", type=positive_int, default=4, help="Triton requests in flight at once")
     brun.add_argument("--dtype", default="float16", choices=("float16", "int8"))
-    brun.add_argument("--no-progress", action="store_true", help="no progress bar (none unless stderr is a terminal)")
+    add_progress_flag(brun)
     brun.set_defaults(handler=run_backfill)
 
 

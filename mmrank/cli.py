@@ -153,9 +153,16 @@ existing_dir = _argument_type("directory", _existing_dir)
 existing_file = _argument_type("file", _existing_file)
 
 
+def add_progress_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="a progress bar on stderr (default: only when stderr is a terminal)")
+
+
 def show_progress(args: argparse.Namespace) -> bool:
-    """Progress bars on a terminal only: a pod's log (or a file) gets the result lines alone."""
-    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+    """Progress bars on a terminal, unless asked otherwise: a pod's log (or a file) gets the
+    result lines alone."""
+    wanted = getattr(args, "progress", None)
+    return sys.stderr.isatty() if wanted is None else bool(wanted)
 
 
 # --- errors -------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from mmrank.cli import (CommandError, existing_dir, existing_file, file_problem, non_negative_float, non_negative_int,
-                        positive_int, show_progress)
+from mmrank.cli import (CommandError, add_progress_flag, existing_dir, existing_file, file_problem, non_negative_float,
+                        non_negative_int, positive_int, show_progress)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -20,8 +20,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--seed", type=non_negative_int, default=0)
     gen.add_argument("--out", required=True, type=Path, help="output directory")
     gen.add_argument("--config", type=existing_file, help="JSON or YAML file of knob overrides (see docs/data.md)")
-    gen.add_argument("--no-progress", action="store_true",
-                     help="no progress bar (there is none unless stderr is a terminal)")
+    add_progress_flag(gen)
     gen.set_defaults(handler=_generate)
 
     space = sub.add_parser("concept-space", help="Write oracle embeddings from the hidden concepts as a space")

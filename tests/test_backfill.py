@@ -133,7 +133,7 @@ def test_backfill_killed_half_way_resumes_to_full_coverage_without_counting_work
     batch, in_flight = 8, 1  # small windows: a kill half way is easy to hit even on a fast machine
     argv = [sys.executable, "-m", "mmrank", "backfill", "run", "--space", "e3", "--shard", "0/1",
             "--encoder", f"{server.extra['grpc_url']}/enc", "--store", url, "--catalogue", str(tmp_path / "shop"),
-            "--batch-size", str(batch), "--in-flight", str(in_flight)]
+            "--batch-size", str(batch), "--in-flight", str(in_flight), "--progress"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     before = inferred_items(server)
     first = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

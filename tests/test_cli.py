@@ -308,6 +308,10 @@ def test_progress_on_a_terminal_and_none_in_logs(tmp_path: Path) -> None:
     assert logged.returncode == 0, logged.stderr
     assert logged.stderr == "" and logged.stdout.startswith("shop tiny seed 0 ->")
 
+    forced = subprocess.run([*argv, "--out", str(tmp_path / "forced"), "--progress"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert forced.returncode == 0 and "100%" in forced.stderr, forced.stderr
+
     controller, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a fresh pty is 0 columns wide
     shown = subprocess.Popen([*argv, "--out", str(tmp_path / "shown")], cwd=ROOT, stdout=subprocess.DEVNULL,
