@@ -27,6 +27,7 @@ RUNTIME = images.TARGETS["runtime"].name
 IMAGES = ("operator", "runtime", "triton")
 
 
+@pytest.mark.timeout(1800)   # cold: debootstrap, every dependency from PyPI, three targets
 def test_images_build_from_a_clean_clone_and_a_second_build_is_a_lookup(tmp_path):
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(ROOT), str(clone)], check=True, timeout=120)
@@ -77,6 +78,7 @@ def get(paths: cluster.Paths, *args: str) -> dict:
     return json.loads(kubectl(paths, "get", "-o", "json", *args))
 
 
+@pytest.mark.timeout(1800)   # the session's node starts here (image builds and imports included)
 def test_the_node_is_ready_with_kubernetes_1_20(node):
     info = get(node, "node", cluster.NODE_NAME)
     ready = {c["type"]: c["status"] for c in info["status"]["conditions"]}["Ready"]
