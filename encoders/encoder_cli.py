@@ -118,6 +118,8 @@ def metrics_table(rows: list[tuple[str, dict[str, object]]]) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    for checkpoint in args.checkpoint:
+        _checkpoint(checkpoint)
     import torch
 
     from mmrank import shop as shop_module
@@ -126,8 +128,6 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    for checkpoint in args.checkpoint:
-        _checkpoint(checkpoint)
     shop = shop_module.load(args.data)
     rows = []
     for checkpoint in args.checkpoint:
@@ -142,9 +142,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    _checkpoint(args.checkpoint)
     from mmrank.encoders.export import export_repository
 
-    model_dir = export_repository(_checkpoint(args.checkpoint), args.repo, version=args.version, backend=args.backend,
+    model_dir = export_repository(args.checkpoint, args.repo, version=args.version, backend=args.backend,
                                   max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
                                   instance_kind=args.instance_kind, instance_count=args.instance_count,
                                   model_name=args.model_name, dynamic_batching=not args.no_dynamic_batching)
@@ -153,6 +154,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
+    _checkpoint(args.checkpoint)
     import torch
 
     from mmrank import shop as shop_module
@@ -161,7 +163,6 @@ def _embed(args: argparse.Namespace) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    _checkpoint(args.checkpoint)
     shop = shop_module.load(args.data)
     titles = shop.items.sort_values("item_id")["title"].tolist()
     vectors = encode_items(load_encoder(args.checkpoint), shop.images, titles)

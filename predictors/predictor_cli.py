@@ -69,9 +69,31 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     schema.set_defaults(handler=_schema)
 
 
+def port_in_use(host: str, port: int) -> str | None:
+    """Why `port` cannot be listened on at `host` (None: it can), asked before the model loads, so
+    a taken port is one line instead of a server that starts and stops."""
+    import socket
+
+    if port == 0:
+        return None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn and gRPC bind
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    for flag, number in (("--http-port", args.http_port), ("--grpc-port", args.grpc_port)):
+        problem = port_in_use(args.host, number)
+        if problem:
+            print(f"mmrank predictor serve: {flag} {number} on {args.host}: {problem}", file=sys.stderr)
+            return 2
     if not args.store:
         print("mmrank predictor serve: --store (or MMRANK_STORE_URL) is required", file=sys.stderr)
         return 2

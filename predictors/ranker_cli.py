@@ -88,6 +88,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if not (Path(args.model) / "ranker.json").is_file():
+        raise CommandError(f"{args.model}: no ranker artifact (ranker.json missing; `mmrank ranker train --out DIR` "
+                           "writes one)")
     from mmrank.predictors import artifact, train
 
     model, meta = artifact.load_ranker(args.model)

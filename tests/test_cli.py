@@ -9,6 +9,7 @@ import json
 import os
 import pty
 import re
+import socket
 import struct
 import subprocess
 import sys
@@ -76,8 +77,8 @@ def make_files(root: Path) -> dict[str, Path]:
     return made
 
 
-def corpus(f: dict[str, Path]) -> list[tuple[str, list[str], dict[str, str]]]:
-    """(what is wrong, argv, environment) for every subcommand."""
+def corpus(f: dict[str, Path], taken: int) -> list[tuple[str, list[str], dict[str, str]]]:
+    """(what is wrong, argv, environment) for every subcommand; `taken`: a port something listens on."""
     s = {k: str(v) for k, v in f.items()}
     shop, missing, directory = s["shop"], s["missing"], s["dir"]
     cases: list[tuple[str, list[str], dict[str, str]]] = [
@@ -154,6 +155,13 @@ def corpus(f: dict[str, Path]) -> list[tuple[str, list[str], dict[str, str]]]:
         ("ranker table json malformed", ["ranker", "table", "--data", shop, "--from-json", s["bad_json"]], {}),
         ("predictor without store", ["predictor", "serve", "--model-dir", directory], {"MMRANK_STORE_URL": ""}),
         ("predictor no artifact", ["predictor", "serve", "--model-dir", directory, "--store", f"redis://{CLOSED}"], {}),
+        ("predictor port taken", ["predictor", "serve", "--host", "127.0.0.1", "--http-port", str(taken),
+                                  "--model-dir", directory, "--store", f"redis://{CLOSED}"], {}),
+        ("predictor gRPC port taken", ["predictor", "serve", "--host", "127.0.0.1", "--grpc-port", str(taken),
+                                       "--http-port", "0", "--model-dir", directory,
+                                       "--store", f"redis://{CLOSED}"], {}),
+        ("embedder port taken", ["embedder", "run", "--http-host", "127.0.0.1", "--http-port", str(taken),
+                                 "--store", f"redis://{CLOSED}", "--encoder", f"e1={CLOSED}"], {}),
         ("predictor coverage above 1", ["predictor", "serve", "--min-coverage", "1.5"], {}),
         ("predictor port from env malformed", ["predictor", "serve", "--model-dir", directory], {"PORT": "http"}),
         ("predictor recheck malformed", ["predictor", "serve", "--recheck-seconds", "5 minutes"], {}),
@@ -188,15 +196,46 @@ def corpus(f: dict[str, Path]) -> list[tuple[str, list[str], dict[str, str]]]:
     return cases
 
 
+# What some lines must say: the cause, not only that something failed.
+SAYS = {
+    "config unknown knob": "no_such_knob",
+    "out is a file": "not a directory",
+    "data not a shop": "not a complete shop",
+    "train backbone not JSON": "--text-backbone: not JSON",
+    "export checkpoint malformed": "is not an encoder checkpoint (config.json",
+    "embed checkpoint empty": "is not an encoder checkpoint",
+    "backfill catalogue not a shop": "items.parquet: no such file or directory",
+    "backfill encoder unreachable": f"encoder {CLOSED}:",
+    "backfill shard out of range": "shard index must be in [0, 2), got 3",
+    "ranker eval model empty": "no ranker artifact (ranker.json missing",
+    "predictor port taken": "--http-port",
+    "predictor gRPC port taken": "--grpc-port",
+    "embedder port taken": "address already in use",
+    "predictor without store": "--store (or MMRANK_STORE_URL) is required",
+    "validate binary": "not UTF-8 text",
+    "validate empty stdin": "no manifest in it",
+    "render invalid ranker": "invalid MultimodalRanker: spec.encoder: Field required",
+    "render malformed YAML": "at line 2, column 1",
+    "operator interval from env malformed": "'often' is not a duration",
+    "operator without kubeconfig": "no Kubernetes credentials",
+    "operator kubeconfig malformed": "no Kubernetes credentials",
+    "operator apiserver unreachable": f"cannot reach the Kubernetes API at https://{CLOSED}",
+    "fetch from a closed port": "error: cannot fetch http://127.0.0.1:1/model.pt",
+}
+
+
 def test_every_subcommand_turns_bad_input_into_one_line_on_stderr(files: dict[str, Path]) -> None:
-    cases = corpus(files)
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(lambda case: mmrank(*case[1], env=case[2], stdin=""), cases))
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        cases = corpus(files, taken=listening.getsockname()[1])
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(lambda case: mmrank(*case[1], env=case[2], stdin=""), cases))
+    assert set(SAYS) <= {why for why, _, _ in cases}, "SAYS names a case the corpus lacks"
     failures = []
     for (why, argv, _), result in zip(cases, results):
         lines = result.stderr.splitlines()
         named = lines[0].startswith(("mmrank", "error: cannot fetch")) if lines else False  # fetch: as before
-        if result.returncode == 0 or len(lines) != 1 or "Traceback" in result.stderr or not named:
+        says = SAYS.get(why, "") in result.stderr
+        if result.returncode == 0 or len(lines) != 1 or "Traceback" in result.stderr or not named or not says:
             failures.append(f"{why}: mmrank {' '.join(argv)} -> exit {result.returncode}, "
                             f"stderr {result.stderr[-600:]!r}")
     assert not failures, f"{len(failures)} of {len(cases)} cases:\n" + "\n".join(failures)
@@ -227,7 +266,8 @@ def test_mmrank_debug_shows_the_traceback(tmp_path: Path) -> None:
 
 
 def test_describe_makes_one_line_of_any_error() -> None:
-    assert cli.describe(FileNotFoundError(2, "No such file or directory", "x.yaml")) == "x.yaml: No such file or directory"
+    missing = FileNotFoundError(2, "No such file or directory", "x.yaml")
+    assert cli.describe(missing) == "x.yaml: No such file or directory"
     assert cli.describe(ValueError("two\n  lines")) == "two lines"
     assert cli.describe(KeyError("counts")) == "missing 'counts'"
     assert cli.describe(RuntimeError()) == "RuntimeError"
