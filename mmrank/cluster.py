@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from mmrank import images as image_builds
 from mmrank import servers
 from mmrank.servers import BIN_DIR, CACHE
 
@@ -515,8 +516,6 @@ def up(images: Sequence[str] = ("operator", "runtime"), network: Network = NETWO
     if paths.run.exists() or leftovers(paths, network):
         log("cleaning up a cluster that is partly there")
         down(network, paths)
-    from mmrank import images as image_builds
-
     started = time.monotonic()
     pause = image_builds.pause_archive()
     archives = [image_builds.build(target, log=CLUSTER_DIR / f"build-{target}.log") for target in images]
@@ -549,7 +548,7 @@ def _start_all(paths: Paths, network: Network, pause: Path, archives: list[Path]
 
     (paths.run / "containerd").mkdir(parents=True, exist_ok=True)
     config = paths.run / "containerd" / "config.toml"
-    config.write_text(containerd_config(paths, image_builds_pause_name(), network))
+    config.write_text(containerd_config(paths, image_builds.PAUSE_NAME, network))
     _spawn("containerd", ["containerd", "--config", str(config)], paths)
     _wait(paths, "containerd", lambda: _ctr(paths, "version").returncode == 0, 60, "answering")
     loaded = load_images(paths, [pause, *archives])
@@ -565,7 +564,7 @@ def _start_all(paths: Paths, network: Network, pause: Path, archives: list[Path]
     _spawn("kube-controller-manager", component_argv("kube-controller-manager", paths, network), paths)
     _spawn("kube-scheduler", component_argv("kube-scheduler", paths, network), paths)
     _spawn("kube-proxy", component_argv("kube-proxy", paths, network), paths)
-    _spawn("kubelet", component_argv("kubelet", paths, network, pause_image=image_builds_pause_name()), paths)
+    _spawn("kubelet", component_argv("kubelet", paths, network, pause_image=image_builds.PAUSE_NAME), paths)
 
     def node_ready() -> bool:
         out = kubectl(paths, "get", "node", NODE_NAME, "-o",
@@ -583,11 +582,6 @@ def _start_all(paths: Paths, network: Network, pause: Path, archives: list[Path]
         pid = _read_state(paths)["pids"][name]
         if not _alive(pid):
             raise ClusterError(f"{name} exited; log {paths.logs / (name + '.log')}:\n{_log_tail(paths, name)}")
-
-
-def image_builds_pause_name() -> str:
-    from mmrank.images import PAUSE_NAME
-    return PAUSE_NAME
 
 
 def healthy(paths: Paths = Paths()) -> bool:
