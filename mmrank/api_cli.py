@@ -4,10 +4,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmrank.cli import CommandError
-
-FILE_PROBLEM = "(file): "  # how api.validate_file reports a file it cannot read, or one without a manifest
-
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     crd = subparsers.add_parser("crd", help="Print the MultimodalRanker CRD generated from the models")
@@ -35,17 +31,14 @@ def _validate(args: argparse.Namespace) -> int:
     for filename in args.filename:
         try:
             results = api.validate_file(filename)
-        except UnicodeDecodeError as exc:
-            raise CommandError(f"{filename}: cannot read a YAML manifest: not UTF-8 text ({exc.reason})") from exc
-        unreadable = [problem for _, found in results for problem in found if problem.startswith(FILE_PROBLEM)]
-        if unreadable:  # the file itself, not a manifest in it: one line on stderr, like every command
-            raise CommandError(f"{filename}: {unreadable[0].removeprefix(FILE_PROBLEM)}")
+        except UnicodeDecodeError as exc:  # reported like any file it cannot read
+            results = [(filename, [f"(file): cannot read a YAML manifest: not UTF-8 text ({exc.reason})"])]
         for label, found in results:
             if found:
                 invalid = True
                 print(f"{label}: invalid")
                 for problem in found:
-                    print(f"  {problem}")
+                    print(f"  {' '.join(problem.split())}")  # one line each (YAML errors span several)
             else:
                 print(f"{label}: valid")
     return 1 if invalid else 0

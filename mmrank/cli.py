@@ -236,6 +236,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         prog="mmrank",
         description="Multimodal CTR ranking on Kubernetes: data, encoder, ranker, embedder, "
         "predictor and operator.",
+        epilog=f"A failure is one line on stderr; {DEBUG_ENV}=1 shows its traceback.",
     )
     parser.add_argument("--version", action="version", version=f"mmrank {version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -254,7 +255,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             continue
         module.register_cli(subparsers)
     if absent:
-        parser.epilog = f"not installed here: {', '.join(absent)}"
+        parser.epilog = f"not installed here: {', '.join(absent)}. {parser.epilog}"
     return parser
 
 
