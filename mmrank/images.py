@@ -2,7 +2,7 @@
 
 No registry can be reached here, so the images come from our own Dockerfile built with Debian's
 buildah (overlay storage; `MMRANK_BUILDAH_DRIVER=vfs` where overlay mounts are not allowed, about
-a minute per Dockerfile step on the 3 GB runtime image) on a bookworm root filesystem made by debootstrap, and reach containerd as
+a minute per Dockerfile step on the runtime image) on a bookworm root filesystem made by debootstrap, and reach containerd as
 OCI archives (`buildah push ... oci-archive:`, `ctr images import`). Each archive is named by a
 hash of everything its build reads, so a second build with the same inputs is a file lookup.
 
