@@ -345,6 +345,44 @@ def test_the_crd_pattern_accepts_exactly_what_the_parser_accepts(text: str) -> N
 
 _PATTERN = _crd_interval_pattern()
 
+INTERVALS = ["30s", "5m", "1h", "1h30m", "2m30s", "90m", "1h5s", "1h2m3s", "100000s",
+             "0s", "1h0m", "30", "1m1h", "1h30", "05s", "1.5h", "500ms", "1d", "", "soon", " 5m", "5m ", "1H"]
+
+
+@pytest.mark.apiserver
+def test_the_apiserver_admits_exactly_the_intervals_the_operator_reads(kube) -> None:  # type: ignore[no-untyped-def]
+    """The pattern as Kubernetes runs it (Go's RE2), not only as Python does."""
+    from kubernetes import client, dynamic
+    from kubernetes.client.exceptions import ApiException
+
+    from mmrank import servers
+
+    servers.install_crds(kube.api_client, [api.crd_manifest(cel=False)])
+    namespace = f"cli-{os.getpid()}-{int.from_bytes(os.urandom(3), 'big')}"
+    client.CoreV1Api(kube.api_client).create_namespace({"metadata": {"name": namespace}})
+    rankers = dynamic.DynamicClient(kube.api_client).resources.get(api_version=api.API_VERSION, kind=api.KIND)
+    disagreements, admitted_ones = [], []
+    for interval in INTERVALS:
+        body = yaml.safe_load(MINIMAL.read_text())
+        body["spec"].setdefault("rollout", {})["interval"] = interval
+        try:
+            rankers.create(body=body, namespace=namespace, dry_run="All")
+            admitted = True
+            admitted_ones.append(interval)
+        except ApiException as exc:
+            assert exc.status == 422 and "spec.rollout.interval" in exc.body, exc.body
+            admitted = False
+        try:
+            api.duration_seconds(interval)
+            parsed = True
+        except ValueError:
+            parsed = False
+        if admitted != parsed:
+            disagreements.append(f"{interval!r}: apiserver {'admits' if admitted else 'refuses'}, "
+                                 f"duration_seconds {'reads' if parsed else 'refuses'} it")
+    assert not disagreements, disagreements
+    assert admitted_ones == INTERVALS[:9]  # the well-formed ones come first in the list
+
 
 # --- progress -----------------------------------------------------------------------------------
 
