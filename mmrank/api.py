@@ -37,7 +37,8 @@ DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-
 # A Go duration in whole hours, minutes and seconds, in that order, each part at least 1 ("90s",
 # "2m30s", "1h30m"): the CRD's pattern and `duration_seconds` are this one expression (RE2 and
 # ECMA alike, no lookaround), so what the apiserver admits the operator can read.
-DURATION = r"^(?:([1-9][0-9]*)h(?:([1-9][0-9]*)m)?(?:([1-9][0-9]*)s)?|([1-9][0-9]*)m(?:([1-9][0-9]*)s)?|([1-9][0-9]*)s)$"
+DURATION = (r"^(?:([1-9][0-9]*)h(?:([1-9][0-9]*)m)?(?:([1-9][0-9]*)s)?"
+            r"|([1-9][0-9]*)m(?:([1-9][0-9]*)s)?|([1-9][0-9]*)s)$")
 # A Kubernetes quantity without a sign ("500m", "2Gi", "1", "1.5", "1e3").
 QUANTITY = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|([eE][0-9]+))?$"
 # redis://host:port/db, rediss://..., or file:///path. No `user:password@` part: credentials

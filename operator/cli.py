@@ -49,7 +49,8 @@ def check_cluster_access(timeout: float = 10.0) -> None:
         try:
             config.load_kube_config()
         except Exception as exc:  # noqa: BLE001 - missing, unreadable or malformed kubeconfig alike
-            raise CommandError(f"no Kubernetes credentials (not in a pod, and the kubeconfig: {describe(exc)})") from exc
+            raise CommandError(f"no Kubernetes credentials (not in a pod, and the kubeconfig: "
+                               f"{describe(exc)})") from exc
     try:
         client.VersionApi().get_code(_request_timeout=timeout)
     except Exception as exc:  # noqa: BLE001 - refused, TLS, DNS, timeout: the apiserver is not there for us

@@ -1,7 +1,8 @@
 """The `mmrank` command never shows a traceback: every subcommand, given bad arguments, missing or
 malformed files or a server that is not there, says what is wrong in one line on stderr and exits
 non-zero. Each case is a real `python -m mmrank` process; they run in parallel (a few at a time) so
-the corpus stays under a minute. Also: `--version`, Go durations, progress only on a terminal."""
+the corpus stays under a minute. Also: `--version`, Go durations (the CRD's interval pattern on the
+real apiserver against the parser), progress bars only on a terminal."""
 from __future__ import annotations
 
 import fcntl
@@ -249,6 +250,12 @@ def test_validate_reports_a_file_it_cannot_read_in_its_report(files: dict[str, P
     assert result.returncode == 1 and result.stderr == "", result.stderr
     label, problem = result.stdout.splitlines()
     assert label == f"{files[which]}: invalid" and problem.startswith("  (file): ") and says in problem
+
+
+def test_images_build_knows_the_dockerfiles_targets() -> None:
+    from mmrank import cluster_cli, images
+
+    assert cluster_cli.TARGETS == tuple(images.TARGETS)
 
 
 def test_argument_errors_exit_2_and_name_the_argument() -> None:
