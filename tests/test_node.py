@@ -116,16 +116,23 @@ spec:
   ports: [{{port: 80, targetPort: 8080}}]
 """
 
+# Retries (bounded: 20 tries in 10 s per URL) cover kube-proxy writing the Service's rules a moment
+# after the endpoints controller lists the pod.
 CLIENT = """
-import sys, urllib.request
+import sys, time, urllib.request
 ok = True
 for url in sys.argv[1:]:
-    try:
-        body = urllib.request.urlopen(url, timeout=5).read().decode()
-        print(url, "predictor" in body and "operator" in body)
-        ok = ok and "predictor" in body
-    except Exception as exc:
-        print(url, "error", exc)
+    for attempt in range(20):
+        try:
+            body = urllib.request.urlopen(url, timeout=5).read().decode()
+            print(url, "predictor" in body and "operator" in body)
+            ok = ok and "predictor" in body
+            break
+        except Exception as exc:
+            error = exc
+            time.sleep(0.5)
+    else:
+        print(url, "error", error)
         ok = False
 sys.exit(0 if ok else 1)
 """
@@ -144,6 +151,8 @@ def test_a_deployment_of_the_runtime_image_answers_on_its_cluster_ip_and_dns_nam
     kubectl(node, "apply", "-f", "-", input=WEB)
     wait_for("web Deployment available", lambda: get(node, "-n", NS, "deployment", "web")["status"].get(
         "availableReplicas") == 1, paths=node)
+    wait_for("the Service's endpoints", lambda: any(subset.get("addresses") for subset in get(
+        node, "-n", NS, "endpoints", "web").get("subsets") or []), paths=node)
     ip = get(node, "-n", NS, "service", "web")["spec"]["clusterIP"]
     urls = [f"http://{ip}/help.txt", f"http://web.{NS}.svc.cluster.local/help.txt", "http://web/help.txt"]
     kubectl(node, "apply", "-f", "-", input=client_pod("client", urls))
