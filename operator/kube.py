@@ -14,6 +14,7 @@ from typing import Any
 
 from kubernetes import client, config, dynamic
 from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
 from mmrank import api
 from mmrank.operator import children as build
@@ -24,6 +25,10 @@ CHILD_KINDS: tuple[tuple[str, str], ...] = (
     ("serving.kserve.io/v1beta1", "InferenceService"),
 )
 TRANSIENT_STATUS = {0, 409, 429, 500, 502, 503, 504}
+
+
+class NoSuchKind(RuntimeError):
+    """A child's kind is not served by this cluster (its CRD is not installed)."""
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -114,7 +119,11 @@ class Kube:
         selector = f"{build.MANAGED_BY}=mmrank,{build.RANKER_LABEL}={name}"
         found = []
         for api_version, kind in CHILD_KINDS:
-            items = self.resource(api_version, kind).get(namespace=namespace, label_selector=selector).to_dict()
+            try:
+                resource = self.resource(api_version, kind)
+            except ResourceNotFoundError:
+                continue      # a cluster without KServe has no InferenceServices, and so none of ours
+            items = resource.get(namespace=namespace, label_selector=selector).to_dict()
             for item in items.get("items") or []:
                 owners = item["metadata"].get("ownerReferences") or []
                 if any(o.get("uid") == uid for o in owners):
@@ -125,7 +134,12 @@ class Kube:
 
     def apply(self, child: dict[str, Any]) -> dict[str, Any]:
         meta = child["metadata"]
-        resource = self.resource(child["apiVersion"], child["kind"])
+        try:
+            resource = self.resource(child["apiVersion"], child["kind"])
+        except ResourceNotFoundError as exc:
+            hint = (": install KServe, or set spec.ranker.serving: Kubernetes" if child["kind"] == "InferenceService"
+                    else "")
+            raise NoSuchKind(f"this cluster serves no {child['apiVersion']} {child['kind']}{hint}") from exc
         return resource.server_side_apply(body=child, name=meta["name"], namespace=meta["namespace"],
                                           field_manager=FIELD_MANAGER, force_conflicts=True).to_dict()
 

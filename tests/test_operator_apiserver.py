@@ -525,3 +525,17 @@ def test_manual_canary_waits_for_kubectl_mmrank_promote(cluster: Cluster, kube: 
         wait_for("stable r2", lambda: stable_versions(cluster.status()) == ("r2", "e1"))
         assert "request" not in cluster.status()
         wait_for("the decision as an Event", lambda: "Promoted" in {e["reason"] for e in cluster.events()})
+
+
+def test_kinds_the_cluster_does_not_serve_are_no_children_and_a_clear_error_to_apply(
+        cluster: Cluster, kube: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster without KServe (the local node) has no InferenceServices: listing children skips
+    the kind, and applying one says what to do."""
+    from mmrank.operator import kube as kube_module
+
+    monkeypatch.setattr(kube_module, "CHILD_KINDS", (*kube_module.CHILD_KINDS, ("nothing.example.com/v1", "Nothing")))
+    adapter = kube_module.Kube(kube.api_client)
+    assert adapter.list_children(cluster.namespace, "shop", "uid") == []
+    with pytest.raises(kube_module.NoSuchKind, match="install KServe, or set spec.ranker.serving: Kubernetes"):
+        adapter.apply({"apiVersion": "nothing.example.com/v1", "kind": "InferenceService",
+                       "metadata": {"name": "x", "namespace": cluster.namespace}})
