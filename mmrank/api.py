@@ -41,9 +41,9 @@ DURATION = (r"^(?:([1-9][0-9]*)h(?:([1-9][0-9]*)m)?(?:([1-9][0-9]*)s)?"
             r"|([1-9][0-9]*)m(?:([1-9][0-9]*)s)?|([1-9][0-9]*)s)$")
 # A Kubernetes quantity without a sign ("500m", "2Gi", "1", "1.5", "1e3").
 QUANTITY = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|([eE][0-9]+))?$"
-# redis://host:port/db, rediss://..., or file:///path. No `user:password@` part: credentials
-# come from `passwordSecretRef`, never from the spec.
-STORE_URL = r"^(rediss?://[^/@\s]+(/[0-9]+)?|file:///[^@\s]*)$"
+# redis://host:port/db, rediss://..., or file:///path. No `user:password@` part and no query
+# (redis-py reads `?password=`): credentials come from `passwordSecretRef`, never from the spec.
+STORE_URL = r"^(rediss?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?)(:[0-9]{1,5})?(/[0-9]{1,2})?|file:///[^@\s?#]*)$"
 MODEL_URI = r"^[a-z][a-z0-9+.-]*://[^\s@]+$"
 IMAGE = r"^[^\s]+$"
 HTTP_URL = r"^https?://[^\s@]+$"

@@ -83,6 +83,7 @@ class Observed:
     status: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     spaces: Mapping[str, SpaceState] = dataclasses.field(default_factory=dict)
     store_error: str | None = None
+    store_error_reason: str = "StoreUnreachable"     # or SecretNotAllowed
     encoders_ready: Mapping[str, bool] = dataclasses.field(default_factory=dict)
     jobs: Mapping[str, JobState] = dataclasses.field(default_factory=dict)
     ranker: ServedRanker | None = None
@@ -448,7 +449,7 @@ def _conditions(spec: api.RankerSpec, observed: Observed, live: Sequence[str], c
     space = observed.spaces.get(candidate.encoder)
     coverage = _coverage_text(observed.spaces, candidate.encoder)
     if observed.store_error and (space is None or space.coverage is None):
-        synced = condition("EmbeddingsSynced", None, "StoreUnreachable", f"{coverage}: {observed.store_error}")
+        synced = condition("EmbeddingsSynced", None, observed.store_error_reason, f"{coverage}: {observed.store_error}")
     elif is_synced(space, min_coverage):
         synced = condition("EmbeddingsSynced", True, "CoverageReached", f"{coverage} >= minCoverage {min_coverage}")
     else:
@@ -556,12 +557,20 @@ def _decisions(before: Mapping[str, Any], after: Mapping[str, Any], served: Vers
         out.append(Decision("RankerPromoted", f"ranker {s['rankerVersion']} on space {s['encoderVersion']} is stable"))
     for version in doomed:
         out.append(Decision("SpaceDeleted", f"retired space {version} deleted from the store"))
+    refused = _reason(after, "EmbeddingsSynced") == "SecretNotAllowed"
+    if refused and _reason(before, "EmbeddingsSynced") != "SecretNotAllowed":
+        message = next(c["message"] for c in after["conditions"] if c["type"] == "EmbeddingsSynced")
+        out.append(Decision("SecretNotAllowed", message, "Warning"))
     if before.get("phase") != after["phase"]:
         ready = next(c for c in after["conditions"] if c["type"] == "Ready")
         kind = "Warning" if after["phase"] == "Failed" else "Normal"
         out.append(Decision(after["phase"], f"phase {before.get('phase') or '-'} -> {after['phase']}: "
                                             f"{ready['message']}", kind))
     return out
+
+
+def _reason(status: Mapping[str, Any], ctype: str) -> str | None:
+    return next((c.get("reason") for c in status.get("conditions") or [] if c.get("type") == ctype), None)
 
 
 def _versions(stable: Mapping[str, Any] | None) -> tuple[str, str] | None:

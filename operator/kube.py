@@ -27,6 +27,9 @@ CHILD_KINDS: tuple[tuple[str, str], ...] = (
 TRANSIENT_STATUS = {0, 409, 429, 500, 502, 503, 504}
 
 
+ALLOWED_RANKERS = "mmrank.io/allowed-rankers"
+
+
 class NoSuchKind(RuntimeError):
     """A child's kind is not served by this cluster (its CRD is not installed)."""
 
@@ -158,12 +161,19 @@ class Kube:
         self.rankers().status.patch(body=body, name=name, namespace=namespace,
                                     content_type="application/merge-patch+json")
 
-    def secret_value(self, namespace: str, name: str, key: str) -> str | None:
+    def secret_value(self, namespace: str, name: str, key: str, ranker: str) -> str | None:
+        """The key of a Secret that consents to `ranker` (see `observe.secret_allows`); a Secret
+        that does not is never read further, and the ranker is told why."""
+        from mmrank.operator.observe import SecretRefused, secret_allows
+
         try:
             secret = self.resource("v1", "Secret").get(name=name, namespace=namespace).to_dict()
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
+        if not secret_allows((secret.get("metadata") or {}).get("annotations"), ranker):
+            raise SecretRefused(f"Secret {namespace}/{name} does not allow ranker {ranker} to use it: annotate it "
+                                f"{ALLOWED_RANKERS}={ranker} (or a comma-separated list, or *)")
         value = (secret.get("data") or {}).get(key)
         return base64.b64decode(value).decode() if value else None

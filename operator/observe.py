@@ -110,6 +110,20 @@ def from_children(objects: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 
 # --- the store ----------------------------------------------------------------------------------
 
+class SecretRefused(PermissionError):
+    """The Secret a ranker names has not consented to be used by it."""
+
+
+def secret_allows(annotations: Mapping[str, str] | None, ranker: str) -> bool:
+    """Secrets by consent: the operator reads a store password only from a Secret whose
+    `mmrank.io/allowed-rankers` annotation names the ranker (comma-separated) or is `*`. Whoever
+    may create rankers may not thereby make the operator send any Secret of the namespace to a
+    store URL of their choosing."""
+    allowed = (annotations or {}).get("mmrank.io/allowed-rankers", "")
+    names = {n.strip() for n in allowed.split(",") if n.strip()}
+    return "*" in names or ranker in names
+
+
 class CoverageObserver(Protocol):
     def spaces(self, url: str, password: str | None, versions: Sequence[str]) -> dict[str, SpaceState]:
         """Coverage per space; raises on an unreachable store."""

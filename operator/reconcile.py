@@ -55,15 +55,18 @@ def gather(kube: Kube, store: observe.CoverageObserver, ranker: api.MultimodalRa
             versions.append(version)
     store_spec = ranker.spec.embeddings.store
     spaces: dict[str, core.SpaceState] = {}
-    error = None
+    error, reason = None, "StoreUnreachable"
     try:
         ref = store_spec.password_secret_ref
-        password = kube.secret_value(namespace, ref.name, ref.key) if ref else None
+        password = kube.secret_value(namespace, ref.name, ref.key, meta.name) if ref else None
         spaces = store.spaces(store_spec.url, password, versions)
+    except observe.SecretRefused as exc:
+        error, reason = str(exc)[:300], "SecretNotAllowed"
+        spaces = {v: core.SpaceState(coverage=None) for v in versions}
     except Exception as exc:  # noqa: BLE001 - an unreachable store is an observation, not a crash
         error = f"{type(exc).__name__}: {exc}"[:300]
         spaces = {v: core.SpaceState(coverage=None) for v in versions}
-    observed = core.Observed(now=now(), status=status, spaces=spaces, store_error=error,
+    observed = core.Observed(now=now(), status=status, spaces=spaces, store_error=error, store_error_reason=reason,
                              **observe.from_children(objects))
     return observed, objects
 
@@ -130,7 +133,8 @@ def reconcile(kube: Kube, store: observe.CoverageObserver, body: Mapping[str, An
     store_spec = ranker.spec.embeddings.store
     for version in want.delete_spaces:
         ref = store_spec.password_secret_ref
-        password = kube.secret_value(ranker.metadata.namespace or "default", ref.name, ref.key) if ref else None
+        password = kube.secret_value(ranker.metadata.namespace or "default", ref.name, ref.key,
+                                     ranker.metadata.name) if ref else None
         store.delete_space(store_spec.url, password, version)
     if _changed(status, want.status):
         # Clearing a handled request is guarded by resourceVersion: a request a person wrote after

@@ -33,7 +33,10 @@ def test_chart_lints_and_renders_valid_manifests(helm_binary, values):
     lint = helm(helm_binary, "lint", str(CHART), "--strict", "-f", str(CHART / values))
     assert lint.returncode == 0, lint.stdout + lint.stderr
     docs = render(helm_binary, "-f", str(CHART / values))
-    assert {d["kind"] for d in docs} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"}
+    watched = (yaml.safe_load((CHART / values).read_text()) or {}).get("watchNamespaces") or []
+    per_namespace = {"Role", "RoleBinding"} if watched else set()
+    assert {d["kind"] for d in docs} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment",
+                                         *per_namespace}
     for doc in docs:
         kubernetes_validate.validate(doc, "1.33", strict=True)
 
@@ -102,3 +105,43 @@ def test_cluster_role_covers_every_child_the_operator_applies(helm_binary, tmp_p
             f"the operator applies {child['kind']} ({group or 'core'}/{resource}) but the ClusterRole grants {verbs}")
     assert "update" in granted[("mmrank.io", "multimodalrankers/finalizers")]
     assert {"patch"} <= granted[("mmrank.io", "multimodalrankers/status")]
+
+
+def test_watched_namespaces_get_roles_and_the_cluster_role_keeps_only_cluster_reads(helm_binary):
+    docs = render(helm_binary, "--set", "watchNamespaces={team-a,team-b}")
+    roles = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "Role"}
+    assert set(roles) == {"team-a", "team-b"}
+    bindings = {d["metadata"]["namespace"] for d in docs if d["kind"] == "RoleBinding"}
+    assert bindings == {"team-a", "team-b"}
+    cluster_role = next(d for d in docs if d["kind"] == "ClusterRole")
+    cluster_resources = {r for rule in cluster_role["rules"] for r in rule["resources"]}
+    assert cluster_resources == {"customresourcedefinitions", "namespaces"}
+    assert all(set(rule["verbs"]) <= {"get", "list", "watch"} for rule in cluster_role["rules"])
+    granted = {r for rule in roles["team-a"]["rules"] for r in rule["resources"]}
+    assert {"secrets", "deployments", "jobs", "multimodalrankers/status"} <= granted
+
+
+@pytest.mark.apiserver
+def test_with_watched_namespaces_the_operator_may_touch_nothing_elsewhere(helm_binary, kube):
+    """RBAC enforced by the real apiserver: the operator's ServiceAccount reads Secrets and writes
+    Deployments in the namespaces it watches, and nowhere else."""
+    for namespace in ("rbac-system", "rbac-watched", "rbac-other"):
+        kube.kubectl("create", "namespace", namespace, check=False)
+    manifests = helm(helm_binary, "template", "mmrank", str(CHART), "--namespace", "rbac-system",
+                     "--set", "watchNamespaces={rbac-watched}").stdout
+    applied = kube.kubectl("apply", "--server-side", "--field-manager=helm-test", "-f", "-", input=manifests,
+                           check=False)
+    assert applied.returncode == 0, applied.stderr
+    names = {d["metadata"]["name"] for d in yaml.safe_load_all(manifests) if d and d["kind"] == "ServiceAccount"}
+    account = f"system:serviceaccount:rbac-system:{names.pop()}"
+
+    def can(verb: str, resource: str, namespace: str, *extra: str) -> bool:
+        result = kube.kubectl("auth", "can-i", verb, resource, "-n", namespace, f"--as={account}", *extra,
+                              check=False)
+        return result.stdout.strip() == "yes"
+
+    assert can("get", "secrets", "rbac-watched") and can("create", "deployments", "rbac-watched")
+    assert can("create", "events", "rbac-watched") and not can("create", "events", "rbac-other")
+    assert not can("get", "secrets", "rbac-other") and not can("create", "deployments", "rbac-other")
+    assert not can("get", "secrets", "rbac-system")
+    assert can("list", "customresourcedefinitions.apiextensions.k8s.io", "rbac-other")

@@ -539,3 +539,47 @@ def test_kinds_the_cluster_does_not_serve_are_no_children_and_a_clear_error_to_a
     with pytest.raises(kube_module.NoSuchKind, match="install KServe, or set spec.ranker.serving: Kubernetes"):
         adapter.apply({"apiVersion": "nothing.example.com/v1", "kind": "InferenceService",
                        "metadata": {"name": "x", "namespace": cluster.namespace}})
+
+
+class RecordingCoverage(observe.FixedCoverage):
+    """Coverage by value, remembering every password the operator handed to the store client."""
+
+    def __init__(self, coverage: dict[str, float]) -> None:
+        super().__init__(coverage)
+        self.passwords: list[str | None] = []
+
+    def spaces(self, url: str, password: str | None, versions: Any) -> dict:
+        self.passwords.append(password)
+        return super().spaces(url, password, versions)
+
+
+@pytest.mark.parametrize("allowed", ["", "other-ranker", "shop", "other, shop", "*"])
+def test_secrets_by_consent(allowed: str) -> None:
+    annotations = {"mmrank.io/allowed-rankers": allowed} if allowed else None
+    assert observe.secret_allows(annotations, "shop") == (allowed in ("shop", "other, shop", "*"))
+
+
+def test_the_operator_reads_no_secret_that_did_not_consent(cluster: Cluster, kube: Any) -> None:
+    """A ranker naming an unrelated Secret (a hostile one, pointing the store at a listener of its
+    own) gets nothing: the operator refuses to read it and says why; once the Secret names the
+    ranker, its password reaches the store client."""
+    secrets = cluster.res("v1", "Secret")
+    secrets.create(namespace=cluster.namespace, body={"apiVersion": "v1", "kind": "Secret",
+                                                      "metadata": {"name": "payments-db"},
+                                                      "stringData": {"password": "do-not-leak"}})
+    store = RecordingCoverage({"e1": 0.5})
+    body = manifest(cluster.namespace, "redis://attacker.example:6379/0")
+    body["spec"]["embeddings"]["store"]["passwordSecretRef"] = {"name": "payments-db", "key": "password"}
+    with operator_in_process(kube, cluster.namespace, store):
+        cluster.create(body)
+        wait_for("the refusal in status", lambda: cluster.condition("EmbeddingsSynced").get("reason") == "SecretNotAllowed")
+        message = cluster.condition("EmbeddingsSynced")["message"]
+        assert "payments-db does not allow ranker shop" in message and "mmrank.io/allowed-rankers=shop" in message
+        assert "do-not-leak" not in str(cluster.status())
+        assert store.passwords == []                                   # the store client was never called
+        wait_for("a Warning Event", lambda: any(e["reason"] == "SecretNotAllowed" and e["type"] == "Warning"
+                                                for e in cluster.events()))
+        secrets.patch(namespace=cluster.namespace, name="payments-db", content_type="application/merge-patch+json",
+                      body={"metadata": {"annotations": {"mmrank.io/allowed-rankers": "shop"}}})
+        wait_for("the password handed to the store client", lambda: "do-not-leak" in store.passwords)
+        wait_for("coverage read", lambda: cluster.condition("EmbeddingsSynced").get("reason") == "Backfilling")
