@@ -64,10 +64,20 @@ def owner_reference(ranker: api.MultimodalRanker) -> dict[str, Any]:
             "uid": ranker.metadata.uid or "", "controller": True, "blockOwnerDeletion": True}
 
 
+def standard_labels(ranker: api.MultimodalRanker, child_labels: Mapping[str, str]) -> dict[str, str]:
+    """Kubernetes' recommended `app.kubernetes.io/*` labels, on the objects only: selectors keep
+    the labels they were created with (a Deployment's selector is immutable), and pod templates
+    stay as they are so an operator upgrade restarts no pod."""
+    version = child_labels.get(RANKER_VERSION) or child_labels.get(ENCODER_VERSION) or ranker.spec.encoder.version
+    return {"app.kubernetes.io/name": "mmrank", "app.kubernetes.io/instance": ranker.metadata.name,
+            "app.kubernetes.io/version": version, "app.kubernetes.io/part-of": "mmrank"}
+
+
 def _metadata(ranker: api.MultimodalRanker, name: str, child_labels: dict[str, str],
               annotations: dict[str, str] | None = None) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name, "namespace": ranker.metadata.namespace or "default",
-                            "labels": child_labels, "ownerReferences": [owner_reference(ranker)]}
+                            "labels": {**standard_labels(ranker, child_labels), **child_labels},
+                            "ownerReferences": [owner_reference(ranker)]}
     if annotations:
         meta["annotations"] = annotations
     return meta

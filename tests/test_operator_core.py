@@ -88,6 +88,10 @@ def test_every_child_has_owner_reference_and_labels() -> None:
                                             "blockOwnerDeletion": True}]
         assert meta["labels"]["app.kubernetes.io/managed-by"] == "mmrank"
         assert meta["labels"]["mmrank.io/ranker"] == "shop"
+        standard = {k.removeprefix("app.kubernetes.io/") for k in meta["labels"] if k.startswith("app.kubernetes.io/")}
+        assert standard == {"name", "instance", "version", "component", "part-of", "managed-by"}, child["kind"]
+        assert meta["labels"]["app.kubernetes.io/instance"] == "shop"
+        assert meta["labels"]["app.kubernetes.io/version"] in ("e1", "r1")
         assert meta["namespace"] == "ads"
 
 
