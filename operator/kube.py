@@ -135,6 +135,19 @@ class Kube:
                     found.append(item)
         return found
 
+    def autoscaled_deployments(self, namespace: str) -> set[str]:
+        """Names of the Deployments a HorizontalPodAutoscaler of the namespace scales."""
+        try:
+            hpas = self.resource("autoscaling/v1", "HorizontalPodAutoscaler").get(namespace=namespace).to_dict()
+        except ResourceNotFoundError:
+            return set()
+        except ApiException as exc:
+            if exc.status in (403, 404):      # not allowed to look (an older chart): apply the spec's replicas
+                return set()
+            raise
+        return {(h.get("spec") or {}).get("scaleTargetRef", {}).get("name", "") for h in hpas.get("items") or []
+                if (h.get("spec") or {}).get("scaleTargetRef", {}).get("kind") == "Deployment"}
+
     def apply(self, child: dict[str, Any]) -> dict[str, Any]:
         meta = child["metadata"]
         try:

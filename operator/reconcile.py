@@ -116,7 +116,9 @@ def reconcile(kube: Kube, store: observe.CoverageObserver, body: Mapping[str, An
     live = {key(o): o for o in objects}
     applied, notes = [], {}
     server = kube.server_version()
+    autoscaled = kube.autoscaled_deployments(ranker.metadata.namespace or "default")
     for child in want.children:
+        child = keep_autoscaled_replicas(child, live.get(key(child)), autoscaled)
         child, note = lower(child, server)
         child = stamped(child)
         if not up_to_date(live.get(key(child)), child):
@@ -145,6 +147,26 @@ def reconcile(kube: Kube, store: observe.CoverageObserver, body: Mapping[str, An
     decisions = [_created(k, notes.get(k)) for k in applied if k not in live]
     decisions += [core.Decision("Deleted", f"{kind} {name}") for kind, name in deleted]
     return Outcome([*decisions, *want.decisions], applied, deleted, want.status["phase"])
+
+
+AUTOSCALABLE = ("encoder", "embedder")
+
+
+def keep_autoscaled_replicas(child: dict[str, Any], live: Mapping[str, Any] | None,
+                             autoscaled: set[str]) -> dict[str, Any]:
+    """An encoder or embedder Deployment a HorizontalPodAutoscaler targets keeps the replicas it
+    has: the operator applies the live value instead of the spec's, so it never undoes a scaling.
+    (Leaving the field out would not do: Kubernetes < 1.22 then resets it to 1, because a /scale
+    write takes no ownership of it.) Ranker Deployments are not: their replica ratio is the
+    canary split."""
+    labels = child["metadata"].get("labels") or {}
+    if (child["kind"] != "Deployment" or child["metadata"]["name"] not in autoscaled
+            or labels.get(build.COMPONENT) not in AUTOSCALABLE or live is None):
+        return child
+    replicas = (live.get("spec") or {}).get("replicas")
+    if replicas is None:
+        return child
+    return {**child, "spec": {**child["spec"], "replicas": int(replicas)}}
 
 
 def _created(child: tuple[str, str], note: str | None) -> core.Decision:

@@ -583,3 +583,22 @@ def test_the_operator_reads_no_secret_that_did_not_consent(cluster: Cluster, kub
                       body={"metadata": {"annotations": {"mmrank.io/allowed-rankers": "shop"}}})
         wait_for("the password handed to the store client", lambda: "do-not-leak" in store.passwords)
         wait_for("coverage read", lambda: cluster.condition("EmbeddingsSynced").get("reason") == "Backfilling")
+
+
+def test_an_autoscaled_embedder_keeps_the_replicas_its_autoscaler_set(cluster: Cluster, kube: Any) -> None:
+    import kubernetes
+
+    apps = kubernetes.client.AppsV1Api(kube.api_client)
+    with operator_in_process(kube, cluster.namespace, observe.FixedCoverage({"e1": 0.5})):
+        cluster.create(manifest(cluster.namespace, "redis://redis.test:6379/0"))
+        wait_for("the embedder", lambda: ("Deployment", "shop-embedder") in cluster.children())
+        cluster.res("autoscaling/v1", "HorizontalPodAutoscaler").create(namespace=cluster.namespace, body={
+            "apiVersion": "autoscaling/v1", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "embedder"},
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "shop-embedder"},
+                     "minReplicas": 1, "maxReplicas": 5}})
+        apps.patch_namespaced_deployment_scale("shop-embedder", cluster.namespace, {"spec": {"replicas": 3}})
+        time.sleep(4)                                    # several reconciles at a 1 s interval
+        assert apps.read_namespaced_deployment("shop-embedder", cluster.namespace).spec.replicas == 3
+        cluster.res("autoscaling/v1", "HorizontalPodAutoscaler").delete(namespace=cluster.namespace, name="embedder")
+        wait_for("the spec's replicas again", lambda: apps.read_namespaced_deployment(
+            "shop-embedder", cluster.namespace).spec.replicas == 1)
