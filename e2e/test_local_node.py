@@ -83,8 +83,8 @@ def test_helm_install_apply_rank_fresh_item_upgrade_canary_rollback_delete(node:
     timeline.mark("helm install: operator Ready")
 
     # --- apply the ranker: encoder, backfill, coverage, predictors, first ranking -------------
-    node.kubectl("apply", "-f", str(ROOT / "examples" / "dev.yaml"))
-    applied = timeline.mark("kubectl apply -f examples/dev.yaml")
+    node.kubectl("apply", "-n", NAMESPACE, "-f", str(ROOT / "examples" / "dev.yaml"))
+    applied = timeline.mark("kubectl apply -n mmrank-dev -f examples/dev.yaml")
     node.wait("Triton encoder e1 Ready", lambda: node.deployment_ready("shop-encoder-e1"), 300)
     timeline.mark("Triton encoder e1 Ready")
     node.wait("backfill Job e1 complete", lambda: node.job_complete("shop-backfill-e1"), 300)
@@ -131,7 +131,7 @@ def test_helm_install_apply_rank_fresh_item_upgrade_canary_rollback_delete(node:
         upgrade = dev_ranker()
         upgrade["spec"]["encoder"].update(version="e2", modelUri="pvc://mmrank-artifacts/encoders/e2")
         upgrade["spec"]["ranker"].update(version="r2", modelUri="pvc://mmrank-artifacts/rankers/r2", encoderVersion="e2")
-        node.kubectl("apply", "-f", "-", input=json.dumps(upgrade))
+        node.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(upgrade))
         upgraded = timeline.mark("kubectl apply: encoder e2 + ranker r2")
         node.wait("Triton encoder e2 Ready", lambda: node.deployment_ready("shop-encoder-e2"), 300)
         timeline.mark("Triton encoder e2 Ready")
@@ -164,7 +164,7 @@ def test_helm_install_apply_rank_fresh_item_upgrade_canary_rollback_delete(node:
         bad = dev_ranker()
         bad["spec"]["encoder"].update(version="e2", modelUri="pvc://mmrank-artifacts/encoders/e2")
         bad["spec"]["ranker"].update(version="r3", modelUri="pvc://mmrank-artifacts/rankers/r3", encoderVersion="e2")
-        node.kubectl("apply", "-f", "-", input=json.dumps(bad))
+        node.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(bad))
         bad_applied = timeline.mark("kubectl apply: ranker r3")
         node.wait("canary r3 Progressing", lambda: (node.status().get("canary") or {}).get("rankerVersion") == "r3"
                   and node.status()["canary"].get("state") == "Progressing", 400)

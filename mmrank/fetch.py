@@ -20,7 +20,13 @@ def fetch(source: str, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     local = source.removeprefix("file://")
     if os.path.isdir(local):
-        shutil.copytree(local, dest, dirs_exist_ok=True)
+        # Entry by entry: copytree onto `dest` itself would copy the source's mode and times onto
+        # it, which a non-root pod may not do to its emptyDir's root (EPERM).
+        for entry in Path(local).iterdir():
+            if entry.is_dir():
+                shutil.copytree(entry, dest / entry.name, dirs_exist_ok=True)
+            else:
+                shutil.copy2(entry, dest / entry.name)
     elif os.path.isfile(local):
         shutil.copy2(local, dest / Path(local).name)
     elif source.startswith(("/", "file://")):
