@@ -289,7 +289,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def summarize(results: list[tuple[float, int]]) -> dict[str, Any]:
-    codes = {int(c): int(n) for c, n in zip(*np.unique([r[1] for r in results], return_counts=True))}
+    codes = {int(c): int(n) for c, n in zip(*np.unique([r[1] for r in results], return_counts=True), strict=False)}
     ok = np.array([r[0] for r in results if r[1] == 200])
     return {"codes": codes, "ok": len(ok),
             "p50": float(np.percentile(ok, 50)) if len(ok) else float("nan"),

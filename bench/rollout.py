@@ -127,7 +127,7 @@ class Bench:
 
     def request(self, name: str, namespace: str, action: str) -> None:
         """What `kubectl mmrank retry` writes: a request on the status subresource."""
-        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         self.rankers.status.patch(name=name, namespace=namespace, content_type="application/merge-patch+json",
                                   body={"status": {"request": {"action": action, "requestedAt": now,
                                                                "requestedBy": "bench"}}})

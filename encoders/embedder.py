@@ -63,8 +63,17 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from mmrank.encoders.item_events import (DEAD_LETTER_STREAM, EMBEDDER_GROUP, ITEM_STREAM, MAX_EVENT_BYTES, BadEvent,
-                                         ItemEvent, StreamFull, dead_letter_fields, parse_event)
+from mmrank.encoders.item_events import (
+    DEAD_LETTER_STREAM,
+    EMBEDDER_GROUP,
+    ITEM_STREAM,
+    MAX_EVENT_BYTES,
+    BadEvent,
+    ItemEvent,
+    StreamFull,
+    dead_letter_fields,
+    parse_event,
+)
 from mmrank.store import EmbeddingStore, open_store, redis_client
 
 log = logging.getLogger("mmrank.embedder")

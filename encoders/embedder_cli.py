@@ -7,8 +7,16 @@ from __future__ import annotations
 import argparse
 import os
 
-from mmrank.cli import (CommandError, add_progress_flag, duration, existing_dir, port, positive_duration, positive_int,
-                        show_progress)
+from mmrank.cli import (
+    CommandError,
+    add_progress_flag,
+    duration,
+    existing_dir,
+    port,
+    positive_duration,
+    positive_int,
+    show_progress,
+)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:

@@ -5,8 +5,16 @@ import argparse
 import json
 from pathlib import Path
 
-from mmrank.cli import (CommandError, add_progress_flag, existing_dir, non_negative_float, non_negative_int,
-                        positive_float, positive_int, show_progress)
+from mmrank.cli import (
+    CommandError,
+    add_progress_flag,
+    existing_dir,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    show_progress,
+)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:

@@ -364,7 +364,7 @@ class AnalysisSpec(_Spec):
 
 
 def _steps_problem(steps: list[int]) -> str | None:
-    if any(b <= a for a, b in zip(steps, steps[1:])):
+    if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
         return RULE_STEPS
     return None
 
@@ -730,12 +730,13 @@ def _is_ours(document: Any) -> bool:
 
 def validate_file(filename: str) -> list[tuple[str, list[str]]]:
     """(label, problems) for each YAML document in `filename` (`-` reads stdin)."""
+    import pathlib
     import sys
 
     import yaml
 
     try:
-        text = sys.stdin.read() if filename == "-" else open(filename, encoding="utf-8").read()
+        text = sys.stdin.read() if filename == "-" else pathlib.Path(filename).read_text(encoding="utf-8")
         documents = [d for d in yaml.safe_load_all(text) if d is not None]
     except (OSError, yaml.YAMLError) as exc:
         return [(filename, [f"(file): cannot read a YAML manifest: {exc}"])]
@@ -968,7 +969,7 @@ def api_reference_markdown() -> str:
     lines = [
         "# MultimodalRanker API reference",
         "",
-        f"Generated from `mmrank/api.py` by `mmrank crd --docs` (a test fails when this file is stale).",
+        "Generated from `mmrank/api.py` by `mmrank crd --docs` (a test fails when this file is stale).",
         f"Group `{GROUP}`, version `{VERSION}`, kind `{KIND}`, plural `{PLURAL}`, short name "
         f"`{SHORT_NAMES[0]}`, namespaced, status subresource.",
         "",

@@ -406,7 +406,7 @@ class CanaryRig:
                            for v in self.variants]
                 errors = []
                 self.predictors = {}
-                for variant, future in zip(self.variants, futures):
+                for variant, future in zip(self.variants, futures, strict=False):
                     try:
                         self.predictors[variant] = future.result()
                         self.started.append(self.predictors[variant])
@@ -609,7 +609,7 @@ class Controllers:
         import datetime
 
         while not self._stop.wait(self.period):
-            now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             for api_version, kind in self.KINDS:
                 with contextlib.suppress(Exception):  # a conflict or a vanished object: next round
                     resource = self.client.resources.get(api_version=api_version, kind=kind)

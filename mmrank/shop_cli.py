@@ -7,8 +7,17 @@ import sys
 import time
 from pathlib import Path
 
-from mmrank.cli import (CommandError, add_progress_flag, existing_dir, existing_file, file_problem, non_negative_float,
-                        non_negative_int, positive_int, show_progress)
+from mmrank.cli import (
+    CommandError,
+    add_progress_flag,
+    existing_dir,
+    existing_file,
+    file_problem,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    show_progress,
+)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:

@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mmrank.shop_config import (COLOURS, FAMILIES, FILLERS, MATERIAL_PRICE, MATERIALS, QUERY_FILLERS,
-                                ShopConfig)
+from mmrank.shop_config import COLOURS, FAMILIES, FILLERS, MATERIAL_PRICE, MATERIALS, QUERY_FILLERS, ShopConfig
 
 FORMAT = 1
 T0 = 1_767_225_600  # 2026-01-01 00:00 UTC: the start of day 0
@@ -378,7 +377,7 @@ def draw_searches(cat: Catalogue, concept: np.ndarray, sets: dict[str, np.ndarra
             continue
         bought[rows] = items[rng.integers(0, len(items), len(rows))]
         image[rows] = _same_concept_other(bought[rows], items, concept, rng, cfg.p_query_image)
-        for r, negs in zip(rows, _hard_negatives(bought[rows], items, cat, concept, cfg, rng)):
+        for r, negs in zip(rows, _hard_negatives(bought[rows], items, cat, concept, cfg, rng), strict=False):
             clicked[r] = negs
     texts = _query_texts(cat, bought, cfg, rng)
     return {"query_id": np.arange(cfg.n_searches, dtype=np.int64), "query_text": texts,
@@ -408,7 +407,7 @@ def _hard_negatives(bought: np.ndarray, items: np.ndarray, cat: Catalogue, conce
     offsets = rng.integers(0, 1 << 30, (len(bought), max(cfg.max_hard_negatives, 1)))
     picks = grouped[np.minimum(lo[:, None] + offsets % np.maximum(count, 1)[:, None], len(grouped) - 1)]
     keep = (np.arange(picks.shape[1])[None, :] < n_neg[:, None]) & (concept[picks] != concept[bought][:, None])
-    return [sorted(set(row[k].tolist())) for row, k in zip(picks, keep)]
+    return [sorted(set(row[k].tolist())) for row, k in zip(picks, keep, strict=False)]
 
 
 def _query_texts(cat: Catalogue, bought: np.ndarray, cfg: ShopConfig, rng: np.random.Generator) -> list[str]:
@@ -440,7 +439,7 @@ def _query_texts(cat: Catalogue, bought: np.ndarray, cfg: ShopConfig, rng: np.ra
 
 def streams(seed: int) -> dict[str, np.random.Generator]:
     children = np.random.SeedSequence(seed).spawn(len(STREAMS))
-    return {name: np.random.default_rng(child) for name, child in zip(STREAMS, children)}
+    return {name: np.random.default_rng(child) for name, child in zip(STREAMS, children, strict=False)}
 
 
 def generate_into(out: Path, cfg: ShopConfig, seed: int, size: str = "custom", progress: bool = False) -> Path:

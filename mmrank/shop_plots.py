@@ -23,7 +23,7 @@ def item_grid(shop: Shop, out: str | Path, rows: int = 4, cols: int = 6, seed: i
     picks = np.sort(rng.choice(shop.n_items, size=min(rows * cols, shop.n_items), replace=False))
     voc = shop.vocab
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.55, rows * 1.95), dpi=80)
-    for ax, item in zip(np.ravel(axes), picks):
+    for ax, item in zip(np.ravel(axes), picks, strict=False):
         row = shop.items.iloc[int(item)]
         ax.imshow(np.asarray(shop.images[item]), interpolation="nearest")
         ax.set_xticks([])
@@ -81,7 +81,7 @@ def click_rate_plot(shop: Shop, out: str | Path) -> Path:
     ax.plot(curve["centre"][seen], curve["rate"][seen], "o-", label="observed click rate")
     ax.plot(curve["centre"][seen], curve["expected"][seen], "--", color="grey",
             label="click function (no noise), mean")
-    for x, y, n in zip(curve["centre"][seen], curve["rate"][seen], curve["count"][seen]):
+    for x, y, n in zip(curve["centre"][seen], curve["rate"][seen], curve["count"][seen], strict=False):
         ax.annotate(f"{n}", (x, y), textcoords="offset points", xytext=(0, 6), fontsize=6, ha="center")
     ax.set_xlabel("interest match(user, item concept)")
     ax.set_ylabel("click rate")

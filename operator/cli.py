@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 from typing import Any
 
@@ -119,7 +120,7 @@ def _render(args: argparse.Namespace) -> int:
 
     coverage = parse_coverage(args.coverage)
     try:
-        text = sys.stdin.read() if args.filename == "-" else open(args.filename, encoding="utf-8").read()
+        text = sys.stdin.read() if args.filename == "-" else pathlib.Path(args.filename).read_text(encoding="utf-8")
         manifests = [d for d in yaml.safe_load_all(text) if d]
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise CommandError(f"cannot read a YAML manifest: {file_problem(args.filename, exc)}") from exc

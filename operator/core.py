@@ -25,6 +25,7 @@ from mmrank.operator import children as build
 from mmrank.operator import rollout as roll
 from mmrank.operator.analysis import Analysis
 
+
 @dataclasses.dataclass(frozen=True)
 class Version:
     """A ranker version and the encoder version (space) it was trained on."""

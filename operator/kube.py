@@ -57,7 +57,7 @@ def contains(live: Any, want: Any) -> bool:
     if isinstance(want, Mapping):
         return isinstance(live, Mapping) and all(k in live and contains(live[k], v) for k, v in want.items())
     if isinstance(want, list):
-        return isinstance(live, list) and len(live) == len(want) and all(contains(a, b) for a, b in zip(live, want))
+        return isinstance(live, list) and len(live) == len(want) and all(contains(a, b) for a, b in zip(live, want, strict=False))
     return live == want or str(live) == str(want)
 
 

@@ -67,7 +67,7 @@ def refusal(action: str, status: Mapping[str, Any]) -> str | None:
 
 
 def request_body(action: str, now: datetime.datetime, who: str) -> dict[str, Any]:
-    stamp = now.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    stamp = now.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     return {"status": {"request": {"action": action, "requestedAt": stamp, "requestedBy": who[:253]}}}
 
 
@@ -186,7 +186,7 @@ def ask(args: argparse.Namespace) -> int:
     why = refusal(action, obj.get("status") or {})
     if why:
         raise PluginError(f"{args.command} refused: {why}")
-    body = request_body(action, datetime.datetime.now(datetime.timezone.utc), args.requested_by or _who())
+    body = request_body(action, datetime.datetime.now(datetime.UTC), args.requested_by or _who())
     body["metadata"] = {"resourceVersion": obj["metadata"]["resourceVersion"]}
     from kubernetes.client.exceptions import ApiException
 

@@ -26,7 +26,7 @@ def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
     ends = np.r_[starts[1:], len(users)]
     total, weight = 0.0, 0
-    for start, end in zip(starts, ends):
+    for start, end in zip(starts, ends, strict=False):
         user_labels = labels[start:end]
         positives = int(user_labels.sum())
         if positives == 0 or positives == end - start:

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from mmrank.cli import (CommandError, existing_dir, existing_file, non_negative_int, positive_float, positive_int)
+from mmrank.cli import CommandError, existing_dir, existing_file, non_negative_int, positive_float, positive_int
 
 VARIANTS = ("id", "vector", "simtier", "simtier-make")
 

@@ -233,7 +233,7 @@ def record(variant: str, protocol: str, status: int, reason: str | None, seconds
 class RankerModel(Model):
     """A ranker artifact served against the embedding store; knows nothing about HTTP."""
 
-    def __init__(self, name: str, model_dir: str | Path, store_url: str, limits: Limits = Limits(),
+    def __init__(self, name: str, model_dir: str | Path, store_url: str, limits: Limits = Limits(),  # noqa: B008 (frozen dataclass: one shared default is safe)
                  min_coverage: float = 0.99, recheck_seconds: float = 5.0, feedback_stream: bool = True,
                  expected_space: str | None = None, version: str | None = None,
                  history_length: int | None = None, item_cache_size: int = 200_000) -> None:

@@ -34,7 +34,7 @@ class Impressions:
     def __len__(self) -> int:
         return len(self.user)
 
-    def take(self, rows: np.ndarray) -> "Impressions":
+    def take(self, rows: np.ndarray) -> Impressions:
         return Impressions(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
 
 

@@ -17,8 +17,15 @@ import numpy as np
 import pytest
 
 from mmrank import servers
-from mmrank.encoders.backfill import (BackfillConfig, ShopCatalogue, backfill, parse_shard, resume_point, shard_range,
-                                      windows)
+from mmrank.encoders.backfill import (
+    BackfillConfig,
+    ShopCatalogue,
+    backfill,
+    parse_shard,
+    resume_point,
+    shard_range,
+    windows,
+)
 from mmrank.encoders.embedder import EncoderTarget
 from mmrank.store import open_store
 

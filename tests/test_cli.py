@@ -227,7 +227,7 @@ def test_every_subcommand_turns_bad_input_into_one_line_on_stderr(files: dict[st
             results = list(pool.map(lambda case: mmrank(*case[1], env=case[2], stdin=""), cases))
     assert set(SAYS) <= {why for why, _, _ in cases}, "SAYS names a case the corpus lacks"
     failures = []
-    for (why, argv, _), result in zip(cases, results):
+    for (why, argv, _), result in zip(cases, results, strict=False):
         lines = result.stderr.splitlines()
         named = lines[0].startswith(("mmrank", "error: cannot fetch")) if lines else False  # fetch: as before
         says = SAYS.get(why, "") in result.stderr
@@ -255,7 +255,7 @@ def test_validate_reports_a_file_it_cannot_read_in_its_report(files: dict[str, P
 def test_images_build_knows_the_dockerfiles_targets() -> None:
     from mmrank import cluster_cli, images
 
-    assert cluster_cli.TARGETS == tuple(images.TARGETS)
+    assert tuple(images.TARGETS) == cluster_cli.TARGETS
 
 
 def test_argument_errors_exit_2_and_name_the_argument() -> None:

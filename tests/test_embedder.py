@@ -10,10 +10,10 @@ import asyncio
 import base64
 import json
 import os
-import textwrap
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.error
@@ -28,8 +28,19 @@ import redis
 
 from mmrank import servers
 from mmrank.encoders import item_events
-from mmrank.encoders.embedder import (Embedder, EmbedderConfig, EncoderTarget, backoff_delay, latest_per_item,
-                                      next_stream_id, over_delivered, parse_encoders, redelivery, serve, trim_floor)
+from mmrank.encoders.embedder import (
+    Embedder,
+    EmbedderConfig,
+    EncoderTarget,
+    backoff_delay,
+    latest_per_item,
+    next_stream_id,
+    over_delivered,
+    parse_encoders,
+    redelivery,
+    serve,
+    trim_floor,
+)
 from mmrank.store import DEAD_LETTER_STREAM, EMBEDDER_GROUP, ITEM_STREAM, open_store
 
 pytestmark = [pytest.mark.triton, pytest.mark.redis]

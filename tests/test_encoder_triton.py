@@ -134,7 +134,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(served):
     before = _metric(server, "nv_inference_exec_count")
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, requests))
-    for (images, titles), got in zip(requests, answers):
+    for (images, titles), got in zip(requests, answers, strict=False):
         assert cosines(got, encode_items(encoder, images, titles)).min() >= 0.9999
     executions = _metric(server, "nv_inference_exec_count") - before
     assert 1 <= executions < len(requests)  # several requests shared a model execution

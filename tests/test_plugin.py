@@ -40,7 +40,7 @@ def test_refusal(action: str, status: dict, allowed: bool, why: str) -> None:
 
 
 def test_the_request_is_stamped_in_utc_with_who_asked() -> None:
-    now = datetime.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=datetime.timezone.utc)
+    now = datetime.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=datetime.UTC)
     assert plugin.request_body("Abort", now, "alice") == {"status": {"request": {
         "action": "Abort", "requestedAt": "2026-01-02T03:04:05.678901Z", "requestedBy": "alice"}}}
 

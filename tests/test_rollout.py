@@ -29,7 +29,7 @@ INCONCLUSIVE = Analysis("Inconclusive", requests=3, message="3 requests < minReq
 
 
 def at(seconds: float) -> str:
-    moment = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc) + datetime.timedelta(seconds=seconds)
+    moment = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(seconds=seconds)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 

@@ -12,7 +12,6 @@ import json
 import math
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -263,11 +262,10 @@ def test_query_value_refuses_what_is_not_one_number(status: int, body: bytes, te
 
 @given(share=st.floats(0, 1), n=st.integers(1, 500))
 def test_routing_never_gives_the_canary_more_than_its_share(share: float, n: int) -> None:
-    sent = canary = 0
-    for _ in range(n):
+    canary = 0
+    for sent in range(n):
         canary += route_to_canary(share, sent, canary)
-        sent += 1
-        assert canary <= share * sent + 1e-9
+        assert canary <= share * (sent + 1) + 1e-9
     assert canary >= math.floor(share * n) - 1
 
 

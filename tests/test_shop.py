@@ -92,7 +92,7 @@ def test_history_is_the_last_clicks_strictly_before_ts_newest_last_left_padded(t
     for max_len in (5, 64):
         ids, mask = tiny.history(users, ts, max_len)
         assert ids.shape == mask.shape == (len(users), max_len) and ids.dtype == np.int64 and mask.dtype == bool
-        for row, (u, t) in enumerate(zip(users, ts)):
+        for row, (u, t) in enumerate(zip(users, ts, strict=False)):
             expected = _brute_history(tiny, int(u), int(t), max_len)
             n = len(expected)
             assert ids[row, max_len - n:].tolist() == expected
@@ -107,7 +107,7 @@ def test_history_never_contains_the_clicks_of_the_impression_itself(tiny):
     clicked = tiny.impressions[tiny.impressions["clicked"] == 1].head(50)
     ids, mask = tiny.history(clicked["user_id"].to_numpy(), clicked["ts"].to_numpy(), 1000)
     ts_of = tiny.behaviours.groupby("user_id")["ts"]
-    for row, (u, t) in enumerate(zip(clicked["user_id"], clicked["ts"])):
+    for row, (u, t) in enumerate(zip(clicked["user_id"], clicked["ts"], strict=False)):
         assert mask[row].sum() == int((ts_of.get_group(u) < t).sum())
 
 
@@ -154,7 +154,7 @@ def test_searches_pair_queries_with_bought_items_and_same_category_hard_negative
     assert 0 < len(with_image) < len(s)
     assert (concept[with_image["query_image_item"]] == concept[with_image["bought_item"]]).all()
     assert (with_image["query_image_item"] != with_image["bought_item"]).all()
-    negatives = [(b, n) for b, ns in zip(s["bought_item"], s["clicked_items"]) for n in ns]
+    negatives = [(b, n) for b, ns in zip(s["bought_item"], s["clicked_items"], strict=False) for n in ns]
     assert negatives and all(category[n] == category[b] and concept[n] != concept[b] for b, n in negatives)
     assert (s["query_text"].str.len() > 0).all()
 

@@ -35,7 +35,7 @@ def panel(ax: plt.Axes, timeline: dict, title: str) -> None:
     points = [(d["t"], d["analysis"]["clickRateRatio"]) for d in timeline["decisions"]
               if (d.get("analysis") or {}).get("clickRateRatio") is not None]
     if points:
-        ratio_ax.plot(*zip(*points), "o", color="tab:orange", label="click-rate ratio (canary / stable)")
+        ratio_ax.plot(*zip(*points, strict=False), "o", color="tab:orange", label="click-rate ratio (canary / stable)")
     ratio_ax.set_ylim(0.5, 1.3)
     ratio_ax.set_ylabel("click-rate ratio")
     for decision in timeline["decisions"]:
@@ -48,7 +48,7 @@ def panel(ax: plt.Axes, timeline: dict, title: str) -> None:
 
 def main(folder: str, out: str) -> int:
     fig, axes = plt.subplots(len(PANELS), 1, figsize=(8, 3.2 * len(PANELS)), sharex=False)
-    for ax, (name, title) in zip(axes, PANELS):
+    for ax, (name, title) in zip(axes, PANELS, strict=False):
         timeline = json.loads((Path(folder) / f"{name}.json").read_text())
         panel(ax, timeline, f"{title} (steps {timeline['steps']}, interval {timeline['interval_s']} s)")
     axes[-1].set_xlabel("seconds since the canary started")
