@@ -56,10 +56,13 @@ CMD ["mmrank", "--help"]
 # Triton on the CPU: the tritonserver inside the nvidia-pytriton wheel (in the runtime image),
 # its Python backend with the stub for this Python, and torch/numpy < 2 for the exported encoder.
 # `tritonserver` on PATH, as in NVIDIA's image, so the operator's encoder Deployment runs as is.
+# The backends belong to the user Triton runs as: the Python backend chmods its stub before each
+# model load and fails ("Failed to give execute permission") on a file it does not own.
 FROM runtime AS triton
 USER root
 COPY tools/prepare_triton_backends.py images/triton/tritonserver /src/
 RUN python /src/prepare_triton_backends.py /opt/tritonserver/backends \
- && install -m 0755 /src/tritonserver /usr/local/bin/tritonserver && rm -rf /src/*
+ && install -m 0755 /src/tritonserver /usr/local/bin/tritonserver && rm -rf /src/* \
+ && chown -R 10001:10001 /opt/tritonserver/backends
 USER 10001
 CMD ["tritonserver", "--model-repository=/models"]

@@ -73,12 +73,20 @@ def lower(child: dict[str, Any], server: tuple[int, int]) -> tuple[dict[str, Any
     """The child as a server of this (major, minor) version accepts it, and why it differs.
 
     Indexed Jobs exist from Kubernetes 1.22 (beta, on by default); an older apiserver refuses
-    `completionMode` in a server-side apply, so it is dropped there and the difference is said
-    in the Event: such a cluster runs the shards without their index."""
+    `completionMode` in a server-side apply, and its pods get no JOB_COMPLETION_INDEX to pick a
+    shard by. There the backfill runs as one pod over the whole catalogue (shard 0/1), which the
+    Event says."""
     if child["kind"] == "Job" and server < (1, 22) and "completionMode" in child["spec"]:
         spec = {k: v for k, v in child["spec"].items() if k != "completionMode"}
-        return {**child, "spec": spec}, (f"Kubernetes {server[0]}.{server[1]} has no Indexed Jobs: completionMode "
-                                         "dropped; backfill shards need Kubernetes >= 1.22")
+        shards = int(spec.get("completions") or 1)
+        pod = spec["template"]["spec"]
+        containers = [{**c, "args": [a.replace("$(JOB_COMPLETION_INDEX)/" + str(shards), "0/1") for a in c.get("args", [])]}
+                      for c in pod["containers"]]
+        spec = {**spec, "completions": 1, "parallelism": 1, "backoffLimit": 6,
+                "template": {**spec["template"], "spec": {**pod, "containers": containers}}}
+        return {**child, "spec": spec}, (f"Kubernetes {server[0]}.{server[1]} has no Indexed Jobs: the backfill "
+                                         f"runs as one pod (shard 0/1) instead of {shards} shards; sharding needs "
+                                         "Kubernetes >= 1.22")
     return child, None
 
 

@@ -336,7 +336,8 @@ def test_old_apiservers_get_jobs_without_completion_mode_and_say_so() -> None:
     same, note = lower(job, (1, 33))
     assert same == job and note is None
     old, note = lower(job, (1, 20))
-    assert "completionMode" not in old["spec"] and old["spec"]["completions"] == 4
+    assert "completionMode" not in old["spec"] and old["spec"]["completions"] == old["spec"]["parallelism"] == 1
+    assert "0/1" in old["spec"]["template"]["spec"]["containers"][0]["args"]   # no index to shard by
     assert note is not None and "1.22" in note
     assert lower(build.build_encoder_service(ranker()), (1, 20))[1] is None
 
