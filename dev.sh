@@ -122,6 +122,9 @@ case "${1:-}" in
     if [ $# -gt 0 ]; then
       exec .venv/bin/python -m pytest "$@"
     fi
+    # Static checks first (seconds); a failure stops the run before the tests' minutes.
+    log "static checks: ruff, mypy, import-linter (tools/static-checks.sh)"
+    tools/static-checks.sh || { log "static checks failed (rerun them alone: tools/static-checks.sh)"; exit 1; }
     # Two processes: kserve and tritonclient.grpc cannot be imported into one (tests/conftest.py).
     log "running the tests (main group)"
     main=0; .venv/bin/python -m pytest || main=$?

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
+def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     crd = subparsers.add_parser("crd", help="Print the MultimodalRanker CRD generated from the models")
     crd.add_argument("--no-cel", action="store_true",
                      help="drop CEL x-kubernetes-validations (for Kubernetes < 1.25; the model validators still check them)")

@@ -43,7 +43,7 @@ def summary(dest: Path) -> str:
     return f"{len(files)} files, {sum(p.stat().st_size for p in files)} bytes in {dest}"
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
+def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("fetch", help="Copy a model or catalogue (s3://, gs://, http(s)://, a "
                                    "mounted path, ...) into a directory, with KServe's storage code")
     parser.add_argument("source", help="URI or local path")

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -126,11 +127,12 @@ def wait_until(server: Server, ready: Callable[[], bool], timeout: float, what: 
     raise ServerUnavailable(f"{server.name} was not {what} within {timeout:.0f} s; log:\n{server.log_tail()}")
 
 
-def http_ok(url: str, headers: dict[str, str] | None = None, context: object = None) -> bool:
+def http_ok(url: str, headers: dict[str, str] | None = None, context: ssl.SSLContext | None = None) -> bool:
     request = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=2, context=context) as response:  # type: ignore[arg-type]
-            return 200 <= response.status < 300
+        with urllib.request.urlopen(request, timeout=2, context=context) as response:
+            status: int = response.status
+            return 200 <= status < 300
     except urllib.error.URLError:
         return False
 

@@ -9,15 +9,17 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddingSpace:
     version: str
-    vectors: np.ndarray
-    present: np.ndarray
+    vectors: npt.NDArray[Any]
+    present: npt.NDArray[Any]
 
     @property
     def dim(self) -> int:
@@ -28,8 +30,8 @@ class EmbeddingSpace:
         return float(self.present.mean()) if len(self.present) else 0.0
 
 
-def save_space(directory: str | Path, version: str, vectors: np.ndarray,
-               present: np.ndarray | None = None) -> Path:
+def save_space(directory: str | Path, version: str, vectors: npt.NDArray[Any],
+               present: npt.NDArray[Any] | None = None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     vectors = np.asarray(vectors, dtype=np.float32)

@@ -152,7 +152,7 @@ def checks(measured: Measurement, spec: api.AnalysisSpec) -> list[_Check]:
 
 def judge(measured: Measurement, spec: api.AnalysisSpec) -> Analysis:
     """Passed, Failed or Inconclusive, with every failing check and its number in the message."""
-    numbers = {"requests": measured.requests, "error_rate": _finite(measured.error_rate),
+    numbers: dict[str, Any] = {"requests": measured.requests, "error_rate": _finite(measured.error_rate),
                "latency_p99_ms": _finite(measured.latency_p99_ms),
                "click_rate_ratio": _finite(measured.click_rate_ratio)}
     if measured.requests < spec.min_requests:
@@ -260,6 +260,7 @@ def query_value(status_code: int, body: bytes, prometheus_url: str = "Prometheus
                                     f"{kind or 'error'}: {error or str(answer)[:200]}")
     data = answer.get("data") or {}
     result = data.get("result")
+    samples: list[Any]
     if data.get("resultType") == "scalar":
         samples = [result]
     elif data.get("resultType") == "vector":

@@ -113,7 +113,7 @@ def fetch_init_container(ranker: api.MultimodalRanker, name: str, uri: str, volu
     credentials of `spec.storage`; and the extra volumes it needs."""
     storage = ranker.spec.storage
     source, pvc = fetch_source(uri)
-    mounts = [{"name": volume, "mountPath": dest}]
+    mounts: list[dict[str, Any]] = [{"name": volume, "mountPath": dest}]
     volumes = []
     if pvc is not None:
         claim = pvc["persistentVolumeClaim"]["claimName"]

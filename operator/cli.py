@@ -13,7 +13,7 @@ from typing import Any
 from mmrank.cli import CommandError, describe, file_problem, positive_duration
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
+def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     operator = subparsers.add_parser("operator", help="Run the MultimodalRanker operator (kopf)")
     commands = operator.add_subparsers(dest="operator_command", metavar="COMMAND", required=True)
     run = commands.add_parser("run", help="Reconcile MultimodalRankers in a namespace or the whole cluster",
@@ -88,12 +88,12 @@ def parse_coverage(values: list[str]) -> dict[str, float]:
     return out
 
 
-def render_documents(documents: list[Any], coverage: dict[str, float], with_status: bool = False) -> list[dict]:
+def render_documents(documents: list[Any], coverage: dict[str, float], with_status: bool = False) -> list[dict[str, Any]]:
     """Children (and optionally the status) for each MultimodalRanker document, offline: the
     encoders count as ready and the store reports `coverage` (0 for spaces not named)."""
     from mmrank.operator import core, observe, reconcile
 
-    out: list[dict] = []
+    out: list[dict[str, Any]] = []
     store = observe.FixedCoverage(coverage)
     for document in documents:
         if not isinstance(document, dict) or document.get("kind") != "MultimodalRanker":
@@ -134,11 +134,11 @@ def _render(args: argparse.Namespace) -> int:
     return 0
 
 
-def to_yaml(documents: list[dict]) -> str:
+def to_yaml(documents: list[dict[str, Any]]) -> str:
     """A YAML stream kubectl applies as is: no anchors, multi-line strings as literal blocks."""
     import yaml
 
-    class Dumper(yaml.SafeDumper):
+    class Dumper(yaml.SafeDumper):  # type: ignore[misc]  # PyYAML ships no annotations: an Any base
         def ignore_aliases(self, data: Any) -> bool:
             return True
 
@@ -146,4 +146,5 @@ def to_yaml(documents: list[dict]) -> str:
         return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
 
     Dumper.add_representer(str, text)
-    return yaml.dump_all(documents, Dumper=Dumper, sort_keys=False, width=120)
+    stream: str = yaml.dump_all(documents, Dumper=Dumper, sort_keys=False, width=120)
+    return stream

@@ -574,7 +574,7 @@ def _reason(status: Mapping[str, Any], ctype: str) -> str | None:
     return next((c.get("reason") for c in status.get("conditions") or [] if c.get("type") == ctype), None)
 
 
-def _versions(stable: Mapping[str, Any] | None) -> tuple[str, str] | None:
+def _versions(stable: Mapping[str, Any] | None) -> tuple[str | None, str | None] | None:
     return (stable.get("rankerVersion"), stable.get("encoderVersion")) if stable else None
 
 

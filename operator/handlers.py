@@ -74,13 +74,14 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
-def run_reconcile(body: kopf.Body, retry: int, logger: logging.Logger | logging.LoggerAdapter,
+def run_reconcile(body: kopf.Body, retry: int, logger: logging.Logger | logging.LoggerAdapter[Any],
                   timer: bool = False) -> str:
     """Transient errors retry with backoff; others are reported once and left to the next
     change of the spec (or the next timer tick), never retried in a loop."""
     uid = body.metadata.uid or body.metadata.name or ""
     with Context.lock(uid):
         try:
+            # Context.store is None only before startup() has run; no handler runs before it.
             outcome = reconcile.reconcile(Context.kube, Context.store, body, Context.analyser,  # type: ignore[arg-type]
                                           Context.freshness)
         except Exception as exc:
@@ -103,18 +104,19 @@ def run_reconcile(body: kopf.Body, retry: int, logger: logging.Logger | logging.
 @kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
 @kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field="spec")
 @kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
-def on_change(body: kopf.Body, retry: int, logger: logging.Logger, **_: Any) -> None:
+def on_change(body: kopf.Body, retry: int, logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
     run_reconcile(body, retry, logger)
 
 
-@kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=INTERVAL, initial_delay=INTERVAL, idle=None,
+# kopf passes `retry` to every handler (its execution.py); only its TimerFn protocol omits it.
+@kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=INTERVAL, initial_delay=INTERVAL, idle=None,  # type: ignore[arg-type]
             errors=kopf.ErrorsMode.TEMPORARY, backoff=BACKOFF[1])
-def on_timer(body: kopf.Body, retry: int, logger: logging.Logger, **_: Any) -> None:
+def on_timer(body: kopf.Body, retry: int, logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
     run_reconcile(body, retry, logger, timer=True)
 
 
 @kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL)
-def on_delete(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+def on_delete(body: kopf.Body, logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
     """Delete every child explicitly: owner references let a garbage collector do it, but the
     operator must not depend on one (and a finalizer makes the order observable)."""
     kube = Context.kube

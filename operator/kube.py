@@ -164,8 +164,9 @@ class Kube:
             hint = (": install KServe, or set spec.ranker.serving: Kubernetes" if child["kind"] == "InferenceService"
                     else "")
             raise NoSuchKind(f"this cluster serves no {child['apiVersion']} {child['kind']}{hint}") from exc
-        return resource.server_side_apply(body=child, name=meta["name"], namespace=meta["namespace"],
-                                          field_manager=FIELD_MANAGER, force_conflicts=True).to_dict()
+        applied: dict[str, Any] = resource.server_side_apply(body=child, name=meta["name"], namespace=meta["namespace"],
+                                                             field_manager=FIELD_MANAGER, force_conflicts=True).to_dict()
+        return applied
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         try:

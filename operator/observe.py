@@ -75,6 +75,7 @@ def served_by_deployments(objects: Sequence[Mapping[str, Any]]) -> ServedRanker 
         return None
     canary = roles.get("canary")
     ready = all(deployment_ready(o) for o in objects)
+    # _version(stable) was checked not None above; mypy cannot carry that across the second call.
     return ServedRanker(_version(stable), ready, _version(canary) if canary is not None else None)  # type: ignore[arg-type]
 
 

@@ -164,7 +164,8 @@ def _get(rankers: Any, name: str, namespace: str) -> dict[str, Any]:
     from kubernetes.client.exceptions import ApiException
 
     try:
-        return rankers.get(name=name, namespace=namespace).to_dict()
+        ranker: dict[str, Any] = rankers.get(name=name, namespace=namespace).to_dict()
+        return ranker
     except ApiException as exc:
         if exc.status == 404:
             raise PluginError(f"multimodalranker {namespace}/{name} not found") from exc

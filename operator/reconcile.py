@@ -200,7 +200,7 @@ def _changed(before: Mapping[str, Any], after: Mapping[str, Any]) -> bool:
 
 def _merge_patch(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
     """A JSON merge patch turning `before` into `after`, top-level key by key (None removes)."""
-    patch = {}
+    patch: dict[str, Any] = {}
     for k, v in after.items():
         if v is None:
             if before.get(k) is not None:
