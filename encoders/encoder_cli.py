@@ -120,7 +120,7 @@ def metrics_table(rows: list[tuple[str, dict[str, object]]]) -> str:
     keys = ["concept_top1", "concept_recall@10", "query_recall@10"]
     lines = ["| checkpoint | objective | steps | " + " | ".join(keys) + " |", "|---" * (len(keys) + 3) + "|"]
     for name, metrics in rows:
-        values = " | ".join(f"{float(metrics[k]):.3f}" for k in keys)  # type: ignore[arg-type]
+        values = " | ".join(f"{float(metrics[k]):.3f}" for k in keys)  # type: ignore[arg-type]  # metric values are numbers, typed object
         lines.append(f"| {name} | {metrics.get('objective', '?')} | {metrics.get('steps', '?')} | {values} |")
     return "\n".join(lines)
 

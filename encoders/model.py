@@ -108,7 +108,7 @@ class HFImageBackbone(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        config = model.config  # type: ignore[attr-defined]
+        config = model.config  # type: ignore[attr-defined]  # a Hugging Face model typed nn.Module
         sizes = getattr(config, "hidden_sizes", None)
         self.width = int(sizes[-1] if sizes else config.hidden_size)
 
@@ -135,7 +135,7 @@ def _hf_model(path: str, backbone: dict[str, Any], pretrained: bool) -> nn.Modul
 
 
 def _hf_config_dict(model: nn.Module) -> dict[str, Any]:
-    config = model.config.to_dict()  # type: ignore[attr-defined]
+    config = model.config.to_dict()  # type: ignore[attr-defined]  # a Hugging Face model typed nn.Module
     for key in ("_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype"):
         config.pop(key, None)
     return config
@@ -193,7 +193,7 @@ class HFTextBackbone(nn.Module):
         super().__init__()
         self.model = model
         self.pad_id = pad_id
-        self.width = int(model.config.hidden_size)  # type: ignore[attr-defined]
+        self.width = int(model.config.hidden_size)  # type: ignore[attr-defined]  # a Hugging Face model typed nn.Module
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         keep = token_ids != self.pad_id
@@ -237,15 +237,15 @@ class ItemEncoder(nn.Module):
             model = _hf_model(config.text_model, config.text_backbone, pretrained)
             config.text_backbone = _hf_config_dict(model)
             if tokenizer is None:
-                vocab = int(model.config.vocab_size)  # type: ignore[attr-defined]
+                vocab = int(model.config.vocab_size)  # type: ignore[attr-defined]  # a Hugging Face model typed nn.Module
                 tokenizer = (HFTokenizer.from_pretrained(_resolve_model_path(config.text_model), config.token_length)
                              if config.text_model else WordTokenizer((), vocab, config.token_length))
             self.tokenizer = tokenizer
             self.text_tower = HFTextBackbone(model, self.tokenizer.pad_id)
         else:
             raise ValueError(f"text_tower must be 'transformer' or 'hf', got {config.text_tower!r}")
-        self.image_proj = nn.Linear(self.image_tower.width, config.dim)  # type: ignore[arg-type]
-        self.text_proj = nn.Linear(self.text_tower.width, config.dim)  # type: ignore[arg-type]
+        self.image_proj = nn.Linear(self.image_tower.width, config.dim)  # type: ignore[arg-type]  # width: an int read off a Module
+        self.text_proj = nn.Linear(self.text_tower.width, config.dim)  # type: ignore[arg-type]  # width: an int read off a Module
         self.fusion = nn.Linear(2 * config.dim, config.dim)
         with torch.no_grad():
             eye = torch.eye(config.dim)

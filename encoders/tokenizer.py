@@ -111,12 +111,12 @@ class HFTokenizer:
         return cls(slow_or_fast.backend_tokenizer, max_length, slow_or_fast.pad_token_id)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        encodings = self.tokenizer.encode_batch(list(texts))  # type: ignore[attr-defined]
+        encodings = self.tokenizer.encode_batch(list(texts))  # type: ignore[attr-defined]  # a `tokenizers.Tokenizer` typed loosely
         return np.asarray([e.ids for e in encodings], dtype=np.int64).reshape(len(texts), self.max_length)
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / FILE_NAME
-        self.tokenizer.save(str(path))  # type: ignore[attr-defined]
+        self.tokenizer.save(str(path))  # type: ignore[attr-defined]  # a `tokenizers.Tokenizer` typed loosely
         marker = Path(directory) / "mmrank_tokenizer.json"
         marker.write_text(json.dumps({"kind": self.kind, "max_length": self.max_length, "pad_id": self.pad_id}))
         return path

@@ -237,7 +237,7 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
         optimizer.load_state_dict(state["optimizer"])
         if twin is not None and state["twin"] is not None:
             twin.load_state_dict(state["twin"])
-            queue.load_state_dict(state["queue"])  # type: ignore[union-attr]
+            queue.load_state_dict(state["queue"])  # type: ignore[union-attr]  # a twin comes with a queue
         start, history = int(state["step"]), list(state["history"])
     n_rows = len(data.bought) if config.objective == "scl" else len(data.pretrain_items)
     began = time.monotonic()
@@ -248,7 +248,7 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
             group["lr"] = learning_rate(step, config)
         rows = batch_rows(step, n_rows, config)
         if config.objective == "scl":
-            loss, parts = scl_step(encoder, twin, queue, data, rows, config)  # type: ignore[arg-type]
+            loss, parts = scl_step(encoder, twin, queue, data, rows, config)  # type: ignore[arg-type]  # scl: twin and queue are set
         else:
             loss, parts = clip_step(encoder, data, rows, config)
         optimizer.zero_grad(set_to_none=True)

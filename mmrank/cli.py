@@ -171,7 +171,7 @@ def describe(exc: BaseException) -> str:
     """One line saying what went wrong, from any exception (its message, its file, its kind)."""
     mark = getattr(exc, "problem_mark", None)  # a YAML syntax error: what, and where
     if mark is not None and getattr(exc, "problem", None):
-        text = f"{exc.problem} at line {mark.line + 1}, column {mark.column + 1}"  # type: ignore[attr-defined]
+        text = f"{exc.problem} at line {mark.line + 1}, column {mark.column + 1}"  # type: ignore[attr-defined]  # a YAML error (problem_mark)
     elif isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         target = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else str(exc.filename)
         text = f"{target}: {exc.strerror}"

@@ -80,7 +80,7 @@ def png_bytes(image: object) -> bytes:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")  # type: ignore[arg-type]
+    Image.fromarray(image).save(buffer, format="PNG")  # type: ignore[arg-type]  # `image`: an array typed object
     return buffer.getvalue()
 
 

@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 CACHE = Path(os.environ.get("MMRANK_CACHE", Path.home() / ".cache" / "mmrank"))
 BIN_DIR = Path(os.environ.get("MMRANK_BIN_DIR", CACHE / "bin"))
@@ -343,7 +344,7 @@ def _drop_empty_string_defaults(node: object) -> object:
     return node
 
 
-def kserve_crds_for_k8s_1_20(schema_dir: Path) -> list[dict[str, object]]:
+def kserve_crds_for_k8s_1_20(schema_dir: Path) -> list[dict[str, Any]]:
     """KServe's CRDs as Kubernetes 1.20 accepts them.
 
     KServe's controller-gen output carries `default: ""` on many string fields; the 1.20
@@ -357,7 +358,7 @@ def kserve_crds_for_k8s_1_20(schema_dir: Path) -> list[dict[str, object]]:
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
                 crds.append(_drop_empty_string_defaults(doc))
-    return crds  # type: ignore[return-value]
+    return crds  # type: ignore[return-value]  # each document is a mapping, so each result is a dict
 
 
 def shared_dir() -> Path:
@@ -369,7 +370,7 @@ def shared_dir() -> Path:
     raise ServerUnavailable(f"shared/schemas/kserve not found beside {here}")
 
 
-def install_crds(api_client: object, crds: list[dict[str, object]], timeout: float = 60.0,
+def install_crds(api_client: object, crds: list[dict[str, Any]], timeout: float = 60.0,
                  field_manager: str = "mmrank-harness") -> None:
     """Server-side apply CRDs and wait until each is Established."""
     from kubernetes import dynamic
@@ -377,11 +378,11 @@ def install_crds(api_client: object, crds: list[dict[str, object]], timeout: flo
     client = dynamic.DynamicClient(api_client)
     api = client.resources.get(api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition")
     for crd in crds:
-        api.server_side_apply(body=crd, name=crd["metadata"]["name"], field_manager=field_manager,  # type: ignore[index]
+        api.server_side_apply(body=crd, name=crd["metadata"]["name"], field_manager=field_manager,
                               force_conflicts=True)
     deadline = time.monotonic() + timeout
     for crd in crds:
-        name = crd["metadata"]["name"]  # type: ignore[index]
+        name = crd["metadata"]["name"]
         while True:
             conditions = (api.get(name=name).to_dict().get("status") or {}).get("conditions") or []
             if any(c["type"] == "Established" and c["status"] == "True" for c in conditions):

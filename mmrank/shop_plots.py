@@ -47,7 +47,7 @@ def _save_small_png(fig: object, out: Path) -> None:
     from PIL import Image
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")  # type: ignore[attr-defined]
+    fig.savefig(buffer, format="png")  # type: ignore[attr-defined]  # `fig`: a Figure typed object
     buffer.seek(0)
     Image.open(buffer).convert("RGB").quantize(256).save(out, optimize=True)
 

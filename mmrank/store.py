@@ -667,7 +667,7 @@ def redis_client(url: str, asyncio: bool = False, **kwargs: Any) -> Any:
     if asyncio:
         import redis.asyncio as module
     else:
-        import redis as module  # type: ignore[no-redef]
+        import redis as module  # type: ignore[no-redef]  # sync or asyncio client: one name
     kwargs.setdefault("socket_timeout", 10)
     kwargs.setdefault("socket_connect_timeout", 5)
     password = redis_password(url)

@@ -852,7 +852,7 @@ def serve(model: RankerModel, http_port: int, grpc_port: int = 8081, host: str =
     finally:
         sys.argv = argv
 
-    class RankingServer(ModelServer):  # type: ignore[misc]
+    class RankingServer(ModelServer):  # type: ignore[misc]  # KServe ships no type information: an Any base
         """KServe's ModelServer, one process: its REST app behind `Guard`, its gRPC servicer
         with the same slots, both on `host` (KServe binds 0.0.0.0 and [::])."""
 
