@@ -60,6 +60,10 @@ CMD ["mmrank", "--help"]
 # model load and fails ("Failed to give execute permission") on a file it does not own.
 FROM runtime AS triton
 USER root
+# The Python backend's stub links libpython3.11.so.1.0, which Debian's python3 does not ship.
+RUN if ! ldconfig -p | grep -q 'libpython3.11.so.1.0'; then \
+      apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libpython3.11 \
+      && rm -rf /var/lib/apt/lists/*; fi
 COPY tools/prepare_triton_backends.py images/triton/tritonserver /src/
 RUN python /src/prepare_triton_backends.py /opt/tritonserver/backends \
  && install -m 0755 /src/tritonserver /usr/local/bin/tritonserver && rm -rf /src/* \
