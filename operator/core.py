@@ -85,6 +85,7 @@ class Observed:
     spaces: Mapping[str, SpaceState] = dataclasses.field(default_factory=dict)
     store_error: str | None = None
     store_error_reason: str = "StoreUnreachable"     # or SecretNotAllowed
+    indexed_jobs: bool = True                          # Kubernetes >= 1.22: the backfill runs sharded
     encoders_ready: Mapping[str, bool] = dataclasses.field(default_factory=dict)
     jobs: Mapping[str, JobState] = dataclasses.field(default_factory=dict)
     ranker: ServedRanker | None = None
@@ -370,7 +371,8 @@ def desired(ranker: api.MultimodalRanker, observed: Observed) -> Desired:
     if (encoder in live and needs_backfill(observed.spaces.get(encoder), observed.jobs.get(encoder), min_coverage)
             and spec.embeddings.backfill.catalogue_uri is not None):
         children.append(build.build_backfill_job(ranker, encoder))
-        jobs.setdefault(encoder, JobState(completions=spec.embeddings.backfill.parallelism))  # being created
+        shards = spec.embeddings.backfill.parallelism if observed.indexed_jobs else 1   # see kube.lower
+        jobs.setdefault(encoder, JobState(completions=shards))  # being created
     rendered = serving_children(ranker, flow)
     children += rendered
     keep = [c for c in observed.children if _kept(c, encoder, live, bool(rendered))]

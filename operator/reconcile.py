@@ -67,7 +67,7 @@ def gather(kube: Kube, store: observe.CoverageObserver, ranker: api.MultimodalRa
         error = f"{type(exc).__name__}: {exc}"[:300]
         spaces = {v: core.SpaceState(coverage=None) for v in versions}
     observed = core.Observed(now=now(), status=status, spaces=spaces, store_error=error, store_error_reason=reason,
-                             **observe.from_children(objects))
+                             indexed_jobs=kube.server_version() >= (1, 22), **observe.from_children(objects))
     return observed, objects
 
 

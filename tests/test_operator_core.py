@@ -536,3 +536,11 @@ def test_a_cpu_encoder_runs_torch_with_as_many_threads_as_it_requests_cores(reso
     assert triton["env"] == [{"name": "OMP_NUM_THREADS", "value": str(threads)}]
     gpu = build.build_encoder_deployment(ranker())["spec"]["template"]["spec"]["containers"][0]
     assert "env" not in gpu
+
+
+def test_without_indexed_jobs_a_backfill_being_created_counts_one_shard() -> None:
+    """Kubernetes < 1.22 runs the backfill as one pod (kube.lower), so status must not promise
+    `parallelism` shards and then change its mind when the Job appears."""
+    obs = dataclasses_replace(observed({"e1": 0.3}), indexed_jobs=False)
+    space = core.desired(ranker(), obs).status["embeddings"]["spaces"][0]
+    assert space["backfill"]["totalShards"] == 1
