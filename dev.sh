@@ -130,8 +130,12 @@ case "${1:-}" in
     main=0; .venv/bin/python -m pytest || main=$?
     log "running the tests (kserve group: the predictor)"
     kserve=0; .venv/bin/python -m pytest --group kserve || kserve=$?
-    log "main group exit $main, kserve group exit $kserve"
-    [ "$main" -eq 0 ] && [ "$kserve" -eq 0 ]
+    # The whole system on the local node (e2e/test_local_node.py): it needs the node to itself, so
+    # it runs after the groups above, whose node tests take their node down at the end.
+    log "running the whole system on the local node (e2e/test_local_node.py)"
+    system=0; .venv/bin/python -m pytest e2e/test_local_node.py || system=$?
+    log "main group exit $main, kserve group exit $kserve, local-node scenario exit $system"
+    [ "$main" -eq 0 ] && [ "$kserve" -eq 0 ] && [ "$system" -eq 0 ]
     ;;
   demo)
     shift

@@ -103,6 +103,10 @@ class Node:
         return bool(body) and int(status.get("readyReplicas") or 0) >= want and \
             int(status.get("updatedReplicas") or 0) >= want and int(status.get("replicas") or 0) == want
 
+    def ready_replicas(self, name: str) -> int:
+        body = self.get("-n", NAMESPACE, "deployment", name, check=False)
+        return int((body.get("status") or {}).get("readyReplicas") or 0)
+
     def job_complete(self, name: str) -> bool:
         conditions = (self.get("-n", NAMESPACE, "job", name, check=False).get("status") or {}).get("conditions") or []
         return any(c["type"] == "Complete" and c["status"] == "True" for c in conditions)

@@ -97,8 +97,15 @@ def prometheus_config(scrape_interval: str = SCRAPE_INTERVAL) -> dict[str, Any]:
     }
 
 
-def manifests(namespace: str) -> list[dict[str, Any]]:
-    """Redis and Prometheus (Deployment + Service each) and Prometheus' RBAC to list pods."""
+REDIS_DATA = "/var/lib/mmrank-e2e/redis"
+
+
+def manifests(namespace: str, redis_data: str = REDIS_DATA) -> list[dict[str, Any]]:
+    """Redis and Prometheus (Deployment + Service each) and Prometheus' RBAC to list pods.
+
+    Redis keeps an append-only file in `redis_data` on the node (a hostPath the caller creates,
+    writable by the image's user), so stopping it (scaled to 0) and starting it again loses no
+    vector, as with a Redis on a persistent volume."""
     def deployment(name: str, image: ServiceImage, port: int, extra: dict[str, Any]) -> dict[str, Any]:
         container = {"name": name, "image": image.name, "imagePullPolicy": "Never", "args": list(image.command),
                      "ports": [{"containerPort": port}],
@@ -113,7 +120,12 @@ def manifests(namespace: str) -> list[dict[str, Any]]:
         return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace},
                 "spec": {"selector": {"app": name}, "ports": [{"port": port, "targetPort": port}]}}
 
-    redis = deployment("redis", REDIS, 6379, {"probe": {"exec": {"command": ["redis-cli", "ping"]}, "periodSeconds": 1}})
+    redis = deployment("redis", REDIS, 6379, {
+        "probe": {"exec": {"command": ["redis-cli", "ping"]}, "periodSeconds": 1},
+        "container": {"args": ["redis-server", "--protected-mode", "no", "--save", "", "--appendonly", "yes",
+                               "--appendfsync", "everysec", "--dir", "/data"],
+                      "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+        "volumes": [{"name": "data", "hostPath": {"path": redis_data, "type": "Directory"}}]})
     discovery = {"name": "pod-discovery", "image": images.TARGETS["operator"].name, "imagePullPolicy": "Never",
                  "command": ["python", "/etc/prometheus/pod_sd.py", namespace, SD_FILE],
                  "volumeMounts": [{"name": "config", "mountPath": "/etc/prometheus"},

@@ -18,6 +18,8 @@ The timeline is printed as it happens and saved to docs/img/e2e-local-node.png (
 from __future__ import annotations
 
 import json
+import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,10 +51,15 @@ def node() -> Iterator[Node]:
     except (cluster.ClusterError, images.ImageBuildError, servers.ServerUnavailable) as exc:
         left = cluster.down(paths=paths)
         pytest.fail(f"the local node cannot start: {exc}" + (f"\nleft behind: {left}" if left else ""), pytrace=False)
+    redis_data = Path(services.REDIS_DATA)
+    shutil.rmtree(redis_data, ignore_errors=True)
+    redis_data.mkdir(parents=True)
+    redis_data.chmod(0o777)   # the Redis image's own user writes its append-only file here
     try:
         yield Node(paths)
     finally:
         cluster.down(paths=paths)
+        shutil.rmtree(redis_data, ignore_errors=True)
 
 
 def space_backfilled(node: Node, space: str) -> bool:
@@ -63,6 +70,54 @@ def space_backfilled(node: Node, space: str) -> bool:
     spaces = {s["version"]: s for s in (node.status().get("embeddings") or {}).get("spaces") or []}
     return not node.exists("-n", NAMESPACE, "job", f"shop-backfill-{space}") and \
         (spaces.get(space) or {}).get("coverage", 0) >= 0.99
+
+
+def post_item(embedder: str, item_id: int, title: str, image: np.ndarray) -> None:
+    response = httpx.post(f"http://{embedder}:8080/items", json={
+        "item_id": item_id, "title": title, "image": png(np.asarray(image)), "event_time": time.time()}, timeout=10)
+    assert response.status_code in (200, 202), response.text
+
+
+def encoder_pod_deleted_mid_stream(node: Node, store, embedder: str, catalogue: np.ndarray,  # type: ignore[no-untyped-def]
+                                   timeline: Timeline, items: range) -> None:
+    """Items keep arriving while the only encoder pod is deleted: the embedder retries until the
+    Deployment's new pod serves, and every item ends up in the space (none dropped or
+    dead-lettered)."""
+    pods = node.kubectl("get", "-n", NAMESPACE, "pods", "-l", "app.kubernetes.io/component=encoder,mmrank.io/encoder-version=e1",
+                         "-o", "name").split()
+    assert pods, "no encoder pod to delete"
+    deleted = threading.Event()
+
+    def delete_soon() -> None:
+        time.sleep(1.0)
+        node.kubectl("delete", "-n", NAMESPACE, *pods, "--wait=false")
+        deleted.set()
+
+    threading.Thread(target=delete_soon, daemon=True).start()
+    for item in items:
+        post_item(embedder, item, f"striped tote {item}", catalogue[item % len(catalogue)])
+        time.sleep(0.1)
+    assert deleted.wait(30)
+    timeline.mark(f"encoder pod deleted while items {items.start}-{items.stop - 1} arrived")
+    node.wait(f"all {len(items)} items in space e1", lambda: bool(store.get("e1", list(items))[1].all()), 240, poll=0.5)
+    timeline.mark(f"all {len(items)} items in e1 (none lost)")
+    node.wait("encoder e1 Ready again", lambda: node.deployment_ready("shop-encoder-e1"), 240)
+
+
+def redis_stopped_and_started(node: Node, url: str, items: list[int], timeline: Timeline) -> None:
+    """Redis goes away: the predictors report not ready (their readiness re-checks the store), and
+    serve again, from the same vectors, once it is back."""
+    node.kubectl("scale", "-n", NAMESPACE, "deployment/redis", "--replicas=0")
+    timeline.mark("Redis stopped (scaled to 0)")
+    node.wait("predictors r1 not ready", lambda: node.ready_replicas("shop-ranker-r1") == 0, 120)
+    timeline.mark("predictor pods r1 not ready")
+    node.kubectl("scale", "-n", NAMESPACE, "deployment/redis", "--replicas=1")
+    node.wait("Redis Ready again", lambda: node.deployment_ready("redis"), 120)
+    timeline.mark("Redis started again (same append-only file)")
+    node.wait("predictors r1 Ready again", lambda: node.deployment_ready("shop-ranker-r1"), 120)
+    answer = node.wait("a ranking after Redis came back", lambda: rank(url, MODEL, 1, items[:20]), 60)
+    assert answer["embedding_misses"]["candidates"] == 0, answer   # the vectors survived the restart
+    timeline.mark("predictor pods r1 Ready, rankings answered again")
 
 
 def dev_ranker() -> dict:
@@ -143,6 +198,10 @@ def test_helm_install_apply_rank_fresh_item_upgrade_canary_rollback_delete(node:
         freshness = node.status()["embeddings"]["freshnessP99Seconds"]
         timeline.mark(f"status.embeddings.freshnessP99Seconds = {freshness:.2f}")
 
+        # --- faults: the encoder pod deleted mid-stream, Redis stopped ------------------------------
+        encoder_pod_deleted_mid_stream(node, store, embedder, catalogue, timeline, range(700, 740))
+        redis_stopped_and_started(node, url, items, timeline)
+
         # --- encoder upgrade e2 + ranker r2, judged as a canary, promoted --------------------------
         upgrade = dev_ranker()
         upgrade["spec"]["encoder"].update(version="e2", modelUri="pvc://mmrank-artifacts/encoders/e2")
@@ -165,13 +224,25 @@ def test_helm_install_apply_rank_fresh_item_upgrade_canary_rollback_delete(node:
         node.wait("canary r2 Progressing",
                   lambda: (node.status().get("canary") or {}).get("rankerVersion") == "r2", 300, poll=1)
         timeline.mark("canary r2 Progressing (50 %)")
+        # The operator's pod goes away mid-canary: a new one resumes from status, not from scratch.
+        operators = node.kubectl("get", "-n", NAMESPACE, "pods", "-l", "app.kubernetes.io/name=mmrank-operator",
+                                 "-o", "name").split()
+        node.kubectl("delete", "-n", NAMESPACE, *operators, "--wait=false")
+        timeline.mark(f"operator pod deleted mid-canary ({len(operators)} pod(s))")
+        node.wait("a new operator pod Ready", lambda: node.deployment_ready("mmrank-mmrank-operator")
+                  and not set(operators) & set(node.kubectl("get", "-n", NAMESPACE, "pods", "-l",
+                                                            "app.kubernetes.io/name=mmrank-operator", "-o",
+                                                            "name").split()), 180)
+        timeline.mark("operator Ready again")
         node.wait("canary r2 answers", lambda: traffic.served_since(backfilled).get("r2", 0) > 0, 300)
         timeline.mark("canary r2 answers through the Service")
         node.wait("r2 promoted", lambda: (node.status().get("stable") or {}).get("rankerVersion") == "r2"
                   and not node.status().get("canary"), 400, poll=1)
         promoted = timeline.mark("r2 promoted (stable r2 on e2)")
-        history = [h.get("action") or h.get("decision") or h.get("reason") for h in node.status().get("history", [])]
+        history = [(h["rankerVersion"], h["reason"]) for h in node.status().get("history", [])]
         print("history:", history, flush=True)
+        assert history.count(("r2", "CanaryStarted")) == 1, history   # resumed, not restarted
+        assert ("r2", "Promoted") in history, history
         node.wait("encoder e1 retired", lambda: not node.exists("-n", NAMESPACE, "deployment", "shop-encoder-e1")
                   and not node.exists("-n", NAMESPACE, "deployment", "shop-ranker-r1"), 120)
         timeline.mark("encoder e1 and ranker r1 retired")

@@ -642,9 +642,9 @@ def _processes_of(paths: Paths) -> list[int]:
         pid = int(entry.name)
         with contextlib.suppress(OSError):
             root = os.readlink(entry / "root")
-            if root.startswith(str(paths.run)) or root.startswith(str(paths.containerd_root)) or _ours(pid, paths):
-                if _alive(pid):
-                    found.append(pid)
+            ours = root.startswith((str(paths.run), str(paths.containerd_root))) or _ours(pid, paths)
+            if ours and _alive(pid):
+                found.append(pid)
     return found
 
 
