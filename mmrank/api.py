@@ -217,7 +217,8 @@ class EncoderSpec(_Spec):
                                           "the encoder pods (e.g. for tainted GPU nodes).",
                                           json_schema_extra={"default": []})
     resources: ResourceRequirements | None = Field(None, description="CPU and memory of the Triton "
-                                                   "container; GPUs come from `gpus`.",
+                                                   "container; GPUs come from `gpus`. Unset: requests cpu 1, "
+                                                   "memory 2Gi.",
                                                    examples=[{"requests": {"cpu": "2", "memory": "8Gi"},
                                                              "limits": {"memory": "8Gi"}}])
 
@@ -299,6 +300,13 @@ class StoreSpec(_Spec):
         return self
 
 
+# Defaults of the embedder's and a backfill pod's resources (docs/operator.md, "Pod security").
+EMBEDDER_REQUESTS: dict[str, Any] = {"cpu": "250m", "memory": "256Mi"}
+EMBEDDER_LIMITS: dict[str, Any] = {"memory": "1Gi"}
+BACKFILL_REQUESTS: dict[str, Any] = {"cpu": "250m", "memory": "512Mi"}
+BACKFILL_LIMITS: dict[str, Any] = {"memory": "2Gi"}
+
+
 class BackfillSpec(_Spec):
     """The Indexed Job that embeds the whole catalogue into a new space."""
 
@@ -313,6 +321,13 @@ class BackfillSpec(_Spec):
         "fetches it into /mnt/catalogue before it starts. Without it a new space cannot be backfilled: "
         "status says so and the ranker stays on its current space.",
         examples=["s3://catalogue/snapshots/2026-11-29"])
+    resources: ResourceRequirements = Field(
+        default_factory=lambda: ResourceRequirements(requests=dict(BACKFILL_REQUESTS), limits=dict(BACKFILL_LIMITS)),
+        description="CPU and memory of each backfill pod's container (default: requests cpu 250m, memory "
+        "512Mi; limit memory 2Gi). Its memory grows with the catalogue's titles (images are memory-mapped): "
+        "raise the limit for catalogues of several million items.",
+        examples=[{"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}],
+        json_schema_extra={"default": {"requests": BACKFILL_REQUESTS, "limits": BACKFILL_LIMITS}})
 
 
 class ItemEventsSpec(_Spec):
@@ -330,6 +345,12 @@ class EmbedderSpec(_Spec):
     image: str = Field(DEFAULT_MMRANK_IMAGE, max_length=512, pattern=IMAGE, description="Embedder image.",
                        examples=[DEFAULT_MMRANK_IMAGE])
     replicas: int = Field(1, ge=1, le=100, description="Embedder pods (consumers in the group).", examples=[1])
+    resources: ResourceRequirements = Field(
+        default_factory=lambda: ResourceRequirements(requests=dict(EMBEDDER_REQUESTS), limits=dict(EMBEDDER_LIMITS)),
+        description="CPU and memory of the embedder container (default: requests cpu 250m, memory 256Mi; "
+        "limit memory 1Gi). It forwards items to Triton and writes vectors: no model runs in it.",
+        examples=[{"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}}],
+        json_schema_extra={"default": {"requests": EMBEDDER_REQUESTS, "limits": EMBEDDER_LIMITS}})
 
 
 class EmbeddingsSpec(_Spec):

@@ -7,6 +7,7 @@ place that also bounds their length.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -120,7 +121,7 @@ def fetch_init_container(ranker: api.MultimodalRanker, name: str, uri: str, volu
         mounts.append({"name": pvc["name"], "mountPath": f"{PVC_MOUNTS}/{claim}", "readOnly": True})
         volumes.append(pvc)
     container: dict[str, Any] = {"name": name, "image": storage.image, "args": ["mmrank", "fetch", source, dest],
-                                 "volumeMounts": mounts}
+                                 "volumeMounts": mounts, "resources": copy.deepcopy(FETCH_RESOURCES)}
     if storage.secret_name:
         container["envFrom"] = [{"secretRef": {"name": storage.secret_name}}]
     return container, volumes
@@ -129,6 +130,73 @@ def fetch_init_container(ranker: api.MultimodalRanker, name: str, uri: str, volu
 def _with_service_account(ranker: api.MultimodalRanker, pod_spec: dict[str, Any]) -> dict[str, Any]:
     account = ranker.spec.storage.service_account_name
     return {**pod_spec, "serviceAccountName": account} if account else pod_spec
+
+
+# --- pod security (the restricted Pod Security Standard; docs/operator.md, "Pod security") --------
+
+RUNTIME_UID = 10001          # the mmrank images: `useradd --uid 10001`, `USER 10001` (Dockerfile)
+NVIDIA_TRITON_UID = 1000     # nvcr.io/nvidia/tritonserver: user triton-server owns /opt/tritonserver
+NVIDIA_TRITON = "nvcr.io/nvidia/tritonserver"
+TMP_DIR = "/tmp"
+SHM_DIR = "/dev/shm"
+TMP_VOLUME = {"name": "tmp", "emptyDir": {}}
+# Triton's Python backend passes tensors to its stub processes through /dev/shm; the runtime's own
+# is 64 MiB, too small for a batch of images. Memory-backed: it counts against the pod's memory.
+SHM_VOLUME = {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}
+FETCH_RESOURCES = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
+INSTALL_CONFIG_RESOURCES = {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}}
+TRITON_REQUESTS = {"cpu": "1", "memory": "2Gi"}    # without spec.encoder.resources (documented there)
+
+
+def image_uid(image: str) -> int:
+    """The non-root uid a pod runs `image` as: the uid its files belong to. NVIDIA's Triton image
+    sets no USER (it would run as root) but ships triton-server (1000) as the owner of its backends,
+    which the Python backend writes to; every other image is taken to be one of ours (10001)."""
+    repository = image.split("@", 1)[0]
+    if ":" in repository.rsplit("/", 1)[-1]:
+        repository = repository.rsplit(":", 1)[0]
+    return NVIDIA_TRITON_UID if repository == NVIDIA_TRITON else RUNTIME_UID
+
+
+def container_security() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+
+
+def _restricted_container(container: dict[str, Any]) -> dict[str, Any]:
+    """Read-only root, no privilege escalation, no capabilities; /tmp the one place it writes
+    besides its volumes, and HOME there (KServe's storage code, Hugging Face and torch keep
+    caches under ~)."""
+    return {**container, "env": [*container.get("env", []), {"name": "HOME", "value": TMP_DIR}],
+            "volumeMounts": [*container.get("volumeMounts", []), {"name": TMP_VOLUME["name"], "mountPath": TMP_DIR}],
+            "securityContext": container_security()}
+
+
+def restricted(pod_spec: dict[str, Any], uid: int) -> dict[str, Any]:
+    """A pod spec (or a KServe predictor, which inlines one) that passes the restricted Pod
+    Security Standard: non-root `uid` for every container (one uid per pod, so what the init
+    containers write the main one may change), seccomp RuntimeDefault, an emptyDir on /tmp. No
+    service-account token unless the pod runs under `spec.storage.serviceAccountName`: then that
+    ServiceAccount's own automountServiceAccountToken decides (cloud identities such as IRSA or
+    Workload Identity inject their own token volume; no pod of ours calls the Kubernetes API)."""
+    out = {**pod_spec,
+           "securityContext": {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid,
+                               "seccompProfile": {"type": "RuntimeDefault"}},
+           "volumes": [*pod_spec.get("volumes", []), copy.deepcopy(TMP_VOLUME)]}
+    for field in ("initContainers", "containers"):
+        if field in pod_spec:
+            out[field] = [_restricted_container(c) for c in pod_spec[field]]
+    if "serviceAccountName" not in pod_spec:
+        out["automountServiceAccountToken"] = False
+    return out
+
+
+def build_disruption_budget(ranker: api.MultimodalRanker, name: str, child_labels: dict[str, str],
+                            selector: dict[str, str]) -> dict[str, Any]:
+    """At most one of the selected pods down at a time for a voluntary disruption (a node drain):
+    built only for more than one replica, where one pod down still leaves one serving."""
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": _metadata(ranker, name, child_labels),
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}}}
 
 
 # --- encoder (Triton) ------------------------------------------------------------------------
@@ -153,7 +221,7 @@ def build_encoder_configmap(ranker: api.MultimodalRanker) -> dict[str, Any]:
 
 def _encoder_resources(ranker: api.MultimodalRanker) -> dict[str, Any]:
     encoder = ranker.spec.encoder
-    resources = plain(encoder.resources) or {}
+    resources = plain(encoder.resources) or {"requests": dict(TRITON_REQUESTS)}
     resources = {k: dict(v) for k, v in resources.items() if v}
     if encoder.gpus > 0:
         for part in ("limits", "requests"):
@@ -186,9 +254,12 @@ def build_encoder_deployment(ranker: api.MultimodalRanker) -> dict[str, Any]:
                   {"name": "metrics", "containerPort": TRITON_METRICS, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": TRITON_HTTP},
                            "periodSeconds": 5, "failureThreshold": 3},
-        "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": TRITON_HTTP},
-                          "initialDelaySeconds": 30, "periodSeconds": 10},
-        "volumeMounts": [{"name": "models", "mountPath": MODEL_DIR}],
+        # Triton answers only once every model has loaded; liveness waits for the startup probe,
+        # which allows 10 minutes (300 x 2 s) for a large model from a slow store.
+        "startupProbe": {"httpGet": {"path": "/v2/health/live", "port": TRITON_HTTP},
+                         "periodSeconds": 2, "failureThreshold": 300},
+        "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": TRITON_HTTP}, "periodSeconds": 10},
+        "volumeMounts": [{"name": "models", "mountPath": MODEL_DIR}, {"name": SHM_VOLUME["name"], "mountPath": SHM_DIR}],
     }
     resources = _encoder_resources(ranker)
     if resources:
@@ -204,13 +275,14 @@ def build_encoder_deployment(ranker: api.MultimodalRanker) -> dict[str, Any]:
             {"name": "install-config", "image": encoder.image,
              "command": ["sh", "-c", f"mkdir -p {model_path} && cp /config/config.pbtxt {model_path}/config.pbtxt"],
              "volumeMounts": [{"name": "models", "mountPath": MODEL_DIR},
-                              {"name": "config", "mountPath": "/config", "readOnly": True}]},
+                              {"name": "config", "mountPath": "/config", "readOnly": True}],
+             "resources": copy.deepcopy(INSTALL_CONFIG_RESOURCES)},
         ],
         "containers": [triton],
-        "volumes": [{"name": "models", "emptyDir": {}},
+        "volumes": [{"name": "models", "emptyDir": {}}, copy.deepcopy(SHM_VOLUME),
                     {"name": "config", "configMap": {"name": name}}, *fetch_volumes],
     }
-    pod_spec = _with_service_account(ranker, pod_spec)
+    pod_spec = restricted(_with_service_account(ranker, pod_spec), image_uid(encoder.image))
     if encoder.node_selector:
         pod_spec["nodeSelector"] = dict(encoder.node_selector)
     if encoder.tolerations:
@@ -242,6 +314,17 @@ def build_encoder_service(ranker: api.MultimodalRanker) -> dict[str, Any]:
                 {"name": "metrics", "port": TRITON_METRICS, "targetPort": TRITON_METRICS, "protocol": "TCP"}]}}
 
 
+def build_encoder_children(ranker: api.MultimodalRanker) -> list[dict[str, Any]]:
+    """The spec's encoder version: its ConfigMap, Service and Deployment, and with more than one
+    replica a PodDisruptionBudget."""
+    encoder = ranker.spec.encoder
+    out = [build_encoder_configmap(ranker), build_encoder_service(ranker), build_encoder_deployment(ranker)]
+    if encoder.replicas > 1:
+        selector = labels(ranker, "encoder", **{ENCODER_VERSION: encoder.version})
+        out.append(build_disruption_budget(ranker, names(ranker, encoder.version)["encoder"], selector, selector))
+    return out
+
+
 # --- embedder and backfill ---------------------------------------------------------------------
 
 def encoder_address(ranker: api.MultimodalRanker, version: str) -> str:
@@ -270,14 +353,15 @@ def build_embedder_deployment(ranker: api.MultimodalRanker, live_encoders: Seque
     container = {"name": "embedder", "image": embedder.image, "args": ["mmrank", "embedder", "run"], "env": env,
                  "ports": [{"name": "http", "containerPort": EMBEDDER_HTTP, "protocol": "TCP"}],
                  "readinessProbe": {"httpGet": {"path": "/readyz", "port": EMBEDDER_HTTP}, "periodSeconds": 5},
-                 "livenessProbe": {"httpGet": {"path": "/healthz", "port": EMBEDDER_HTTP}, "periodSeconds": 10}}
+                 "livenessProbe": {"httpGet": {"path": "/healthz", "port": EMBEDDER_HTTP}, "periodSeconds": 10},
+                 "resources": plain(embedder.resources)}
     return {"apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": _metadata(ranker, name, selector),
             "spec": {"replicas": embedder.replicas, "selector": {"matchLabels": selector},
                      "template": {"metadata": {"labels": selector, "annotations": {
                          "prometheus.io/scrape": "true", "prometheus.io/port": str(EMBEDDER_HTTP),
                          "prometheus.io/path": "/metrics"}},
-                                  "spec": {"containers": [container]}}}}
+                                  "spec": restricted({"containers": [container]}, image_uid(embedder.image))}}}
 
 
 def build_backfill_job(ranker: api.MultimodalRanker, encoder_version: str) -> dict[str, Any]:
@@ -296,12 +380,14 @@ def build_backfill_job(ranker: api.MultimodalRanker, encoder_version: str) -> di
                  "--no-progress"],
         "env": store_env(ranker),
         "volumeMounts": [{"name": "catalogue", "mountPath": CATALOGUE_DIR, "readOnly": True}],
+        "resources": plain(backfill.resources),
     }
     fetch, fetch_volumes = fetch_init_container(ranker, "fetch-catalogue", backfill.catalogue_uri or "",
                                                 "catalogue", CATALOGUE_DIR)
     pod_spec = _with_service_account(ranker, {
         "restartPolicy": "OnFailure", "initContainers": [fetch], "containers": [container],
         "volumes": [{"name": "catalogue", "emptyDir": {}}, *fetch_volumes]})
+    pod_spec = restricted(pod_spec, image_uid(spec.embeddings.embedder.image))
     return {"apiVersion": "batch/v1", "kind": "Job",
             "metadata": _metadata(ranker, child["backfill"], selector),
             "spec": {"completionMode": "Indexed", "completions": n, "parallelism": n, "backoffLimit": 6 * n,
@@ -353,10 +439,11 @@ def ranker_container(ranker: api.MultimodalRanker, served: api.RankerModelSpec, 
 
 def _predictor(ranker: api.MultimodalRanker, served: api.RankerModelSpec) -> dict[str, Any]:
     """KServe fetches `storageUris` itself, with the credentials of the predictor's ServiceAccount."""
-    return _with_service_account(ranker, {
+    return restricted(_with_service_account(ranker, {
         "minReplicas": served.replicas, "containers": [ranker_container(ranker, served, "kserve-container")],
         "storageUris": [{"uri": served.model_uri, "mountPath": RANKER_MODEL_DIR}],
-        "labels": {RANKER_VERSION: served.version, ENCODER_VERSION: served.encoder_version}})
+        "labels": {RANKER_VERSION: served.version, ENCODER_VERSION: served.encoder_version}}),
+        image_uid(served.image))
 
 
 def build_inference_service(ranker: api.MultimodalRanker, stable: api.RankerModelSpec,
@@ -403,6 +490,7 @@ def build_ranker_deployment(ranker: api.MultimodalRanker, served: api.RankerMode
                         "volumeMounts": [{"name": "model", "mountPath": RANKER_MODEL_DIR, "readOnly": True}]}],
         "volumes": [{"name": "model", "emptyDir": {}}, *fetch_volumes],
     })
+    pod_spec = restricted(pod_spec, image_uid(served.image))
     return {"apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": _metadata(ranker, name, {**pod_labels, ROLE: role}),
             "spec": {"replicas": replicas, "selector": {"matchLabels": selector},
@@ -425,11 +513,13 @@ def build_ranker_children(ranker: api.MultimodalRanker, stable: api.RankerModelS
                           canary: api.RankerModelSpec | None = None, traffic: int = 0) -> list[dict[str, Any]]:
     """The serving children for a split of `traffic` percent to `canary` (0: all on stable,
     100: all on the canary) on the backend the spec names."""
+    served = [stable] if canary is None or traffic <= 0 else [canary] if traffic >= 100 else [stable, canary]
+    budget = ([build_ranker_disruption_budget(ranker)] if any(s.replicas > 1 for s in served) else [])
     if ranker.spec.ranker.serving != "Kubernetes":
-        return [build_inference_service(ranker, stable, canary, traffic)]
+        return [build_inference_service(ranker, stable, canary, traffic), *budget]
     from mmrank.operator.rollout import replica_split
 
-    out = [build_ranker_service(ranker)]
+    out = [build_ranker_service(ranker), *budget]
     if canary is None or traffic <= 0 or canary.version == stable.version:
         return [*out, build_ranker_deployment(ranker, stable, stable.replicas, "stable")]
     if traffic >= 100:
@@ -437,3 +527,17 @@ def build_ranker_children(ranker: api.MultimodalRanker, stable: api.RankerModelS
     canary_pods, stable_pods = replica_split(traffic, canary.replicas)
     return [*out, build_ranker_deployment(ranker, stable, stable_pods, "stable"),
             build_ranker_deployment(ranker, canary, canary_pods, "canary")]
+
+
+# KServe's labels on every predictor pod of an InferenceService, stable and canary alike.
+KSERVE_ISVC_LABEL, KSERVE_COMPONENT_LABEL = "serving.kserve.io/inferenceservice", "component"
+
+
+def build_ranker_disruption_budget(ranker: api.MultimodalRanker) -> dict[str, Any]:
+    """One budget over every predictor pod, stable and canary: a drain takes one at a time."""
+    name = ranker_model_name(ranker)
+    if ranker.spec.ranker.serving == "Kubernetes":
+        selector = labels(ranker, "ranker")
+    else:
+        selector = {KSERVE_ISVC_LABEL: name, KSERVE_COMPONENT_LABEL: "predictor"}
+    return build_disruption_budget(ranker, name, labels(ranker, "ranker"), selector)

@@ -364,8 +364,7 @@ def desired(ranker: api.MultimodalRanker, observed: Observed) -> Desired:
 
     children: list[dict[str, Any]] = []
     if encoder in live:
-        children += [build.build_encoder_configmap(ranker), build.build_encoder_service(ranker),
-                     build.build_encoder_deployment(ranker)]
+        children += build.build_encoder_children(ranker)
     children.append(build.build_embedder_deployment(ranker, live))
     jobs = dict(observed.jobs)
     if (encoder in live and needs_backfill(observed.spaces.get(encoder), observed.jobs.get(encoder), min_coverage)

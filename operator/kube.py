@@ -22,8 +22,11 @@ from mmrank.operator import children as build
 FIELD_MANAGER = "mmrank-operator"
 CHILD_KINDS: tuple[tuple[str, str], ...] = (
     ("v1", "ConfigMap"), ("v1", "Service"), ("apps/v1", "Deployment"), ("batch/v1", "Job"),
-    ("serving.kserve.io/v1beta1", "InferenceService"),
+    ("serving.kserve.io/v1beta1", "InferenceService"), ("policy/v1", "PodDisruptionBudget"),
 )
+# Where a cluster does not serve a child kind's version yet, the version it does serve
+# (PodDisruptionBudget is policy/v1 from Kubernetes 1.21; `lower` writes the older one).
+OLDER_VERSIONS = {("policy/v1", "PodDisruptionBudget"): "policy/v1beta1"}
 TRANSIENT_STATUS = {0, 409, 429, 500, 502, 503, 504}
 
 
@@ -87,6 +90,8 @@ def lower(child: dict[str, Any], server: tuple[int, int]) -> tuple[dict[str, Any
         return {**child, "spec": spec}, (f"Kubernetes {server[0]}.{server[1]} has no Indexed Jobs: the backfill "
                                          f"runs as one pod (shard 0/1) instead of {shards} shards; sharding needs "
                                          "Kubernetes >= 1.22")
+    if (child["apiVersion"], child["kind"]) in OLDER_VERSIONS and server < (1, 21):
+        return {**child, "apiVersion": OLDER_VERSIONS[(child["apiVersion"], child["kind"])]}, None
     return child, None
 
 
@@ -133,7 +138,10 @@ class Kube:
             try:
                 resource = self.resource(api_version, kind)
             except ResourceNotFoundError:
-                continue      # a cluster without KServe has no InferenceServices, and so none of ours
+                if (api_version, kind) not in OLDER_VERSIONS:
+                    continue      # a cluster without KServe has no InferenceServices, and so none of ours
+                api_version = OLDER_VERSIONS[(api_version, kind)]
+                resource = self.resource(api_version, kind)
             items = resource.get(namespace=namespace, label_selector=selector).to_dict()
             for item in items.get("items") or []:
                 owners = item["metadata"].get("ownerReferences") or []
