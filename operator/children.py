@@ -401,6 +401,10 @@ RANKER_GRPC = 8081          # KServe's gRPC port (`mmrank predictor serve --grpc
 RANKER_MODEL_DIR = "/mnt/models"
 CANARY_LABEL = "mmrank.io/canary-version"
 ROLE = "mmrank.io/role"
+# KServe puts prometheus.io/{scrape,port,path} on the predictor pods from these (its runtimes set
+# the port; ours is a custom container, so the InferenceService names it).
+KSERVE_SCRAPING = {"serving.kserve.io/enable-prometheus-scraping": "true",
+                   "prometheus.kserve.io/port": str(RANKER_HTTP), "prometheus.kserve.io/path": "/metrics"}
 
 
 def ranker_identity(served: api.RankerModelSpec) -> str:
@@ -442,7 +446,8 @@ def _predictor(ranker: api.MultimodalRanker, served: api.RankerModelSpec) -> dic
     return restricted(_with_service_account(ranker, {
         "minReplicas": served.replicas, "containers": [ranker_container(ranker, served, "kserve-container")],
         "storageUris": [{"uri": served.model_uri, "mountPath": RANKER_MODEL_DIR}],
-        "labels": {RANKER_VERSION: served.version, ENCODER_VERSION: served.encoder_version}}),
+        "labels": {RANKER_LABEL: ranker.metadata.name, RANKER_VERSION: served.version,
+                   ENCODER_VERSION: served.encoder_version}}),
         image_uid(served.image))
 
 
@@ -466,7 +471,8 @@ def build_inference_service(ranker: api.MultimodalRanker, stable: api.RankerMode
         else:
             spec["canary"] = [{"trafficPercent": traffic, "predictor": _predictor(ranker, canary)}]
     return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
-            "metadata": _metadata(ranker, name, child_labels, {"serving.kserve.io/deploymentMode": mode}),
+            "metadata": _metadata(ranker, name, child_labels, {"serving.kserve.io/deploymentMode": mode,
+                                                               **KSERVE_SCRAPING}),
             "spec": spec}
 
 

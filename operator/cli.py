@@ -10,7 +10,7 @@ import pathlib
 import sys
 from typing import Any
 
-from mmrank.cli import CommandError, describe, file_problem, positive_duration
+from mmrank.cli import CommandError, describe, file_problem, port, positive_duration
 
 
 def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -27,6 +27,9 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
                      help="seconds, or a duration (30s, 1m30s), between level-triggered reconciles of each "
                      "ranker (default 30; env MMRANK_OPERATOR_INTERVAL)")
     run.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    run.add_argument("--metrics-port", type=port, default=os.environ.get("MMRANK_METRICS_PORT", "0"),
+                     help="serve Prometheus metrics on this port at /metrics (the chart uses 9090; default 0: "
+                     "off; env MMRANK_METRICS_PORT)")
     run.add_argument("--verbose", action="store_true")
     run.set_defaults(handler=_run)
 
@@ -69,6 +72,13 @@ def _run(args: argparse.Namespace) -> int:
     kopf.configure(verbose=args.verbose, log_prefix=True)     # each line names its object
     import mmrank.operator.handlers  # noqa: F401 - registers the handlers
 
+    if args.metrics_port:
+        from mmrank.operator import metrics
+
+        try:
+            metrics.serve(args.metrics_port)
+        except OSError as exc:
+            raise CommandError(f"cannot serve metrics on port {args.metrics_port}: {describe(exc)}") from exc
     kopf.run(standalone=args.standalone, namespaces=args.namespace, clusterwide=not args.namespace,
              liveness_endpoint=args.liveness)
     return 0

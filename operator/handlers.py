@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 import kopf
 
 from mmrank import api
-from mmrank.operator import observe, reconcile
+from mmrank.operator import metrics, observe, reconcile
 
 INTERVAL = float(os.environ.get("MMRANK_OPERATOR_INTERVAL", "30"))
 BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
@@ -62,7 +63,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     if Context.analyser is None:
         from mmrank.operator.analysis import PrometheusAnalyser
 
-        Context.analyser = PrometheusAnalyser()
+        Context.analyser = metrics.CountingAnalyser(PrometheusAnalyser())
     if Context.freshness is None:
         Context.freshness = observe.FreshnessObserver(Context.analyser)
 
@@ -80,6 +81,7 @@ def run_reconcile(body: kopf.Body, retry: int, logger: logging.Logger | logging.
     change of the spec (or the next timer tick), never retried in a loop."""
     uid = body.metadata.uid or body.metadata.name or ""
     with Context.lock(uid):
+        started = time.perf_counter()
         try:
             # Context.store is None only before startup() has run; no handler runs before it.
             outcome = reconcile.reconcile(Context.kube, Context.store, body, Context.analyser,  # type: ignore[arg-type]
@@ -87,6 +89,7 @@ def run_reconcile(body: kopf.Body, retry: int, logger: logging.Logger | logging.
         except Exception as exc:
             from mmrank.operator.kube import is_transient
 
+            metrics.observe_error(exc, time.perf_counter() - started, retried=is_transient(exc))
             if is_transient(exc):
                 raise kopf.TemporaryError(f"transient: {exc}", delay=delay(retry)) from exc
             message = f"{type(exc).__name__}: {exc}"[:1000]
@@ -95,6 +98,8 @@ def run_reconcile(body: kopf.Body, retry: int, logger: logging.Logger | logging.
                 return "Failed"
             kopf.event(body, type="Warning", reason="ReconcileFailed", message=message)
             raise kopf.PermanentError(message) from exc
+    metrics.observe_reconcile(body, time.perf_counter() - started, outcome.phase,
+                              [d.reason for d in outcome.decisions], getattr(outcome, "refusals", ()))
     for decision in outcome.decisions:
         kopf.event(body, type=decision.type, reason=decision.reason, message=decision.message)
         logger.info(f"{decision.reason}: {decision.message}")
@@ -125,3 +130,4 @@ def on_delete(body: kopf.Body, logger: logging.Logger | logging.LoggerAdapter[An
         logger.info(f"deleted {child['kind']} {child['metadata']['name']}")
     with Context.guard:
         Context.locks.pop(body.metadata.uid or "", None)
+    metrics.forget(body)
