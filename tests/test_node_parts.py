@@ -126,3 +126,19 @@ def test_replaced_builds_lose_their_image_id_references_and_current_ones_keep_th
                "sha256:idnew application/vnd.oci.image.manifest.v1+json sha256:new 844 linux/amd64 x\n"
                "sha256:idold application/vnd.oci.image.manifest.v1+json sha256:old 840 linux/amd64 x\n")
     assert cluster.replaced_image_refs(listing) == ["sha256:idold"]
+
+
+def test_an_imported_archive_counts_as_loaded_only_while_its_name_points_at_its_build():
+    """Another checkout's build of the same image name replaces ours in containerd: the record of
+    our import must not make the node run theirs."""
+    listing = ("REF TYPE DIGEST SIZE PLATFORMS LABELS\n"
+               "ghcr.io/mmrank/mmrank-operator:0.1.0 application/vnd.oci.image.manifest.v1+json sha256:theirs 844 linux/amd64 x\n"
+               "sha256:idours application/vnd.oci.image.manifest.v1+json sha256:ours 840 linux/amd64 x\n")
+    digests = cluster.image_digests(listing)
+    assert digests == {"ghcr.io/mmrank/mmrank-operator:0.1.0": "sha256:theirs"}
+    name = "ghcr.io/mmrank/mmrank-operator:0.1.0"
+    assert cluster.still_loaded({"name": name, "digest": "sha256:theirs"}, digests) == name
+    assert cluster.still_loaded({"name": name, "digest": "sha256:ours"}, digests) is None
+    assert cluster.still_loaded(name, digests) is None              # a record from before digests
+    assert cluster.still_loaded(None, digests) is None              # never imported
+    assert cluster.still_loaded({"name": "other:1", "digest": "sha256:theirs"}, digests) is None
