@@ -8,9 +8,10 @@ import argparse
 import os
 import pathlib
 import sys
+import time
 from typing import Any
 
-from mmrank.cli import CommandError, describe, file_problem, port, positive_duration
+from mmrank.cli import CommandError, describe, file_problem, port, positive_duration, positive_int
 
 
 def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -21,12 +22,25 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
                               "or KUBECONFIG outside a cluster.")
     run.add_argument("--namespace", "-n", action="append", default=[],
                      help="namespace to watch (repeatable; default: every namespace)")
-    run.add_argument("--standalone", action="store_true",
-                     help="no peering with other operator replicas (a single replica, tests)")
+    peers = run.add_mutually_exclusive_group()
+    peers.add_argument("--standalone", action="store_true",
+                       help="no peering with other operator replicas (a single replica, tests)")
+    peers.add_argument("--peering", metavar="NAME", default=None,
+                       help="kopf peering object shared by the replicas (ClusterKopfPeering, or a KopfPeering "
+                       "per --namespace; created if missing): one replica reconciles, the others stand by")
+    run.add_argument("--priority", type=int, default=None,
+                     help="peering priority; default: seniority (minus the start time in ns), so the oldest "
+                     "replica leads and any priority >= 0 outranks every replica")
+    run.add_argument("--peering-lifetime", type=positive_int, default=15, metavar="SECONDS",
+                     help="how long peers trust this replica's last keep-alive; a killed leader is replaced "
+                     "within about this (default 15)")
     run.add_argument("--interval", type=positive_duration, default=os.environ.get("MMRANK_OPERATOR_INTERVAL", "30"),
                      help="seconds, or a duration (30s, 1m30s), between level-triggered reconciles of each "
                      "ranker (default 30; env MMRANK_OPERATOR_INTERVAL)")
     run.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    run.add_argument("--readiness", default=None,
+                     help="readiness endpoint, e.g. http://0.0.0.0:8081/readyz: 200 once logged in and taking part "
+                     "in the peering (standalone: once the apiserver answers)")
     run.add_argument("--metrics-port", type=port, default=os.environ.get("MMRANK_METRICS_PORT", "0"),
                      help="serve Prometheus metrics on this port at /metrics (the chart uses 9090; default 0: "
                      "off; env MMRANK_METRICS_PORT)")
@@ -79,8 +93,23 @@ def _run(args: argparse.Namespace) -> int:
             metrics.serve(args.metrics_port)
         except OSError as exc:
             raise CommandError(f"cannot serve metrics on port {args.metrics_port}: {describe(exc)}") from exc
-    kopf.run(standalone=args.standalone, namespaces=args.namespace, clusterwide=not args.namespace,
-             liveness_endpoint=args.liveness)
+    from mmrank.operator import peering
+
+    peering.config = peering.Config(name=args.peering, namespaces=args.namespace, identity=peering.own_identity(),
+                                    readiness=args.readiness)
+    settings = kopf.OperatorSettings()
+    settings.peering.lifetime = args.peering_lifetime
+    priority = None
+    if args.peering:
+        try:
+            peering.ensure_objects(args.peering, args.namespace)
+        except LookupError as exc:
+            raise CommandError(str(exc)) from exc
+        priority = args.priority if args.priority is not None else peering.seniority(time.time_ns())
+    kopf.run(standalone=True if args.standalone else None, peering_name=args.peering, priority=priority,
+             identity=peering.config.identity,  # type: ignore[arg-type]  # kopf's Identity: a NewType of str it does not export
+             settings=settings, namespaces=args.namespace,
+             clusterwide=not args.namespace, liveness_endpoint=args.liveness)
     return 0
 
 

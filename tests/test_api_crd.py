@@ -79,6 +79,26 @@ def test_committed_crd_is_the_generated_one(capsys: pytest.CaptureFixture[str]) 
         "crds/mmrank.io_multimodalrankers.yaml is stale: run `mmrank crd > crds/mmrank.io_multimodalrankers.yaml`"
 
 
+CHART_CRDS = ROOT / "charts" / "mmrank-operator" / "files" / "crds"
+
+
+@pytest.mark.parametrize(("copy", "flags"), [("mmrank.io_multimodalrankers.yaml", []),
+                                             ("mmrank.io_multimodalrankers.no-cel.yaml", ["--no-cel"])])
+def test_the_charts_crd_copies_are_the_generated_ones(capsys: pytest.CaptureFixture[str], copy: str,
+                                                      flags: list[str]) -> None:
+    """The chart renders its CRD template from these two (CEL from Kubernetes 1.25, without below)."""
+    parser = argparse.ArgumentParser(prog="mmrank")
+    api_cli.register_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["crd", *flags])
+    assert args.handler(args) == 0
+    assert (CHART_CRDS / copy).read_text() == capsys.readouterr().out, (
+        f"charts/mmrank-operator/files/crds/{copy} is stale: run "
+        f"`mmrank crd {' '.join(flags)} > charts/mmrank-operator/files/crds/{copy}`")
+    assert not (CHART_CRDS.parent.parent / "crds").exists(), (
+        "charts/mmrank-operator/crds/ is back: Helm would install that copy too, beside the CRD template "
+        "(the chart's CRD copies live in files/crds/)")
+
+
 def _nodes(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
     found = [(path, node)]
     for name, child in (node.get("properties") or {}).items():
