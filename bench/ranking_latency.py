@@ -60,7 +60,7 @@ def setup(store_url: str, directory: Path, args: argparse.Namespace) -> None:
     rng = np.random.default_rng(0)
     store = open_store(store_url)
     store.create_space(SPACE, args.dim)
-    store.set_catalogue_size(args.items)
+    store.set_catalogue_size(SPACE, args.items)
     for start in range(0, args.items, 5000):
         ids = np.arange(start, min(start + 5000, args.items))
         vectors = rng.normal(size=(len(ids), args.dim)).astype(np.float32)

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from mmrank import api, servers
-from mmrank.loadgen import CanaryRig, Controllers, Router
+from mmrank.loadgen import CanaryRig, Controllers, Router, prepare_space
 
 STABLE, CANARY = "r1", "r2"
 
@@ -151,6 +151,7 @@ def breach_to_rollback(bench: Bench, rig: CanaryRig, args: argparse.Namespace) -
                                    args.interval, args.failure_limit, 5)
     rng = random.Random(args.seed)
     times: list[float] = []
+    prepare_space(store, scope=f"{namespace}/shop")       # the ranker's own space, where the operator reads
     with Controllers(bench.api_client, namespace):
         bench.rankers.create(body=body(STABLE), namespace=namespace)
         wait_for("r1 stable", lambda: (bench.status("shop", namespace).get("stable") or {}).get("rankerVersion")
@@ -203,6 +204,8 @@ def rankers_in_canary(bench: Bench, rig: CanaryRig, args: argparse.Namespace) ->
     store = rig.stores[STABLE].url
     steps = list(range(5, 100, 5))        # long enough to stay in canary while measured
     names = [f"shop-{i:04d}" for i in range(args.rankers)]
+    for name in names:
+        prepare_space(store, scope=f"{namespace}/{name}")  # each ranker's own space
     body = lambda name, ranker: manifest(name, namespace, store, rig.prometheus.url, ranker, steps,  # noqa: E731
                                          args.scale_interval, 2, 5)
     generator = rig.generator(rate=args.rate, share=0.5, concurrency=6, timeout=5.0)

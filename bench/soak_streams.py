@@ -79,7 +79,7 @@ def sample(client) -> dict[str, float]:  # type: ignore[no-untyped-def]
     pipe.xlen(ITEM_STREAM)
     pipe.xlen(DEAD_LETTER_STREAM)
     pipe.xpending(ITEM_STREAM, EMBEDDER_GROUP)
-    for key in (ITEM_STREAM, DEAD_LETTER_STREAM, RedisStore.vectors_key("e1")):
+    for key in (ITEM_STREAM, DEAD_LETTER_STREAM, RedisStore(client).vectors_key("e1")):  # the local default scope
         pipe.memory_usage(key, samples=0)
     pipe.info("memory")
     items, dead, pending, items_bytes, dead_bytes, vectors_bytes, memory = pipe.execute()

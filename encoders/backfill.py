@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from mmrank.encoders.embedder import EncoderTarget, TritonEncoder
-from mmrank.store import EmbeddingStore, SpaceNotFound, open_store
+from mmrank.store import DEFAULT_SCOPE, EmbeddingStore, Scope, SpaceNotFound, open_store
 
 
 @dataclasses.dataclass
@@ -35,6 +35,7 @@ class BackfillConfig:
     in_flight: int = 4
     dtype: str = "float16"
     progress: bool = True
+    scope: Scope = DEFAULT_SCOPE  # the ranker whose space this is
 
     @property
     def shard_name(self) -> str:
@@ -148,7 +149,7 @@ async def backfill(config: BackfillConfig, store: EmbeddingStore, catalogue: Cat
     try:
         _, dim = await encoder.describe()
         await asyncio.to_thread(store.create_space, config.space, dim, config.dtype)
-        await asyncio.to_thread(store.set_catalogue_size, len(catalogue))
+        await asyncio.to_thread(store.set_catalogue_size, config.space, len(catalogue))
         start, stop = shard_range(len(catalogue), config.shard, config.shards)
         total = stop - start
         done = resume_point(*checkpoint(store, config.space, config.shard_name), total)
@@ -184,7 +185,7 @@ def run(config: BackfillConfig) -> dict[str, Any]:
     """The CLI's entry: open the store and catalogue, show a progress bar, backfill one shard."""
     from tqdm import tqdm
 
-    store = open_store(config.store_url)
+    store = open_store(config.store_url, config.scope)
     catalogue = ShopCatalogue(config.catalogue)
     start, stop = shard_range(len(catalogue), config.shard, config.shards)
     with tqdm(total=stop - start, desc=f"backfill {config.space} {config.shard_name}", unit="item",

@@ -1,9 +1,15 @@
 """The real-time embedder: new items get a vector in every live space within seconds.
 
-    mmrank:items (Redis Stream, group `embedder`) ─► batch (size, max wait) ─► validate
-        ├─ bad event ─► mmrank:items:dead (+ reason), ack
+    <prefix>items (Redis Stream, group <prefix>embedder) ─► batch (size, max wait) ─► validate
+        ├─ bad event ─► <prefix>items:dead (+ reason), ack
         └─ good ─► every live encoder version on Triton (async gRPC, concurrently)
                    ─► store.put(space, ...) for each space ─► ack
+
+`<prefix>` is the ranker's scope, `mmrank:{<namespace>/<name>}:` (`mmrank.store.Scope`, from
+`--scope` or `MMRANK_SCOPE`): every ranker has its own item stream, dead letters and consumer
+group, so two rankers' embedders each receive every item of their own stream. A stream named
+explicitly (`--stream`, the spec's `itemEvents.stream`) may be shared by several rankers; the
+group and the dead letters stay the ranker's own.
 
 At least once, idempotent: an entry is acknowledged only after every space's write succeeded; a
 batch that fails (Triton down, Redis down) is retried with exponential back-off and never
@@ -34,7 +40,7 @@ Encoders ("every live encoder version") come from `--encoder SPACE=HOST:PORT[/MO
 environment variable `MMRANK_ENCODERS` ("e1=triton-e1:8001,e2=triton-e2:8001/item_encoder"),
 which the operator sets on the embedder Deployment. `MMRANK_STORE_URL` (with
 `MMRANK_STORE_PASSWORD`), `MMRANK_REDIS_URL` (the stream's Redis; defaults to the store when that
-is Redis), `MMRANK_ITEM_STREAM` and `MMRANK_CONSUMER_GROUP` likewise.
+is Redis), `MMRANK_SCOPE`, `MMRANK_ITEM_STREAM` and `MMRANK_CONSUMER_GROUP` likewise.
 
 HTTP (aiohttp, same process): `POST /items` takes the event as JSON (`item_id`, `title`,
 `image` base64 PNG/JPEG or `image_path`, optional `event_time`), validates it like the stream
@@ -64,9 +70,6 @@ from typing import Any, TypeVar
 import numpy as np
 
 from mmrank.encoders.item_events import (
-    DEAD_LETTER_STREAM,
-    EMBEDDER_GROUP,
-    ITEM_STREAM,
     MAX_EVENT_BYTES,
     BadEvent,
     ItemEvent,
@@ -74,7 +77,7 @@ from mmrank.encoders.item_events import (
     dead_letter_fields,
     parse_event,
 )
-from mmrank.store import EmbeddingStore, open_store, redis_client
+from mmrank.store import DEFAULT_SCOPE, SCOPE_ENV, EmbeddingStore, Scope, open_store, redis_client, scope_from_env
 
 log = logging.getLogger("mmrank.embedder")
 ENV_ENCODERS = "MMRANK_ENCODERS"
@@ -82,6 +85,7 @@ ENV_STORE = "MMRANK_STORE_URL"
 ENV_REDIS = "MMRANK_REDIS_URL"
 ENV_STREAM = "MMRANK_ITEM_STREAM"
 ENV_GROUP = "MMRANK_CONSUMER_GROUP"
+ENV_SCOPE = SCOPE_ENV
 DEFAULT_MODEL = "item_encoder"
 FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 30, 60, 120, 300)
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -154,9 +158,10 @@ class EmbedderConfig:
     backoff_base: float = 0.1
     backoff_cap: float = 5.0
     triton_timeout: float = 30.0
-    stream: str = ITEM_STREAM
-    dead_stream: str = ""  # default: "<stream>:dead" (mmrank:items:dead)
-    group: str = EMBEDDER_GROUP
+    scope: Scope = DEFAULT_SCOPE
+    stream: str = ""       # default: the scope's item stream; a named one may be shared by rankers
+    dead_stream: str = ""  # default: the scope's dead letters (always the ranker's own)
+    group: str = "embedder"  # scoped to the ranker: <prefix>embedder
     max_deliveries: int = 5
     forget_consumer_after: float = 600.0
     trim_interval: float = 5.0
@@ -167,8 +172,10 @@ class EmbedderConfig:
         if self.max_deliveries < 3:
             raise ValueError(f"max_deliveries must be at least 3 (a batch-mate of a crashing entry is delivered "
                              f"up to 3 times), got {self.max_deliveries}")
-        if not self.dead_stream:
-            self.dead_stream = DEAD_LETTER_STREAM if self.stream == ITEM_STREAM else f"{self.stream}:dead"
+        self.stream = self.stream or self.scope.item_stream
+        self.dead_stream = self.dead_stream or self.scope.dead_letter_stream
+        if not self.scope.owns(self.group):
+            self.group = self.scope.consumer_group(self.group)
 
 
 def backoff_delay(attempt: int, base: float, cap: float) -> float:
@@ -363,7 +370,7 @@ class Embedder:
         if not config.encoders:
             raise ValueError(f"no encoders: pass --encoder SPACE=HOST:PORT or set {ENV_ENCODERS}")
         self.config = config
-        self.store = store or open_store(config.store_url)
+        self.store = store or open_store(config.store_url, config.scope)
         self.redis = redis_client(config.redis_url, asyncio=True, socket_timeout=config.idle_block + 10)
         self.encoders = [TritonEncoder(t, config.triton_timeout) for t in config.encoders]
         self.metrics = Metrics()
@@ -873,8 +880,8 @@ async def serve(embedder: Embedder, started: Callable[[int | None], None] = lamb
 
 
 def config_from_env(encoders: Sequence[str] = (), store_url: str | None = None, redis_url: str | None = None,
-                    **overrides: Any) -> EmbedderConfig:
-    """Flags first, then MMRANK_ENCODERS / MMRANK_STORE_URL / MMRANK_REDIS_URL /
+                    scope: str | None = None, **overrides: Any) -> EmbedderConfig:
+    """Flags first, then MMRANK_ENCODERS / MMRANK_STORE_URL / MMRANK_REDIS_URL / MMRANK_SCOPE /
     MMRANK_ITEM_STREAM / MMRANK_CONSUMER_GROUP (what the operator sets on the Deployment)."""
     specs = list(encoders) or [os.environ.get(ENV_ENCODERS, "")]
     store_url = store_url or os.environ.get(ENV_STORE, "")
@@ -886,4 +893,4 @@ def config_from_env(encoders: Sequence[str] = (), store_url: str | None = None, 
     overrides.setdefault("stream", os.environ.get(ENV_STREAM) or None)
     overrides.setdefault("group", os.environ.get(ENV_GROUP) or None)
     return EmbedderConfig(encoders=parse_encoders(specs), store_url=store_url, redis_url=redis_url,
-                          **{k: v for k, v in overrides.items() if v is not None})
+                          scope=scope_from_env(scope), **{k: v for k, v in overrides.items() if v is not None})

@@ -24,15 +24,19 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     embedder_sub = embedder.add_subparsers(dest="embedder_command", metavar="COMMAND", required=True)
     run = embedder_sub.add_parser(
         "run", help="Read item events, embed them with every live encoder, write the store",
-        description="Reads mmrank:items (consumer group `embedder`) and POST /items, calls each encoder "
-        "version on Triton, writes each space, acknowledges after every write. Encoders also from "
-        "MMRANK_ENCODERS, the store from MMRANK_STORE_URL, the stream's Redis from MMRANK_REDIS_URL.")
+        description="Reads the ranker's item stream mmrank:{NAMESPACE/NAME}:items (its consumer group) and "
+        "POST /items, calls each encoder version on Triton, writes each space, acknowledges after every write. "
+        "Encoders also from MMRANK_ENCODERS, the store from MMRANK_STORE_URL, the stream's Redis from "
+        "MMRANK_REDIS_URL, the ranker from MMRANK_SCOPE.")
     run.add_argument("--encoder", action="append", default=[], metavar="SPACE=HOST:PORT[/MODEL]",
                      help="a live encoder version (repeat; gRPC address of its Triton)")
     run.add_argument("--store", help="store URL: redis://host:port/db or file:///path")
     run.add_argument("--redis", help="Redis URL of the item stream (default: the store, when it is Redis)")
-    run.add_argument("--stream", help="stream key of item events (default $MMRANK_ITEM_STREAM or mmrank:items)")
-    run.add_argument("--group", help="consumer group (default $MMRANK_CONSUMER_GROUP or embedder)")
+    add_scope_flag(run)
+    run.add_argument("--stream", help="stream key of item events (default $MMRANK_ITEM_STREAM, else the ranker's "
+                     "own: mmrank:{NAMESPACE/NAME}:items); a named stream may be shared by several rankers")
+    run.add_argument("--group", help="consumer group, within the ranker's scope (default $MMRANK_CONSUMER_GROUP "
+                     "or embedder: mmrank:{NAMESPACE/NAME}:embedder)")
     run.add_argument("--batch-size", type=positive_int, default=32)
     run.add_argument("--max-wait", type=duration, default=0.05,
                      help="seconds (or a duration: 50ms) to fill a batch after its first event")
@@ -68,6 +72,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     brun.add_argument("--encoder", required=False, metavar="HOST:PORT[/MODEL]",
                       help="gRPC address of the encoder's Triton (default $MMRANK_ENCODER_URL)")
     brun.add_argument("--store", help="store URL (default $MMRANK_STORE_URL)")
+    add_scope_flag(brun)
     brun.add_argument("--catalogue", required=True, type=existing_dir,
                       help="shop directory (mmrank shop generate --out DIR)")
     brun.add_argument("--batch-size", type=positive_int, default=64)
@@ -75,6 +80,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     brun.add_argument("--dtype", default="float16", choices=("float16", "int8"))
     add_progress_flag(brun)
     brun.set_defaults(handler=run_backfill)
+
+
+def add_scope_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scope", metavar="NAMESPACE/NAME",
+                        help="the ranker whose keys and streams these are (default $MMRANK_SCOPE, which the operator "
+                        "sets, else default/local for local runs)")
 
 
 def run_embedder(args: argparse.Namespace) -> int:
@@ -86,7 +97,7 @@ def run_embedder(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        config = config_from_env(args.encoder, args.store, args.redis, batch_size=args.batch_size,
+        config = config_from_env(args.encoder, args.store, args.redis, scope=args.scope, batch_size=args.batch_size,
                                  max_wait=args.max_wait, in_flight=args.in_flight, consumer=args.consumer,
                                  claim_idle=args.claim_idle, max_deliveries=args.max_deliveries,
                                  forget_consumer_after=args.forget_consumer_after, trim_interval=args.trim_interval,
@@ -114,6 +125,7 @@ def run_backfill(args: argparse.Namespace) -> int:
 
     from mmrank.encoders.backfill import BackfillConfig, parse_shard, run
     from mmrank.encoders.embedder import ENV_STORE, parse_encoder
+    from mmrank.store import scope_from_env
 
     encoder = args.encoder or os.environ.get("MMRANK_ENCODER_URL", "")
     store = args.store or os.environ.get(ENV_STORE, "")
@@ -122,11 +134,12 @@ def run_backfill(args: argparse.Namespace) -> int:
                            "(or their environment variables)")
     try:
         index, count = parse_shard(args.shard, os.environ)
+        scope = scope_from_env(args.scope)
     except ValueError as exc:
         raise CommandError(str(exc)) from exc
     try:
         result = run(BackfillConfig(space=args.space, target=parse_encoder(f"{args.space}={encoder}"),
-                                    store_url=store, catalogue=args.catalogue, shard=index, shards=count,
+                                    store_url=store, scope=scope, catalogue=args.catalogue, shard=index, shards=count,
                                     batch_size=args.batch_size, in_flight=args.in_flight, dtype=args.dtype,
                                     progress=show_progress(args)))
     except InferenceServerException as exc:

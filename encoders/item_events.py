@@ -1,10 +1,12 @@
 """Item events: the Redis Stream of new or changed items the embedder reads, and their validation.
 
-An event is a stream entry on `mmrank:items` (`mmrank.store.ITEM_STREAM`) with fields
+An event is a stream entry on the ranker's item stream, `mmrank:{<namespace>/<name>}:items`
+(`mmrank.store.Scope.item_stream`; `ITEM_STREAM` is the local default scope's), with fields
 `item_id`, `title`, `image` (PNG or JPEG bytes) or `image_path` (a local path or `file://` URL),
 and `event_time` (unix seconds, when the item was created or changed: freshness counts from it).
-The embedder reads through the consumer group `embedder`; an event that fails validation goes to
-`mmrank:items:dead` with its fields and a `reason`. The same validation answers the embedder's
+The embedder reads through the ranker's consumer group (`Scope.consumer_group()`); an event that
+fails validation goes to the ranker's dead letters (`Scope.dead_letter_stream`) with its fields
+and a `reason`. The same validation answers the embedder's
 HTTP endpoint, so a bad event is refused there with the same reason. Torch-free.
 """
 from __future__ import annotations

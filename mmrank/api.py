@@ -333,10 +333,14 @@ class BackfillSpec(_Spec):
 class ItemEventsSpec(_Spec):
     """The Redis Stream of new and changed items the embedder consumes."""
 
-    stream: str = Field("mmrank:items", min_length=1, max_length=256, description="Stream key of item events.",
-                        examples=["mmrank:items"])
+    stream: str | None = Field(None, min_length=1, max_length=256, description="Stream key of item events. "
+                               "Unset: the ranker's own, mmrank:{<namespace>/<name>}:items. A stream named here "
+                               "may be shared by several rankers: each reads every event with its own consumer "
+                               "group, and deleting a ranker leaves the stream in place.",
+                               examples=["shop:items"])
     consumer_group: str = Field("embedder", min_length=1, max_length=256, description="Consumer group the "
-                                "embedder reads the stream with.", examples=["embedder"])
+                                "embedder reads the stream with, within the ranker's scope: "
+                                "mmrank:{<namespace>/<name>}:<consumerGroup>.", examples=["embedder"])
 
 
 class EmbedderSpec(_Spec):

@@ -31,6 +31,7 @@ from mmrank import servers
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8
+SCOPE = "demo/shop"  # the ranker the store keys belong to (in a cluster: the MultimodalRanker's namespace/name)
 
 
 def say(step: int, text: str) -> None:
@@ -88,7 +89,7 @@ def run(workdir: Path, encoder_steps: int) -> None:
     import numpy as np
 
     from mmrank import shop as shop_data
-    from mmrank.store import open_store
+    from mmrank.store import Scope, open_store
 
     workdir.mkdir(parents=True, exist_ok=True)
     shop, encoder, space_dir = workdir / "shop", workdir / "encoder", workdir / "space-e1"
@@ -115,8 +116,8 @@ def run(workdir: Path, encoder_steps: int) -> None:
 
         say(4, "Backfill the catalogue into embedding space e1 (one shard of an Indexed Job)")
         mmrank("backfill", "run", "--space", "e1", "--shard", "0/1", "--encoder", grpc_url,
-               "--store", store_url, "--catalogue", str(shop), "--no-progress")
-        info = open_store(store_url).space_info("e1")
+               "--store", store_url, "--scope", SCOPE, "--catalogue", str(shop), "--no-progress")
+        info = open_store(store_url, Scope.parse(SCOPE)).space_info("e1")
         print(f"  space e1: {info.items} items, coverage {info.coverage:.3f}")
 
         say(5, "Train the CTR ranker on space e1: SimTier + MAKE, against the ID-only baseline")
@@ -132,7 +133,8 @@ def run(workdir: Path, encoder_steps: int) -> None:
         say(6, "Serve the ranker with KServe's model server, fed from the store")
         port = servers.free_port()
         predictor = start_background("predictor", [
-            "predictor", "serve", "--model-dir", str(ranker), "--store", store_url, "--http-port", str(port),
+            "predictor", "serve", "--model-dir", str(ranker), "--store", store_url, "--scope", SCOPE,
+            "--http-port", str(port),
             "--model-name", "ranker", "--space", "e1", "--no-feedback-stream"], workdir)
         background.append(predictor)
         wait_http(f"http://127.0.0.1:{port}/v2/models/ranker/ready", 180, "the predictor", predictor,
@@ -150,7 +152,7 @@ def run(workdir: Path, encoder_steps: int) -> None:
         started.append(redis)
         embedder_port = servers.free_port()
         embedder = start_background("embedder", [
-            "embedder", "run", "--encoder", f"e1={grpc_url}", "--store", store_url, "--redis", redis.url,
+            "embedder", "run", "--encoder", f"e1={grpc_url}", "--store", store_url, "--scope", SCOPE, "--redis", redis.url,
             "--http-port", str(embedder_port), "--max-wait", "0.05"], workdir)
         background.append(embedder)
         wait_http(f"http://127.0.0.1:{embedder_port}/readyz", 120, "the embedder", embedder, workdir / "embedder.log")
@@ -161,7 +163,7 @@ def run(workdir: Path, encoder_steps: int) -> None:
             "item_id": new_id, "title": str(data.items["title"].iloc[0]) + " new arrival",
             "image": base64.b64encode(image).decode(), "event_time": posted})
         print(f"  POST /items (item {new_id}) -> {status} {answer}")
-        store = open_store(store_url)
+        store = open_store(store_url, Scope.parse(SCOPE))
         found = False
         while time.time() - posted < 60 and not found:
             _, hits = store.get("e1", [new_id])

@@ -284,17 +284,20 @@ class LoadGenerator:
 
 # --- the predictors it drives: a stable and a canary `mmrank predictor serve` ----------------
 
-def prepare_space(store_url: str, space: str = "e1", dim: int = 16, catalogue: int = 100, seed: int = 1) -> None:
-    """A fully embedded space of random unit vectors: every candidate the generator sends is found."""
+def prepare_space(store_url: str, space: str = "e1", dim: int = 16, catalogue: int = 100, seed: int = 1,
+                  scope: str | None = None) -> None:
+    """A fully embedded space of random unit vectors: every candidate the generator sends is found.
+    `scope` "namespace/name": the ranker whose space it is (the operator reads coverage there);
+    None: the local default, which the rig's predictors read."""
     import numpy as np
 
-    from mmrank.store import open_store
+    from mmrank.store import DEFAULT_SCOPE, Scope, open_store
 
     vectors = np.random.default_rng(seed).normal(size=(catalogue, dim)).astype(np.float32)
-    store = open_store(store_url)
+    store = open_store(store_url, Scope.parse(scope) if scope else DEFAULT_SCOPE)
     try:
         store.create_space(space, dim)
-        store.set_catalogue_size(catalogue)
+        store.set_catalogue_size(space, catalogue)
         store.put(space, np.arange(catalogue), vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
     finally:
         store.close()

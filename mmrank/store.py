@@ -1,31 +1,40 @@
-"""The embedding store: vectors keyed by (space, item id), the online copy of every space.
+"""The embedding store: vectors keyed by (ranker, space, item id), the online copy of every space.
+
+Every key, stream and consumer group belongs to one ranker: its *scope* (`Scope`, namespace and
+name of the MultimodalRanker), so two rankers on one Redis never read, retire or delete each
+other's data, even when both use encoder version `e1`. In Redis every key of a ranker starts with
+`mmrank:{<namespace>/<name>}:` — the braces are a Redis Cluster hash tag, so all of one ranker's
+keys live in one slot, which the multi-key Lua script of `put` and the MULTI of `delete_space`
+need there. The catalogue size is kept per space. `Scope.keys_pattern` matches everything a
+ranker owns; `delete_scope` removes it (the operator's finalizer does, after the ranker's pods).
 
 A *space* is everything one encoder version produced. Vectors are kept as float16 (half the
 bytes of float32, error ~1e-3 on unit vectors) or int8 with a per-vector float32 scale (a quarter,
 error ~4e-3); `get` always returns float32. Two back ends share the `EmbeddingStore` interface:
 
 - `redis://host:port/db` — production (password from the URL or `MMRANK_STORE_PASSWORD`).
-  One hash per space (`mmrank:emb:<space>`, field = item id), read with HMGET and written with HSET: measured against pipelined string keys in
+  One hash per space (`<prefix>emb:<space>`, field = item id), read with HMGET and written with HSET: measured against pipelined string keys in
   `bench/store_layout.py` (docs/benchmarks.md, "Store layout"); the hash also gives the exact
   item count in O(1) (HLEN), so re-putting an item never counts it twice. Every put also takes
   the space's next version number and logs it per item, atomically with the vectors (one Lua
-  script): `mmrank:embver:<space>` (epoch, seq, floor) and the sorted set
-  `mmrank:embchanges:<space>` (item -> seq of its last write, the newest `CHANGE_LOG_LIMIT` kept).
+  script): `<prefix>embver:<space>` (epoch, seq, floor) and the sorted set
+  `<prefix>embchanges:<space>` (item -> seq of its last write, the newest `CHANGE_LOG_LIMIT` kept).
   The predictor's item vector cache (predictors/item_cache.py) reads that log to drop what was
   rewritten, so a re-embedded item is never served from a stale copy.
 - `file:///path` — the embedded store of the local quick start, one LMDB environment (chosen
   over SQLite by the same benchmark); several processes may share it.
 
 Every stored vector keeps the event time it was computed from (unix seconds; the hash
-`mmrank:emb-time:<space>` in Redis, a database beside the vectors in LMDB). `put` writes a row
+`<prefix>emb-time:<space>` in Redis, a database beside the vectors in LMDB). `put` writes a row
 only when its event time is at least the stored one, checked and written atomically (in the same
 Lua script in Redis, one write transaction in LMDB), so an old event replayed after a new one, or
 a late batch of a slower replica, never overwrites a newer vector. `event_times(space, ids)` reads
 them alone (one HMGET, under 20 bytes per item).
 
-The item-event stream names live here too (`ITEM_STREAM`, `DEAD_LETTER_STREAM`,
-`EMBEDDER_GROUP`), so producers that only import the common package agree with the embedder.
-This module must not import torch.
+The item-event stream, dead-letter stream, consumer group and feedback stream names live here
+too (`Scope.item_stream`, ...), so producers that only import the common package agree with the
+embedder; `ITEM_STREAM`, `DEAD_LETTER_STREAM` and `EMBEDDER_GROUP` are those of `DEFAULT_SCOPE`,
+the scope of local runs. This module must not import torch.
 """
 from __future__ import annotations
 
@@ -33,23 +42,109 @@ import abc
 import dataclasses
 import json
 import os
+import re
 import struct
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ITEM_STREAM = "mmrank:items"
-DEAD_LETTER_STREAM = "mmrank:items:dead"
-EMBEDDER_GROUP = "embedder"
+SCOPE_ENV = "MMRANK_SCOPE"
 DTYPES = ("float16", "int8")
 CHANGE_LOG_LIMIT = 100_000  # newest item versions kept per space; a reader further behind starts afresh
 PASSWORD_ENV = "MMRANK_STORE_PASSWORD"
 _INT8_SCALE = struct.Struct("<f")
+
+
+# A namespace is a DNS-1123 label, a MultimodalRanker's name a DNS-1123 subdomain: neither holds a
+# glob character, a brace or a colon, so a scope's key prefix never matches another ranker's keys.
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scope:
+    """The ranker that owns a set of store keys: a MultimodalRanker's namespace and name."""
+
+    namespace: str
+    name: str
+
+    def __post_init__(self) -> None:
+        if not _NAMESPACE.match(self.namespace):
+            raise ValueError(f"scope namespace {self.namespace!r} is not a Kubernetes namespace name "
+                             "(lower-case letters, digits and '-', at most 63)")
+        if not _NAME.match(self.name):
+            raise ValueError(f"scope name {self.name!r} is not a Kubernetes object name "
+                             "(lower-case letters, digits, '-' and '.', at most 253)")
+
+    @classmethod
+    def parse(cls, text: str) -> Scope:
+        """`NAMESPACE/NAME`, as `--scope` and `MMRANK_SCOPE` take it."""
+        namespace, slash, name = text.strip().partition("/")
+        if not slash:
+            raise ValueError(f"scope {text!r} must be NAMESPACE/NAME (the MultimodalRanker's namespace and name)")
+        return cls(namespace, name)
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def prefix(self) -> str:
+        """`mmrank:{ns/name}:` — the braces are a Redis Cluster hash tag: one slot per ranker."""
+        return f"mmrank:{{{self.namespace}/{self.name}}}:"
+
+    @property
+    def keys_pattern(self) -> str:
+        """A SCAN MATCH pattern for every key of this ranker (names hold no glob characters)."""
+        return f"{self.prefix}*"
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    @property
+    def item_stream(self) -> str:
+        return self.key("items")
+
+    @property
+    def dead_letter_stream(self) -> str:
+        return self.key("items", "dead")
+
+    @property
+    def feedback_stream(self) -> str:
+        return self.key("feedback")
+
+    def consumer_group(self, name: str = "embedder") -> str:
+        """The ranker's group on an item stream: scoped even on a stream several rankers share,
+        so each ranker's embedders receive every item."""
+        return self.key(name)
+
+    def owns(self, key: str) -> bool:
+        return key.startswith(self.prefix)
+
+
+DEFAULT_SCOPE = Scope("default", "local")  # local runs: the CLI's default, and the operator never uses it
+ITEM_STREAM = DEFAULT_SCOPE.item_stream
+DEAD_LETTER_STREAM = DEFAULT_SCOPE.dead_letter_stream
+EMBEDDER_GROUP = DEFAULT_SCOPE.consumer_group()
+
+
+def scope_from_env(value: str | None = None, env: Mapping[str, str] | None = None) -> Scope:
+    """`value` (a `--scope` flag), else `MMRANK_SCOPE` (the operator sets it on every child), else
+    the local default."""
+    text = value or (os.environ if env is None else env).get(SCOPE_ENV) or ""
+    return Scope.parse(text) if text else DEFAULT_SCOPE
+
+
+@dataclasses.dataclass(frozen=True)
+class ScopeDeleted:
+    """What `delete_scope` removed: how many keys (or LMDB databases and records), which spaces."""
+
+    keys: int
+    spaces: list[str]
 
 
 class SpaceNotFound(KeyError):
@@ -206,7 +301,10 @@ def _shard_json(done: int, total: int) -> str:
 # --- the interface ------------------------------------------------------------------------------
 
 class EmbeddingStore(abc.ABC):
-    """Batch get and put of vectors per space, space metadata, backfill progress, user histories."""
+    """Batch get and put of vectors per space, space metadata, backfill progress, user histories,
+    all of one ranker (`scope`)."""
+
+    scope: Scope = DEFAULT_SCOPE
 
     @abc.abstractmethod
     def create_space(self, space: str, dim: int, dtype: str = "float16") -> SpaceInfo:
@@ -237,10 +335,21 @@ class EmbeddingStore(abc.ABC):
     def delete_space(self, space: str) -> None: ...
 
     @abc.abstractmethod
-    def set_catalogue_size(self, n: int) -> None: ...
+    def set_catalogue_size(self, space: str, n: int) -> None:
+        """The catalogue size the space's coverage counts against (its backfill sets it)."""
 
     @abc.abstractmethod
-    def catalogue_size(self) -> int: ...
+    def catalogue_size(self, space: str) -> int:
+        """0 while unknown (never set, or the space was deleted)."""
+
+    @abc.abstractmethod
+    def for_scope(self, scope: Scope) -> EmbeddingStore:
+        """The same store (one connection) seen as another ranker."""
+
+    @abc.abstractmethod
+    def delete_scope(self) -> ScopeDeleted:
+        """Everything this ranker holds: spaces, catalogue sizes, backfill progress, histories,
+        its streams and their groups. Other rankers' keys are untouched."""
 
     @abc.abstractmethod
     def report_backfill(self, space: str, shard: str, done: int, total: int) -> None:
@@ -266,44 +375,51 @@ class EmbeddingStore(abc.ABC):
 class RedisStore(EmbeddingStore):
     """Production back end; `client` is a `redis.Redis` (decode_responses must be False)."""
 
-    SPACES = "mmrank:spaces"
-    CATALOGUE = "mmrank:catalogue_size"
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, scope: Scope = DEFAULT_SCOPE) -> None:
         self.client = client
+        self.scope = scope
         self._meta: dict[str, dict[str, Any]] = {}
         self._put_versioned = client.register_script(_PUT_VERSIONED)
 
     @classmethod
-    def from_url(cls, url: str) -> RedisStore:
-        return cls(redis_client(url))
+    def from_url(cls, url: str, scope: Scope = DEFAULT_SCOPE) -> RedisStore:
+        return cls(redis_client(url), scope)
 
-    @staticmethod
-    def vectors_key(space: str) -> str:
-        return f"mmrank:emb:{space}"
+    def for_scope(self, scope: Scope) -> RedisStore:
+        return RedisStore(self.client, scope)
 
-    @staticmethod
-    def event_times_key(space: str) -> str:
-        return f"mmrank:emb-time:{space}"
+    @property
+    def spaces_key(self) -> str:
+        return self.scope.key("spaces")
 
-    @staticmethod
-    def meta_key(space: str) -> str:
-        return f"mmrank:space:{space}"
+    def vectors_key(self, space: str) -> str:
+        return self.scope.key("emb", space)
 
-    @staticmethod
-    def backfill_key(space: str) -> str:
-        return f"mmrank:backfill:{space}"
+    def event_times_key(self, space: str) -> str:
+        return self.scope.key("emb-time", space)
 
-    @staticmethod
-    def versions_key(space: str) -> str:
-        return f"mmrank:embver:{space}"
+    def meta_key(self, space: str) -> str:
+        return self.scope.key("space", space)
 
-    @staticmethod
-    def changes_key(space: str) -> str:
-        return f"mmrank:embchanges:{space}"
+    def catalogue_key(self, space: str) -> str:
+        return self.scope.key("catalogue", space)
 
-    @staticmethod
-    def history_key(user_id: int) -> str:
-        return f"mmrank:history:{int(user_id)}"
+    def backfill_key(self, space: str) -> str:
+        return self.scope.key("backfill", space)
+
+    def versions_key(self, space: str) -> str:
+        return self.scope.key("embver", space)
+
+    def changes_key(self, space: str) -> str:
+        return self.scope.key("embchanges", space)
+
+    def history_key(self, user_id: int) -> str:
+        return self.scope.key("history", str(int(user_id)))
+
+    def space_keys(self, space: str) -> list[str]:
+        """Every key of one space (what `delete_space` removes)."""
+        return [self.meta_key(space), self.vectors_key(space), self.event_times_key(space), self.catalogue_key(space),
+                self.backfill_key(space), self.versions_key(space), self.changes_key(space)]
 
     def _load_meta(self, space: str, cached: bool = True) -> dict[str, Any]:
         if cached and space in self._meta:
@@ -322,7 +438,7 @@ class RedisStore(EmbeddingStore):
         pipe = self.client.pipeline(transaction=True)
         for key, value in meta.items():
             pipe.hsetnx(self.meta_key(space), key, str(value))
-        pipe.sadd(self.SPACES, space)
+        pipe.sadd(self.spaces_key, space)
         pipe.execute()
         _same_layout(self._load_meta(space, cached=False), dim, dtype)
         return self.space_info(space)
@@ -359,28 +475,56 @@ class RedisStore(EmbeddingStore):
         meta = self._load_meta(space, cached=False)
         pipe = self.client.pipeline(transaction=False)
         pipe.hlen(self.vectors_key(space))
-        pipe.get(self.CATALOGUE)
+        pipe.get(self.catalogue_key(space))
         pipe.hgetall(self.backfill_key(space))
         items, catalogue, shards = pipe.execute()
         backfill = {k.decode(): _shard(v) for k, v in sorted(shards.items())}
         return _info(meta, int(items), int(catalogue or 0), backfill)
 
     def spaces(self) -> list[str]:
-        return sorted(s.decode() for s in self.client.smembers(self.SPACES))
+        return sorted(s.decode() for s in self.client.smembers(self.spaces_key))
 
     def delete_space(self, space: str) -> None:
         pipe = self.client.pipeline(transaction=True)
-        pipe.srem(self.SPACES, space)
-        pipe.unlink(self.meta_key(space), self.vectors_key(space), self.backfill_key(space),
-                    self.versions_key(space), self.changes_key(space), self.event_times_key(space))
+        pipe.srem(self.spaces_key, space)
+        pipe.unlink(*self.space_keys(space))
         pipe.execute()
         self._meta.pop(space, None)
 
-    def set_catalogue_size(self, n: int) -> None:
-        self.client.set(self.CATALOGUE, int(n))
+    def set_catalogue_size(self, space: str, n: int) -> None:
+        self._load_meta(space)
+        self.client.set(self.catalogue_key(space), int(n))
 
-    def catalogue_size(self) -> int:
-        return int(self.client.get(self.CATALOGUE) or 0)
+    def catalogue_size(self, space: str) -> int:
+        return int(self.client.get(self.catalogue_key(space)) or 0)
+
+    def delete_scope(self) -> ScopeDeleted:
+        """SCAN for the scope's prefix (other rankers' keys are passed over, never touched) and
+        UNLINK what it finds, a batch at a time; then the spaces are gone from `spaces()` too."""
+        spaces = self.spaces()
+        removed = 0
+        batch: list[bytes] = []
+        for key in self.client.scan_iter(match=self.scope.keys_pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                removed += int(self.client.unlink(*batch))
+                batch = []
+        if batch:
+            removed += int(self.client.unlink(*batch))
+        self._meta.clear()
+        return ScopeDeleted(keys=removed, spaces=spaces)
+
+    def leave_stream(self, stream: str, group: str) -> bool:
+        """Destroy this ranker's consumer group on a stream it shares with others (named in its
+        spec); the stream and the other groups stay. False when there was no such group."""
+        import redis
+
+        try:
+            return bool(self.client.xgroup_destroy(stream, group))
+        except redis.ResponseError as exc:  # no such stream
+            if "no such key" in str(exc).lower() or "requires the key to exist" in str(exc).lower():
+                return False
+            raise
 
     def report_backfill(self, space: str, shard: str, done: int, total: int) -> None:
         self._load_meta(space)
@@ -474,11 +618,12 @@ _EVENT_TIME = struct.Struct("<d")
 
 
 class FileStore(EmbeddingStore):
-    """Embedded back end: one LMDB environment, one named database per space.
+    """Embedded back end: one LMDB environment, one named database per space and ranker.
 
     Keys are big-endian int64 item ids; each space has a database of vectors and one of their
     event times (float64); the `meta` database holds space metadata, backfill progress and the
-    catalogue size as JSON, the `history` database user sequences.
+    catalogue sizes as JSON, the `history` database user sequences. Every database name and
+    record key starts with the scope's prefix, as in Redis.
 
     A reader sees the snapshot the lock file names. A writer killed after writing its commit to
     the data file but before publishing it in the lock file leaves that name one commit behind
@@ -487,23 +632,38 @@ class FileStore(EmbeddingStore):
     which starts from the newest commit in the data file, and aborts it.
     """
 
-    def __init__(self, path: str | Path, map_size: int = 1 << 36) -> None:
+    def __init__(self, path: str | Path, map_size: int = 1 << 36, scope: Scope = DEFAULT_SCOPE) -> None:
         self.path = Path(path)
+        self.map_size = map_size
+        self.scope = scope
         self.env = _lmdb_env(self.path, map_size)
         self._dbs = _DBS.setdefault(str(self.path.resolve()), {})
         self.meta_db = self.env.open_db(b"meta")
         self.history_db = self.env.open_db(b"history")
 
-    @staticmethod
-    def _vectors_db_name(space: str) -> bytes:
-        return f"emb:{space}".encode()
+    def for_scope(self, scope: Scope) -> FileStore:
+        return FileStore(self.path, self.map_size, scope)
 
-    @staticmethod
-    def _event_times_db_name(space: str) -> bytes:
-        return f"emb-time:{space}".encode()
+    def _name(self, *parts: str) -> bytes:
+        return self.scope.key(*parts).encode()
+
+    def _vectors_db_name(self, space: str) -> bytes:
+        return self._name("emb", space)
+
+    def _event_times_db_name(self, space: str) -> bytes:
+        return self._name("emb-time", space)
+
+    def _space_key(self, space: str) -> bytes:
+        return self._name("space", space)
+
+    def _backfill_prefix(self, space: str) -> bytes:
+        return self._name("backfill", space, "")
+
+    def _history_key(self, user_id: int) -> bytes:
+        return self.scope.prefix.encode() + _id_key(int(user_id))
 
     def _meta(self, txn: Any, space: str) -> dict[str, Any]:
-        raw = txn.get(f"space:{space}".encode(), db=self.meta_db)
+        raw = txn.get(self._space_key(space), db=self.meta_db)
         if raw is None:
             raise SpaceNotFound(space)
         return json.loads(raw)
@@ -524,7 +684,7 @@ class FileStore(EmbeddingStore):
     def create_space(self, space: str, dim: int, dtype: str = "float16") -> SpaceInfo:
         meta = _space_meta(space, dim, dtype)
         with self.env.begin(write=True) as txn:
-            key = f"space:{space}".encode()
+            key = self._space_key(space)
             existing = txn.get(key, db=self.meta_db)
             if existing is None:
                 txn.put(key, json.dumps(meta).encode(), db=self.meta_db)
@@ -584,77 +744,89 @@ class FileStore(EmbeddingStore):
         try:
             meta = self._meta(txn, space)
             items = int(txn.stat(db)["entries"])
-            catalogue = int(txn.get(b"catalogue_size", b"0", db=self.meta_db))
-            prefix = f"backfill:{space}:".encode()
-            backfill: dict[str, BackfillShard] = {}
-            with txn.cursor(db=self.meta_db) as cursor:
-                if cursor.set_range(prefix):
-                    for key, value in cursor:
-                        if not key.startswith(prefix):
-                            break
-                        backfill[key[len(prefix):].decode()] = _shard(value)
+            catalogue = int(txn.get(self._name("catalogue", space), b"0", db=self.meta_db))
+            prefix = self._backfill_prefix(space)
+            backfill = {key[len(prefix):].decode(): _shard(value)
+                        for key, value in _prefixed(txn, self.meta_db, prefix)}
         finally:
             txn.abort()
         return _info(meta, items, catalogue, dict(sorted(backfill.items())))
 
     def spaces(self) -> list[str]:
-        with self.env.begin() as txn, txn.cursor(db=self.meta_db) as cursor:
-            names = []
-            if cursor.set_range(b"space:"):
-                for key in cursor.iternext(keys=True, values=False):
-                    if not key.startswith(b"space:"):
-                        break
-                    names.append(key[len(b"space:"):].decode())
-        return sorted(names)
+        prefix = self._name("space", "")
+        with self.env.begin() as txn:
+            return sorted(key[len(prefix):].decode() for key, _ in _prefixed(txn, self.meta_db, prefix))
 
     def delete_space(self, space: str) -> None:
         with self.env.begin() as txn:
-            if txn.get(f"space:{space}".encode(), db=self.meta_db) is None:
+            if txn.get(self._space_key(space), db=self.meta_db) is None:
                 return
         db, times_db = self._vectors_db(space), self._event_times_db(space)
         with self.env.begin(write=True) as txn:
-            txn.drop(db, delete=False)
-            txn.drop(times_db, delete=False)
-            txn.delete(f"space:{space}".encode(), db=self.meta_db)
-            prefix = f"backfill:{space}:".encode()
-            with txn.cursor(db=self.meta_db) as cursor:
-                stale = []
-                if cursor.set_range(prefix):
-                    for key in cursor.iternext(keys=True, values=False):
-                        if not key.startswith(prefix):
-                            break
-                        stale.append(bytes(key))
-            for key in stale:
-                txn.delete(key, db=self.meta_db)
+            self._drop_space(txn, space, db, times_db)
 
-    def set_catalogue_size(self, n: int) -> None:
+    def _drop_space(self, txn: Any, space: str, db: Any, times_db: Any) -> int:
+        """Empty the space's databases and delete its records; returns the records deleted."""
+        txn.drop(db, delete=False)
+        txn.drop(times_db, delete=False)
+        stale = [self._space_key(space), self._name("catalogue", space)]
+        stale += [key for key, _ in _prefixed(txn, self.meta_db, self._backfill_prefix(space))]
+        return sum(bool(txn.delete(key, db=self.meta_db)) for key in stale)
+
+    def set_catalogue_size(self, space: str, n: int) -> None:
         with self.env.begin(write=True) as txn:
-            txn.put(b"catalogue_size", str(int(n)).encode(), db=self.meta_db)
+            self._meta(txn, space)
+            txn.put(self._name("catalogue", space), str(int(n)).encode(), db=self.meta_db)
 
-    def catalogue_size(self) -> int:
+    def catalogue_size(self, space: str) -> int:
         with self.env.begin() as txn:
-            return int(txn.get(b"catalogue_size", b"0", db=self.meta_db))
+            return int(txn.get(self._name("catalogue", space), b"0", db=self.meta_db))
+
+    def delete_scope(self) -> ScopeDeleted:
+        """Every space's databases emptied, every record with the scope's prefix deleted; counts
+        the space databases and records removed."""
+        spaces = self.spaces()
+        handles = {space: (self._vectors_db(space), self._event_times_db(space)) for space in spaces}
+        prefix = self.scope.prefix.encode()
+        with self.env.begin(write=True) as txn:
+            removed = sum(2 + self._drop_space(txn, space, *handles[space]) for space in spaces)
+            for db in (self.meta_db, self.history_db):
+                stale = [key for key, _ in _prefixed(txn, db, prefix)]
+                removed += sum(bool(txn.delete(key, db=db)) for key in stale)
+        return ScopeDeleted(keys=removed, spaces=spaces)
 
     def report_backfill(self, space: str, shard: str, done: int, total: int) -> None:
         with self.env.begin(write=True) as txn:
             self._meta(txn, space)
-            txn.put(f"backfill:{space}:{shard}".encode(), _shard_json(done, total).encode(), db=self.meta_db)
+            txn.put(self._backfill_prefix(space) + shard.encode(), _shard_json(done, total).encode(), db=self.meta_db)
 
     def put_history(self, user_id: int, item_ids: Iterable[int] | np.ndarray, append: bool = False) -> None:
         ids = np.asarray(item_id_list(item_ids), dtype="<i8")
-        key = _id_key(int(user_id))
+        key = self._history_key(user_id)
         with self.env.begin(write=True, db=self.history_db) as txn:
             old = txn.get(key) if append else None
             txn.put(key, (bytes(old) if old else b"") + ids.tobytes())
 
     def get_history(self, user_id: int, max_len: int) -> np.ndarray:
         with self.env.begin(db=self.history_db) as txn:
-            raw = txn.get(_id_key(int(user_id)))
+            raw = txn.get(self._history_key(user_id))
         ids = np.frombuffer(raw, dtype="<i8").astype(np.int64) if raw else np.zeros(0, dtype=np.int64)
         return ids[-max_len:] if max_len > 0 else ids[:0]
 
     def close(self) -> None:
         """Environments are shared per process and live until exit; nothing to release per store."""
+
+
+def _prefixed(txn: Any, db: Any, prefix: bytes) -> list[tuple[bytes, bytes]]:
+    """The (key, value) records of `db` whose key starts with `prefix`, in key order."""
+    out = []
+    with txn.cursor(db=db) as cursor:
+        if cursor.set_range(prefix):
+            for key, value in cursor:
+                if not bytes(key).startswith(prefix):
+                    break
+                out.append((bytes(key), bytes(value)))
+    return out
 
 
 def redis_password(url: str) -> str | None:
@@ -676,13 +848,14 @@ def redis_client(url: str, asyncio: bool = False, **kwargs: Any) -> Any:
     return module.Redis.from_url(url, **kwargs)
 
 
-def open_store(url: str) -> EmbeddingStore:
-    """`redis://host:port/db` or `file:///path` (a directory; created when missing)."""
+def open_store(url: str, scope: Scope = DEFAULT_SCOPE) -> EmbeddingStore:
+    """`redis://host:port/db` or `file:///path` (a directory; created when missing), seen as the
+    ranker `scope` (the local default when not given)."""
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme in ("redis", "rediss", "unix"):
-        return RedisStore.from_url(url)
+        return RedisStore.from_url(url, scope)
     if parsed.scheme == "file":
-        return FileStore(urllib.parse.unquote(parsed.path))
+        return FileStore(urllib.parse.unquote(parsed.path), scope=scope)
     if not parsed.scheme and url:
-        return FileStore(os.path.expanduser(url))
+        return FileStore(os.path.expanduser(url), scope=scope)
     raise ValueError(f"unknown store URL {url!r}: use redis://host:port/db or file:///path")

@@ -84,10 +84,22 @@ def _metadata(ranker: api.MultimodalRanker, name: str, child_labels: dict[str, s
     return meta
 
 
+def store_scope(ranker: api.MultimodalRanker) -> str:
+    """"namespace/name": every store key, stream and consumer group of the ranker carries it
+    (`mmrank.store.Scope`), so rankers sharing a store never touch each other's data."""
+    return scope_of(ranker.metadata.namespace, ranker.metadata.name)
+
+
+def scope_of(namespace: str | None, name: str) -> str:
+    return f"{namespace or 'default'}/{name}"
+
+
 def store_env(ranker: api.MultimodalRanker) -> list[dict[str, Any]]:
-    """How every workload reaches the embedding store; the password never leaves its Secret."""
+    """How every workload reaches the embedding store, as its ranker; the password never leaves
+    its Secret."""
     store = ranker.spec.embeddings.store
-    env: list[dict[str, Any]] = [{"name": "MMRANK_STORE_URL", "value": store.url}]
+    env: list[dict[str, Any]] = [{"name": "MMRANK_STORE_URL", "value": store.url},
+                                 {"name": "MMRANK_SCOPE", "value": store_scope(ranker)}]
     ref = store.password_secret_ref
     if ref is not None:
         env.append({"name": "MMRANK_STORE_PASSWORD",
@@ -348,7 +360,8 @@ def build_embedder_deployment(ranker: api.MultimodalRanker, live_encoders: Seque
     selector = labels(ranker, "embedder")
     env = [{"name": "MMRANK_ENCODERS", "value": encoders_env(ranker, live_encoders)},
            *store_env(ranker),
-           {"name": "MMRANK_ITEM_STREAM", "value": events.stream},
+           # unset: the ranker's own stream (MMRANK_SCOPE); a named one may be shared by rankers
+           *([{"name": "MMRANK_ITEM_STREAM", "value": events.stream}] if events.stream else []),
            {"name": "MMRANK_CONSUMER_GROUP", "value": events.consumer_group}]
     container = {"name": "embedder", "image": embedder.image, "args": ["mmrank", "embedder", "run"], "env": env,
                  "ports": [{"name": "http", "containerPort": EMBEDDER_HTTP, "protocol": "TCP"}],

@@ -121,13 +121,31 @@ def on_timer(body: kopf.Body, retry: int, logger: logging.Logger | logging.Logge
 
 
 @kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL)
-def on_delete(body: kopf.Body, logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
-    """Delete every child explicitly: owner references let a garbage collector do it, but the
-    operator must not depend on one (and a finalizer makes the order observable)."""
-    kube = Context.kube
-    for child in kube.list_children(body.metadata.namespace or "default", body.metadata.name, body.metadata.uid):
-        kube.delete(child["apiVersion"], child["kind"], child["metadata"]["namespace"], child["metadata"]["name"])
-        logger.info(f"deleted {child['kind']} {child['metadata']['name']}")
+def on_delete(body: kopf.Body, retry: int, logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
+    """The finalizer step (operator/teardown.py): delete every child and wait until they are gone
+    (their pods with them), then remove the ranker's keys from the store, with an Event. Until
+    the store is cleaned the ranker stays, with a Warning and the StoreCleanup condition."""
+    from mmrank.operator import teardown
+
+    kube, namespace, name = Context.kube, body.metadata.namespace or "default", body.metadata.name or ""
+    remaining = teardown.delete_children(kube, namespace, name, body.metadata.uid or "")
+    if remaining:
+        raise kopf.TemporaryError(teardown.waiting_message(remaining), delay=min(delay(retry), 5.0))
+    try:
+        # Context.store is None only before startup() has run; no handler runs before it.
+        message = teardown.clean_store(kube, Context.store, namespace, name, body.spec)  # type: ignore[arg-type]
+    except Exception as exc:
+        problem = f"the store could not be cleaned (retrying; to give up, remove the finalizer {FINALIZER}: " \
+                  f"docs/operator.md): {type(exc).__name__}: {exc}"[:1000]
+        reason = "SecretNotAllowed" if isinstance(exc, observe.SecretRefused) else "StoreUnreachable"
+        if teardown.changed(body.status, reason, problem):  # one Event per new problem, not per retry
+            kopf.event(body, type="Warning", reason="StoreCleanupFailed", message=problem)
+            conditions = teardown.cleanup_condition(body.status, False, reason, problem, reconcile.now(),
+                                                    int(body.metadata.get("generation") or 0))
+            kube.patch_status(namespace, name, {"conditions": conditions})
+        raise kopf.TemporaryError(problem, delay=delay(retry)) from exc
+    kopf.event(body, type="Normal", reason="StoreCleaned", message=message)
+    logger.info(f"StoreCleaned: {message}")
     with Context.guard:
         Context.locks.pop(body.metadata.uid or "", None)
     metrics.forget(body)

@@ -176,10 +176,11 @@ class Kube:
                                                              field_manager=FIELD_MANAGER, force_conflicts=True).to_dict()
         return applied
 
-    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+    def delete(self, api_version: str, kind: str, namespace: str, name: str, propagation: str = "Background") -> None:
+        """`Foreground`: the object stays (with a deletionTimestamp) until its dependents are gone."""
         try:
             self.resource(api_version, kind).delete(name=name, namespace=namespace,
-                                                    body={"propagationPolicy": "Background"})
+                                                    body={"propagationPolicy": propagation})
         except ApiException as exc:
             if exc.status != 404:
                 raise

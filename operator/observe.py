@@ -9,10 +9,13 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mmrank.operator import children as build
 from mmrank.operator.core import ChildRef, JobState, ServedRanker, SpaceState, Version
+
+if TYPE_CHECKING:
+    from mmrank.store import ScopeDeleted
 
 
 def _conditions(obj: Mapping[str, Any]) -> dict[str, str]:
@@ -126,10 +129,17 @@ def secret_allows(annotations: Mapping[str, str] | None, ranker: str) -> bool:
 
 
 class CoverageObserver(Protocol):
-    def spaces(self, url: str, password: str | None, versions: Sequence[str]) -> dict[str, SpaceState]:
+    """The store as the operator sees it, always as one ranker (`scope`: "namespace/name")."""
+
+    def spaces(self, url: str, password: str | None, versions: Sequence[str], *, scope: str) -> dict[str, SpaceState]:
         """Coverage per space; raises on an unreachable store."""
 
-    def delete_space(self, url: str, password: str | None, version: str) -> None: ...
+    def delete_space(self, url: str, password: str | None, version: str, *, scope: str) -> None: ...
+
+    def delete_ranker(self, url: str, password: str | None, *, scope: str, stream: str | None,
+                      group: str) -> ScopeDeleted:
+        """Every key of the ranker; its consumer group leaves `stream` when that is a stream
+        named in the spec (shared with other rankers, so not deleted)."""
 
 
 def with_password(url: str, password: str | None) -> str:
@@ -148,19 +158,20 @@ class StoreCoverage:
         self._stores: dict[str, Any] = {}
         self._lock = threading.Lock()
 
-    def _store(self, url: str, password: str | None) -> Any:
-        from mmrank.store import open_store
+    def _store(self, url: str, password: str | None, scope: str) -> Any:
+        """The ranker's view of the store; one connection per store URL, whatever the ranker."""
+        from mmrank.store import Scope, open_store
 
         full = with_password(url, password)
         with self._lock:
             if full not in self._stores:
                 self._stores[full] = open_store(full)
-            return self._stores[full]
+            return self._stores[full].for_scope(Scope.parse(scope))
 
-    def spaces(self, url: str, password: str | None, versions: Sequence[str]) -> dict[str, SpaceState]:
+    def spaces(self, url: str, password: str | None, versions: Sequence[str], *, scope: str) -> dict[str, SpaceState]:
         from mmrank.store import SpaceNotFound
 
-        store = self._store(url, password)
+        store = self._store(url, password, scope)
         out = {}
         for version in versions:
             try:
@@ -172,8 +183,16 @@ class StoreCoverage:
                                       backfill_done=int(info.backfill_done), backfill_total=int(info.backfill_total))
         return out
 
-    def delete_space(self, url: str, password: str | None, version: str) -> None:
-        self._store(url, password).delete_space(version)
+    def delete_space(self, url: str, password: str | None, version: str, *, scope: str) -> None:
+        self._store(url, password, scope).delete_space(version)
+
+    def delete_ranker(self, url: str, password: str | None, *, scope: str, stream: str | None,
+                      group: str) -> ScopeDeleted:
+        store = self._store(url, password, scope)
+        if stream and not store.scope.owns(stream) and hasattr(store, "leave_stream"):
+            store.leave_stream(stream, store.scope.consumer_group(group))
+        deleted: ScopeDeleted = store.delete_scope()
+        return deleted
 
 
 class FixedCoverage:
@@ -182,12 +201,23 @@ class FixedCoverage:
     def __init__(self, coverage: Mapping[str, float] | None = None) -> None:
         self.coverage = dict(coverage or {})
         self.deleted: list[str] = []
+        self.deleted_rankers: list[str] = []
 
-    def spaces(self, url: str, password: str | None, versions: Sequence[str]) -> dict[str, SpaceState]:
+    def spaces(self, url: str, password: str | None, versions: Sequence[str], *,
+               scope: str = "") -> dict[str, SpaceState]:
         return {v: SpaceState(coverage=self.coverage.get(v, 0.0)) for v in versions if v not in self.deleted}
 
-    def delete_space(self, url: str, password: str | None, version: str) -> None:
+    def delete_space(self, url: str, password: str | None, version: str, *, scope: str = "") -> None:
         self.deleted.append(version)
+
+    def delete_ranker(self, url: str, password: str | None, *, scope: str, stream: str | None,
+                      group: str) -> ScopeDeleted:
+        from mmrank.store import ScopeDeleted
+
+        self.deleted_rankers.append(scope)
+        spaces = sorted(v for v in self.coverage if v not in self.deleted)
+        self.deleted += spaces
+        return ScopeDeleted(keys=0, spaces=spaces)
 
 
 # --- freshness from Prometheus ------------------------------------------------------------------

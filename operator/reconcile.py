@@ -59,7 +59,7 @@ def gather(kube: Kube, store: observe.CoverageObserver, ranker: api.MultimodalRa
     try:
         ref = store_spec.password_secret_ref
         password = kube.secret_value(namespace, ref.name, ref.key, meta.name) if ref else None
-        spaces = store.spaces(store_spec.url, password, versions)
+        spaces = store.spaces(store_spec.url, password, versions, scope=build.store_scope(ranker))
     except observe.SecretRefused as exc:
         error, reason = str(exc)[:300], "SecretNotAllowed"
         spaces = {v: core.SpaceState(coverage=None) for v in versions}
@@ -137,7 +137,7 @@ def reconcile(kube: Kube, store: observe.CoverageObserver, body: Mapping[str, An
         ref = store_spec.password_secret_ref
         password = kube.secret_value(ranker.metadata.namespace or "default", ref.name, ref.key,
                                      ranker.metadata.name) if ref else None
-        store.delete_space(store_spec.url, password, version)
+        store.delete_space(store_spec.url, password, version, scope=build.store_scope(ranker))
     if _changed(status, want.status):
         # Clearing a handled request is guarded by resourceVersion: a request a person wrote after
         # this reconcile read the resource makes the patch fail (409, retried), never vanish.

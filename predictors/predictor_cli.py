@@ -21,6 +21,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                        help="ranker artifact directory (KServe mounts storageUri at /mnt/models)")
     serve.add_argument("--store", default=os.environ.get("MMRANK_STORE_URL"),
                        help="embedding store URL, redis://host:port/db or file:///path (env MMRANK_STORE_URL)")
+    serve.add_argument("--scope", default=os.environ.get("MMRANK_SCOPE"), metavar="NAMESPACE/NAME",
+                       help="the ranker whose store keys and feedback stream these are (env MMRANK_SCOPE, which the "
+                       "operator sets; default default/local for local runs)")
     serve.add_argument("--model-name", default=os.environ.get("MMRANK_MODEL_NAME", "ranker"),
                        help="name in /v1/models/<name>:predict and /v2/models/<name>/infer")
     serve.add_argument("--host", default=os.environ.get("MMRANK_HOST", "0.0.0.0"),
@@ -59,7 +62,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--torch-threads", type=non_negative_int, default=0,
                        help="intra-op threads (0: torch's default)")
     serve.add_argument("--no-feedback-stream", action="store_true",
-                       help="do not consume the mmrank:feedback Redis Stream")
+                       help="do not consume the ranker's feedback Redis Stream (mmrank:{NAMESPACE/NAME}:feedback)")
     serve.add_argument("--access-log", action="store_true",
                        help="log a line per request (uvicorn access and KServe timing); metrics carry it anyway")
     serve.set_defaults(handler=_serve)
@@ -101,6 +104,13 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"mmrank predictor serve: no ranker artifact in {args.model_dir} (ranker.json missing; "
               "write one with `mmrank ranker train --out DIR`)", file=sys.stderr)
         return 2
+    from mmrank.store import scope_from_env
+
+    try:
+        scope = scope_from_env(args.scope)
+    except ValueError as exc:
+        print(f"mmrank predictor serve: --scope: {exc}", file=sys.stderr)
+        return 2
     import torch
 
     from mmrank.predictors.requests import Limits
@@ -117,7 +127,7 @@ def _serve(args: argparse.Namespace) -> int:
                         min_coverage=args.min_coverage, recheck_seconds=args.recheck_seconds,
                         feedback_stream=not args.no_feedback_stream, expected_space=args.space,
                         version=args.ranker_version, history_length=args.history_length,
-                        item_cache_size=args.item_cache_size)
+                        item_cache_size=args.item_cache_size, scope=scope)
     serve(model, args.http_port, grpc_port=args.grpc_port, host=args.host,
           workers_threads=max(4, args.max_concurrency + 2), access_log=args.access_log)
     return 0

@@ -372,7 +372,7 @@ def variant_of(request_id: str) -> str | None:
 
 
 class Feedback(BaseModel):
-    """Body of `POST /v1/feedback` (or the fields of one `mmrank:feedback` stream entry)."""
+    """Body of `POST /v1/feedback` (or the fields of one entry of the ranker's feedback stream)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     request_id: Annotated[str, Field(min_length=34, max_length=300)]

@@ -66,10 +66,13 @@ from mmrank.predictors.requests import (
     v2_metadata,
     v2_tensor,
 )
+from mmrank.store import DEFAULT_SCOPE, Scope
 
 log = logging.getLogger("mmrank.predictor")
 
-FEEDBACK_STREAM = "mmrank:feedback"
+# Feedback travels on the ranker's own stream, `Scope.feedback_stream` (mmrank:{<namespace>/<name>}:feedback);
+# this is the local default scope's.
+FEEDBACK_STREAM = DEFAULT_SCOPE.feedback_stream
 
 # --- metrics (the default registry: KServe's /metrics serves it beside its own) ---------------
 
@@ -236,10 +239,12 @@ class RankerModel(Model):
     def __init__(self, name: str, model_dir: str | Path, store_url: str, limits: Limits = Limits(),  # noqa: B008 (frozen dataclass: one shared default is safe)
                  min_coverage: float = 0.99, recheck_seconds: float = 5.0, feedback_stream: bool = True,
                  expected_space: str | None = None, version: str | None = None,
-                 history_length: int | None = None, item_cache_size: int = 200_000) -> None:
+                 history_length: int | None = None, item_cache_size: int = 200_000,
+                 scope: Scope = DEFAULT_SCOPE) -> None:
         super().__init__(name)
         self.model_dir = Path(model_dir)
         self.store_url = store_url
+        self.scope = scope  # the ranker whose keys and feedback stream these are
         self.expected_space = expected_space or None
         self.version_override = version or None
         self.history_length = history_length
@@ -285,12 +290,12 @@ class RankerModel(Model):
 
         self.ranker, self.meta = load_ranker(self.model_dir)
         self.features = self.ranker.item_features.numpy()
-        self.store = open_store(self.store_url)
+        self.store = open_store(self.store_url, self.scope)
         if not isinstance(self.store, RedisStore) or not hasattr(self.store, "changes_key"):
             self.item_cache = None  # the embedded store is a local memory map; no version log: no cache
         log.info("loaded ranker %s (artifact %s, %s) from %s, trained on space %s; history window %d; store %s "
-                 "(reply parser: %s; item vector cache: %s)", self.version, self.meta.get("version"),
-                 self.meta.get("variant"), self.model_dir, self.space, self.window, redact(self.store_url),
+                 "%s (reply parser: %s; item vector cache: %s)", self.version, self.meta.get("version"),
+                 self.meta.get("variant"), self.model_dir, self.space, self.window, redact(self.store_url), self.store.scope,
                  "hiredis" if redis.utils.HIREDIS_AVAILABLE else "python",
                  f"{self.item_cache.capacity} items" if self.item_cache else "off")
         self.check()
@@ -465,32 +470,35 @@ class RankerModel(Model):
         if client is None:
             raise BadRequest("request_id", f"served by variant {variant}, this is {self.version}, and the "
                              "embedded store has no feedback stream to pass it on", status=409, reason="other_variant")
-        client.xadd(FEEDBACK_STREAM, {"request_id": feedback.request_id, "impressions": feedback.impressions,
-                                      "clicks": feedback.clicks}, maxlen=1_000_000, approximate=True)
-        return {"counted": False, "relayed": FEEDBACK_STREAM, "variant": variant}
+        stream = self.store.scope.feedback_stream
+        client.xadd(stream, {"request_id": feedback.request_id, "impressions": feedback.impressions,
+                             "clicks": feedback.clicks}, maxlen=1_000_000, approximate=True)
+        return {"counted": False, "relayed": stream, "variant": variant}
 
     def _feedback_loop(self) -> None:
-        """One consumer group per variant, so every variant sees every entry and counts its own."""
+        """One consumer group per variant, so every variant sees every entry and counts its own;
+        the stream is the ranker's own (its scope), so another ranker's variants never count it."""
         client, group = self.store.client, f"feedback-{self.version}"
+        stream = self.store.scope.feedback_stream
         consumer = f"{os.uname().nodename}-{os.getpid()}"
         last_error = ""
         while not self._stop.is_set():
             try:
                 try:
-                    client.xgroup_create(FEEDBACK_STREAM, group, id="$", mkstream=True)
+                    client.xgroup_create(stream, group, id="$", mkstream=True)
                 except Exception as exc:  # noqa: BLE001 - BUSYGROUP: it exists already
                     if "BUSYGROUP" not in str(exc):
                         raise
                 while not self._stop.is_set():
-                    batches = client.xreadgroup(group, consumer, {FEEDBACK_STREAM: ">"}, count=500, block=1000)
+                    batches = client.xreadgroup(group, consumer, {stream: ">"}, count=500, block=1000)
                     for _, entries in batches or []:
                         for entry_id, fields in entries:
                             self._count_stream_entry(fields)
-                            client.xack(FEEDBACK_STREAM, group, entry_id)
+                            client.xack(stream, group, entry_id)
             except Exception as exc:  # noqa: BLE001 - keep consuming once the store is back
                 error = f"{type(exc).__name__}: {exc}"
                 if error != last_error:
-                    log.warning("feedback stream %s: %s (retrying every %.1f s)", FEEDBACK_STREAM, error,
+                    log.warning("feedback stream %s: %s (retrying every %.1f s)", stream, error,
                                 self.recheck_seconds)
                 last_error = error
                 self._stop.wait(self.recheck_seconds)

@@ -57,7 +57,7 @@ def test_minimal_spec_gets_the_documented_defaults() -> None:
     assert (spec.encoder.backend, spec.encoder.model_name, spec.encoder.dimension) == ("python", "item_encoder", 128)
     assert spec.encoder.dynamic_batching.max_batch_size == 64
     assert spec.ranker.resources.requests == {"cpu": "1", "memory": "2Gi"}
-    assert spec.embeddings.item_events.stream == "mmrank:items"
+    assert spec.embeddings.item_events.stream is None           # the ranker's own stream (its scope)
 
 
 def test_models_accept_python_names_and_dump_camel_case() -> None:

@@ -129,6 +129,33 @@ def test_two_shards_fill_a_new_space_to_full_coverage(triton: tuple[servers.Serv
     np.testing.assert_allclose(got, encode_items(encoder, pixels[rows], [titles[i] for i in rows]), atol=3e-3)
 
 
+def test_a_backfill_fills_the_space_and_catalogue_size_of_its_own_ranker_only(
+        triton: tuple[servers.Server, Any], redis_server: servers.Server, tmp_path: Path) -> None:
+    """`mmrank backfill run` as the operator's Job runs it (MMRANK_SCOPE in its environment), on a
+    Redis where another ranker already has a space of the same name with another catalogue."""
+    from mmrank.store import Scope
+
+    server, _ = triton
+    write_catalogue(tmp_path / "shop", 40)
+    neighbour = open_store(redis_server.url, Scope("ads", "shop-eu"))
+    neighbour.create_space("e1", 128)
+    neighbour.put("e1", [0, 1, 2], np.eye(3, 128, dtype=np.float32))
+    neighbour.set_catalogue_size("e1", 7)
+    argv = [sys.executable, "-m", "mmrank", "backfill", "run", "--space", "e1", "--shard", "0/1",
+            "--encoder", f"{server.extra['grpc_url']}/enc", "--store", redis_server.url,
+            "--catalogue", str(tmp_path / "shop"), "--no-progress"]
+    done = subprocess.run(argv, env={**os.environ, "MMRANK_SCOPE": "ads/shop"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    info = open_store(redis_server.url, Scope("ads", "shop")).space_info("e1")
+    assert (info.items, info.catalogue_size, info.coverage) == (40, 40, 1.0)
+    other = neighbour.space_info("e1")
+    assert (other.items, other.catalogue_size, other.backfill) == (3, 7, {})
+    assert open_store(redis_server.url).spaces() == [], "nothing written as the local default ranker"
+    bad = subprocess.run([*argv, "--scope", "shop"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "NAMESPACE/NAME" in bad.stderr
+
+
 def test_backfill_killed_half_way_resumes_to_full_coverage_without_counting_work_twice(
         triton: tuple[servers.Server, Any], tmp_path: Path) -> None:
     from mmrank import shop

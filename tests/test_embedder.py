@@ -41,7 +41,7 @@ from mmrank.encoders.embedder import (
     serve,
     trim_floor,
 )
-from mmrank.store import DEAD_LETTER_STREAM, EMBEDDER_GROUP, ITEM_STREAM, open_store
+from mmrank.store import DEAD_LETTER_STREAM, DEFAULT_SCOPE, EMBEDDER_GROUP, ITEM_STREAM, Scope, open_store
 
 pytestmark = [pytest.mark.triton, pytest.mark.redis]
 
@@ -247,13 +247,24 @@ def test_the_operator_environment_configures_the_embedder(monkeypatch: pytest.Mo
 
     monkeypatch.setenv("MMRANK_ENCODERS", "e1=r-encoder-e1:8001,e2=r-encoder-e2:8001/enc")
     monkeypatch.setenv("MMRANK_STORE_URL", "redis://store:6379/0")
-    monkeypatch.setenv("MMRANK_ITEM_STREAM", "shop:items")
+    monkeypatch.setenv("MMRANK_SCOPE", "ads/shop")
     monkeypatch.setenv("MMRANK_CONSUMER_GROUP", "emb")
     cfg = config_from_env(http_port=0, max_wait=None)
     assert [t.space for t in cfg.encoders] == ["e1", "e2"] and cfg.encoders[1].model == "enc"
+    # the ranker's own stream, dead letters and group by default ...
     assert (cfg.redis_url, cfg.stream, cfg.dead_stream, cfg.group, cfg.http_port) == \
-        ("redis://store:6379/0", "shop:items", "shop:items:dead", "emb", 0)
+        ("redis://store:6379/0", "mmrank:{ads/shop}:items", "mmrank:{ads/shop}:items:dead", "mmrank:{ads/shop}:emb", 0)
+    # ... and with a stream named in the spec (shared), its group and dead letters stay its own
+    monkeypatch.setenv("MMRANK_ITEM_STREAM", "shop:items")
+    cfg = config_from_env()
+    assert (cfg.stream, cfg.dead_stream, cfg.group) == ("shop:items", "mmrank:{ads/shop}:items:dead",
+                                                        "mmrank:{ads/shop}:emb")
     assert config_from_env(["e9=h:1"], group="other").encoders == [EncoderTarget("e9", "h:1")]
+    assert config_from_env(scope="other/ranker").group == "mmrank:{other/ranker}:emb"
+    with pytest.raises(ValueError, match="NAMESPACE/NAME"):
+        config_from_env(scope="shop")
+    monkeypatch.delenv("MMRANK_SCOPE")
+    assert config_from_env().scope == DEFAULT_SCOPE
     monkeypatch.setenv("MMRANK_STORE_URL", "file:///tmp/store")
     with pytest.raises(ValueError, match="MMRANK_REDIS_URL"):
         config_from_env()
@@ -390,6 +401,48 @@ def test_new_items_appear_in_every_live_space_from_the_stream_and_http(
         assert running.http("/healthz")[0] == 200
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize("shared_stream", [None, "shop:items"], ids=["own streams", "one named stream"])
+def test_the_embedders_of_two_rankers_each_receive_every_item_of_their_stream(
+        triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server, shared_stream: str | None) -> None:
+    """Two rankers on one Redis, both with space e1: each ranker's embedder reads its own stream
+    with its own group (or one stream both name, each with its own group) and writes its own e1."""
+    server, _ = triton
+    client = redis.Redis.from_url(redis_server.url)
+    scopes = (Scope("ads", "shop"), Scope("ads-eu", "shop"))
+    target = [EncoderTarget("e1", server.grpc, "enc_e1")]
+    running = [Running(config(redis_server.url, target, scope=scope, consumer=f"pod-{i}", http_port=None,
+                              stream=shared_stream or ""))
+               for i, scope in enumerate(scopes)]
+    try:
+        sent: dict[Scope, list[int]] = {scopes[0]: list(range(10)), scopes[1]: list(range(5, 12))}
+        if shared_stream:
+            sent = {scope: list(range(12)) for scope in scopes}
+            for item in range(12):
+                item_events.publish_item(client, item, f"wool scarf {item}", images(1, seed=item)[0], stream=shared_stream)
+        else:
+            for scope, items in sent.items():
+                for item in items:
+                    item_events.publish_item(client, item, f"wool scarf {item}", images(1, seed=item)[0],
+                                             stream=scope.item_stream)
+        stores = {scope: open_store(redis_server.url, scope) for scope in scopes}
+        for scope, items in sent.items():
+            store = stores[scope]
+            wait_for(lambda s=store, i=items: "e1" in s.spaces() and s.space_info("e1").items == len(i), 60,
+                     f"the {len(items)} items of {scope} in its e1")
+        for scope, items in sent.items():
+            found = stores[scope].get("e1", range(12))[1]
+            assert np.flatnonzero(found).tolist() == items, f"{scope} holds another ranker's items"
+            stream, group = shared_stream or scope.item_stream, scope.consumer_group()
+            wait_for(lambda st=stream, g=group: client.xpending(st, g)["pending"] == 0, 10,
+                     f"{scope}: every event acknowledged")
+            info = {g["name"].decode(): g for g in client.xinfo_groups(stream)}
+            assert info[group]["entries-read"] == len(items)
+        assert client.exists(ITEM_STREAM) == 0, "nothing went to the local default stream"
+    finally:
+        for embedder in running:
+            embedder.stop()
 
 
 def test_bad_items_land_in_the_dead_letter_stream_with_their_reason(

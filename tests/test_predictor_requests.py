@@ -162,7 +162,7 @@ def test_the_model_class_ranks_from_the_embedded_file_store_of_the_quick_start(t
     url = f"file://{tmp_path / 'store'}"
     store = open_store(url)
     store.create_space("e1", 8)
-    store.set_catalogue_size(10)
+    store.set_catalogue_size("e1", 10)
     store.put("e1", np.arange(10), np.eye(8, dtype=np.float32)[np.arange(10) % 8])
     store.put_history(3, [1, 2, 3, 4, 5])
     write_random_ranker(tmp_path / "ranker", "e1", dim=8, history_length=4, version="r9")
@@ -285,7 +285,7 @@ def test_an_unexpected_failure_is_answered_500_counted_timed_and_logged_once(tmp
     url = f"file://{tmp_path / 'store'}"
     store = open_store(url)
     store.create_space("e1", 8)
-    store.set_catalogue_size(4)
+    store.set_catalogue_size("e1", 4)
     store.put("e1", np.arange(4), np.eye(8, dtype=np.float32)[:4])
     write_random_ranker(tmp_path / "ranker", "e1", dim=8, history_length=4, version="r500")
     model = RankerModel("ranker", tmp_path / "ranker", url, min_coverage=0.5, feedback_stream=False)

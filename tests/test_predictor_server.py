@@ -67,7 +67,7 @@ def artifact(redis: servers.Server, tmp_path_factory: pytest.TempPathFactory) ->
 
     store = open_store(redis.url)
     store.create_space(SPACE, DIM)
-    store.set_catalogue_size(CATALOGUE)
+    store.set_catalogue_size(SPACE, CATALOGUE)
     store.put(SPACE, np.arange(CATALOGUE - 1), unit_vectors(CATALOGUE - 1, DIM, seed=1))
     store.put_history(USER, np.arange(40, 70))
     store.close()
@@ -556,7 +556,7 @@ def wait_for(check: Any, timeout: float = 20.0) -> Any:
 def test_readiness_follows_coverage_and_store_reachability(predictor: servers.Server, redis: servers.Server) -> None:
     store = open_store(redis.url)
     try:
-        store.set_catalogue_size(2 * CATALOGUE)  # the catalogue doubled: coverage 0.495
+        store.set_catalogue_size(SPACE, 2 * CATALOGUE)  # the catalogue doubled: coverage 0.495
         status, answer = wait_for(lambda: (r := http(predictor, "GET", f"/v2/models/{MODEL}/ready"))[0] == 503 and r)
         assert "coverage 0.4950 is below the minimum 0.9900" in answer["error"]
         status, answer = http(predictor, "GET", f"/v1/models/{MODEL}")
@@ -569,12 +569,12 @@ def test_readiness_follows_coverage_and_store_reachability(predictor: servers.Se
         assert status == 200 and answer["coverage"] == pytest.approx(0.495) and answer["space"] == SPACE
         assert "NOT ready: space e1 coverage 0.4950" in predictor.log_path.read_text()
 
-        store.set_catalogue_size(CATALOGUE)  # the backfill caught up
+        store.set_catalogue_size(SPACE, CATALOGUE)  # the backfill caught up
         wait_for(lambda: http(predictor, "GET", f"/v2/models/{MODEL}/ready")[0] == 200)
         assert http(predictor, "GET", f"/v1/models/{MODEL}") == (200, {"name": MODEL, "ready": True})
         assert http(predictor, "GET", "/v2/health/ready")[0] == 200
     finally:
-        store.set_catalogue_size(CATALOGUE)
+        store.set_catalogue_size(SPACE, CATALOGUE)
         store.close()
 
     port, workdir = redis.port, redis.workdir

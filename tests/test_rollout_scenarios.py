@@ -30,7 +30,7 @@ from kubernetes import dynamic
 from kubernetes.client.exceptions import ApiException
 
 from mmrank import api, servers
-from mmrank.loadgen import CanaryRig, Controllers, LoadGenerator, Router, Sample, Throttle, answered
+from mmrank.loadgen import CanaryRig, Controllers, LoadGenerator, Router, Sample, Throttle, answered, prepare_space
 
 pytestmark = [pytest.mark.apiserver, pytest.mark.prometheus, pytest.mark.redis, pytest.mark.slow]
 
@@ -171,6 +171,7 @@ def rollout(cluster: Cluster, rig: CanaryRig, promotion: str = "Automatic", cana
     """r1 stable with traffic flowing, then spec.ranker changed to r2: yields while the operator
     rolls r2 out, the generator routed by what the operator writes."""
     store = rig.stores[STABLE].url
+    prepare_space(store, scope=f"{cluster.namespace}/shop")   # the ranker's own space, where the operator reads
     cluster.rankers.create(body=manifest(cluster.namespace, store, rig.prometheus.url, promotion=promotion),
                            namespace=cluster.namespace)
     wait_for("r1 stable", lambda: (cluster.status().get("stable") or {}).get("rankerVersion") == STABLE)

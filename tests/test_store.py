@@ -57,7 +57,7 @@ def test_spaces_are_independent_and_listed(store: EmbeddingStore) -> None:
 
 def test_reputting_an_item_overwrites_it_and_counts_it_once(store: EmbeddingStore) -> None:
     store.create_space("e1", 16)
-    store.set_catalogue_size(10)
+    store.set_catalogue_size("e1", 10)
     store.put("e1", range(5), unit_vectors(5, 16, seed=1))
     newer = unit_vectors(5, 16, seed=2)
     store.put("e1", range(5), newer)
@@ -146,7 +146,7 @@ def test_space_info_reports_metadata_coverage_and_backfill(store: EmbeddingStore
     assert created.items == 0 and created.coverage == 0.0 and created.catalogue_size == 0
     store.put("e3", range(4), unit_vectors(4, 32))
     assert store.space_info("e3").coverage == 0.0, "unknown catalogue size must never count as covered"
-    store.set_catalogue_size(8)
+    store.set_catalogue_size("e3", 8)
     store.report_backfill("e3", "0/2", 3, 4)
     store.report_backfill("e3", "1/2", 4, 4)
     store.report_backfill("e3", "0/2", 4, 4)
@@ -156,8 +156,23 @@ def test_space_info_reports_metadata_coverage_and_backfill(store: EmbeddingStore
     assert info.created <= created.created + 1e-6
     assert sorted(info.backfill) == ["0/2", "1/2"]
     assert (info.backfill_done, info.backfill_total) == (8, 8)
-    store.set_catalogue_size(2)
+    store.set_catalogue_size("e3", 2)
     assert store.space_info("e3").coverage == 1.0
+
+
+def test_the_catalogue_size_is_kept_per_space_and_leaves_with_it(store: EmbeddingStore) -> None:
+    """A backfill of e2 over a larger catalogue must not lower e1's coverage (it was one global
+    key): each space counts against the catalogue its own backfill saw."""
+    for space, size in (("e1", 4), ("e2", 8)):
+        store.create_space(space, 8)
+        store.put(space, range(4), np.ones((4, 8)))
+        store.set_catalogue_size(space, size)
+    assert (store.space_info("e1").coverage, store.space_info("e2").coverage) == (1.0, 0.5)
+    store.delete_space("e1")
+    assert (store.catalogue_size("e1"), store.catalogue_size("e2")) == (0, 8)
+    assert store.create_space("e1", 8).coverage == 0.0, "a recreated space starts with an unknown catalogue"
+    with pytest.raises(SpaceNotFound):
+        store.set_catalogue_size("never-created", 3)
 
 
 def test_create_space_is_idempotent_but_refuses_another_layout(store: EmbeddingStore) -> None:
@@ -218,7 +233,7 @@ def test_history_keeps_order_replaces_or_appends_and_truncates(store: EmbeddingS
 
 def test_a_second_process_sees_what_the_first_wrote(store: EmbeddingStore, tmp_path: Path) -> None:
     store.create_space("e1", 4)
-    store.set_catalogue_size(3)
+    store.set_catalogue_size("e1", 3)
     url = store.client.connection_pool.connection_kwargs if isinstance(store, store_mod.RedisStore) else None
     target = (f"redis://{url['host']}:{url['port']}/{url.get('db', 0)}" if url
               else f"file://{store.path}")  # type: ignore[attr-defined]
@@ -297,18 +312,18 @@ def test_space_info_sees_the_last_commit_of_a_writer_killed_while_committing(tmp
     url = f"file://{tmp_path / 'store'}"
     store = open_store(url)
     store.create_space("e1", 4)
-    writer = ("import sys; from mmrank.store import open_store; s = open_store(sys.argv[1]); i = s.catalogue_size()\n"
-              "while True:\n    i += 1; s.set_catalogue_size(i)")
+    writer = ("import sys; from mmrank.store import open_store; s = open_store(sys.argv[1]); i = s.catalogue_size('e1')\n"
+              "while True:\n    i += 1; s.set_catalogue_size('e1', i)")
     lagging = 0
     for _ in range(40):
         started = store.space_info("e1").catalogue_size
         process = subprocess.Popen([sys.executable, "-c", writer, url])
         deadline = time.monotonic() + 30
-        while store.catalogue_size() < started + 50 and time.monotonic() < deadline:
+        while store.catalogue_size("e1") < started + 50 and time.monotonic() < deadline:
             time.sleep(0.01)
         process.send_signal(signal.SIGKILL)
         process.wait(10)
-        seen_by_a_reader = store.catalogue_size()  # a read transaction
+        seen_by_a_reader = store.catalogue_size("e1")  # a read transaction
         newest = store.space_info("e1").catalogue_size
         assert newest >= seen_by_a_reader
         lagging += newest > seen_by_a_reader
