@@ -223,9 +223,9 @@ def test_helm_install_apply_rank_fresh_item_upgrade_canary_rollback_delete(node:
     traffic = Traffic(url, MODEL, items, click_probability=CLICKS, clock=timeline.now).start()
     try:
         # --- a new item, embedded within seconds, used by the next ranking ----------------------
-        from mmrank.store import open_store
+        from mmrank.store import Scope, open_store
 
-        store = open_store(node.redis_url())
+        store = open_store(node.redis_url(), Scope(NAMESPACE, RANKER))
         embedder = node.wait("embedder Ready", lambda: node.pod_urls("app.kubernetes.io/component=embedder", 8080), 120)[0]
         new_item = 600
         posted = time.time()
