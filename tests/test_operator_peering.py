@@ -81,8 +81,9 @@ class Operator:
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "mmrank", "operator", "run", "--namespace", namespace, "--interval", "1",
-                 "--peering", f"mmrank-{namespace}", "--peering-lifetime", str(lifetime),
-                 "--readiness", self.ready_url, *extra],
+                 *(["--standalone"] if "--standalone" in extra else ["--peering", f"mmrank-{namespace}"]),
+                 "--peering-lifetime", str(lifetime), "--readiness", self.ready_url,
+                 *(e for e in extra if e != "--standalone")],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir, start_new_session=True)
 
     def text(self) -> str:
@@ -204,7 +205,20 @@ def test_one_replica_reconciles_and_the_next_takes_over_when_it_is_killed_or_sto
 
     developer = operators("developer", lifetime, "--priority", "0")
     wait_for("the replica pauses for the developer", lambda: "Pausing operations in favour of" in c.text(), 30)
+    time.sleep(2)                                              # a handler already running finishes first
     paused_at = c.touched("shop")
     wait_for("the developer's operator reconciles", lambda: developer.touched("shop") >= 2, 30)
     time.sleep(2)
     assert c.touched("shop") == paused_at
+
+
+@pytest.mark.apiserver
+def test_a_standalone_operator_is_ready_once_the_apiserver_answers_it(
+        kube: Any, namespace: str, operators: Callable[..., Operator]) -> None:
+    """The chart's one-replica mode (leaderElection.enabled=false): no peering object, readiness is
+    an answered list of rankers."""
+    alone = operators("alone", 6, "--standalone")
+    wait_for("the standalone operator ready", alone.ready, 60)
+    assert "the apiserver answers (standalone)" in httpx.get(alone.ready_url, timeout=5).text
+    create_ranker(kube, namespace)
+    wait_for("it reconciles", lambda: alone.touched("shop") >= 1, 30)
