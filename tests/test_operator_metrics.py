@@ -145,3 +145,38 @@ def test_an_inconclusive_analysis_counts_as_wait() -> None:
     assert counting.analyse("http://p", "r2", "r1", 30, api.AnalysisSpec()).verdict == "Inconclusive"
     assert value("mmrank_operator_canary_decisions_total", decision="wait") == before + 1
     assert counting.queries_sent == 7       # the wrapped analyser's, for the benchmarks
+
+
+# --- scrape annotations on what the operator creates ----------------------------------------------
+
+SCRAPED = {"encoder": "8002", "embedder": "8080", "ranker": "8080"}
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))
+def test_every_pod_that_serves_metrics_is_annotated_for_scraping(example: str) -> None:
+    """Deployments: prometheus.io/* on the pod template; the InferenceService: KServe's
+    enable-prometheus-scraping with our port and path (KServe annotates its pods from them)."""
+    import yaml
+
+    from mmrank.operator.cli import render_documents
+
+    documents = [d for d in yaml.safe_load_all((ROOT / "examples" / example).read_text()) if d]
+    seen = set()
+    for body in (d for d in documents if d.get("kind") == "MultimodalRanker"):
+        for child in render_documents([body], {body["spec"]["encoder"]["version"]: 1.0}):
+            component = child["metadata"]["labels"].get("app.kubernetes.io/component")
+            if child["kind"] == "Deployment" and component in SCRAPED:
+                annotations = child["spec"]["template"]["metadata"]["annotations"]
+                assert (annotations["prometheus.io/scrape"], annotations["prometheus.io/port"],
+                        annotations["prometheus.io/path"]) == ("true", SCRAPED[component], "/metrics"), child
+                seen.add(component)
+            elif child["kind"] == "InferenceService":
+                annotations = child["metadata"]["annotations"]
+                assert annotations["serving.kserve.io/enable-prometheus-scraping"] == "true"
+                assert (annotations["prometheus.kserve.io/port"], annotations["prometheus.kserve.io/path"]) == \
+                    ("8080", "/metrics")
+                assert child["spec"]["predictor"]["labels"]["mmrank.io/ranker"] == body["metadata"]["name"]
+                seen.add("ranker")
+            elif child["kind"] == "Job":      # a backfill serves no metrics: the operator exports its progress
+                assert "prometheus.io/scrape" not in (child["spec"]["template"]["metadata"].get("annotations") or {})
+    assert {"encoder", "embedder", "ranker"} <= seen
