@@ -45,6 +45,8 @@ class RankerConfig:
     hidden: tuple[int, ...] = (64, 32)
     tier_width: float = 0.1
     make_hidden: int = 32
+    make_simtier: bool = True      # MAKE's own module counts the similarity tiers too
+    make_vector: bool = False      # MAKE's attention-pooled vector also enters the ID model's first layer
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -185,20 +187,41 @@ class MakeOutputs(NamedTuple):
 
 
 class MAKE(nn.Module):
-    """MAKE, the multimodal knowledge extractor (paper 4.2.2): a DIN over multimodal embeddings
-    and a shallow MLP, with no id parameters at all, so it can train for several epochs on the
-    click task without the one-epoch overfitting of id embeddings. Afterwards its output vector,
-    middle layer and logit are joined with the ID model's matching parts (`Ranker`)."""
+    """MAKE, the multimodal knowledge extractor (paper 4.2.2), and how it maps to the paper
+    (docs/results.md, "MAKE: the paper and this code", has the whole table):
 
-    def __init__(self, mm_dim: int, hidden: int = 32) -> None:
+    - *what trains for several epochs*: every multimodal-related parameter and nothing else —
+      a target attention over the behaviours' multimodal embeddings, its own SimTier weights
+      over the same similarity tiers the ID model counts, and a shallow MLP. No id parameter, so
+      several epochs do not hit the one-epoch overfitting of id embeddings;
+    - *its pre-training task*: the downstream task itself, click / no click on the training
+      impressions (`make_logits`, `train.pretrain_make`), not a contrastive one;
+    - *how it enters the ID model*: its middle layer joins the ID model's MLP after the first
+      layer and its logit is added to the ID model's (`Ranker.forward`); the ID model trains one
+      epoch on top. Its attention-pooled vector may enter the first layer too (`make_vector`),
+      which measured worse (128 inputs trained for one epoch only);
+    - *during the ID epoch*: frozen by default (`train.TrainSettings.make_finetune_lr` = 0);
+    - *how many epochs*: chosen on the last training day as validation (`train.select_make_epochs`).
+    """
+
+    def __init__(self, mm_dim: int, hidden: int = 32, tiers: SimTier | None = None) -> None:
         super().__init__()
         self.attention = TargetAttention(mm_dim, mm_dim)
-        self.middle = nn.Sequential(nn.Linear(3 * mm_dim, hidden), nn.PReLU())
+        self.simtier = tiers
+        width = 3 * mm_dim + (tiers.n_bins if tiers is not None else 0)
+        self.middle = nn.Sequential(nn.Linear(width, hidden), nn.PReLU())
         self.out = nn.Linear(hidden, 1)
 
-    def forward(self, cand_emb: torch.Tensor, hist_emb: torch.Tensor, hist_valid: torch.Tensor) -> MakeOutputs:
+    def forward(self, cand_emb: torch.Tensor, hist_emb: torch.Tensor, hist_valid: torch.Tensor,
+                log_counts: torch.Tensor | None = None) -> MakeOutputs:
+        """`log_counts` [B, C, n_bins]: log(1 + tier counts), computed once and shared with the
+        ID model's SimTier (MAKE weighs them with its own tier weights)."""
         vector = self.attention(cand_emb, hist_emb, hist_valid)                    # [B, C, D]
-        middle = self.middle(torch.cat([cand_emb, vector, cand_emb * vector], dim=-1))
+        parts = [cand_emb, vector, cand_emb * vector]
+        if self.simtier is not None:
+            assert log_counts is not None
+            parts.append(log_counts * self.simtier.weight)
+        middle = self.middle(torch.cat(parts, dim=-1))
         return MakeOutputs(vector, middle, self.out(middle).squeeze(-1))
 
 
@@ -221,8 +244,9 @@ class Ranker(nn.Module):
             mlp_in += self.simtier.n_bins
         first_out = config.hidden[0]
         if config.uses_make:
-            self.make = MAKE(config.mm_dim, config.make_hidden)
-            mlp_in += config.mm_dim
+            self.make = MAKE(config.mm_dim, config.make_hidden,
+                             SimTier(config.tier_width) if config.make_simtier else None)
+            mlp_in += config.mm_dim if config.make_vector else 0
         self.first = nn.Sequential(nn.Linear(mlp_in, first_out), nn.PReLU())
         rest: list[nn.Module] = []
         width = first_out + (config.make_hidden if config.uses_make else 0)
@@ -234,6 +258,7 @@ class Ranker(nn.Module):
         # Category and brand of every known item (-1 unknown), filled by `load_ranker`, so a
         # request that only carries item ids can still be scored.
         self.register_buffer("item_features", torch.full((0, 2), -1, dtype=torch.int64), persistent=False)
+        self.make_trainable = False  # set by the ID epoch when MAKE is fine-tuned rather than frozen
 
     def item_vectors(self, items: torch.Tensor, categories: torch.Tensor, brands: torch.Tensor) -> torch.Tensor:
         """[...] ids -> [..., 3d] concatenated item, category and brand embeddings."""
@@ -258,23 +283,40 @@ class Ranker(nn.Module):
         user = self.user_emb(id_index(x.user, c.n_users))[:, None].expand(-1, n_cand, -1)
         parts = [user, target, interest, target * interest, mean_history]
         valid_mm = x.hist_mask & x.hist_found                                        # [B, L]
+        log_counts = None
         if c.uses_simtier:
-            count_mask = valid_mm[:, None, :] & x.cand_found[..., None]              # [B, C, L]
-            parts.append(self.simtier(cosine_matrix(cand_emb, hist_emb), count_mask))
-        make = self.make(cand_emb, hist_emb, valid_mm) if c.uses_make else None
-        if make is not None:
-            make = MakeOutputs(*(t.detach() for t in make))  # MAKE is trained before, frozen here
-            parts.append(make.vector)
+            log_counts = self.log_tier_counts(cand_emb, hist_emb, valid_mm, x.cand_found)
+            parts.append(log_counts * self.simtier.weight)
+        make = None
+        if c.uses_make:
+            if self.make_trainable:
+                make = self.make(cand_emb, hist_emb, valid_mm, log_counts)
+            else:   # pre-trained, frozen in the ID epoch: no graph is recorded through it
+                with torch.no_grad():
+                    make = self.make(cand_emb, hist_emb, valid_mm,
+                                     None if log_counts is None else log_counts.detach())
+            if c.make_vector:
+                parts.append(make.vector)
         hidden = self.first(torch.cat(parts, dim=-1))
         if make is not None:
             hidden = torch.cat([hidden, make.middle], dim=-1)
         logit = self.out(self.rest(hidden)).squeeze(-1)
         return logit + make.logit if make is not None else logit
 
+    def log_tier_counts(self, cand_emb: torch.Tensor, hist_emb: torch.Tensor, valid_mm: torch.Tensor,
+                        cand_found: torch.Tensor) -> torch.Tensor:
+        """log(1 + count) per similarity tier, [B, C, n_bins] (SimTier before its weights)."""
+        count_mask = valid_mm[:, None, :] & cand_found[..., None]                  # [B, C, L]
+        tiers = self.simtier if self.config.uses_simtier else self.make.simtier
+        return torch.log1p(tiers.histogram(cosine_matrix(cand_emb, hist_emb), count_mask))
+
     def make_logits(self, x: RankerInputs) -> torch.Tensor:
         """MAKE alone ([B, C] logits), for its own pre-training on the click task."""
         valid_mm = x.hist_mask & x.hist_found
-        return self.make(_zero_missing(x.cand_emb, x.cand_found), _zero_missing(x.hist_emb, x.hist_found), valid_mm).logit
+        cand_emb, hist_emb = _zero_missing(x.cand_emb, x.cand_found), _zero_missing(x.hist_emb, x.hist_found)
+        log_counts = (self.log_tier_counts(cand_emb, hist_emb, valid_mm, x.cand_found)
+                      if self.make.simtier is not None else None)
+        return self.make(cand_emb, hist_emb, valid_mm, log_counts).logit
 
     def id_parameters(self) -> list[nn.Parameter]:
         """Everything but MAKE: what the one-epoch ID training updates."""

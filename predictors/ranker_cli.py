@@ -2,11 +2,21 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from mmrank.cli import CommandError, existing_dir, existing_file, non_negative_int, positive_float, positive_int
+from mmrank.cli import (
+    CommandError,
+    existing_dir,
+    existing_file,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+from mmrank.shop_config import MATRIX_DEFAULT, MATRIX_SHOPS
 
 VARIANTS = ("id", "vector", "simtier", "simtier-make")
 
@@ -21,6 +31,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--out", required=True, help="artifact directory (ranker.json, weights.pt, item_features.npy)")
     train.add_argument("--version", help="ranker version recorded in ranker.json (default: variant-space)")
     _training_args(train)
+    train.add_argument("--make-vector-input", action="store_true",
+                       help="ablation: MAKE's attention-pooled vector also enters the ID model's first layer")
+    train.add_argument("--no-make-tiers", action="store_true",
+                       help="ablation: MAKE's module without its own SimTier weights (issue 6's MAKE)")
+    train.add_argument("--make-finetune-lr", type=non_negative_float, default=0.0,
+                       help="keep training MAKE during the ID epoch at this Adam rate (default 0: frozen)")
     train.set_defaults(handler=_train)
 
     evaluate = sub.add_parser("eval", help="AUC, GAUC and log-loss of an artifact on the test day, overall and cold items")
@@ -40,6 +56,27 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     _training_args(table, with_make_epochs=False)
     table.set_defaults(handler=_table)
 
+    matrix = sub.add_parser("matrix", help="ID / Vector / SimTier / SimTier+MAKE over shop configurations x "
+                            "embedding spaces x seeds: one table and one picture")
+    matrix.add_argument("--workdir", required=True, help="shops, spaces and the SCL encoder go here (reused)")
+    matrix.add_argument("--shops", default=",".join(MATRIX_DEFAULT),
+                        help="named shop configurations (mmrank.shop_config.MATRIX_SHOPS), comma-separated")
+    matrix.add_argument("--spaces", default="oracle,scl", help="oracle and/or scl, comma-separated")
+    matrix.add_argument("--seeds", type=positive_int, default=3)
+    matrix.add_argument("--jobs", type=positive_int, default=1, help="worker processes (one torch thread each)")
+    matrix.add_argument("--scl-checkpoint", type=existing_dir,
+                        help="SCL encoder checkpoint for the scl space (default: train one on the first shop)")
+    matrix.add_argument("--scl-steps", type=positive_int, default=300, help="steps when training that encoder")
+    matrix.add_argument("--max-make-epochs", type=positive_int, default=3,
+                        help="MAKE's epochs are chosen on the validation day among 1..this")
+    matrix.add_argument("--history-length", type=positive_int, default=50)
+    matrix.add_argument("--batch-size", type=positive_int, default=256)
+    matrix.add_argument("--json", help="also write every run's figures here")
+    matrix.add_argument("--from-json", type=existing_file, help="render a previous --json instead of training")
+    matrix.add_argument("--results", help="replace the matrix section of this markdown file (docs/results.md)")
+    matrix.add_argument("--picture", help="write the lift picture here (PNG)")
+    matrix.set_defaults(handler=_matrix)
+
 
 def _data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=existing_dir, help="shop directory (mmrank shop generate --out)")
@@ -56,8 +93,22 @@ def _training_args(parser: argparse.ArgumentParser, with_make_epochs: bool = Tru
     parser.add_argument("--threads", type=non_negative_int, default=1,
                         help="torch threads (1 is fastest on a shared machine; 0: torch's default)")
     if with_make_epochs:
-        parser.add_argument("--make-epochs", type=positive_int, default=2,
-                            help="MAKE pre-training epochs (simtier-make)")
+        parser.add_argument("--make-epochs", type=_make_epochs, default=0, metavar="N|auto",
+                            help="MAKE pre-training epochs (simtier-make); auto (default): chosen on the last "
+                            "training day as validation, among 1..--max-make-epochs")
+        parser.add_argument("--max-make-epochs", type=positive_int, default=4)
+
+
+def _make_epochs(text: str) -> int:
+    if text == "auto":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number of epochs or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1 epoch (or 'auto'), got {text!r}")
+    return value
 
 
 def _settings(args: argparse.Namespace, seed: int | None = None, make_epochs: int | None = None):  # noqa: ANN202
@@ -67,7 +118,8 @@ def _settings(args: argparse.Namespace, seed: int | None = None, make_epochs: in
         import torch
         torch.set_num_threads(args.threads)
     return TrainSettings(seed=args.seed if seed is None else seed, batch_size=args.batch_size,
-                         make_epochs=getattr(args, "make_epochs", 2) if make_epochs is None else make_epochs)
+                         make_epochs=getattr(args, "make_epochs", 0) if make_epochs is None else make_epochs,
+                         max_make_epochs=getattr(args, "max_make_epochs", 4))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -76,8 +128,10 @@ def _train(args: argparse.Namespace) -> int:
 
     train_data, test_data, catalogue, vocab = train.load_data(args.data, args.history_length, args.embeddings)
     config = RankerConfig(variant=args.variant, mm_dim=catalogue.vectors.shape[1],
-                          history_length=args.history_length, tier_width=args.tier_width, **vocab)
-    model, report = train.train_ranker(train_data, catalogue, config, _settings(args))
+                          history_length=args.history_length, tier_width=args.tier_width,
+                          make_vector=args.make_vector_input, make_simtier=not args.no_make_tiers, **vocab)
+    settings = dataclasses.replace(_settings(args), make_finetune_lr=args.make_finetune_lr)
+    model, report = train.train_ranker(train_data, catalogue, config, settings)
     metrics = train.evaluate(model, test_data, catalogue)
     meta = artifact.save_ranker(args.out, model, catalogue.encoder_version, catalogue.item_features,
                                 version=args.version, metrics=metrics,
@@ -153,4 +207,61 @@ def _table_command(args: argparse.Namespace) -> str:
         parts.append(f"--jobs {args.jobs}")
     if args.history_length != 50:
         parts.append(f"--history-length {args.history_length}")
+    return " ".join(parts)
+
+
+def _matrix(args: argparse.Namespace) -> int:
+    from mmrank.predictors import matrix
+
+    shops = [name.strip() for name in args.shops.split(",") if name.strip()]
+    unknown = [name for name in shops if name not in MATRIX_SHOPS]
+    if not shops or unknown:
+        raise CommandError(f"--shops: unknown {unknown or 'empty list'}; choose among {', '.join(MATRIX_SHOPS)}")
+    spaces = [space.strip() for space in args.spaces.split(",") if space.strip()]
+    if not spaces or any(space not in matrix.SPACES for space in spaces):
+        raise CommandError(f"--spaces: choose among {', '.join(matrix.SPACES)}, got {args.spaces!r}")
+    if args.from_json:
+        try:
+            result = json.loads(Path(args.from_json).read_text())
+        except ValueError as exc:
+            raise CommandError(f"--from-json {args.from_json}: not JSON ({exc})") from None
+    else:
+        def log(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+
+        workdir = Path(args.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        specs = [matrix.ShopSpec(name, *MATRIX_SHOPS[name]) for name in shops]
+        prepared = matrix.prepare(workdir, specs, spaces, args.scl_checkpoint, args.scl_steps, log)
+        from mmrank.predictors.train import TrainSettings
+
+        settings = TrainSettings(batch_size=args.batch_size, make_epochs=0, max_make_epochs=args.max_make_epochs)
+        result = matrix.run_matrix(prepared, spaces, list(range(args.seeds)), settings,
+                                   history_length=args.history_length, jobs=args.jobs, log=log)
+        result["command"] = _matrix_command(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    picture_ref = None
+    if args.picture:
+        picture = matrix.plot(result, Path(args.picture))
+        if args.results:
+            import os
+
+            picture_ref = os.path.relpath(picture, Path(args.results).resolve().parent)
+    markdown = matrix.render(result, result.get("command", _matrix_command(args)), picture_ref)
+    print(markdown)
+    if args.results:
+        matrix.replace_section(Path(args.results), markdown)
+    return 0
+
+
+def _matrix_command(args: argparse.Namespace) -> str:
+    parts = ["mmrank ranker matrix", f"--shops {args.shops}", f"--spaces {args.spaces}", f"--seeds {args.seeds}",
+             f"--max-make-epochs {args.max_make_epochs}"]
+    if args.scl_checkpoint:
+        parts.append("--scl-checkpoint CKPT")
+    else:
+        parts.append(f"--scl-steps {args.scl_steps}")
+    if args.jobs > 1:
+        parts.append(f"--jobs {args.jobs}")
     return " ".join(parts)

@@ -1,8 +1,10 @@
 """Training and evaluation of the CTR ranker on the shop's impressions.
 
 The recipe is the paper's: id parameters see the training impressions once (one epoch: id
-embeddings overfit after it), MAKE's multimodal module first trains alone for several epochs,
-then stays frozen while the ID model trains its one epoch. Training impressions are shuffled
+embeddings overfit after it), MAKE's multimodal module first trains alone on the click task for
+several epochs — how many is chosen on the last training day as validation, never on the test
+day (`select_make_epochs`) — then stays frozen while the ID model trains its one epoch (or keeps
+training at `make_finetune_lr`, an option measured in docs/results.md). Training impressions are shuffled
 once per epoch with the run's seed (the seed also fixes the initialisation): that is what makes
 the table's three seeds differ.
 """
@@ -30,12 +32,21 @@ class Impressions:
     cold: np.ndarray        # [N] bool (item never impressed in training days)
     history: np.ndarray     # [N, L] int64
     history_mask: np.ndarray  # [N, L] bool
+    day: np.ndarray | None = None  # [N] int (shop day), where known: the validation split needs it
 
     def __len__(self) -> int:
         return len(self.user)
 
     def take(self, rows: np.ndarray) -> Impressions:
-        return Impressions(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
+        return Impressions(*(None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
+                             for f in dataclasses.fields(self)))
+
+    def split_last_day(self) -> tuple[Impressions, Impressions]:
+        """(all days but the last, the last day): the validation split for MAKE's epoch count."""
+        if self.day is None or len(np.unique(self.day)) < 2:
+            raise ValueError("choosing MAKE's epochs needs impressions of at least two training days")
+        last = self.day == self.day.max()
+        return self.take(np.flatnonzero(~last)), self.take(np.flatnonzero(last))
 
 
 @dataclasses.dataclass
@@ -58,8 +69,10 @@ class TrainSettings:
     batch_size: int = 256
     lr_sparse: float = 0.02
     lr_dense: float = 0.002
-    make_epochs: int = 2
+    make_epochs: int = 0            # 0: chosen on the validation day (`select_make_epochs`)
+    max_make_epochs: int = 4        # the most the choice may pick
     make_lr: float = 0.002
+    make_finetune_lr: float = 0.0   # 0: MAKE frozen during the ID epoch; else Adam at this rate
 
 
 def load_data(data_dir: str, history_length: int, space_dir: str | None = None,
@@ -92,7 +105,7 @@ def from_shop(shop: Any, vectors: np.ndarray, present: np.ndarray, encoder_versi
     history, mask = shop.history(imp["user_id"].to_numpy(), imp["ts"].to_numpy(), history_length)
     everything = Impressions(imp["user_id"].to_numpy(np.int64), imp["item_id"].to_numpy(np.int64),
                              imp["clicked"].to_numpy(np.float32), imp["cold"].to_numpy(bool),
-                             np.asarray(history, np.int64), np.asarray(mask, bool))
+                             np.asarray(history, np.int64), np.asarray(mask, bool), imp["day"].to_numpy(np.int64))
     is_train = (imp["split"] == "train").to_numpy()
     users = max(int(shop.impressions["user_id"].max()), int(shop.behaviours["user_id"].max())) + 1
     vocab = {"n_users": users, "n_items": n_items,
@@ -164,15 +177,52 @@ def pretrain_make(model: Ranker, data: Impressions, catalogue: Catalogue, settin
     return saved
 
 
+def choose_epochs(curve: dict[int, float]) -> int:
+    """The epoch count with the best validation score; the fewest epochs among equals (NaN loses)."""
+    scored = {e: v for e, v in curve.items() if v == v}
+    if not scored:
+        return min(curve)
+    best = max(scored.values())
+    return min(e for e, v in scored.items() if v >= best - 1e-12)
+
+
+def select_make_epochs(model: Ranker, data: Impressions, catalogue: Catalogue, settings: TrainSettings,
+                       ) -> tuple[int, dict[int, float]]:
+    """MAKE's number of pre-training epochs, chosen on a validation day, never the test day: MAKE
+    alone trains on every training day but the last, its own click logit is scored (GAUC) on the
+    last after each epoch, and the best count wins. `model` is a scratch copy: its MAKE is
+    overwritten. -> (epochs, {epoch: validation GAUC})."""
+    from mmrank.predictors.metrics import gauc
+
+    fit, validation = data.split_last_day()
+    rng = np.random.default_rng(settings.seed + 2000)
+    optimizer = torch.optim.Adam(model.make.parameters(), lr=settings.make_lr)
+    curve: dict[int, float] = {}
+    for epoch in range(1, settings.max_make_epochs + 1):
+        model.train()
+        _epoch(fit, catalogue, model.make_logits, optimizer, settings.batch_size, rng)
+        model.eval()
+        with torch.no_grad():
+            logits = np.concatenate([model.make_logits(to_inputs(validation, rows, catalogue))[:, 0].numpy()
+                                     for rows in batches(len(validation), 1024, None)])
+        curve[epoch] = round(gauc(validation.user, validation.label, logits), 5)
+    return choose_epochs(curve), curve
+
+
 def train_id_epoch(model: Ranker, data: Impressions, catalogue: Catalogue, settings: TrainSettings) -> float:
     """One epoch over the training impressions for every parameter but MAKE's."""
     tables = [model.user_emb.weight, model.item_emb.weight, model.category_emb.weight, model.brand_emb.weight]
     dense = [p for p in model.id_parameters() if all(p is not t for t in tables)]
-    optimizer = _Both(torch.optim.SparseAdam(tables, lr=settings.lr_sparse),
-                      torch.optim.Adam(dense, lr=settings.lr_dense))
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.SparseAdam(tables, lr=settings.lr_sparse),
+                                               torch.optim.Adam(dense, lr=settings.lr_dense)]
+    model.make_trainable = model.config.uses_make and settings.make_finetune_lr > 0
+    if model.make_trainable:
+        optimizers.append(torch.optim.Adam(model.make.parameters(), lr=settings.make_finetune_lr))
+    optimizer = _Both(*optimizers)
     model.train()
     loss = _epoch(data, catalogue, model, optimizer, settings.batch_size, np.random.default_rng(settings.seed),
                   embeddings=model.config.uses_embeddings)
+    model.make_trainable = False
     forget_unseen(model, data)
     model.eval()
     return loss
@@ -219,6 +269,13 @@ def train_ranker(train: Impressions, catalogue: Catalogue, config: RankerConfig,
     started = time.perf_counter()
     if config.uses_make:
         if make_state is None:
+            if settings.make_epochs == 0:
+                scratch = Ranker(config)
+                chosen, curve = select_make_epochs(scratch, train, catalogue, settings)
+                settings = dataclasses.replace(settings, make_epochs=chosen)
+                report["make_validation_gauc"] = curve
+                report["make_selection_seconds"] = round(time.perf_counter() - started, 2)
+                started = time.perf_counter()
             pretrain_make(model, train, catalogue, settings)
         else:
             model.make.load_state_dict(make_state)

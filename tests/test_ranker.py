@@ -117,6 +117,19 @@ def test_make_trains_alone_first_then_stays_frozen_through_the_id_epoch(data: tu
     assert not torch.equal(model.user_emb.weight, initial["user_emb.weight"])
 
 
+def test_make_keeps_training_in_the_id_epoch_only_when_asked(data: tuple) -> None:
+    """`make_finetune_lr` > 0: MAKE's weights move during the ID epoch (and its own tier weights
+    with them); MAKE's module carries SimTier weights of its own, separate from the ranker's."""
+    train_data, _, catalogue, _ = data
+    torch.manual_seed(0)
+    model = train.Ranker(_config(data, "simtier-make"))
+    assert model.make.simtier is not None and model.make.simtier.weight is not model.simtier.weight
+    before = {k: v.clone() for k, v in model.make.state_dict().items()}
+    train.train_id_epoch(model, train_data, catalogue, train.TrainSettings(make_finetune_lr=0.001))
+    moved = {k for k, v in model.make.state_dict().items() if not torch.equal(v, before[k])}
+    assert "simtier.weight" in moved and "out.weight" in moved
+
+
 def test_unseen_ids_share_the_unknown_row(data: tuple) -> None:
     train_data, _, catalogue, _ = data
     model, _ = train.train_ranker(train_data, catalogue, _config(data, "id"), train.TrainSettings())

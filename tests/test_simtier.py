@@ -101,7 +101,13 @@ def test_ranker_does_not_count_missing_embeddings() -> None:
     torch.manual_seed(0)
     model = Ranker(RankerConfig(variant="simtier", n_users=3, n_items=5, n_categories=2, n_brands=2, mm_dim=4))
     seen: list[torch.Tensor] = []
-    model.simtier.register_forward_hook(lambda mod, args, out: seen.append(args[1].clone()))
+    histogram = model.simtier.histogram    # the counts are taken once and shared with MAKE: spy on them
+
+    def spy(cosine: torch.Tensor, count_mask: torch.Tensor) -> torch.Tensor:
+        seen.append(count_mask.clone())
+        return histogram(cosine, count_mask)
+
+    model.simtier.histogram = spy  # type: ignore[method-assign]  # a spy on the instance
     emb = torch.eye(4)
     x = RankerInputs(
         user=torch.tensor([0]), hist_item=torch.tensor([[0, 1, 2]]), hist_category=torch.zeros(1, 3, dtype=torch.long),
