@@ -126,6 +126,20 @@ def test_writing_retiring_and_deleting_one_ranker_leaves_the_other_intact(
         assert client.xpending(pair[1].item_stream, pair[1].consumer_group())["pending"] == 1
 
 
+def test_the_operator_deletes_a_ranker_whose_named_stream_never_existed(redis_server: servers.Server) -> None:
+    """A stream named in the spec that nobody ever wrote: nothing to leave, no error; the ranker's
+    own keys go, another ranker's stay."""
+    client = redis.Redis.from_url(redis_server.url)
+    seed(RedisStore(client, Scope("ads", "shop")))
+    seed(RedisStore(client, Scope("ads", "shop-eu")))
+    before = snapshot(client, Scope("ads", "shop-eu"))
+    deleted = observe.StoreCoverage().delete_ranker(redis_server.url, None, scope="ads/shop", stream="never:items",
+                                                    group="embedder")
+    assert (deleted.keys, deleted.spaces) == (9, ["e1"])
+    assert keys(client, Scope("ads", "shop")) == [] and client.exists("never:items") == 0
+    assert snapshot(client, Scope("ads", "shop-eu")) == before
+
+
 def test_every_key_of_a_ranker_is_in_one_cluster_slot_under_its_prefix(redis_server: servers.Server) -> None:
     """The Lua script of `put` and the MULTI of `delete_space` touch several keys: in a Redis
     Cluster they must share a slot, which the `{namespace/name}` hash tag gives them."""
