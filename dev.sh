@@ -63,8 +63,12 @@ ensure_venv() {
     echo "$site" > "$own_site/mmrank-deps.pth"
     echo "$deps" > .venv/.deps
   fi
+  # The editable install must be this checkout's (a `pip install -e` from another copy with this
+  # venv's python repoints it: `python -m mmrank` started from another folder would run that copy).
+  local installed
+  installed=$(cd / && "$here/.venv/bin/python" -c 'import mmrank; print(mmrank.__file__)' 2>/dev/null || true)
   if ! .venv/bin/python -c 'import mmrank.operator, mmrank.encoders, mmrank.predictors' 2>/dev/null \
-     || [ pyproject.toml -nt .venv/.installed ]; then
+     || [ pyproject.toml -nt .venv/.installed ] || [ "$installed" != "$here/mmrank/__init__.py" ]; then
     .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . >&2
     touch .venv/.installed
   fi
