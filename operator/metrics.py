@@ -52,7 +52,8 @@ BACKFILL = Gauge("mmrank_operator_backfill_progress", "Completed / total backfil
 TRAFFIC = Gauge("mmrank_operator_canary_traffic_percent", "Share of requests the canary ranker gets now "
                 "(0 without a canary in progress)", PER_RANKER)
 ANALYSIS = Gauge("mmrank_operator_canary_last_analysis", "The numbers of the last canary analysis (status.canary."
-                 "lastAnalysis): requests, errorRate, latencyP99Ms, clickRateRatio (canary CTR / stable CTR)",
+                 "lastAnalysis, else the newest in status.history): requests, errorRate, latencyP99Ms, "
+                 "clickRateRatio (canary CTR / stable CTR)",
                  [*PER_RANKER, "canary", "check"])
 CONDITION = Gauge("mmrank_operator_ranker_condition", "1 for the status of each condition of a ranker "
                   "(EncoderReady, EmbeddingsSynced, RankerReady, CanaryHealthy, Ready), else 0",
@@ -160,8 +161,11 @@ def ranker_series(body: Mapping[str, Any]) -> RankerSeries:
     for condition in status.get("conditions") or []:
         for value in CONDITION_STATUSES:
             conditions[(str(condition.get("type")), value)] = 1.0 if condition.get("status") == value else 0.0
-    last = canary.get("lastAnalysis") or {}
-    analysis = {(str(canary.get("rankerVersion")), check): float(last[check])
+    last, version = canary.get("lastAnalysis") or {}, canary.get("rankerVersion")
+    judged = [h for h in status.get("history") or [] if h.get("analysis")]
+    if not last and judged:     # a finished rollout leaves no status.canary; its analyses are in history
+        last, version = judged[-1]["analysis"], judged[-1].get("rankerVersion")
+    analysis = {(str(version), check): float(last[check])
                 for check in ANALYSIS_CHECKS if isinstance(last.get(check), int | float)}
     return RankerSeries(min_coverage, traffic, coverage, backfill, conditions, analysis)
 

@@ -106,6 +106,12 @@ def test_ranker_series_read_the_status() -> None:
     rolled_back = {**STATUS, "canary": {**STATUS["canary"], "state": "RolledBack", "trafficPercent": 0}}
     assert metrics.ranker_series(body("x", rolled_back)).traffic_percent == 0
     assert metrics.ranker_series({"metadata": {"name": "y"}, "spec": {}}) == metrics.RankerSeries(0.99, 0, {}, {}, {})
+    done = {**STATUS, "canary": None, "history": [
+        {"reason": "StepPassed", "rankerVersion": "r2", "analysis": {"requests": 90, "clickRateRatio": 1.1}},
+        {"reason": "Promoted", "rankerVersion": "r2", "analysis": {"requests": 120, "clickRateRatio": 0.98}},
+        {"reason": "PromotionComplete", "rankerVersion": "r2"}]}
+    assert metrics.ranker_series(body("x", done)).analysis == {("r2", "requests"): 120.0,
+                                                               ("r2", "clickRateRatio"): 0.98}
 
 
 def test_a_ranker_leaves_series_that_follow_its_status_and_go_with_it() -> None:
