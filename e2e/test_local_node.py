@@ -199,6 +199,9 @@ def test_helm_install_apply_rank_fresh_item_upgrade_canary_rollback_delete(node:
                      "--namespace", NAMESPACE, "--wait", "--timeout", "180s", "--server-side=false")
     assert installed.returncode == 0, installed.stderr + node.events()
     timeline.mark("helm install: operator Ready")
+    tested = helm(node.kubeconfig, "test", "mmrank", "--namespace", NAMESPACE, "--timeout", "120s")
+    assert tested.returncode == 0, tested.stdout + tested.stderr + node.events()
+    timeline.mark("helm test: the operator answers through its Service")
 
     # --- apply the ranker: encoder, backfill, coverage, predictors, first ranking -------------
     node.kubectl("apply", "-n", NAMESPACE, "-f", str(ROOT / "examples" / "dev.yaml"))
