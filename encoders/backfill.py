@@ -69,6 +69,36 @@ def resume_point(done: int | None, recorded_total: int | None, total: int) -> in
     return max(0, min(done, total))
 
 
+def stored_runs(checkpoints: Mapping[str, tuple[int, int]], n_items: int) -> list[tuple[int, int]]:
+    """Rows [start, stop) the checkpoints of every sharding say are stored, for a catalogue of
+    `n_items` (a checkpoint whose shard size differs is from another catalogue: ignored)."""
+    runs = []
+    for name, (done, total) in checkpoints.items():
+        try:
+            index, count = parse_shard(name, {})
+        except ValueError:
+            continue
+        start, stop = shard_range(n_items, index, count)
+        if stop - start == total and done > 0:
+            runs.append((start, start + min(done, total)))
+    return sorted(runs)
+
+
+def resume_from(checkpoints: Mapping[str, tuple[int, int]], n_items: int, shard: int, shards: int) -> int:
+    """Where shard I of N starts: past the stored prefix of its rows, whatever sharding stored them.
+
+    A changed `parallelism` (a new Job with another N) finds no checkpoint of its own; the old
+    shards' checkpoints still say which rows are stored, so a new shard skips the part of its range
+    they cover from its start (rows stored further in are embedded again: a repeated row rewrites
+    its own vector, never counted twice). Its own checkpoint is one of them."""
+    start, stop = shard_range(n_items, shard, shards)
+    reach = start
+    for run_start, run_stop in stored_runs(checkpoints, n_items):
+        if run_start <= reach < run_stop:
+            reach = run_stop
+    return min(reach, stop) - start
+
+
 def windows(start: int, stop: int, batch_size: int, in_flight: int) -> list[list[tuple[int, int]]]:
     """Rows [start, stop) as windows of up to `in_flight` batches of `batch_size` rows."""
     batches = [(i, min(i + batch_size, stop)) for i in range(start, stop, batch_size)]
@@ -131,6 +161,11 @@ def checkpoint(store: EmbeddingStore, space: str, shard_name: str) -> tuple[int 
     return (shard.done, shard.total) if shard else (None, None)
 
 
+def checkpoints(store: EmbeddingStore, space: str) -> dict[str, tuple[int, int]]:
+    """Every shard's checkpoint of the space, of this sharding and any earlier one."""
+    return {name: (shard.done, shard.total) for name, shard in store.space_info(space).backfill.items()}
+
+
 async def store_window(store: EmbeddingStore, config: BackfillConfig, ids: np.ndarray, vectors: np.ndarray,
                        done: int, total: int, on_progress: Callable[[int], None]) -> None:
     """Write one window, then move the checkpoint past it (while Triton embeds the next one).
@@ -152,7 +187,7 @@ async def backfill(config: BackfillConfig, store: EmbeddingStore, catalogue: Cat
         await asyncio.to_thread(store.set_catalogue_size, config.space, len(catalogue))
         start, stop = shard_range(len(catalogue), config.shard, config.shards)
         total = stop - start
-        done = resume_point(*checkpoint(store, config.space, config.shard_name), total)
+        done = resume_from(checkpoints(store, config.space), len(catalogue), config.shard, config.shards)
         resumed_from = done
         await asyncio.to_thread(store.report_backfill, config.space, config.shard_name, done, total)
         on_progress(done)
