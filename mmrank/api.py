@@ -49,7 +49,8 @@ IMAGE = r"^[^\s]+$"
 HTTP_URL = r"^https?://[^\s@]+$"
 
 PHASES = ("Provisioning", "Backfilling", "Progressing", "AwaitingPromotion", "Ready", "RolledBack", "Failed")
-CONDITION_TYPES = ("EncoderReady", "EmbeddingsSynced", "RankerReady", "CanaryHealthy", "Ready")
+CONDITION_TYPES = ("EncoderReady", "EmbeddingsSynced", "RankerReady", "CanaryHealthy", "SpecAccepted", "ChildrenApplied",
+                   "Ready")
 Phase = Literal["Provisioning", "Backfilling", "Progressing", "AwaitingPromotion", "Ready", "RolledBack", "Failed"]
 
 DEFAULT_TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
@@ -62,6 +63,12 @@ RULE_SECRET_NEEDS_REDIS = "passwordSecretRef needs a redis:// or rediss:// url"
 RULE_RANKER_SPACE = "ranker.encoderVersion must name the encoder version in spec.encoder (the space it was trained on)"
 RULE_CHILD_NAMES = ("metadata.name plus spec.encoder.version is too long: child <name>-backfill-<version> "
                     "must fit in 63 characters")
+# A transition rule (it compares with the previous spec, `oldSelf`): no model validator can mirror
+# it; the operator's own check (`core.immutable_changes`, against what status recorded for the
+# version) is the one that holds on every apiserver.
+RULE_ENCODER_IMMUTABLE = ("spec.encoder.modelUri and spec.encoder.dimension cannot change while "
+                          "spec.encoder.version stays the same: set a new version to change the model")
+TRANSITION_RULES = (RULE_ENCODER_IMMUTABLE,)
 
 
 def duration_seconds(value: str) -> int:
@@ -188,12 +195,17 @@ class ResourceRequirements(_Spec):
 class EncoderSpec(_Spec):
     """The item encoder served by Triton: one Deployment per live encoder version."""
 
+    model_config = ConfigDict(json_schema_extra=_cel(
+        "self.version != oldSelf.version || (self.modelUri == oldSelf.modelUri && "
+        "self.dimension == oldSelf.dimension)", RULE_ENCODER_IMMUTABLE))
+
     version: str = Field(..., min_length=1, max_length=VERSION_MAX, pattern=DNS1035_LABEL,
                          description="Encoder version, the name of its embedding space. A DNS-1035 label: it "
                          "becomes part of child names (<name>-encoder-<version>, <name>-backfill-<version>), "
                          "which must stay within 63 characters.", examples=["e2"])
     model_uri: str = Field(..., max_length=1024, pattern=MODEL_URI, description="Where the Triton model "
-                           "repository lives (s3://, gs://, https://, pvc://); an init container pulls it.",
+                           "repository lives (s3://, gs://, https://, pvc://); an init container pulls it. "
+                           "Fixed for a version once set (like dimension): another model is a new version.",
                            examples=["s3://models/encoder/e2"])
     model_name: str = Field("item_encoder", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$",
                             description="Triton model name of the encoder inside the repository.",
@@ -206,8 +218,8 @@ class EncoderSpec(_Spec):
     replicas: int = Field(1, ge=1, le=100, description="Triton pods per encoder version.", examples=[2])
     gpus: int = Field(1, ge=0, le=16, description="nvidia.com/gpu per replica; 0 runs the encoder on CPU.",
                       examples=[1])
-    dimension: int = Field(128, ge=8, le=4096, description="Width of the L2-normalised item embedding.",
-                           examples=[128])
+    dimension: int = Field(128, ge=8, le=4096, description="Width of the L2-normalised item embedding. "
+                           "Fixed for a version once set.", examples=[128])
     dynamic_batching: DynamicBatching = Field(default_factory=DynamicBatching, description="Triton dynamic "
                                               "batching settings.", json_schema_extra={"default": {}})
     node_selector: dict[str, Annotated[str, Field(min_length=1, max_length=63)]] = Field(
@@ -321,6 +333,11 @@ class BackfillSpec(_Spec):
         "fetches it into /mnt/catalogue before it starts. Without it a new space cannot be backfilled: "
         "status says so and the ranker stays on its current space.",
         examples=["s3://catalogue/snapshots/2026-11-29"])
+    max_attempts: int = Field(4, ge=1, le=100, description="Backfill Jobs tried for one space before it is "
+                              "marked Failed: a failed Job is replaced by a new one after retryBackoff, doubled "
+                              "after each failure (at most 10 minutes).", examples=[4])
+    retry_backoff: str = Field("30s", pattern=DURATION, description="Wait after the first failed backfill Job "
+                               "before the next starts (a Go duration: 30s, 2m).", examples=["30s"])
     resources: ResourceRequirements = Field(
         default_factory=lambda: ResourceRequirements(requests=dict(BACKFILL_REQUESTS), limits=dict(BACKFILL_LIMITS)),
         description="CPU and memory of each backfill pod's container (default: requests cpu 250m, memory "
@@ -474,7 +491,8 @@ class Condition(_Status):
     """A Kubernetes condition (metav1.Condition shape)."""
 
     type: str = Field(..., min_length=1, max_length=316, pattern=r"^[A-Za-z][A-Za-z0-9]*$",
-                      description="Condition type: EncoderReady, EmbeddingsSynced, RankerReady, CanaryHealthy, Ready.",
+                      description="Condition type: EncoderReady, EmbeddingsSynced, RankerReady, CanaryHealthy, "
+                      "SpecAccepted, ChildrenApplied, Ready.",
                       examples=["CanaryHealthy"])
     status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.", examples=["True"])
     reason: str = Field(..., min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
@@ -583,20 +601,41 @@ class HistoryEntry(_Status):
 
 
 class BackfillProgress(_Status):
-    """Progress of the backfill Job of one space."""
+    """Progress and attempts of the backfill of one space."""
 
-    completed_shards: int = Field(0, ge=0, description="Shards written to the store.", examples=[8])
-    total_shards: int = Field(0, ge=0, description="Shards in the backfill.", examples=[8])
-    progress: float = Field(0.0, ge=0.0, le=1.0, description="completedShards / totalShards.", examples=[1.0])
+    completed_shards: int = Field(0, ge=0, description="Shards of the current Job finished.", examples=[8])
+    total_shards: int = Field(0, ge=0, description="Shards of the current Job.", examples=[8])
+    progress: float = Field(0.0, ge=0.0, le=1.0, description="Catalogue rows the backfill has stored / "
+                            "catalogue size (completedShards / totalShards while the store is not read).",
+                            examples=[1.0])
+    job: str | None = Field(None, description="The Job of the current (or last) attempt: "
+                            "<name>-backfill-<version>-<shape>-<attempt>, shape a hash of what a Job cannot change.",
+                            examples=["shop-backfill-e2-3f9a2c-1"])
+    attempts: int | None = Field(None, ge=0, description="Backfill Jobs started for this space (of its current "
+                                 "shape).", examples=[1])
+    state: Literal["Running", "Retrying", "Failed", "Complete"] | None = Field(
+        None, description="Running, Retrying (a Job failed; the next starts at retryAt), Failed (maxAttempts "
+        "Jobs failed: none starts until spec.embeddings.backfill or the encoder changes) or Complete.",
+        examples=["Running"])
+    retry_at: str | None = Field(None, description="When the next attempt starts (RFC 3339), while Retrying.",
+                                 examples=["2026-11-29T03:01:00Z"])
+    last_failure: str | None = Field(None, max_length=4096, description="Why the last failed attempt failed.",
+                                     examples=["attempt 1 of 4 (shop-backfill-e2-3f9a2c-1): BackoffLimitExceeded: "
+                                               "Job has reached the specified backoff limit"])
 
 
 class SpaceStatus(_Status):
     """One embedding space in the store."""
 
     version: str = Field(..., description="Encoder version that produced the space.", examples=["e2"])
-    coverage: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of the catalogue with an embedding.",
-                            examples=[0.995])
-    items: int = Field(0, ge=0, description="Items embedded.", examples=[9950])
+    coverage: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of the catalogue with an embedding: "
+                            "catalogue rows the backfill stored / catalogue size (items outside the catalogue "
+                            "never count).", examples=[0.995])
+    items: int = Field(0, ge=0, description="Items embedded (catalogue or not).", examples=[9950])
+    model_uri: str | None = Field(None, description="spec.encoder.modelUri this version was first seen with: "
+                                  "a spec changing it for this version is refused.", examples=["s3://models/encoder/e2"])
+    dimension: int | None = Field(None, ge=1, description="spec.encoder.dimension this version was first seen "
+                                  "with: a spec changing it for this version is refused.", examples=[128])
     backfill: BackfillProgress | None = Field(None, description="Backfill progress, while one runs or ran.")
 
 
@@ -618,10 +657,11 @@ class RankerStatus(_Status):
 
     phase: Phase | None = Field(None, description="Provisioning, Backfilling, Progressing, AwaitingPromotion, "
                                 "Ready, RolledBack or Failed.", examples=["Progressing"])
-    observed_generation: int | None = Field(None, ge=0, description="metadata.generation this status describes.",
+    observed_generation: int | None = Field(None, ge=0, description="metadata.generation the operator last "
+                                            "acted on; whether all of it was applied is ChildrenApplied.",
                                             examples=[4])
     conditions: list[Condition] = Field(default_factory=list, description="EncoderReady, EmbeddingsSynced, "
-                                        "RankerReady, CanaryHealthy, Ready.",
+                                        "RankerReady, CanaryHealthy, SpecAccepted, ChildrenApplied, Ready.",
                                         json_schema_extra={"x-kubernetes-list-type": "map",
                                                            "x-kubernetes-list-map-keys": ["type"]})
     stable: VersionPair | None = Field(None, description="Versions serving all traffic outside a canary.")

@@ -299,6 +299,7 @@ def prepare_space(store_url: str, space: str = "e1", dim: int = 16, catalogue: i
         store.create_space(space, dim)
         store.set_catalogue_size(space, catalogue)
         store.put(space, np.arange(catalogue), vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+        store.report_backfill(space, "0/1", catalogue, catalogue)   # as a finished backfill: coverage 1.0
     finally:
         store.close()
 

@@ -407,6 +407,34 @@ def build_backfill_job(ranker: api.MultimodalRanker, encoder_version: str) -> di
                      "template": {"metadata": {"labels": selector}, "spec": pod_spec}}}
 
 
+def backfill_shape(job: Mapping[str, Any], indexed: bool) -> str:
+    """Hash of what a Job cannot change once created (its pod template, completions,
+    parallelism, completion mode) and of how this apiserver runs it (`indexed`: see `kube.lower`)."""
+    spec = job["spec"]
+    return digest({"template": spec["template"], "completions": spec.get("completions"),
+                   "parallelism": spec.get("parallelism"), "completionMode": spec.get("completionMode"),
+                   "indexed": indexed})[:6]
+
+
+def backfill_job_name(base: str, shape: str, attempt: int) -> str:
+    """`<name>-backfill-<version>-<shape>-<attempt>`: a Job's template, completions and parallelism
+    are immutable, so a Job of another shape (batchSize, parallelism, image... changed) or a new
+    attempt after a failure is a new Job beside the old one, never an update the apiserver refuses.
+    The base is cut so the name stays a 63-character label (its pods carry it as `job-name`)."""
+    suffix = f"-{shape}-{attempt}"
+    return base[:api.DNS_LABEL_MAX - len(suffix)].rstrip("-") + suffix
+
+
+def shape_of_job_name(name: str) -> str:
+    """The shape part of a name `backfill_job_name` made ("" for any other name)."""
+    parts = name.rsplit("-", 2)
+    return parts[1] if len(parts) == 3 and parts[2].isdigit() and len(parts[1]) == 6 else ""
+
+
+def named_backfill_job(job: dict[str, Any], shape: str, attempt: int) -> dict[str, Any]:
+    return {**job, "metadata": {**job["metadata"], "name": backfill_job_name(job["metadata"]["name"], shape, attempt)}}
+
+
 # --- the ranker: KServe (Standard or Knative) or plain Kubernetes -------------------------------
 
 RANKER_HTTP = 8080
@@ -460,8 +488,7 @@ def _predictor(ranker: api.MultimodalRanker, served: api.RankerModelSpec) -> dic
         "minReplicas": served.replicas, "containers": [ranker_container(ranker, served, "kserve-container")],
         "storageUris": [{"uri": served.model_uri, "mountPath": RANKER_MODEL_DIR}],
         "labels": {RANKER_LABEL: ranker.metadata.name, RANKER_VERSION: served.version,
-                   ENCODER_VERSION: served.encoder_version}}),
-        image_uid(served.image))
+                   ENCODER_VERSION: served.encoder_version}}), image_uid(served.image))
 
 
 def build_inference_service(ranker: api.MultimodalRanker, stable: api.RankerModelSpec,

@@ -17,6 +17,7 @@ canary side by side) and makes the canary stable once it serves all traffic and 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,6 +54,7 @@ class JobState:
     succeeded: int = 0
     finished: bool = False
     failed: bool = False
+    reason: str = ""             # the Job's Failed condition, "<reason>: <message>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +89,7 @@ class Observed:
     store_error_reason: str = "StoreUnreachable"     # or SecretNotAllowed
     indexed_jobs: bool = True                          # Kubernetes >= 1.22: the backfill runs sharded
     encoders_ready: Mapping[str, bool] = dataclasses.field(default_factory=dict)
-    jobs: Mapping[str, JobState] = dataclasses.field(default_factory=dict)
+    jobs: Mapping[str, JobState] = dataclasses.field(default_factory=dict)   # backfill Jobs by name
     ranker: ServedRanker | None = None
     children: Sequence[ChildRef] = ()
     analysis: Analysis | None = None          # run by the I/O layer when `rollout.analysis_due`
@@ -196,6 +198,127 @@ def spaces_to_delete(known: Sequence[str], live: Sequence[str], retained: int) -
     return retired[: max(0, len(retired) - retained)]
 
 
+# --- backfill attempts --------------------------------------------------------------------------
+
+BACKOFF_CAP_SECONDS = 600
+
+
+@dataclasses.dataclass(frozen=True)
+class Attempts:
+    """What status remembers of one space's backfill: the Job of the current (or last) attempt
+    (its name carries the Job's shape, see `children.backfill_job_name`), how many attempts of
+    that shape were started, and after a failure when the next may start, or that none will."""
+
+    job: str = ""
+    attempts: int = 0
+    retry_at: str | None = None
+    last_failure: str = ""
+    failed: bool = False
+
+    @classmethod
+    def from_status(cls, entry: Mapping[str, Any] | None) -> Attempts:
+        backfill = (entry or {}).get("backfill") or {}
+        return cls(job=str(backfill.get("job") or ""), attempts=int(backfill.get("attempts") or 0),
+                   retry_at=backfill.get("retryAt"), last_failure=str(backfill.get("lastFailure") or ""),
+                   failed=backfill.get("state") == "Failed")
+
+    def as_status(self, running: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {"job": self.job, "attempts": self.attempts}
+        if self.retry_at:
+            out["retryAt"] = self.retry_at
+        if self.last_failure:
+            out["lastFailure"] = self.last_failure
+        out["state"] = ("Failed" if self.failed else "Retrying" if self.retry_at else "Running" if running
+                        else "Complete")
+        return out if self.job else {}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackfillStep:
+    job: str | None                 # the Job to run now (None: none runs)
+    attempts: Attempts
+    decisions: tuple[Decision, ...] = ()
+
+
+def backoff_seconds(first: int, attempt: int) -> int:
+    """Delay after failed attempt `attempt` (1-based): `first`, doubled each time, capped."""
+    return int(min(BACKOFF_CAP_SECONDS, first * 2 ** max(0, attempt - 1)))
+
+
+def _at(now: str, seconds: int) -> str:
+    when = roll.parse_time(now) + datetime.timedelta(seconds=seconds)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def next_backfill(record: Attempts, base: str, shape: str, jobs: Mapping[str, JobState], needed: bool, now: str,
+                  limit: int, first_backoff: int, coverage: str = "") -> BackfillStep:
+    """Which backfill Job runs now. A failed Job (or one that completed without reaching
+    minCoverage) is an attempt that failed: it is removed, and after `backoff_seconds` the next
+    attempt (a new Job) starts, up to `limit` attempts; then the space is Failed with the reason,
+    until the backfill's shape changes (spec.embeddings.backfill, the encoder's address, the
+    image: a new shape starts from attempt 1) or `limit` is raised."""
+    if build.shape_of_job_name(record.job) != shape:
+        record = Attempts()
+    if not needed:
+        return BackfillStep(None, dataclasses.replace(record, retry_at=None, failed=False))
+    if record.failed:
+        if record.attempts >= limit:
+            return BackfillStep(None, record)
+        record = dataclasses.replace(record, failed=False, retry_at=now)   # maxAttempts was raised: go on now
+    if record.retry_at and roll.seconds_between(record.retry_at, now) < 0:
+        return BackfillStep(None, record)
+    attempt = record.attempts if record.attempts and not record.retry_at else record.attempts + 1
+    name = build.backfill_job_name(base, shape, attempt)
+    job = jobs.get(name)
+    if job is None or not job.finished:
+        return BackfillStep(name, Attempts(name, attempt, last_failure=record.last_failure))
+    why = (job.reason or "the Job failed") if job.failed else f"the Job completed, but {coverage}"
+    failure = f"attempt {attempt} of {limit} ({name}): {why}"[:1000]
+    if attempt >= limit:
+        message = (f"backfill failed {attempt} times, the last: {failure}; no more attempts (change "
+                   "spec.embeddings.backfill or the encoder version to try again)")
+        return BackfillStep(None, Attempts(name, attempt, None, failure, failed=True),
+                            (Decision("BackfillFailed", message[:1000], "Warning"),))
+    delay = backoff_seconds(first_backoff, attempt)
+    message = f"backfill {failure}; attempt {attempt + 1} of {limit} starts in {delay} s"
+    return BackfillStep(None, Attempts(name, attempt, _at(now, delay), failure),
+                        (Decision("BackfillRetrying", message[:1000], "Warning"),))
+
+
+# --- immutable encoder fields ---------------------------------------------------------------------
+
+IMMUTABLE_ENCODER_FIELDS = (("modelUri", "model_uri"), ("dimension", "dimension"))
+
+
+def recorded_encoder(status: Mapping[str, Any], version: str) -> dict[str, Any]:
+    """modelUri and dimension of an encoder version as first seen (kept in its space's entry)."""
+    entry: Mapping[str, Any] = next((s for s in (status.get("embeddings") or {}).get("spaces") or []
+                                     if s.get("version") == version), {})
+    return {wire: entry[wire] for wire, _ in IMMUTABLE_ENCODER_FIELDS if entry.get(wire) is not None}
+
+
+def immutable_changes(spec: api.EncoderSpec, recorded: Mapping[str, Any]) -> list[str]:
+    """Why the spec's encoder changes what its version already embedded with: one vector space per
+    version, so a new model (or width) must come with a new version, never mix into this one."""
+    problems = []
+    for wire, field in IMMUTABLE_ENCODER_FIELDS:
+        if wire in recorded and recorded[wire] != getattr(spec, field):
+            problems.append(f"spec.encoder.{wire} of version {spec.version} is {recorded[wire]!r} (its space was "
+                            f"embedded with it) and cannot change to {getattr(spec, field)!r}: set a new "
+                            "spec.encoder.version (and a ranker trained on it) to change the model")
+    return problems
+
+
+def as_recorded(ranker: api.MultimodalRanker, recorded: Mapping[str, Any]) -> api.MultimodalRanker:
+    """The resource with its encoder's immutable fields as recorded: what is applied while a
+    change of them is refused (every other change of the spec still applies)."""
+    update = {field: recorded[wire] for wire, field in IMMUTABLE_ENCODER_FIELDS if wire in recorded}
+    if not update:
+        return ranker
+    encoder = ranker.spec.encoder.model_copy(update=update)
+    return ranker.model_copy(update={"spec": ranker.spec.model_copy(update={"encoder": encoder})})
+
+
 # --- status -------------------------------------------------------------------------------------
 
 def condition(ctype: str, ok: bool | None, reason: str, message: str) -> dict[str, str]:
@@ -223,17 +346,28 @@ def _coverage_text(spaces: Mapping[str, SpaceState], version: str) -> str:
     return f"space {version}: coverage {space.coverage:.4f} ({space.items} items)"
 
 
-def space_status(version: str, space: SpaceState | None, job: JobState | None) -> dict[str, Any]:
+def space_status(version: str, space: SpaceState | None, job: JobState | None,
+                 previous: Mapping[str, Any] | None = None, attempts: Attempts | None = None,
+                 encoder: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One space's entry: what the store says, the backfill's progress and attempts, and the
+    encoder's immutable fields as first recorded (`encoder`, else kept from `previous`)."""
+    previous = previous or {}
     entry: dict[str, Any] = {"version": version}
+    for wire, _ in IMMUTABLE_ENCODER_FIELDS:
+        value = (encoder or {}).get(wire, previous.get(wire))
+        if value is not None:
+            entry[wire] = value
     if space is not None and space.coverage is not None:
         entry["coverage"] = round(space.coverage, 6)
         entry["items"] = space.items
-    if job is not None or (space is not None and space.backfill_total):
+    record = attempts if attempts is not None else Attempts.from_status(previous)
+    if job is not None or (space is not None and space.backfill_total) or record.job:
         total = job.completions if job else 0
         done = job.succeeded if job else 0
-        progress = (done / total if total else
-                    space.backfill_done / space.backfill_total if space and space.backfill_total else 0.0)
-        entry["backfill"] = {"completedShards": done, "totalShards": total, "progress": round(min(1.0, progress), 6)}
+        progress = (space.backfill_done / space.backfill_total if space and space.backfill_total else
+                    done / total if total else 0.0)
+        entry["backfill"] = {"completedShards": done, "totalShards": total, "progress": round(min(1.0, progress), 6),
+                             **record.as_status(running=job is not None and not job.finished)}
     return entry
 
 
@@ -348,8 +482,11 @@ def serving_children(ranker: api.MultimodalRanker, flow: Serving) -> list[dict[s
 # --- the core -----------------------------------------------------------------------------------
 
 def desired(ranker: api.MultimodalRanker, observed: Observed) -> Desired:
-    spec = ranker.spec
     status = observed.status
+    recorded = recorded_encoder(status, ranker.spec.encoder.version)
+    refused = immutable_changes(ranker.spec.encoder, recorded)
+    ranker = as_recorded(ranker, recorded)
+    spec = ranker.spec
     generation = int(ranker.metadata.generation or 0)
     min_coverage = spec.embeddings.min_coverage
     candidate = Version(spec.ranker.version, spec.ranker.encoder_version)
@@ -366,12 +503,13 @@ def desired(ranker: api.MultimodalRanker, observed: Observed) -> Desired:
     if encoder in live:
         children += build.build_encoder_children(ranker)
     children.append(build.build_embedder_deployment(ranker, live))
-    jobs = dict(observed.jobs)
-    if (encoder in live and needs_backfill(observed.spaces.get(encoder), observed.jobs.get(encoder), min_coverage)
-            and spec.embeddings.backfill.catalogue_uri is not None):
-        children.append(build.build_backfill_job(ranker, encoder))
+    jobs: dict[str, JobState] = {}
+    step = _backfill(ranker, observed, live)
+    if step.job is not None:
+        job = build.build_backfill_job(ranker, encoder)
+        children.append({**job, "metadata": {**job["metadata"], "name": step.job}})
         shards = spec.embeddings.backfill.parallelism if observed.indexed_jobs else 1   # see kube.lower
-        jobs.setdefault(encoder, JobState(completions=shards))  # being created
+        jobs[encoder] = observed.jobs.get(step.job) or JobState(completions=shards)  # or being created
     rendered = serving_children(ranker, flow)
     children += rendered
     keep = [c for c in observed.children if _kept(c, encoder, live, bool(rendered))]
@@ -384,15 +522,21 @@ def desired(ranker: api.MultimodalRanker, observed: Observed) -> Desired:
     listed = [v for v in known if v not in doomed]
 
     served = _served_version(flow, candidate)
-    conditions = _conditions(spec, observed, live, candidate, flow, served)
+    conditions = _conditions(spec, observed, live, candidate, flow, served, step.attempts)
+    conditions = _refused(conditions, refused) if refused else [
+        *conditions[:-1], condition("SpecAccepted", True, "Accepted", "the spec is applied as written"), conditions[-1]]
     target = observed.spaces.get(candidate.encoder)
+    previous = {s.get("version"): s for s in (status.get("embeddings") or {}).get("spaces") or []}
+    spaces = [space_status(v, observed.spaces.get(v), jobs.get(v), previous.get(v),
+                           step.attempts if v == encoder else None,
+                           _encoder_fields(spec.encoder) if v == encoder and not recorded else None) for v in listed]
     new_status: dict[str, Any] = {
-        "phase": _phase(conditions, candidate, flow, served),
+        "phase": "Failed" if refused or step.attempts.failed else _phase(conditions, candidate, flow, served),
         "observedGeneration": generation,
         "conditions": stamp_conditions(conditions, status.get("conditions") or [], observed.now, generation),
         "stable": _stable_status(stable, flow.stable_spec),
         "canary": _canary_status(spec, flow),
-        "embeddings": {"spaces": [space_status(v, observed.spaces.get(v), jobs.get(v)) for v in listed],
+        "embeddings": {"spaces": spaces,
                        "coverage": round(target.coverage, 6) if target and target.coverage is not None else None},
     }
     if observed.freshness_p99 is not None:
@@ -402,7 +546,44 @@ def desired(ranker: api.MultimodalRanker, observed: Observed) -> Desired:
     if flow.request_handled:
         new_status["request"] = None
     decisions = _decisions(status, new_status, served, observed.ranker, doomed, known, flow.records)
+    decisions += step.decisions
+    if refused and _message(status, "SpecAccepted") != _message(new_status, "SpecAccepted"):
+        decisions.append(Decision("ImmutableFieldChanged", "; ".join(refused)[:1000], "Warning"))
     return Desired(children, keep, new_status, doomed, decisions)
+
+
+def _backfill(ranker: api.MultimodalRanker, observed: Observed, live: Sequence[str]) -> BackfillStep:
+    """The backfill of the spec's encoder version: which Job (attempt) runs, if any."""
+    spec = ranker.spec
+    encoder, backfill = spec.encoder.version, spec.embeddings.backfill
+    previous = next((s for s in (observed.status.get("embeddings") or {}).get("spaces") or []
+                     if s.get("version") == encoder), None)
+    record = Attempts.from_status(previous)
+    if encoder not in live or backfill.catalogue_uri is None:
+        return BackfillStep(None, record)
+    base = build.build_backfill_job(ranker, encoder)
+    shape = build.backfill_shape(base, observed.indexed_jobs)
+    current = observed.jobs.get(build.backfill_job_name(base["metadata"]["name"], shape, max(1, record.attempts)))
+    space = observed.spaces.get(encoder)
+    needed = needs_backfill(space, current, spec.embeddings.min_coverage)
+    return next_backfill(record, base["metadata"]["name"], shape, observed.jobs, needed, observed.now,
+                         backfill.max_attempts, api.duration_seconds(backfill.retry_backoff),
+                         f"{_coverage_text(observed.spaces, encoder)} < minCoverage {spec.embeddings.min_coverage}")
+
+
+def _encoder_fields(encoder: api.EncoderSpec) -> dict[str, Any]:
+    return {wire: getattr(encoder, field) for wire, field in IMMUTABLE_ENCODER_FIELDS}
+
+
+def _refused(conditions: list[dict[str, str]], problems: Sequence[str]) -> list[dict[str, str]]:
+    """A refused change of an immutable field: SpecAccepted False and Ready False with the why."""
+    message = "; ".join(problems)
+    accepted = condition("SpecAccepted", False, "ImmutableFieldChanged", message)
+    return [*conditions[:-1], accepted, condition("Ready", False, "ImmutableFieldChanged", message)]
+
+
+def _message(status: Mapping[str, Any], ctype: str) -> str | None:
+    return next((c.get("message") for c in status.get("conditions") or [] if c.get("type") == ctype), None)
 
 
 def _served_version(flow: Serving, candidate: Version) -> Version | None:
@@ -442,7 +623,7 @@ def _kept(child: ChildRef, encoder: str, live: Sequence[str], serving_rendered: 
 
 
 def _conditions(spec: api.RankerSpec, observed: Observed, live: Sequence[str], candidate: Version, flow: Serving,
-                served: Version | None) -> list[dict[str, str]]:
+                served: Version | None, attempts: Attempts | None = None) -> list[dict[str, str]]:
     min_coverage = spec.embeddings.min_coverage
     not_ready = [v for v in live if not observed.encoders_ready.get(v, False)]
     encoder_ready = condition("EncoderReady", not not_ready, "EncodersReady" if not not_ready else "EncoderNotReady",
@@ -455,14 +636,25 @@ def _conditions(spec: api.RankerSpec, observed: Observed, live: Sequence[str], c
     elif is_synced(space, min_coverage):
         synced = condition("EmbeddingsSynced", True, "CoverageReached", f"{coverage} >= minCoverage {min_coverage}")
     else:
-        job = observed.jobs.get(candidate.encoder)
-        if job is None and spec.embeddings.backfill.catalogue_uri is None:
+        record = attempts or Attempts()
+        if not record.job and spec.embeddings.backfill.catalogue_uri is None:
             synced = condition("EmbeddingsSynced", False, "NoCatalogue",
                                f"{coverage} < minCoverage {min_coverage}, and no backfill can start: "
                                "set spec.embeddings.backfill.catalogueUri")
+        elif record.failed:
+            synced = condition("EmbeddingsSynced", False, "BackfillFailed", f"{coverage} < minCoverage "
+                               f"{min_coverage}; space {candidate.encoder} Failed: backfill {record.last_failure}; "
+                               "no more attempts (change spec.embeddings.backfill or the encoder version, or "
+                               "raise maxAttempts, to try again)")
+        elif record.retry_at:
+            synced = condition("EmbeddingsSynced", False, "BackfillRetrying", f"{coverage} < minCoverage "
+                               f"{min_coverage}; backfill {record.last_failure}; attempt {record.attempts + 1} "
+                               f"of {spec.embeddings.backfill.max_attempts} at {record.retry_at}")
         else:
-            reason = "BackfillFailed" if job is not None and job.failed else "Backfilling"
-            synced = condition("EmbeddingsSynced", False, reason, f"{coverage} < minCoverage {min_coverage}")
+            attempt = f" (attempt {record.attempts} of {spec.embeddings.backfill.max_attempts})" \
+                if record.attempts > 1 else ""
+            synced = condition("EmbeddingsSynced", False, "Backfilling",
+                               f"{coverage} < minCoverage {min_coverage}{attempt}")
     ranker_ready = _ranker_ready(observed.ranker, served, candidate)
     canary = _canary_condition(spec, flow, candidate_synced=synced["status"] == "True")
     all_ok = (all(c["status"] == "True" for c in (encoder_ready, synced, ranker_ready)) and served == candidate

@@ -8,6 +8,7 @@ writes nothing (not even managedFields time stamps).
 from __future__ import annotations
 
 import base64
+import json
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -18,6 +19,7 @@ from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
 from mmrank import api
 from mmrank.operator import children as build
+from mmrank.operator.faults import Refusal
 
 FIELD_MANAGER = "mmrank-operator"
 CHILD_KINDS: tuple[tuple[str, str], ...] = (
@@ -43,6 +45,22 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, ApiException):
         return exc.status in TRANSIENT_STATUS and "field not declared in schema" not in str(exc.body or "")
     return isinstance(exc, OSError | TimeoutError) or type(exc).__module__.startswith("urllib3")
+
+
+def refusal(action: str, kind: str, name: str, exc: BaseException) -> Refusal:
+    """What a refused write says, for status: the HTTP code and the apiserver's own message
+    (its Status object's `message`), shortened; no answer at all is code 0, transient."""
+    if isinstance(exc, ApiException):
+        code = int(exc.status or 0)
+        try:
+            reason = str(json.loads(exc.body or "{}").get("message") or exc.reason or "")
+        except (ValueError, AttributeError):
+            reason = str(exc.body or exc.reason or "")
+        return Refusal(action, kind, name, code, reason[:500], is_transient(exc))
+    if isinstance(exc, NoSuchKind):
+        return Refusal(action, kind, name, 404, str(exc)[:500], False)
+    transient = is_transient(exc)
+    return Refusal(action, kind, name, 0 if transient else 500, f"{type(exc).__name__}: {exc}"[:500], transient)
 
 
 def stamped(child: dict[str, Any]) -> dict[str, Any]:
@@ -191,6 +209,11 @@ class Kube:
             body["metadata"] = {"resourceVersion": resource_version}
         self.rankers().status.patch(body=body, name=name, namespace=namespace,
                                     content_type="application/merge-patch+json")
+
+    def get_ranker(self, namespace: str, name: str) -> dict[str, Any]:
+        """The resource as the apiserver holds it now (a fresh read after a 409)."""
+        found: dict[str, Any] = self.rankers().get(name=name, namespace=namespace).to_dict()
+        return found
 
     def secret_value(self, namespace: str, name: str, key: str, ranker: str) -> str | None:
         """The key of a Secret that consents to `ranker` (see `observe.secret_allows`); a Secret

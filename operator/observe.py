@@ -42,7 +42,9 @@ def job_state(obj: Mapping[str, Any]) -> JobState:
     completions = int((obj.get("spec") or {}).get("completions") or 1)
     succeeded = int(status.get("succeeded") or 0)
     finished = failed or conditions.get("Complete") == "True" or succeeded >= completions
-    return JobState(completions=completions, succeeded=succeeded, finished=finished, failed=failed)
+    why = next((f"{c.get('reason') or 'Failed'}: {c.get('message') or ''}".rstrip(": ")
+                for c in status.get("conditions") or [] if c.get("type") == "Failed" and c.get("status") == "True"), "")
+    return JobState(completions=completions, succeeded=succeeded, finished=finished, failed=failed, reason=why)
 
 
 def _version(obj: Mapping[str, Any]) -> Version | None:
@@ -104,7 +106,7 @@ def from_children(objects: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         elif obj["kind"] == "Deployment" and component == "ranker":
             ranker_deployments.append(obj)
         elif obj["kind"] == "Job" and version:
-            jobs[version] = job_state(obj)
+            jobs[obj["metadata"]["name"]] = job_state(obj)
         elif obj["kind"] == "InferenceService":
             ranker = served_ranker(obj)
     if ranker is None and ranker_deployments:
@@ -126,6 +128,38 @@ def secret_allows(annotations: Mapping[str, str] | None, ranker: str) -> bool:
     allowed = (annotations or {}).get("mmrank.io/allowed-rankers", "")
     names = {n.strip() for n in allowed.split(",") if n.strip()}
     return "*" in names or ranker in names
+
+
+def backfilled_rows(checkpoints: Mapping[str, tuple[int, int]], catalogue_size: int) -> int:
+    """How many catalogue rows the backfill has stored: the union of every checkpoint's rows.
+
+    Checkpoint "I/N" = (done, total) says rows [start, start + done) of shard I of N are stored
+    (encoders/backfill.py). Checkpoints of every sharding count (a backfill resharded half way
+    leaves some of each, overlapping); one whose shard size does not match the catalogue size is
+    from another catalogue and counts for nothing."""
+    runs = []
+    for name, (done, total) in checkpoints.items():
+        index, _, count = name.partition("/")
+        if not (index.isdigit() and count.isdigit()) or not 0 <= int(index) < int(count):
+            continue
+        start, stop = int(index) * catalogue_size // int(count), (int(index) + 1) * catalogue_size // int(count)
+        if stop - start == total and done > 0:
+            runs.append((start, start + min(done, total)))
+    covered, reach = 0, 0
+    for start, stop in sorted(runs):
+        covered += max(0, stop - max(start, reach))
+        reach = max(reach, stop)
+    return covered
+
+
+def catalogue_coverage(rows: int, catalogue_size: int) -> float:
+    """Coverage counts catalogue items only: the rows the backfill stored, over the catalogue.
+
+    Not the space's item count: the embedder also writes items from events that are not (yet) in
+    the catalogue, and those must never lift a space over minCoverage. A catalogue item the
+    embedder wrote before the backfill reached it counts once the backfill passes it (its newer
+    vector is kept, see `store.put`). Unknown catalogue: 0, never covered."""
+    return min(1.0, rows / catalogue_size) if catalogue_size > 0 else 0.0
 
 
 class CoverageObserver(Protocol):
@@ -179,8 +213,9 @@ class StoreCoverage:
             except SpaceNotFound:
                 out[version] = SpaceState(coverage=0.0)
                 continue
-            out[version] = SpaceState(coverage=float(info.coverage), items=int(info.items),
-                                      backfill_done=int(info.backfill_done), backfill_total=int(info.backfill_total))
+            rows = backfilled_rows({k: (v.done, v.total) for k, v in info.backfill.items()}, int(info.catalogue_size))
+            out[version] = SpaceState(coverage=catalogue_coverage(rows, int(info.catalogue_size)), items=int(info.items),
+                                      backfill_done=rows, backfill_total=int(info.catalogue_size))
         return out
 
     def delete_space(self, url: str, password: str | None, version: str, *, scope: str) -> None:

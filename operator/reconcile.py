@@ -3,6 +3,12 @@
 Order matters for what a crash half way leaves behind: children are applied first (idempotent),
 then children no longer desired are deleted, then retired spaces are deleted from the store, and
 status (the history a restarted operator resumes from) is written last.
+
+Each write stands alone: a child the apiserver refuses is recorded and the others, the deletions
+and the status still happen (`faults.with_refusals` says what status shows). The status write is
+guarded by the resourceVersion read, and a conflict is resolved by `faults.reapply`. Nothing the
+cluster or the store answers raises out of `reconcile`; `Outcome.retry` says a transient failure
+wants the next reconcile soon.
 """
 from __future__ import annotations
 
@@ -15,10 +21,10 @@ from pydantic import ValidationError
 
 from mmrank import api
 from mmrank.operator import children as build
-from mmrank.operator import core, observe
+from mmrank.operator import core, faults, observe
 from mmrank.operator import rollout as roll
 from mmrank.operator.analysis import Analysis
-from mmrank.operator.kube import Kube, key, lower, stamped, up_to_date
+from mmrank.operator.kube import Kube, key, lower, refusal, stamped, up_to_date
 
 
 @dataclasses.dataclass
@@ -27,6 +33,8 @@ class Outcome:
     applied: list[tuple[str, str]]
     deleted: list[tuple[str, str]]
     phase: str
+    refusals: list[faults.Refusal] = dataclasses.field(default_factory=list)
+    retry: bool = False          # something transient failed: the next reconcile should come soon
 
 
 def now() -> str:
@@ -102,51 +110,158 @@ def with_freshness(freshness: observe.FreshnessObserver | None, ranker: api.Mult
     return dataclasses.replace(observed, freshness_p99=value)
 
 
+STATUS_TRIES = 3     # reconciles of one call when other writers keep changing the status under it
+
+
 def reconcile(kube: Kube, store: observe.CoverageObserver, body: Mapping[str, Any],
               analyser: Analyser | None = None, freshness: observe.FreshnessObserver | None = None) -> Outcome:
+    """One reconcile; never raises on what the cluster or the store answers (see `faults`).
+
+    When another writer changed the status history after this reconcile read it (a second
+    operator, `kubectl mmrank`), the status write gets 409 and the reconcile runs again from the
+    fresh resource, up to STATUS_TRIES times; then `retry` asks for another run."""
+    applied: list[tuple[str, str]] = []
+    deleted: list[tuple[str, str]] = []
+    done: list[core.Decision] = []
+    for _ in range(STATUS_TRIES):
+        outcome, fresh = _reconcile_once(kube, store, body, analyser, freshness)
+        applied += outcome.applied
+        deleted += outcome.deleted
+        done += [d for d in outcome.decisions if d.reason in ("Created", "Deleted")]
+        if fresh is None:
+            return dataclasses.replace(outcome, decisions=[*done, *[d for d in outcome.decisions
+                                                                     if d.reason not in ("Created", "Deleted")]],
+                                       applied=applied, deleted=deleted)
+        body = fresh
+    message = f"the status kept changing under {STATUS_TRIES} reconciles (another writer); retried on the next"
+    return Outcome([*done, core.Decision("StatusConflict", message, "Warning")], applied, deleted,
+                   str((body.get("status") or {}).get("phase") or ""), retry=True)
+
+
+def _reconcile_once(kube: Kube, store: observe.CoverageObserver, body: Mapping[str, Any], analyser: Analyser | None,
+                    freshness: observe.FreshnessObserver | None) -> tuple[Outcome, Mapping[str, Any] | None]:
+    """One pass; the fresh resource instead of None when its status write lost a race that
+    needs the reconcile redone (see `faults.reapply`)."""
     status = dict(body.get("status") or {})
     try:
         ranker = parse(body)
     except ValidationError as exc:
         return _invalid(kube, body, status, problems_of(exc))
-    observed, objects = gather(kube, store, ranker, status)
+    try:
+        observed, objects = gather(kube, store, ranker, status)
+        server = kube.server_version()
+        autoscaled = kube.autoscaled_deployments(ranker.metadata.namespace or "default")
+    except Exception as exc:  # noqa: BLE001 - nothing observed, nothing decided: say so, try again later
+        message = f"could not read the cluster: {type(exc).__name__}: {str(exc)[:300]}"
+        return Outcome([core.Decision("ObservationFailed", message, "Warning")], [], [],
+                       str(status.get("phase") or ""), retry=True), None
     observed = analyse_if_due(analyser, ranker, observed)
     observed = with_freshness(freshness, ranker, observed)
     want = core.desired(ranker, observed)
     live = {key(o): o for o in objects}
-    applied, notes = [], {}
-    server = kube.server_version()
-    autoscaled = kube.autoscaled_deployments(ranker.metadata.namespace or "default")
+    applied, notes, refusals = [], {}, []
     for child in want.children:
         child = keep_autoscaled_replicas(child, live.get(key(child)), autoscaled)
         child, note = lower(child, server)
         child = stamped(child)
-        if not up_to_date(live.get(key(child)), child):
+        if up_to_date(live.get(key(child)), child):
+            continue
+        try:
             kube.apply(child)
-            applied.append(key(child))
-            if note:
-                notes[key(child)] = note
+        except Exception as exc:  # noqa: BLE001 - one refused child must not stop the others
+            refusals.append(refusal("apply", child["kind"], child["metadata"]["name"], exc))
+            continue
+        applied.append(key(child))
+        if note:
+            notes[key(child)] = note
     keep = {(c.kind, c.name) for c in want.keep} | {key(c) for c in want.children}
     deleted = []
     for obj in objects:
         if key(obj) not in keep:
-            kube.delete(obj["apiVersion"], obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+            try:
+                kube.delete(obj["apiVersion"], obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+            except Exception as exc:  # noqa: BLE001 - as above
+                refusals.append(refusal("delete", obj["kind"], obj["metadata"]["name"], exc))
+                continue
             deleted.append(key(obj))
     store_spec = ranker.spec.embeddings.store
+    kept_spaces = []
     for version in want.delete_spaces:
-        ref = store_spec.password_secret_ref
-        password = kube.secret_value(ranker.metadata.namespace or "default", ref.name, ref.key,
-                                     ranker.metadata.name) if ref else None
-        store.delete_space(store_spec.url, password, version, scope=build.store_scope(ranker))
-    if _changed(status, want.status):
-        # Clearing a handled request is guarded by resourceVersion: a request a person wrote after
-        # this reconcile read the resource makes the patch fail (409, retried), never vanish.
-        guard = ranker.metadata.resource_version if "request" in want.status else None
-        kube.patch_status(ranker.metadata.namespace or "default", ranker.metadata.name,
-                          _merge_patch(status, want.status), resource_version=guard)
+        try:
+            ref = store_spec.password_secret_ref
+            password = kube.secret_value(ranker.metadata.namespace or "default", ref.name, ref.key,
+                                         ranker.metadata.name) if ref else None
+            store.delete_space(store_spec.url, password, version, scope=build.store_scope(ranker))
+        except Exception as exc:  # noqa: BLE001 - the space stays listed, and is deleted on a later run
+            refusals.append(refusal("delete", "Space", version, exc))
+            kept_spaces.append(version)
+    generation = int(ranker.metadata.generation or 0)
+    final, refused = faults.with_refusals(_with_spaces(want.status, status, kept_spaces), status, refusals,
+                                          observed.now, generation)
     decisions = [_created(k, notes.get(k)) for k in applied if k not in live]
     decisions += [core.Decision("Deleted", f"{kind} {name}") for kind, name in deleted]
-    return Outcome([*decisions, *want.decisions], applied, deleted, want.status["phase"])
+    decisions += _phase_decisions(want, final, status) + refused
+    outcome = Outcome(decisions, applied, deleted, final["phase"], refusals=refusals,
+                      retry=any(r.transient for r in refusals))
+    fresh = _write_status(kube, ranker.metadata, status, final)
+    if isinstance(fresh, str):
+        return dataclasses.replace(outcome, retry=True, decisions=[
+            *decisions, core.Decision("StatusNotWritten", fresh, "Warning")]), None
+    return outcome, fresh
+
+
+def _with_spaces(new: dict[str, Any], before: Mapping[str, Any], versions: list[str]) -> dict[str, Any]:
+    """The status still listing the spaces whose deletion failed (so a later run deletes them)."""
+    if not versions:
+        return new
+    old = {s.get("version"): s for s in (before.get("embeddings") or {}).get("spaces") or []}
+    spaces = [old.get(v) or {"version": v} for v in versions] + list(new["embeddings"]["spaces"])
+    return {**new, "embeddings": {**new["embeddings"], "spaces": spaces}}
+
+
+def _phase_decisions(want: core.Desired, final: Mapping[str, Any], before: Mapping[str, Any]) -> list[core.Decision]:
+    """The core's decisions, with its phase-change Event told the phase refusals made it."""
+    phase = want.status["phase"]
+    if final["phase"] == phase:
+        return list(want.decisions)
+    out = [d for d in want.decisions if not (d.reason == phase and d.message.startswith("phase "))]
+    if before.get("phase") != final["phase"]:
+        ready: Mapping[str, Any] = next((c for c in final["conditions"] if c["type"] == "Ready"), {})
+        kind = "Warning" if final["phase"] == "Failed" else "Normal"
+        out.append(core.Decision(final["phase"], f"phase {before.get('phase') or '-'} -> {final['phase']}: "
+                                 f"{ready.get('message', '')}"[:1000], kind))
+    return out
+
+
+def _write_status(kube: Kube, meta: api.ObjectMeta, before: Mapping[str, Any],
+                  after: Mapping[str, Any]) -> Mapping[str, Any] | str | None:
+    """Write the status, guarded by the resourceVersion the reconcile read, so no other writer's
+    change is lost. On 409: read again; `faults.reapply` says whether our change goes on top of
+    theirs (written, guarded again) or the reconcile must be redone (the fresh resource is
+    returned). A refused write returns why, as text."""
+    namespace, version = meta.namespace or "default", meta.resource_version
+    base = dict(before)
+    target: Mapping[str, Any] = after
+    for _ in range(STATUS_TRIES):
+        patch = _merge_patch(base, target)
+        if not patch:
+            return None
+        try:
+            kube.patch_status(namespace, meta.name, patch, resource_version=version)
+            return None
+        except Exception as exc:  # noqa: BLE001 - reported, retried by the next reconcile
+            if getattr(exc, "status", None) != 409:
+                return f"status not written: {refusal('patch', api.KIND, meta.name, exc).text()}"[:1000]
+        try:
+            fresh = kube.get_ranker(namespace, meta.name)
+        except Exception as exc:  # noqa: BLE001
+            return f"status not written: {refusal('get', api.KIND, meta.name, exc).text()}"[:1000]
+        fresh_status = dict(fresh.get("status") or {})
+        merged = faults.reapply(before, after, fresh_status)
+        if merged is None:
+            return fresh
+        base, target, version = fresh_status, merged, (fresh.get("metadata") or {}).get("resourceVersion")
+    return f"status not written: it changed under {STATUS_TRIES} writes"
 
 
 AUTOSCALABLE = ("encoder", "embedder")
@@ -175,14 +290,19 @@ def _created(child: tuple[str, str], note: str | None) -> core.Decision:
     return core.Decision("Created", f"{text} ({note})", "Warning") if note else core.Decision("Created", text)
 
 
-def _invalid(kube: Kube, body: Mapping[str, Any], status: dict[str, Any], problems: list[str]) -> Outcome:
+def _invalid(kube: Kube, body: Mapping[str, Any], status: dict[str, Any],
+             problems: list[str]) -> tuple[Outcome, Mapping[str, Any] | None]:
     meta = body.get("metadata") or {}
     new = core.invalid_status(status, problems, now(), int(meta.get("generation") or 0))
     decisions = []
     if _changed(status, new):
-        kube.patch_status(meta.get("namespace") or "default", meta["name"], _merge_patch(status, new))
         decisions.append(core.Decision("InvalidSpec", "; ".join(problems)[:1000], "Warning"))
-    return Outcome(decisions, [], [], "Failed")
+    fresh = _write_status(kube, api.ObjectMeta(name=meta["name"], namespace=meta.get("namespace"),
+                                               resource_version=meta.get("resourceVersion")), status, new)
+    if isinstance(fresh, str):
+        return Outcome([*decisions, core.Decision("StatusNotWritten", fresh, "Warning")], [], [], "Failed",
+                       retry=True), None
+    return Outcome(decisions, [], [], "Failed"), fresh
 
 
 def clean(value: Any) -> Any:

@@ -122,7 +122,9 @@ def _cel_messages(node: Any) -> list[str]:
 
 
 def test_every_cel_rule_has_a_mirror_case() -> None:
-    messages = _cel_messages(api.crd_manifest(cel=True))
+    # Transition rules (oldSelf) compare with the previous object: the operator's check mirrors
+    # them (tests/test_operator_core.py, tests/test_reconcile_faults.py), not a model validator.
+    messages = [m for m in _cel_messages(api.crd_manifest(cel=True)) if m not in api.TRANSITION_RULES]
     assert sorted(messages) == sorted(CEL_MIRRORS), "each CEL rule needs a model mirror and a case here"
     assert _cel_messages(api.crd_manifest(cel=False)) == []
 

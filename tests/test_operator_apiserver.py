@@ -255,6 +255,11 @@ def generations(children: dict) -> dict:
                 v["metadata"]["resourceVersion"]) for k, v in children.items()}
 
 
+def backfill_jobs(children: dict, version: str) -> list[tuple[str, str]]:
+    """The backfill Jobs of a space: <name>-backfill-<version>-<shape>-<attempt>."""
+    return [(k, n) for k, n in children if k == "Job" and n.startswith(f"shop-backfill-{version}-")]
+
+
 ENCODER_E1 = {("ConfigMap", "shop-encoder-e1"), ("Service", "shop-encoder-e1"), ("Deployment", "shop-encoder-e1")}
 ENCODER_E2 = {("ConfigMap", "shop-encoder-e2"), ("Service", "shop-encoder-e2"), ("Deployment", "shop-encoder-e2")}
 
@@ -265,9 +270,10 @@ def test_lifecycle_create_promote_encoder_change_and_delete(cluster: Cluster, ku
     with operator_in_process(kube, cluster.namespace, store):
         cluster.create(manifest(cluster.namespace, "redis://redis.test:6379/0", prometheus_url=healthy_prometheus))
         # create: every child appears, owned by the ranker; no traffic while the space is empty
-        first = ENCODER_E1 | {("Deployment", "shop-embedder"), ("Job", "shop-backfill-e1")}
         children = wait_for("encoder, embedder and backfill", lambda: (c := cluster.children()) and
-                            set(c) == first and c)
+                            set(c) == ENCODER_E1 | {("Deployment", "shop-embedder"), *backfill_jobs(c, "e1")}
+                            and backfill_jobs(c, "e1") and c)
+        [job_e1] = backfill_jobs(children, "e1")
         uid = cluster.ranker()["metadata"]["uid"]
         for child in children.values():
             assert [o["uid"] for o in child["metadata"]["ownerReferences"]] == [uid]
@@ -287,18 +293,19 @@ def test_lifecycle_create_promote_encoder_change_and_delete(cluster: Cluster, ku
         isvc = wait_for("the InferenceService", lambda: cluster.children().get(("InferenceService", "shop-ranker")))
         env = {e["name"]: e.get("value") for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
         assert env["MMRANK_SPACE"] == "e1"
-        cluster.job_complete("shop-backfill-e1")
+        cluster.job_complete(job_e1[1])
         cluster.isvc_ready()
         wait_for("phase Ready", lambda: cluster.status().get("phase") == "Ready")
         assert stable_versions(cluster.status()) == ("r1", "e1")
         assert cluster.status()["stable"]["ranker"]["modelUri"] == "s3://models/ranker/r1"
-        wait_for("the finished backfill Job deleted", lambda: ("Job", "shop-backfill-e1") not in cluster.children())
+        wait_for("the finished backfill Job deleted", lambda: job_e1 not in cluster.children())
 
         # encoder version change -> a second encoder and a backfill Job; r1 keeps serving on e1
         store.coverage["e2"] = 0.3
         cluster.patch_spec(manifest(cluster.namespace, "redis://redis.test:6379/0", "e2", "r2",
                                     prometheus_url=healthy_prometheus)["spec"])
-        wait_for("encoder e2 and its backfill", lambda: ENCODER_E2 | {("Job", "shop-backfill-e2")} <= set(cluster.children()))
+        wait_for("encoder e2 and its backfill", lambda: set(c := cluster.children()) >= ENCODER_E2
+                 and backfill_jobs(c, "e2"))
         children = cluster.children()
         assert set(children) >= ENCODER_E1
         assert children[("InferenceService", "shop-ranker")]["metadata"]["labels"]["mmrank.io/ranker-version"] == "r1"
@@ -386,6 +393,7 @@ def test_operator_killed_half_way_resumes_without_duplicates(cluster: Cluster, k
     store.create_space("e1", dim=8)
     store.set_catalogue_size("e1", 100)
     store.put("e1", np.arange(100), np.eye(8, dtype=np.float32)[np.arange(100) % 8])
+    store.report_backfill("e1", "0/1", 100, 100)         # coverage counts what the backfill stored
     operator = _start_operator(kube, cluster.namespace, tmp_path)
     try:
         cluster.create(manifest(cluster.namespace, redis_server.url, prometheus_url=healthy_prometheus))
@@ -394,7 +402,7 @@ def test_operator_killed_half_way_resumes_without_duplicates(cluster: Cluster, k
         operator = _start_operator(kube, cluster.namespace, tmp_path)
         cluster_children = wait_for("encoder and embedder", lambda: (c := cluster.children()) and
                                     ENCODER_E1 | {("Deployment", "shop-embedder")} <= set(c) and c, timeout=60)
-        assert ("Job", "shop-backfill-e1") not in cluster_children          # coverage 1.0 in the real store
+        assert not backfill_jobs(cluster_children, "e1")                    # coverage 1.0 in the real store
         cluster.deployment_ready("shop-encoder-e1")
         wait_for("the InferenceService", lambda: ("InferenceService", "shop-ranker") in cluster.children())
         cluster.isvc_ready()
@@ -404,8 +412,10 @@ def test_operator_killed_half_way_resumes_without_duplicates(cluster: Cluster, k
         store.create_space("e2", dim=8)
         store.set_catalogue_size("e2", 100)
         store.put("e2", np.arange(40), np.eye(8, dtype=np.float32)[np.arange(40) % 8])
+        store.report_backfill("e2", "0/1", 40, 100)
+        store.put("e2", np.arange(1000, 1080), np.eye(8, dtype=np.float32)[np.arange(80) % 8])  # not catalogued
         cluster.patch_spec(manifest(cluster.namespace, redis_server.url, "e2", "r2", prometheus_url=healthy_prometheus)["spec"])
-        wait_for("backfill e2", lambda: ("Job", "shop-backfill-e2") in cluster.children())
+        wait_for("backfill e2", lambda: backfill_jobs(cluster.children(), "e2"))
         _kill(operator)
         before = generations(cluster.children())
         operator = _start_operator(kube, cluster.namespace, tmp_path)
@@ -420,6 +430,7 @@ def test_operator_killed_half_way_resumes_without_duplicates(cluster: Cluster, k
 
         # the backfill finishes in the store; the restarted operator completes the rollout
         store.put("e2", np.arange(100), np.eye(8, dtype=np.float32)[np.arange(100) % 8])
+        store.report_backfill("e2", "0/1", 100, 100)
         cluster.deployment_ready("shop-encoder-e2")
         wait_for("the InferenceService on r2", lambda: cluster.children()[("InferenceService", "shop-ranker")]
                  ["metadata"]["labels"]["mmrank.io/ranker-version"] == "r2", timeout=60)
@@ -432,6 +443,7 @@ def test_operator_killed_half_way_resumes_without_duplicates(cluster: Cluster, k
         store.create_space("e3", dim=8)
         store.set_catalogue_size("e3", 100)
         store.put("e3", np.arange(100), np.eye(8, dtype=np.float32)[np.arange(100) % 8])
+        store.report_backfill("e3", "0/1", 100, 100)
         cluster.patch_spec(manifest(cluster.namespace, redis_server.url, "e3", "r3", prometheus_url=healthy_prometheus)["spec"])
         wait_for("encoder e3", lambda: ("Deployment", "shop-encoder-e3") in cluster.children())
         cluster.deployment_ready("shop-encoder-e3")

@@ -62,20 +62,34 @@ def by_type(status: dict) -> dict[str, dict]:
     return {c["type"]: c for c in status["conditions"]}
 
 
+def backfill_jobs(want: core.Desired, version: str = "e1") -> list[dict]:
+    """The backfill Jobs of a space (named <ranker>-backfill-<version>-<shape>-<attempt>)."""
+    return [c for c in want.children if c["kind"] == "Job" and c["metadata"]["name"].startswith(f"shop-backfill-{version}-")]
+
+
+def backfill_job(want: core.Desired, version: str = "e1") -> dict:
+    jobs = backfill_jobs(want, version)
+    assert len(jobs) == 1, [j["metadata"]["name"] for j in jobs]
+    return jobs[0]
+
+
 # --- children by value --------------------------------------------------------------------------
 
 def test_fresh_ranker_gets_encoder_embedder_and_backfill_but_no_traffic() -> None:
     want = core.desired(ranker(), observed({"e1": 0.0}))
+    job = backfill_job(want)["metadata"]["name"]
     assert sorted(kinds(want)) == [("ConfigMap", "shop-encoder-e1"), ("Deployment", "shop-embedder"),
-                                   ("Deployment", "shop-encoder-e1"), ("Job", "shop-backfill-e1"),
+                                   ("Deployment", "shop-encoder-e1"), ("Job", job),
                                    ("Service", "shop-encoder-e1")]
+    assert job.endswith("-1") and build.shape_of_job_name(job)
     assert want.status["phase"] == "Backfilling"
     synced = by_type(want.status)["EmbeddingsSynced"]
     assert synced["status"] == "False" and "coverage 0.0000" in synced["message"] and "0.99" in synced["message"]
     # the Job being created is in status at once, so the next reconcile has nothing to write
     assert want.status["embeddings"]["spaces"] == [
-        {"version": "e1", "coverage": 0.0, "items": 0,
-         "backfill": {"completedShards": 0, "totalShards": 4, "progress": 0.0}}]
+        {"version": "e1", "modelUri": "s3://models/encoder/e1", "dimension": 128, "coverage": 0.0, "items": 0,
+         "backfill": {"completedShards": 0, "totalShards": 4, "progress": 0.0, "job": job, "attempts": 1,
+                      "state": "Running"}}]
 
 
 def test_every_child_has_owner_reference_and_labels() -> None:
@@ -131,7 +145,7 @@ def test_configmap_uses_kind_gpu_only_with_gpus() -> None:
 
 
 def test_backfill_job_is_indexed_and_sharded() -> None:
-    job = kinds(core.desired(ranker(), observed({"e1": 0.3})))[("Job", "shop-backfill-e1")]
+    job = backfill_job(core.desired(ranker(), observed({"e1": 0.3})))
     assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 4
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -140,7 +154,7 @@ def test_backfill_job_is_indexed_and_sharded() -> None:
 
 
 def test_backfill_pods_fetch_the_catalogue_before_they_start() -> None:
-    pod = kinds(core.desired(ranker(), observed({"e1": 0.3})))[("Job", "shop-backfill-e1")]["spec"]["template"]["spec"]
+    pod = backfill_job(core.desired(ranker(), observed({"e1": 0.3})))["spec"]["template"]["spec"]
     fetch = pod["initContainers"][0]
     assert fetch["args"] == ["mmrank", "fetch", "s3://catalogue/snapshots/today", "/mnt/catalogue"]
     assert fetch["image"] == api.DEFAULT_MMRANK_IMAGE          # the runtime image: KServe's storage code
@@ -187,7 +201,7 @@ def test_synced_space_and_ready_isvc_make_the_ranker_stable_and_ready() -> None:
     assert stable["ranker"]["modelUri"] == "s3://models/ranker/r1"     # what a later canary runs beside
     assert want.status["phase"] == "Ready"
     assert all(c["status"] == "True" for c in want.status["conditions"] if c["type"] != "CanaryHealthy")
-    assert ("Job", "shop-backfill-e1") not in kinds(want)
+    assert backfill_jobs(want) == []
     assert "RankerPromoted" in [d.reason for d in want.decisions]
 
 
@@ -205,7 +219,7 @@ def test_encoder_change_keeps_the_old_encoder_and_stable_ranker_while_backfillin
                         observed({"e1": 1.0, "e2": 0.42}, ready=("e1", "e2"), status=STABLE_E1, serving=serving,
                                  children=OLD_CHILDREN))
     got = kinds(want)
-    assert ("Job", "shop-backfill-e2") in got and ("Deployment", "shop-encoder-e2") in got
+    assert backfill_job(want, "e2") and ("Deployment", "shop-encoder-e2") in got
     assert ("InferenceService", "shop-ranker") not in got          # not rebuilt: r1 keeps serving as is
     kept = {(c.kind, c.name) for c in want.keep}
     assert kept == {("ConfigMap", "shop-encoder-e1"), ("Deployment", "shop-encoder-e1"),
@@ -280,11 +294,18 @@ def test_running_backfill_is_not_cut_short_and_finished_one_goes() -> None:
 
 
 def test_backfill_progress_and_failure_reach_status() -> None:
-    failed = core.JobState(completions=4, succeeded=2, finished=True, failed=True)
-    want = core.desired(ranker(), observed({"e1": 0.5}, jobs={"e1": failed}))
+    first = core.desired(ranker(), observed({"e1": 0.2}))
+    name = backfill_job(first)["metadata"]["name"]
+    running = core.desired(ranker(), observed({"e1": 0.5}, status=first.status, jobs={name: core.JobState(4, 2)}))
+    space = running.status["embeddings"]["spaces"][0]
+    assert space["backfill"] == {"completedShards": 2, "totalShards": 4, "progress": 0.5, "job": name,
+                                 "attempts": 1, "state": "Running"}
+    failed = core.JobState(completions=4, succeeded=2, finished=True, failed=True,
+                           reason="BackoffLimitExceeded: Job has reached the specified backoff limit")
+    want = core.desired(ranker(), observed({"e1": 0.5}, status=running.status, jobs={name: failed}))
     space = want.status["embeddings"]["spaces"][0]
-    assert space["backfill"] == {"completedShards": 2, "totalShards": 4, "progress": 0.5}
-    assert by_type(want.status)["EmbeddingsSynced"]["reason"] == "BackfillFailed"
+    assert space["backfill"]["state"] == "Retrying" and "BackoffLimitExceeded" in space["backfill"]["lastFailure"]
+    assert by_type(want.status)["EmbeddingsSynced"]["reason"] == "BackfillRetrying"
 
 
 def test_second_reconcile_keeps_transition_times_and_writes_nothing() -> None:
@@ -306,7 +327,9 @@ def test_invalid_spec_becomes_a_failed_condition() -> None:
 
 
 def test_status_the_core_writes_validates_against_the_api_models() -> None:
-    want = core.desired(ranker(), observed({"e1": 0.5}, jobs={"e1": core.JobState(4, 1)}))
+    first = core.desired(ranker(), observed({"e1": 0.2}))
+    want = core.desired(ranker(), observed({"e1": 0.5}, status=first.status,
+                                           jobs={backfill_job(first)["metadata"]["name"]: core.JobState(4, 1)}))
     from mmrank.operator.reconcile import clean
 
     api.RankerStatus.model_validate(clean(want.status))
@@ -545,3 +568,206 @@ def test_without_indexed_jobs_a_backfill_being_created_counts_one_shard() -> Non
     obs = dataclasses_replace(observed({"e1": 0.3}), indexed_jobs=False)
     space = core.desired(ranker(), obs).status["embeddings"]["spaces"][0]
     assert space["backfill"]["totalShards"] == 1
+
+
+# --- a reconcile that never wedges: Job shapes, backfill attempts, immutable encoder fields -----
+
+def _with(body: dict, path: str, value: Any) -> api.MultimodalRanker:
+    node = body["spec"]
+    *parents, last = path.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return api.MultimodalRanker.model_validate(body)
+
+
+@pytest.mark.parametrize(("path", "value"), [("embeddings.backfill.batchSize", 64),
+                                             ("embeddings.backfill.parallelism", 2),
+                                             ("embeddings.embedder.image", "ghcr.io/mmrank/mmrank:0.2.0")])
+def test_a_change_the_job_cannot_take_is_a_new_job_from_attempt_one(path: str, value: Any) -> None:
+    """batchSize (the pod template), parallelism (completions: immutable) or the image change the
+    Job's shape: a Job of another name replaces it (the old one is no longer desired, so it is
+    deleted), instead of an update the apiserver refuses with 422."""
+    first = core.desired(ranker(), observed({"e1": 0.2}))
+    old = backfill_job(first)["metadata"]["name"]
+    running = core.desired(ranker(), observed({"e1": 0.3}, status=first.status, jobs={old: core.JobState(4, 1)}))
+    changed = core.desired(_with(manifest(), path, value),
+                           observed({"e1": 0.3}, status=running.status, jobs={old: core.JobState(4, 1)}))
+    new = backfill_job(changed)["metadata"]["name"]
+    assert new != old and new.endswith("-1") and build.shape_of_job_name(new) != build.shape_of_job_name(old)
+    assert changed.status["embeddings"]["spaces"][0]["backfill"]["job"] == new
+    again = core.desired(_with(manifest(), path, value), observed({"e1": 0.3}, status=changed.status))
+    assert backfill_job(again)["metadata"]["name"] == new                   # stable from then on
+
+
+def test_a_job_name_stays_a_dns_label_with_long_names() -> None:
+    name = build.backfill_job_name("n" * 44 + "-backfill-" + "e" * 9, "abc123", 100)
+    assert len(name) <= 63 and name.endswith("-abc123-100") and build.shape_of_job_name(name) == "abc123"
+    assert build.shape_of_job_name("shop-backfill-e1") == ""
+
+
+def test_without_indexed_jobs_the_job_has_another_shape() -> None:
+    """An apiserver upgrade to >= 1.22 changes how the Job runs (kube.lower): a new Job, not a 422."""
+    indexed = backfill_job(core.desired(ranker(), observed({"e1": 0.3})))["metadata"]["name"]
+    plain = backfill_job(core.desired(ranker(), dataclasses_replace(observed({"e1": 0.3}), indexed_jobs=False)))
+    assert plain["metadata"]["name"] != indexed
+
+
+def _failed(reason: str = "BackoffLimitExceeded: Job has reached the specified backoff limit") -> core.JobState:
+    return core.JobState(completions=4, succeeded=1, finished=True, failed=True, reason=reason)
+
+
+def at(seconds: int) -> str:
+    import datetime
+
+    base = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    return (base + datetime.timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_a_failed_backfill_is_retried_with_exponential_backoff_then_the_space_fails() -> None:
+    body = manifest()
+    body["spec"]["embeddings"]["backfill"].update(maxAttempts=3, retryBackoff="10s")
+    model = api.MultimodalRanker.model_validate(body)
+    want = core.desired(model, observed({"e1": 0.2}, now=at(0)))
+    names, waits = [], []
+    t = 0
+    for attempt in (1, 2, 3):
+        name = backfill_job(want)["metadata"]["name"]
+        names.append(name)
+        assert name.endswith(f"-{attempt}")
+        want = core.desired(model, observed({"e1": 0.2}, status=want.status, jobs={name: _failed()}, now=at(t)))
+        assert backfill_jobs(want) == []                                   # the failed Job goes
+        entry = want.status["embeddings"]["spaces"][0]["backfill"]
+        assert entry["attempts"] == attempt and f"attempt {attempt} of 3 ({name})" in entry["lastFailure"]
+        if attempt == 3:
+            break
+        assert entry["state"] == "Retrying" and "BackoffLimitExceeded" in entry["lastFailure"]
+        assert [d.reason for d in want.decisions if d.type == "Warning"] == ["BackfillRetrying"]
+        wait = int(core.roll.seconds_between(at(t), entry["retryAt"]))
+        waits.append(wait)
+        early = core.desired(model, observed({"e1": 0.2}, status=want.status, now=at(t + wait - 1)))
+        assert backfill_jobs(early) == [] and by_type(early.status)["EmbeddingsSynced"]["reason"] == "BackfillRetrying"
+        t += wait
+        want = core.desired(model, observed({"e1": 0.2}, status=early.status, now=at(t)))
+    assert waits == [10, 20] and len(set(names)) == 3
+    entry = want.status["embeddings"]["spaces"][0]["backfill"]
+    assert entry["state"] == "Failed" and want.status["phase"] == "Failed"
+    synced = by_type(want.status)["EmbeddingsSynced"]
+    assert synced["reason"] == "BackfillFailed" and "no more attempts" in synced["message"]
+    assert [d.reason for d in want.decisions if d.type == "Warning"] == ["Failed", "BackfillFailed"]
+    later = core.desired(model, observed({"e1": 0.2}, status=want.status, now=at(t + 3600)))
+    assert backfill_jobs(later) == [] and later.status["phase"] == "Failed"   # no more Jobs until the spec changes
+    body["spec"]["embeddings"]["backfill"]["batchSize"] = 128
+    fixed = core.desired(api.MultimodalRanker.model_validate(body),
+                         observed({"e1": 0.2}, status=later.status, now=at(t + 3601)))
+    assert backfill_job(fixed)["metadata"]["name"].endswith("-1") and fixed.status["phase"] == "Backfilling"
+
+
+def test_raising_max_attempts_lets_a_failed_space_try_again_at_once() -> None:
+    body = manifest()
+    body["spec"]["embeddings"]["backfill"].update(maxAttempts=1)
+    want = core.desired(api.MultimodalRanker.model_validate(body), observed({"e1": 0.2}))
+    name = backfill_job(want)["metadata"]["name"]
+    want = core.desired(api.MultimodalRanker.model_validate(body),
+                        observed({"e1": 0.2}, status=want.status, jobs={name: _failed()}))
+    assert want.status["phase"] == "Failed" and backfill_jobs(want) == []
+    body["spec"]["embeddings"]["backfill"].update(maxAttempts=2)
+    again = core.desired(api.MultimodalRanker.model_validate(body), observed({"e1": 0.2}, status=want.status))
+    assert backfill_job(again)["metadata"]["name"].endswith("-2") and again.status["phase"] == "Backfilling"
+
+
+def test_backoff_doubles_and_is_capped() -> None:
+    assert [core.backoff_seconds(30, a) for a in (1, 2, 3, 4, 5, 6)] == [30, 60, 120, 240, 480, 600]
+
+
+def test_a_job_that_completed_below_min_coverage_is_a_failed_attempt() -> None:
+    first = core.desired(ranker(), observed({"e1": 0.2}))
+    name = backfill_job(first)["metadata"]["name"]
+    done = core.JobState(completions=4, succeeded=4, finished=True)
+    want = core.desired(ranker(), observed({"e1": 0.5}, status=first.status, jobs={name: done}))
+    entry = want.status["embeddings"]["spaces"][0]["backfill"]
+    assert entry["state"] == "Retrying" and "completed, but space e1: coverage 0.5000" in entry["lastFailure"]
+    covered = core.desired(ranker(), observed({"e1": 1.0}, status=first.status, jobs={name: done}))
+    assert backfill_jobs(covered) == [] and "retryAt" not in covered.status["embeddings"]["spaces"][0]["backfill"]
+
+
+def test_a_version_keeps_the_model_uri_and_dimension_it_was_first_seen_with() -> None:
+    first = core.desired(ranker(), observed({"e1": 1.0}, ready=("e1",)))
+    space = first.status["embeddings"]["spaces"][0]
+    assert (space["modelUri"], space["dimension"]) == ("s3://models/encoder/e1", 128)
+    body = manifest()
+    body["spec"]["encoder"].update(modelUri="s3://models/encoder/e1-retrained", dimension=256)
+    want = core.desired(api.MultimodalRanker.model_validate(body), observed({"e1": 1.0}, ready=("e1",),
+                                                                             status=first.status, now=LATER))
+    accepted = by_type(want.status)["SpecAccepted"]
+    assert accepted["status"] == "False" and accepted["reason"] == "ImmutableFieldChanged"
+    assert "spec.encoder.modelUri of version e1 is 's3://models/encoder/e1'" in accepted["message"]
+    assert "spec.encoder.dimension of version e1 is 128" in accepted["message"]
+    assert "set a new spec.encoder.version" in accepted["message"]
+    assert by_type(want.status)["Ready"]["reason"] == "ImmutableFieldChanged" and want.status["phase"] == "Failed"
+    # nothing of the change is applied: the encoder keeps pulling the recorded model at its width
+    deployment = kinds(want)[("Deployment", "shop-encoder-e1")]
+    assert kinds(first)[("Deployment", "shop-encoder-e1")] == deployment
+    assert kinds(first)[("ConfigMap", "shop-encoder-e1")] == kinds(want)[("ConfigMap", "shop-encoder-e1")]
+    assert want.status["embeddings"]["spaces"][0]["modelUri"] == "s3://models/encoder/e1"
+    assert [d.reason for d in want.decisions if d.type == "Warning"] == ["Failed", "ImmutableFieldChanged"]
+    again = core.desired(api.MultimodalRanker.model_validate(body), observed({"e1": 1.0}, ready=("e1",),
+                                                                              status=want.status, now=LATER))
+    assert [d for d in again.decisions if d.reason == "ImmutableFieldChanged"] == []   # one Warning, not one per run
+    # a new version is the way: accepted, and recorded with its own model
+    new = manifest(encoder="e2", ranker="r2")
+    new["spec"]["encoder"]["modelUri"] = "s3://models/encoder/e1-retrained"
+    moved = core.desired(api.MultimodalRanker.model_validate(new), observed({"e1": 1.0}, status=want.status))
+    assert by_type(moved.status)["SpecAccepted"]["status"] == "True"
+    assert {s["version"]: s.get("modelUri") for s in moved.status["embeddings"]["spaces"]} == {
+        "e1": "s3://models/encoder/e1", "e2": "s3://models/encoder/e1-retrained"}
+
+
+# --- refusals and status conflicts (operator/faults.py) ----------------------------------------
+
+def test_a_refused_child_is_named_in_status_and_ready_is_false() -> None:
+    from mmrank.operator import faults
+
+    want = core.desired(ranker(), observed({"e1": 1.0}, ready=("e1",),
+                                           serving=core.ServedRanker(core.Version("r1", "e1"), ready=True)))
+    assert want.status["phase"] == "Ready"
+    refused = faults.Refusal("apply", "Deployment", "shop-embedder", 403, "deployments is forbidden", False)
+    status, decisions = faults.with_refusals(want.status, {}, [refused], NOW, 3)
+    applied = by_type(status)["ChildrenApplied"]
+    assert applied["status"] == "False" and applied["reason"] == "ChildRefused" and applied["observedGeneration"] == 3
+    assert "apply Deployment shop-embedder refused (403): deployments is forbidden" in applied["message"]
+    assert by_type(status)["Ready"]["status"] == "False" and status["phase"] == "Failed"
+    assert status["observedGeneration"] == 3
+    assert [(d.reason, d.type) for d in decisions] == [("ChildRefused", "Warning")]
+    _, again = faults.with_refusals(want.status, status, [refused], LATER, 3)
+    assert again == []                                                  # one Warning per new set of refusals
+    busy = faults.Refusal("apply", "Deployment", "shop-embedder", 503, "etcd leader changed", True)
+    status, _ = faults.with_refusals(want.status, {}, [busy], NOW, 3)
+    assert status["phase"] == "Progressing" and by_type(status)["ChildrenApplied"]["reason"] == "ChildRetrying"
+    healed, decisions = faults.with_refusals(want.status, status, [], LATER, 3)
+    assert healed["phase"] == "Ready" and by_type(healed)["ChildrenApplied"]["status"] == "True"
+    assert [d.reason for d in decisions] == ["ChildrenApplied"]
+
+
+def test_after_a_conflict_only_observations_are_merged_and_history_means_redo() -> None:
+    from mmrank.operator import faults
+
+    base = {"phase": "Backfilling", "stable": {"rankerVersion": "r1", "encoderVersion": "e1"}, "history": []}
+    ours = {**base, "phase": "Ready", "observedGeneration": 3}
+    assert faults.reapply(base, ours, base) == ours                       # only metadata moved
+    theirs = {**base, "observedGeneration": 2, "phase": "Progressing"}
+    assert faults.reapply(base, ours, theirs) == {**theirs, "phase": "Ready", "observedGeneration": 3}
+    for key, value in (("history", [{"reason": "Promoted"}]), ("canary", {"state": "Promoted"}),
+                       ("stable", {"rankerVersion": "r2", "encoderVersion": "e1"}), ("request", {"action": "Abort"})):
+        assert faults.reapply(base, ours, {**base, key: value}) is None, key
+
+
+# --- coverage counts catalogue items only ----------------------------------------------------------
+
+def test_coverage_is_the_union_of_the_backfill_checkpoints_over_the_catalogue() -> None:
+    assert observe.backfilled_rows({"0/2": (50, 50), "1/2": (20, 50)}, 100) == 70
+    # resharded half way: 0/2 stored rows 0-39, then 0/4..3/4 started over; overlaps count once
+    assert observe.backfilled_rows({"0/2": (40, 50), "1/2": (0, 50), "0/4": (25, 25), "1/4": (10, 25)}, 100) == 40
+    assert observe.backfilled_rows({"0/1": (99, 99)}, 100) == 0               # another catalogue's checkpoint
+    assert observe.backfilled_rows({"x": (1, 1), "3/2": (5, 5)}, 100) == 0
+    assert observe.catalogue_coverage(70, 100) == 0.7 and observe.catalogue_coverage(5, 0) == 0.0
