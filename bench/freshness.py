@@ -27,6 +27,7 @@ Two settings decide the tail on a small CPU machine, and both are printed with t
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -142,6 +144,148 @@ def redis_latency_events(client) -> dict[str, dict[str, float]]:  # type: ignore
     return events
 
 
+def redis_forks(client) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """Forks Redis made during the run (an AOF rewrite or an RDB save each fork the process and
+    write its whole dataset from the child, beside the item stream's writes)."""
+    persistence, stats = client.info("persistence"), client.info("stats")
+    return {"total_forks": stats.get("total_forks"), "latest_fork_usec": stats.get("latest_fork_usec"),
+            "aof_rewrites": persistence.get("aof_rewrites"), "rdb_saves": persistence.get("rdb_saves"),
+            "aof_current_size_mb": round(persistence.get("aof_current_size", 0) / 2**20, 1)}
+
+
+class GcPauses:
+    """This process' own garbage collections (gc.callbacks): the poller stops during each, so an
+    item stored meanwhile is seen late; the bench must not add stalls of its own."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float, float]] = []
+        self.started = 0.0
+        gc.callbacks.append(self)
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.started = time.time()
+        else:
+            self.pauses.append((info["generation"], self.started, time.time()))
+
+    def summary(self) -> dict[str, Any]:
+        worst = max((end - start for _, start, end in self.pauses), default=0.0)
+        return {"collections": len(self.pauses), "full": sum(1 for g, _, _ in self.pauses if g == 2),
+                "worst_ms": round(worst * 1000, 1)}
+
+
+STAGES = ("queued", "read", "validate", "launch", "embed", "store", "seen")
+
+
+def read_trace(path: Path) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
+    """The embedder's --trace: each item's batch record (its last, if redelivered), and the pauses
+    (GC, event-loop delays)."""
+    by_item: dict[int, dict[str, Any]] = {}
+    pauses = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if "batch" in record:
+            for item in record["items"]:
+                by_item[item] = record
+        else:
+            pauses.append(record)
+    return by_item, pauses
+
+
+def item_stages(sent: float, seen: float, batch: dict[str, Any], space: str = "e1") -> dict[str, float]:
+    """Where one item's freshness went, in seconds (they add up to it): queued (in the stream
+    before the read that returned it began), read (that XREADGROUP, filling the batch),
+    validate, launch (waiting for a free slot or an earlier batch of the same item), embed (the
+    task's start and Triton), store, seen (stored to the bench's poll finding it)."""
+    times = batch["spaces"].get(space, {})
+    stored = times.get("stored", batch["acked"])
+    embed_end = times.get("embed_end", stored)
+    marks = [sent, max(sent, batch["read_start"]), batch["read"], batch["validated"], batch["launched"], embed_end,
+             stored, max(seen, stored)]
+    return {stage: max(0.0, b - a) for stage, a, b in zip(STAGES, marks[:-1], marks[1:], strict=True)}
+
+
+def explain(sent: dict[int, float], seen: dict[int, float], trace: Path, threshold: float,
+            bench_gc: GcPauses) -> dict[str, Any]:
+    """Per stage p50/p99 over all items, and for the items slower than `threshold`: the stage
+    that took most of each one's time, and the pauses (embedder GC, event-loop delays, the
+    bench's own GC) that overlapped it."""
+    by_item, pauses = read_trace(trace)
+    splits, causes, overlapping = [], {}, {"embedder_gc": 0, "embedder_loop_late": 0, "bench_gc": 0}
+    worst_pause = {"embedder_gc": 0.0, "embedder_loop_late": 0.0, "bench_gc": 0.0}
+    for item, seen_at in seen.items():
+        if item not in by_item:
+            continue
+        split = item_stages(sent[item], seen_at, by_item[item])
+        splits.append(split)
+        if seen_at - sent[item] <= threshold:
+            continue
+        top = max(split, key=lambda stage: split[stage])
+        causes[top] = causes.get(top, 0) + 1
+        windows = [("embedder_gc" if "gc" in p else "embedder_loop_late", p.get("start", p.get("loop_late")), p["end"])
+                   for p in pauses] + [("bench_gc", start, end) for _, start, end in bench_gc.pauses]
+        for kind, start, end in windows:
+            if start < seen_at and end > sent[item]:
+                overlapping[kind] += 1
+                worst_pause[kind] = max(worst_pause[kind], end - start)
+    gcs = [p for p in pauses if "gc" in p]
+    return {
+        "items_traced": len(splits),
+        "stage_p50_p99_ms": {stage: [round(float(np.percentile([s[stage] for s in splits], q)) * 1000, 1)
+                                     for q in (50, 99)] for stage in STAGES} if splits else {},
+        f"items_over_{threshold}_s_by_their_longest_stage": causes,
+        "pauses_overlapping_those_items": {kind: {"items": overlapping[kind],
+                                                  "worst_ms": round(worst_pause[kind] * 1000, 1)}
+                                           for kind in overlapping},
+        "embedder_gc_pauses_over_2_ms": {"count": len(gcs), "full": sum(1 for p in gcs if p["gc"] == 2),
+                                         "worst_ms": round(max((p["end"] - p["start"] for p in gcs), default=0) * 1000,
+                                                           1)},
+        "embedder_loop_delays_over_2_ms": {
+            "count": sum(1 for p in pauses if "loop_late" in p),
+            "worst_ms": round(max((p["end"] - p["loop_late"] for p in pauses if "loop_late" in p), default=0) * 1000,
+                              1)},
+        "bench_gc": bench_gc.summary(),
+    }
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) each process and its children processes used so far: what
+    the run costs each part, whatever else the machine runs (wall times are not)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parents = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(proc.name)] = (int(stat[1]), (int(stat[11]) + int(stat[12])) / ticks)
+    used = {}
+    for name, pid in pids.items():
+        own = parents.get(pid, (0, 0.0))[1]
+        used[name] = own + sum(cpu for ppid, cpu in parents.values() if ppid == pid)
+    return used
+
+
+def triton_threads(triton_pid: int) -> dict[str, int]:
+    """Threads of Triton and of its Python-backend stubs (the model runs in a stub process)."""
+    counts = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            status = (proc / "status").read_text()
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if int(proc.name) == triton_pid or ppid == triton_pid:
+            name = status.split("\n", 1)[0].split(":", 1)[1].strip()
+            threads = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
+            counts[name] = counts.get(name, 0) + threads
+    return counts
+
+
 def triton_request_split(metrics_url: str) -> dict[str, float]:
     """Triton's own account per request (its counters, averaged): waiting for the model
     instance (queue) against running it (compute input + infer + output), in ms."""
@@ -172,6 +316,11 @@ def main() -> None:
                         help="appendfsync of the Redis append-only file")
     parser.add_argument("--triton-threads", type=int, default=1,
                         help="torch threads in Triton's model (OMP_NUM_THREADS); 0: torch's default (one per core)")
+    parser.add_argument("--trace-out", type=Path, help="keep the embedder's trace (JSON lines) and the items' send "
+                        "and seen times here")
+    parser.add_argument("--no-gc-freeze", action="store_true",
+                        help="leave the embedder's and this process' startup objects in the garbage collector (to "
+                        "compare: a full collection then scans every imported module)")
     args = parser.parse_args()
 
     import redis
@@ -181,6 +330,10 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="mmrank-freshness-"))
     export_small_encoder(work / "repo")
+    if not args.no_gc_freeze:
+        gc.collect()
+        gc.freeze()  # torch, imported by the export: a full collection would scan ~190k objects (~90 ms CPU)
+    bench_gc = GcPauses()
     redis_server = servers.start_redis(work / "redis")
     admin = redis.Redis.from_url(redis_server.url)
     admin.config_set("appendfsync", args.redis_fsync)
@@ -193,7 +346,8 @@ def main() -> None:
     embedder = subprocess.Popen(
         [sys.executable, "-m", "mmrank", "embedder", "run", "--encoder", f"e1={triton.extra['grpc_url']}",
          "--store", redis_server.url, "--http-port", str(http_port), "--batch-size", str(args.batch_size),
-         "--max-wait", str(args.max_wait), "--consumer", "bench"],
+         "--max-wait", str(args.max_wait), "--consumer", "bench", "--trace", str(work / "trace.jsonl"),
+         *(["--no-gc-freeze"] if args.no_gc_freeze else [])],
         cwd=work, stdout=open(work / "embedder.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
     try:
         wait_http(f"http://127.0.0.1:{http_port}/readyz")
@@ -202,20 +356,26 @@ def main() -> None:
         store = RedisStore(redis.Redis.from_url(redis_server.url))
         sent: dict[int, float] = {}
         seen: dict[int, float] = {}
+        pids = {"triton (with its model stub)": triton.process.pid, "embedder": embedder.pid,
+                "redis": redis_server.process.pid, "this bench": os.getpid()}
+        cpu_before = cpu_seconds(pids)
         publisher = threading.Thread(target=publish_steadily, args=(client, args.rate, args.seconds, sent))
         publisher.start()
         total = int(args.rate * args.seconds)
         deadline = time.time() + args.seconds + 60
+        space_ready = False
         while len(seen) < total and time.time() < deadline:
             waiting = [i for i in list(sent) if i not in seen]
-            if waiting:
-                found = store.get("e1", waiting)[1] if "e1" in store.spaces() else np.zeros(len(waiting), bool)
+            space_ready = space_ready or "e1" in store.spaces()
+            if waiting and space_ready:
+                found = store.get("e1", waiting)[1]
                 now = time.time()
                 for i, hit in zip(waiting, found, strict=True):
                     if hit:
                         seen[i] = now
             time.sleep(args.poll)
         publisher.join()
+        cpu_after = cpu_seconds(pids)
         order = sorted(seen)
         fresh = np.array([seen[i] - sent[i] for i in order])
         sent_at = np.array([sent[i] for i in order])
@@ -243,10 +403,20 @@ def main() -> None:
                         for q in (0.5, 0.99)]
                 for stage in ("queued", "validate", "embed", "store", "ack")},
             "redis_latency_events_over_10_ms": redis_latency_events(admin),
+            "redis_forks": redis_forks(admin),
             "triton_threads": args.triton_threads or "default",
+            "triton_process_threads": triton_threads(triton.process.pid),
+            "cpu_ms_per_item": {name: round((cpu_after[name] - cpu_before[name]) * 1000 / max(len(seen), 1), 3)
+                                for name in pids},
+            "stalls_explained": explain(sent, seen, work / "trace.jsonl", args.stall, bench_gc),
             "triton_requests": triton_request_split(str(triton.extra["metrics_url"])),
         }
         print(json.dumps(result, indent=2))
+        if args.trace_out:
+            shutil.copyfile(work / "trace.jsonl", args.trace_out)
+            with open(args.trace_out, "a") as out:
+                for i in order:
+                    out.write(json.dumps({"item": i, "sent": sent[i], "seen": seen[i]}) + "\n")
     finally:
         embedder.terminate()
         embedder.wait(30)

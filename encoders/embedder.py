@@ -50,15 +50,26 @@ stream holds `stream_max_len` entries); `/healthz`, `/readyz`, `/metrics`
 `mmrank_embedder_errors_total{reason}`, `mmrank_embedder_stream_lag`,
 `mmrank_embedder_stream_entries`, `mmrank_embedder_claimed_total`,
 `mmrank_embedder_stale_events_total{space}`, `mmrank_embedder_stage_seconds{stage}`: where the
-time goes, queued in the stream / validate / embed / store / ack).
+time goes, queued in the stream / validate / embed / store / ack; `mmrank_embedder_gc_pause_seconds
+{generation}`: the garbage collector's pauses, which stop every batch at once).
+
+Stalls: `--trace FILE` (debug) writes one JSON line per batch with the wall time of each stage
+(read, validated, launched, per space embed start/end and stored, acknowledged) and one per
+garbage collection or event-loop delay over 2 ms; `bench/freshness.py` reads it to say what
+each slow item waited for. In its own process (`mmrank embedder run`) the objects alive after
+setup (imported modules, clients) are frozen out of the collector (`gc.freeze`): a full
+collection then scans only what batches allocate, instead of every module's objects (about
+35 ms of CPU with the event loop stopped).
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -89,6 +100,9 @@ ENV_SCOPE = SCOPE_ENV
 DEFAULT_MODEL = "item_encoder"
 FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 30, 60, 120, 300)
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+GC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+TRACE_MIN_PAUSE = 0.002  # GC pauses and event-loop delays shorter than this are not traced
+LOOP_PROBE = 0.005  # seconds between the trace's event-loop probes
 T = TypeVar("T")
 CLAIM_STEP_BATCHES = 8  # a sweep step takes over this many batches (ids only; `recover_own` reads them)
 AUTOCLAIM_IDS = """
@@ -167,6 +181,8 @@ class EmbedderConfig:
     trim_interval: float = 5.0
     stream_max_len: int = 100_000
     dead_letter_max_len: int = 10_000
+    trace: str = ""  # debug: JSON lines of per-batch stage times, GC pauses and loop delays
+    freeze_gc: bool = False  # gc.freeze() after setup: for the embedder's own process (the CLI), not a library user
 
     def __post_init__(self) -> None:
         if self.max_deliveries < 3:
@@ -354,11 +370,90 @@ class Metrics:
                                "Where freshness goes: queued (event time to read, per event), validate (a batch "
                                "decoded), embed (Triton, per space), store (write, per space), ack",
                                ["stage"], buckets=STAGE_BUCKETS, registry=self.registry)
+        self.gc_pause = Histogram("mmrank_embedder_gc_pause_seconds",
+                                  "Garbage collections of the embedder process, per generation: every batch "
+                                  "waits while one runs", ["generation"], buckets=GC_BUCKETS, registry=self.registry)
 
     def exposition(self) -> bytes:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
+
+
+# --- stalls -----------------------------------------------------------------------------------
+
+class Trace:
+    """The debug trace (`--trace FILE`): JSON lines, wall-clock times (time.time, comparable with
+    event times). A batch: {"batch", "items", "read_start", "read", "validated", "launched",
+    "spaces": {space: {"embed_start", "embed_end", "stored"}}, "acked"}; a pause: {"gc": generation,
+    "start", "end"} or {"loop_late": start, "end", "cpu"} (the event loop ran nothing else meanwhile;
+    "cpu": the seconds its thread ran in that time, the rest it waited for a CPU)."""
+
+    def __init__(self, path: str) -> None:
+        self.file = open(path, "a", buffering=1)  # noqa: SIM115 - closed by close()
+        self.batches = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.file.closed:
+            self.file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class GcWatch:
+    """Times each garbage collection (gc.callbacks). The callback only appends to a deque (no
+    lock: it runs inside whatever allocation triggered the collection, perhaps holding a metric's
+    or a file's lock); `drain` moves the pauses into the histogram and the trace."""
+
+    def __init__(self, histogram: Any, trace: Trace | None) -> None:
+        self.histogram = histogram
+        self.trace = trace
+        self.started = 0.0
+        self.pauses: collections.deque[tuple[int, float, float]] = collections.deque(maxlen=10_000)
+        gc.callbacks.append(self.callback)
+
+    def callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.started = time.time()
+        else:
+            self.pauses.append((info["generation"], self.started, time.time()))
+
+    def drain(self) -> None:
+        while self.pauses:
+            generation, start, end = self.pauses.popleft()
+            self.histogram.labels(generation=str(generation)).observe(end - start)
+            if self.trace is not None and end - start >= TRACE_MIN_PAUSE:
+                self.trace.write({"gc": generation, "start": start, "end": end})
+
+    def close(self) -> None:
+        self.drain()
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self.callback)
+
+
+async def probe_loop(trace: Trace, stop: asyncio.Event) -> None:
+    """Trace the event loop's delays: a sleep of LOOP_PROBE that wakes late by more than
+    TRACE_MIN_PAUSE means something held the loop (a synchronous call, GC) or the CPU."""
+    while not stop.is_set():
+        start, cpu = time.time(), time.thread_time()
+        await asyncio.sleep(LOOP_PROBE)
+        end = time.time()
+        if end - start - LOOP_PROBE >= TRACE_MIN_PAUSE:
+            # cpu: what the loop's own thread ran meanwhile; far less than the delay: the CPU was elsewhere
+            trace.write({"loop_late": start + LOOP_PROBE, "end": end, "cpu": time.thread_time() - cpu})
+
+
+def freeze_startup_objects() -> None:
+    """Move every object alive now (imported modules, clients, metrics) out of the collector's
+    generations (gc.freeze): they live as long as the process, and a full collection otherwise
+    scans them all with the event loop stopped (about 35 ms of CPU for the embedder's imports).
+    Image decoding is imported first, since the first batch would import it."""
+    from mmrank.encoders.item_events import decode_image, encode_image
+
+    decode_image(encode_image(np.zeros((2, 2, 3), np.uint8)))
+    gc.collect()
+    gc.freeze()
 
 
 # --- the embedder ---------------------------------------------------------------------------
@@ -386,6 +481,9 @@ class Embedder:
         self.in_flight: dict[bytes, asyncio.Task[None]] = {}
         self.item_tasks: dict[int, asyncio.Task[None]] = {}
         self.running: set[asyncio.Task[None]] = set()
+        self.trace = Trace(config.trace) if config.trace else None
+        self.trace_record: dict[str, float] = {}
+        self.gc_watch = GcWatch(self.metrics.gc_pause, self.trace)
 
     # readiness -------------------------------------------------------------------------------
 
@@ -453,6 +551,8 @@ class Embedder:
             await self.retry("triton_unavailable", lambda e=encoder: self.ensure_space(e),
                              lambda e=encoder: self.triton_ok.__setitem__(e.target.space, False),
                              give_up=lambda exc, attempt: isinstance(exc, ValueError))
+        if self.config.freeze_gc:
+            freeze_startup_objects()
 
     # reading -------------------------------------------------------------------------------
 
@@ -619,9 +719,13 @@ class Embedder:
         pipe.xack(cfg.stream, cfg.group, *[entry_id for entry_id, _, _ in bad])
         await pipe.execute()
 
-    async def embed_space(self, encoder: TritonEncoder, events: Sequence[ItemEvent]) -> list[tuple[ItemEvent, str]]:
-        """Embed and store `events` in one space; returns the events its encoder refused."""
+    async def embed_space(self, encoder: TritonEncoder, events: Sequence[ItemEvent],
+                          marks: dict[str, float] | None = None) -> list[tuple[ItemEvent, str]]:
+        """Embed and store `events` in one space; returns the events its encoder refused.
+        `marks` gets the wall time of embed_start, embed_end and stored (for the trace)."""
         space = encoder.target.space
+        marks = {} if marks is None else marks
+        marks["embed_start"] = time.time()
 
         def triton_down() -> None:
             self.triton_ok[space] = False
@@ -639,6 +743,7 @@ class Embedder:
             events, vectors, rejected = await self.retry("triton_unavailable", lambda: self.isolate(encoder, events),
                                                          triton_down)
         self.triton_ok[space] = True
+        marks["embed_end"] = time.time()
         written = np.zeros(0, dtype=bool)
         if events:
             ids = np.array([e.item_id for e in events], dtype=np.int64)
@@ -646,7 +751,7 @@ class Embedder:
             with self.metrics.stage.labels(stage="store").time():
                 written = await self.retry("store_write",
                                            lambda: asyncio.to_thread(self.store.put, space, ids, vectors, times))
-        stored = time.time()
+        stored = marks["stored"] = time.time()
         for event, fresh in zip(events, written, strict=True):
             if fresh:
                 self.metrics.freshness.labels(space=space).observe(max(0.0, stored - event.event_time))
@@ -689,6 +794,8 @@ class Embedder:
         Entries already being embedded by a batch in flight are skipped: re-reading pending
         entries after an outage (or claiming idle ones) must not start the same work twice."""
         self.heartbeat = time.monotonic()
+        self.gc_watch.drain()
+        read_start = time.time()
         delivered = await self.retry("redis_unavailable", self.read_batch, self._redis_down)
         read = time.time()
         await self.retry("redis_unavailable", self.update_lag, self._redis_down)
@@ -712,12 +819,17 @@ class Embedder:
         queued = self.metrics.stage.labels(stage="queued")
         for event in good:
             queued.observe(max(0.0, read - event.event_time))
+        if self.trace is not None and good:
+            self.trace_record = {"read_start": read_start, "read": read, "validated": time.time()}
         return good, alone
 
-    async def process(self, good: Sequence[ItemEvent]) -> None:
-        """Embed in every space, store, then acknowledge (only then)."""
+    async def process(self, good: Sequence[ItemEvent], record: dict[str, Any] | None = None) -> None:
+        """Embed in every space, store, then acknowledge (only then). `record`: the batch's
+        trace line (with --trace), completed here and written."""
         events = latest_per_item(good)
-        refused = await asyncio.gather(*(self.embed_space(encoder, events) for encoder in self.encoders))
+        spaces: dict[str, dict[str, float]] = {}
+        refused = await asyncio.gather(*(self.embed_space(encoder, events, spaces.setdefault(encoder.target.space, {}))
+                                         for encoder in self.encoders))
         by_item = {event.item_id: (event, detail) for per_space in refused for event, detail in per_space}
         rejected = list(by_item.values())
         if rejected:
@@ -728,9 +840,16 @@ class Embedder:
             await self.retry("redis_unavailable",
                              lambda: self.redis.xack(self.config.stream, self.config.group, *ids), self._redis_down)
         self.processed += len(ids)
+        if record is not None and self.trace is not None:
+            self.trace.write({**record, "spaces": spaces, "acked": time.time()})
 
     def launch(self, good: Sequence[ItemEvent]) -> asyncio.Task[None]:
-        task = asyncio.create_task(self.process(good))
+        record = None
+        if self.trace is not None:
+            self.trace.batches += 1
+            record = {"batch": self.trace.batches, "items": [e.item_id for e in good], **self.trace_record,
+                      "launched": time.time()}
+        task = asyncio.create_task(self.process(good, record))
         for event in good:
             self.in_flight[event.message_id.encode()] = task
             self.item_tasks[event.item_id] = task
@@ -750,6 +869,7 @@ class Embedder:
         await self.setup()
         running = self.running
         maintenance = asyncio.create_task(self.maintain())
+        probe = asyncio.create_task(probe_loop(self.trace, self.stop_event)) if self.trace is not None else None
         try:
             while not self.stop_event.is_set():
                 await self.settle(self.config.in_flight - 1)
@@ -764,9 +884,11 @@ class Embedder:
                     await self.settle(0)
         finally:
             results = await asyncio.gather(*running, return_exceptions=True)
-            maintenance.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await maintenance
+            for helper in (maintenance, probe):
+                if helper is not None:
+                    helper.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await helper
             failures = [r for r in results if isinstance(r, BaseException)]
             if failures and not self.stop_event.is_set():
                 raise failures[0]
@@ -780,6 +902,9 @@ class Embedder:
                 task.result()
 
     async def close(self) -> None:
+        self.gc_watch.close()
+        if self.trace is not None:
+            self.trace.close()
         for encoder in self.encoders:
             with contextlib.suppress(Exception):
                 await encoder.close()
@@ -850,6 +975,7 @@ def http_app(embedder: Embedder) -> Any:
     async def metrics(_: web.Request) -> web.Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
+        embedder.gc_watch.drain()
         return web.Response(body=embedder.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application(client_max_size=2 * MAX_EVENT_BYTES)

@@ -58,6 +58,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--dtype", default="float16", choices=("float16", "int8"), help="storage of new spaces")
     run.add_argument("--http-host", default="0.0.0.0")
     run.add_argument("--http-port", type=port, default=8080, help="POST /items, /healthz, /readyz, /metrics (0: any)")
+    run.add_argument("--trace", default="", metavar="FILE",
+                     help="debug: append a JSON line per batch with each stage's wall time, and one per garbage "
+                     "collection or event-loop delay over 2 ms (bench/freshness.py reads it to explain stalls)")
+    run.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
+                     help="freeze the objects alive after setup out of the garbage collector (default), so a full "
+                     "collection does not stop the event loop to scan every imported module")
     run.set_defaults(handler=run_embedder)
 
     backfill = subparsers.add_parser("backfill", help="Re-embed the catalogue into a new space (sharded, resumable)")
@@ -103,6 +109,7 @@ def run_embedder(args: argparse.Namespace) -> int:
                                  forget_consumer_after=args.forget_consumer_after, trim_interval=args.trim_interval,
                                  stream_max_len=args.stream_max_len, dead_letter_max_len=args.dead_letter_max_len,
                                  dtype=args.dtype, http_host=args.http_host, http_port=args.http_port,
+                                 trace=args.trace, freeze_gc=args.gc_freeze,
                                  **{k: v for k, v in (("stream", args.stream), ("group", args.group)) if v})
     except ValueError as exc:
         raise CommandError(str(exc)) from exc

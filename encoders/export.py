@@ -145,6 +145,7 @@ device (KIND_GPU instances use their GPU). A request with an empty or non-UTF-8 
 error response; the other requests of the same batch are answered normally.
 """
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -184,6 +185,18 @@ class TritonPythonModel:
         self.device = torch.device(f"cuda:{args.get('model_instance_device_id', 0)}" if gpu else "cpu")
         self.model = torch.jit.load(os.path.join(HERE, "model.pt"), map_location=self.device).eval()
         self.tokenizer = _tokenizer_module().load_tokenizer(HERE)
+        self.warm_up(json.loads(args["model_config"]))
+
+    def warm_up(self, model_config):
+        """Run the model twice before the first request: TorchScript's profiling executor
+        profiles the first call and optimises the graph on the second (about 45 and 15 ms of
+        CPU for the small encoder), which the first items would otherwise wait for."""
+        dims = next(i["dims"] for i in model_config["input"] if i["name"] == "IMAGE")
+        images = np.zeros((2, *[int(d) for d in dims]), dtype=np.uint8)
+        token_ids = self.tokenizer.encode(["warm up", "warm up"])
+        with torch.inference_mode():
+            for _ in range(2):
+                self.model(torch.from_numpy(images).to(self.device), torch.from_numpy(token_ids).to(self.device))
 
     def execute(self, requests):
         images, token_ids, sizes, errors = [], [], [], []

@@ -141,7 +141,7 @@ class Running:
         return 0.0
 
     def stop(self) -> None:
-        if self.loop is not None and self.embedder is not None:
+        if self.loop is not None and self.embedder is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self.embedder.stop_event.set)
         self.thread.join(30)
         assert not self.thread.is_alive(), "embedder did not stop"
@@ -368,7 +368,9 @@ def test_new_items_appear_in_every_live_space_from_the_stream_and_http(
     server, encoders = triton
     grpc = server.grpc
     client = redis.Redis.from_url(redis_server.url)
-    running = Running(config(redis_server.url, [EncoderTarget("e1", grpc, "enc_e1"), EncoderTarget("e2", grpc, "enc_e2")]))
+    trace = tmp_path / "trace.jsonl"
+    running = Running(config(redis_server.url, [EncoderTarget("e1", grpc, "enc_e1"), EncoderTarget("e2", grpc, "enc_e2")],
+                             trace=str(trace)))
     try:
         pixels = images(14)
         titles = [f"red leather shoe {i}" for i in range(14)]
@@ -399,8 +401,21 @@ def test_new_items_appear_in_every_live_space_from_the_stream_and_http(
         wait_for(lambda: running.metric("mmrank_embedder_stream_lag") == 0, 5, "lag back to 0")
         assert running.http("/readyz")[0] == 200
         assert running.http("/healthz")[0] == 200
+        assert running.metric("mmrank_embedder_gc_pause_seconds_count", generation="0") > 0
     finally:
         running.stop()
+    assert_trace_covers(trace, set(range(100, 114)), ("e1", "e2"))
+
+
+def assert_trace_covers(trace: Path, items: set[int], spaces: tuple[str, ...]) -> None:
+    """--trace: every item in a batch line whose stage times follow the batch's way, per space."""
+    batches = [r for r in map(json.loads, trace.read_text().splitlines()) if "batch" in r]
+    assert {item for batch in batches for item in batch["items"]} == items
+    for batch in batches:
+        assert batch["read_start"] <= batch["read"] <= batch["validated"] <= batch["launched"] <= batch["acked"]
+        assert set(batch["spaces"]) == set(spaces)
+        for marks in batch["spaces"].values():
+            assert batch["launched"] <= marks["embed_start"] <= marks["embed_end"] <= marks["stored"] <= batch["acked"]
 
 
 @pytest.mark.parametrize("shared_stream", [None, "shop:items"], ids=["own streams", "one named stream"])
