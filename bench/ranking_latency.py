@@ -25,7 +25,10 @@ vector cache off (`--item-cache-size 0`, a second server) and the store read par
 process with redis-py's Python reply parser and with hiredis. The CPU the server spends per
 answer beyond the bare forward is HTTP/gRPC, decoding, the store read and the metrics. Each
 request ranks `--candidates` distinct random items for a random user whose `--history` behaviours
-the store holds. Everything is printed side by side at the end, with the targets of issue 15.
+the store holds. Beside the bare forward, the server's own `RankerModel.rank` runs in this process one
+ranking at a time (store read, features, forward, no HTTP), and the server's CPU per answer is split
+into its event loop thread (HTTP or gRPC, decoding, encoding, KServe's hooks, metrics) and the rest
+(rankings in worker threads). Everything is printed side by side at the end, with the targets of issue 15.
 """
 from __future__ import annotations
 
@@ -206,9 +209,10 @@ def in_process(target: Any, *args: Any) -> Any:
 
 
 def bare_forward(directory: Path, store_url: str, request: tuple[int, list[int]], threads: int,
-                 repeats: int = 50) -> tuple[float, float]:
+                 repeats: int = 50, idle: float = 0.0) -> tuple[float, float]:
     """Median wall and CPU seconds of `score_candidates` alone on one request's input (vectors
-    read once)."""
+    read once), back to back, or after `idle` seconds without work before each (as between two
+    requests at a fixed rate: the caches have cooled, and the same forward costs more)."""
     import torch
 
     from mmrank.predictors.artifact import load_ranker
@@ -227,11 +231,39 @@ def bare_forward(directory: Path, store_url: str, request: tuple[int, list[int]]
               t(hist_found), t(cands), t(cand_emb), t(cand_found))
     wall, cpu = [], []
     for _ in range(repeats + 5):
+        time.sleep(idle)
         started, started_cpu = time.perf_counter(), time.process_time()
         model.score_candidates(*inputs)
         wall.append(time.perf_counter() - started)
         cpu.append(time.process_time() - started_cpu)
     return float(np.median(wall[5:])), float(np.median(cpu[5:]))
+
+
+def bare_rank(directory: Path, store_url: str, requests: list[tuple[int, list[int]]], threads: int,
+              cache_size: int) -> tuple[float, float]:
+    """Median wall and CPU seconds of the server's own `RankerModel.rank` in this process, one
+    ranking at a time on `requests` (each a different user and candidates): the store read,
+    features and forward without HTTP, KServe, the thread hop or concurrent rankings."""
+    import torch
+
+    from mmrank.predictors.requests import Limits, parse_v1
+    from mmrank.predictors.server import RankerModel
+
+    torch.set_num_threads(threads)
+    model = RankerModel(MODEL, directory, store_url, Limits(max_candidates=max(500, len(requests[0][1]))),
+                        feedback_stream=False, item_cache_size=cache_size)
+    model.load()
+    rankings = [parse_v1({"user": {"id": user}, "candidates": cands}, model.limits) for user, cands in requests]
+    for ranking in rankings:  # warm-up: the item cache holds these items, as a warm server's does
+        model.rank(ranking)
+    wall, cpu = [], []
+    for ranking in rankings:
+        started, started_cpu = time.perf_counter(), time.process_time()
+        model.rank(ranking)
+        wall.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - started_cpu)
+    model.stop()
+    return float(np.median(wall)), float(np.median(cpu))
 
 
 def store_breakdown(store_url: str, request: tuple[int, list[int]], history: int, repeats: int = 50) -> dict[str, float]:
@@ -282,9 +314,11 @@ def server_totals(url: str, name: str, **labels: str) -> np.ndarray:
     return totals
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc): robust where the machine is shared."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU time of a process, or of one of its threads (Linux /proc): robust where
+    the machine is shared."""
+    stat = Path(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat")
+    fields = stat.read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -319,7 +353,7 @@ class Predictor:
         """One measured run: `load` is a rate ("50") or "saturation"."""
         url, pid = self.server.url, self.server.process.pid
         read_before = server_totals(url, "mmrank_store_read_duration_seconds")
-        cpu_before = cpu_seconds(pid)
+        cpu_before, loop_before = cpu_seconds(pid), cpu_seconds(pid, pid)
         if load == "saturation":
             requests = rankings(args, 2000, seed)
             results, wall = in_process(saturate, protocol, url, self.grpc, requests, args.max_concurrency,
@@ -328,11 +362,14 @@ class Predictor:
             rate = float(load)
             requests = rankings(args, max(1, int(rate * args.seconds)), seed)
             results, wall = in_process(drive, protocol, url, self.grpc, requests, rate), args.seconds
-        cpu = cpu_seconds(pid) - cpu_before
+        cpu, loop_cpu = cpu_seconds(pid) - cpu_before, cpu_seconds(pid, pid) - loop_before
         read_sum, read_count = server_totals(url, "mmrank_store_read_duration_seconds") - read_before
         row = {"protocol": protocol, "load": load, **summarize(results), "cpu": cpu, "wall": wall,
                "store_read": read_sum / max(read_count, 1), "request": requests[0]}
         row["cpu_per_answer"] = cpu / max(len(results), 1)
+        # The main thread runs the event loop (uvicorn, KServe's gRPC servicer, decoding, encoding,
+        # metrics); the rankings (store read, forward) run in worker threads.
+        row["loop_cpu_per_answer"] = loop_cpu / max(len(results), 1)
         row["throughput"] = row["ok"] / wall
         row["per_core"] = row["ok"] / cpu if cpu > 0 else float("nan")
         return row
@@ -383,6 +420,11 @@ def main() -> int:
             lever_rows.append({**predictor.run("v1", args, "50", seed=2), "protocol": "v1, item cache off"})
         request = rows[0]["request"]
         forward, forward_cpu = bare_forward(workdir / "ranker", redis.url, request, args.torch_threads)
+        top_rate = max((float(load) for load in loads if load != "saturation"), default=0.0)
+        cooled = bare_forward(workdir / "ranker", redis.url, request, args.torch_threads,
+                              idle=1 / top_rate) if top_rate else None
+        ranked, ranked_cpu = bare_rank(workdir / "ranker", redis.url, rankings(args, 200, seed=99),
+                                       args.torch_threads, args.item_cache_size)
         breakdown = store_breakdown(redis.url, request, args.history) if args.levers else {}
     finally:
         if predictor is not None:
@@ -396,19 +438,24 @@ def main() -> int:
     print(f"input: {args.candidates} candidates x {args.history}-item history (from the store) x {args.dim} "
           f"dimensions, {args.items} items; {args.seconds:g} s per rate, {args.saturation_seconds:g} s at saturation")
     print(f"bare score_candidates forward: median {forward * 1e3:.2f} ms wall, {forward_cpu * 1e3:.2f} ms CPU")
+    if cooled:
+        print(f"bare forward with {1e3 / top_rate:.0f} ms idle before each (the gap between requests at {top_rate:g}/s; "
+              f"not the ratio's baseline): median {cooled[0] * 1e3:.2f} ms wall, {cooled[1] * 1e3:.2f} ms CPU")
+    print(f"the server's RankerModel.rank in this process, one at a time (store read, features, forward; no HTTP): "
+          f"median {ranked * 1e3:.2f} ms wall, {ranked_cpu * 1e3:.2f} ms CPU")
     if breakdown:
         print("store read parts without the cache, CPU ms in this process: "
               + ", ".join(f"{k} {v:.2f}" for k, v in breakdown.items()))
     print("| protocol | load (req/s) | answers | p50 (ms) | p99 (ms) | p50 / bare forward | store read, server mean (ms) "
-          "| server CPU per answer (ms) | of it beyond the forward (ms, share) | answers/s "
-          "| answers per server CPU-second |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| server CPU per answer (ms) | of it beyond the forward (ms, share) | of it in the event loop thread (ms) "
+          "| answers/s | answers per server CPU-second |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows + lever_rows:
         beyond = row["cpu_per_answer"] - forward_cpu
         print(f"| {row['protocol']} | {row['load']} | {row['codes']} | {row['p50'] * 1e3:.1f} | {row['p99'] * 1e3:.1f} "
               f"| {row['p50'] / forward:.2f} | {row['store_read'] * 1e3:.2f} | {row['cpu_per_answer'] * 1e3:.1f} "
               f"| {beyond * 1e3:.1f} ({beyond / max(row['cpu_per_answer'], 1e-9):.0%}) "
-              f"| {row['throughput']:.0f} | {row['per_core']:.0f} |")
+              f"| {row['loop_cpu_per_answer'] * 1e3:.2f} | {row['throughput']:.0f} | {row['per_core']:.0f} |")
     at_50 = [r for r in rows if r["load"] != "saturation" and float(r["load"]) == 50]
     for row in at_50:
         print(f"issue 15 targets, {row['protocol']} at 50 req/s: p99 {row['p99'] * 1e3:.1f} ms (target <= 20: "
