@@ -12,6 +12,15 @@ after a wait, with when they began and how long they lasted), where the embedder
 store, ack), Triton's own split of a request into queue and compute time, and Redis' latency
 events over 10 ms (LATENCY LATEST: `aof-fsync-always`, `command`, ...).
 
+`stalls_explained` reads the embedder's `--trace` (per batch: the wall time of each stage; GC
+pauses; event-loop delays with the loop thread's own CPU in them) and splits every item's
+freshness into queued / read / validate / launch / embed / store / seen (they add up to it);
+for the items over `--stall` it counts the stage that took longest and the pauses that
+overlapped them (the embedder's GC and loop delays, this process' own GC). `cpu_ms_per_item`
+is the CPU each process used per item during the run: unlike wall times it hardly depends on
+what else the machine runs, so it compares settings on a shared machine. `--trace-out FILE`
+keeps the trace with each item's send and seen times.
+
 Two settings decide the tail on a small CPU machine, and both are printed with the result:
 - `--triton-threads` (default 1): torch's intra-op threads in Triton's Python-backend model
   (OMP_NUM_THREADS). torch's default, one per core, makes two threads contend with the
@@ -23,6 +32,8 @@ Two settings decide the tail on a small CPU machine, and both are printed with t
 
     .venv/bin/python bench/freshness.py --rate 50 --seconds 30
     .venv/bin/python bench/freshness.py --rate 200 --seconds 30
+    .venv/bin/python bench/freshness.py --rate 200 --seconds 20 --triton-threads 0   # the stalls, for comparison
+    .venv/bin/python bench/freshness.py --rate 200 --seconds 20 --redis-fsync always
 """
 from __future__ import annotations
 
@@ -211,6 +222,10 @@ def explain(sent: dict[int, float], seen: dict[int, float], trace: Path, thresho
     that took most of each one's time, and the pauses (embedder GC, event-loop delays, the
     bench's own GC) that overlapped it."""
     by_item, pauses = read_trace(trace)
+    first = min(sent.values(), default=0.0)
+    pauses = [p for p in pauses if p["end"] >= first]  # not setup's (gc.freeze collects once before the run)
+    windows = [("embedder_gc" if "gc" in p else "embedder_loop_late", p.get("start", p.get("loop_late")), p["end"])
+               for p in pauses] + [("bench_gc", start, end) for _, start, end in bench_gc.pauses]
     splits, causes, overlapping = [], {}, {"embedder_gc": 0, "embedder_loop_late": 0, "bench_gc": 0}
     worst_pause = {"embedder_gc": 0.0, "embedder_loop_late": 0.0, "bench_gc": 0.0}
     for item, seen_at in seen.items():
@@ -222,12 +237,13 @@ def explain(sent: dict[int, float], seen: dict[int, float], trace: Path, thresho
             continue
         top = max(split, key=lambda stage: split[stage])
         causes[top] = causes.get(top, 0) + 1
-        windows = [("embedder_gc" if "gc" in p else "embedder_loop_late", p.get("start", p.get("loop_late")), p["end"])
-                   for p in pauses] + [("bench_gc", start, end) for _, start, end in bench_gc.pauses]
+        hit = set()
         for kind, start, end in windows:
             if start < seen_at and end > sent[item]:
-                overlapping[kind] += 1
+                hit.add(kind)
                 worst_pause[kind] = max(worst_pause[kind], end - start)
+        for kind in hit:
+            overlapping[kind] += 1
     gcs = [p for p in pauses if "gc" in p]
     return {
         "items_traced": len(splits),
@@ -242,6 +258,9 @@ def explain(sent: dict[int, float], seen: dict[int, float], trace: Path, thresho
                                                            1)},
         "embedder_loop_delays_over_2_ms": {
             "count": sum(1 for p in pauses if "loop_late" in p),
+            # the loop thread's own CPU in those delays: low, the CPU was elsewhere (other processes)
+            "own_cpu_share": round(sum(p["cpu"] for p in pauses if "loop_late" in p)
+                                   / max(sum(p["end"] - p["loop_late"] for p in pauses if "loop_late" in p), 1e-9), 2),
             "worst_ms": round(max((p["end"] - p["loop_late"] for p in pauses if "loop_late" in p), default=0) * 1000,
                               1)},
         "bench_gc": bench_gc.summary(),
