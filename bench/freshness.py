@@ -262,7 +262,9 @@ def explain(sent: dict[int, float], seen: dict[int, float], trace: Path, thresho
             "own_cpu_share": round(sum(p["cpu"] for p in pauses if "loop_late" in p)
                                    / max(sum(p["end"] - p["loop_late"] for p in pauses if "loop_late" in p), 1e-9), 2),
             "worst_ms": round(max((p["end"] - p["loop_late"] for p in pauses if "loop_late" in p), default=0) * 1000,
-                              1)},
+                              1),
+            "worst_own_cpu_ms": round(max(((p["end"] - p["loop_late"], p["cpu"]) for p in pauses if "loop_late" in p),
+                                          default=(0, 0))[1] * 1000, 1)},
         "bench_gc": bench_gc.summary(),
     }
 
