@@ -80,9 +80,6 @@ class NodeNetwork:
     def service_url(self, node: Node, service: str, port: int) -> str:
         return f"http://{node.cluster_ip(service)}:{port}"
 
-    def pod_url(self, node: Node, pod: dict[str, Any], port: int) -> str:
-        return f"http://{pod['status']['podIP']}:{port}"
-
     def redis_url(self, node: Node) -> str:
         return f"redis://{node.cluster_ip('redis')}:6379/0"
 
@@ -111,9 +108,6 @@ class ApiserverProxy:
 
     def service_url(self, node: Node, service: str, port: int) -> str:
         return f"{self.base}/api/v1/namespaces/{NAMESPACE}/services/{service}:{port}/proxy"
-
-    def pod_url(self, node: Node, pod: dict[str, Any], port: int) -> str:
-        return f"{self.base}/api/v1/namespaces/{NAMESPACE}/pods/{pod['metadata']['name']}:{port}/proxy"
 
     def redis_url(self, node: Node) -> str:
         pods = [p["metadata"]["name"] for p in node.get("-n", NAMESPACE, "pods", "-l", "app=redis")["items"]
@@ -169,12 +163,6 @@ class Node:
 
     def service_url(self, service: str, port: int) -> str:
         return self.reach.service_url(self, service, port)
-
-    def pod_urls(self, selector: str, port: int) -> list[str]:
-        """URLs of the selected pods that are ready."""
-        pods = self.get("-n", NAMESPACE, "pods", "-l", selector)["items"]
-        return [self.reach.pod_url(self, p, port) for p in pods if p["status"].get("podIP") and
-                all(c.get("ready") for c in p["status"].get("containerStatuses") or [{}])]
 
     def redis_url(self) -> str:
         return self.reach.redis_url(self)

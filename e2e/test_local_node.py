@@ -121,10 +121,25 @@ def space_backfilled(node: Node, space: str) -> bool:
     return not node.exists("-n", NAMESPACE, "job", job) and (spaces.get(space) or {}).get("coverage", 0) >= 0.99
 
 
-def post_item(embedder: str, item_id: int, title: str, image: np.ndarray) -> None:
-    response = httpx.post(f"{embedder}/items", json={
-        "item_id": item_id, "title": title, "image": png(np.asarray(image)), "event_time": time.time()}, timeout=10)
-    assert response.status_code in (200, 202), response.text
+def post_item(embedder: str, item_id: int, title: str, image: np.ndarray, event_time: float | None = None,
+              within: float = 30.0) -> None:
+    """POST /items as a producer does: through the embedder's Service, retried while no embedder
+    pod takes it (an encoder upgrade rolls the embedder's pods; the Service follows them)."""
+    body = {"item_id": item_id, "title": title, "image": png(np.asarray(image)), "event_time": event_time or time.time()}
+    deadline, last = time.monotonic() + within, ""
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.post(f"{embedder}/items", json=body, timeout=10)
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        else:
+            if response.status_code in (200, 202):
+                return
+            last = f"{response.status_code} {response.text[:200]}"
+            if response.status_code != 503:
+                break
+        time.sleep(0.5)
+    raise AssertionError(f"POST /items of item {item_id} not taken within {within:.0f} s: {last}")
 
 
 def encoder_pod_deleted_mid_stream(node: Node, store, embedder: str, catalogue: np.ndarray,  # type: ignore[no-untyped-def]
@@ -229,13 +244,11 @@ def test_helm_install_apply_rank_fresh_item_upgrade_canary_rollback_delete(node:
         from mmrank.store import Scope, open_store
 
         store = open_store(node.redis_url(), Scope(NAMESPACE, RANKER))
-        embedder = node.wait("embedder Ready", lambda: node.pod_urls("app.kubernetes.io/component=embedder", 8080), 120)[0]
+        embedder = node.service_url("shop-embedder", 8080)
+        node.wait("embedder Ready", lambda: httpx.get(f"{embedder}/readyz", timeout=5).status_code == 200, 120)
         new_item = 600
         posted = time.time()
-        response = httpx.post(f"{embedder}/items", json={
-            "item_id": new_item, "title": "linen shirt new arrival", "image": png(np.asarray(catalogue[0])),
-            "event_time": posted}, timeout=10)
-        assert response.status_code in (200, 202), response.text
+        post_item(embedder, new_item, "linen shirt new arrival", catalogue[0], event_time=posted)
         timeline.mark("new item 600 posted to the embedder")
         node.wait("item 600 in space e1", lambda: bool(store.get("e1", [new_item])[1][0]), 30, poll=0.05)
         fresh = time.time() - posted
@@ -246,9 +259,7 @@ def test_helm_install_apply_rank_fresh_item_upgrade_canary_rollback_delete(node:
         # A rate needs two scrapes of the embedder's histogram: a few more items, seconds apart.
         for more in range(601, 606):
             time.sleep(1.5)
-            httpx.post(f"{embedder}/items", json={
-                "item_id": more, "title": "cotton scarf", "image": png(np.asarray(catalogue[more % 600])),
-                "event_time": time.time()}, timeout=10).raise_for_status()
+            post_item(embedder, more, "cotton scarf", catalogue[more % 600])
         node.wait("freshnessP99Seconds in status",
                   lambda: (node.status().get("embeddings") or {}).get("freshnessP99Seconds") is not None, 150, poll=2)
         freshness = node.status()["embeddings"]["freshnessP99Seconds"]
@@ -271,9 +282,7 @@ def test_helm_install_apply_rank_fresh_item_upgrade_canary_rollback_delete(node:
         during = traffic.served_since(upgraded)
         assert during.get("r1", 0) > 0 and set(during) == {"r1"}, (during, traffic.error_messages)   # r1 alone, no error
         second = 610
-        httpx.post(f"{node.pod_urls('app.kubernetes.io/component=embedder', 8080)[0]}/items", json={
-            "item_id": second, "title": "wool coat", "image": png(np.asarray(catalogue[1])), "event_time": time.time()},
-            timeout=10).raise_for_status()
+        post_item(embedder, second, "wool coat", catalogue[1])
         node.wait("item 610 in both live spaces",
                   lambda: all(store.get(space, [second])[1][0] for space in ("e1", "e2")), 60, poll=0.1)
         timeline.mark("item 610 in both live spaces e1 and e2")

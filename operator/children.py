@@ -353,6 +353,16 @@ def encoders_env(ranker: api.MultimodalRanker, live_encoders: Sequence[str]) -> 
     return ",".join(f"{v}={encoder_address(ranker, v)}" for v in live_encoders)
 
 
+def build_embedder_service(ranker: api.MultimodalRanker) -> dict[str, Any]:
+    """Producers' address for `POST /items`: the embedder pods that are ready, whichever replica
+    (one name across encoder upgrades, which roll the embedder's pods)."""
+    selector = labels(ranker, "embedder")
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _metadata(ranker, names(ranker, ranker.spec.encoder.version)["embedder"], selector),
+            "spec": {"selector": selector, "ports": [
+                {"name": "http", "port": EMBEDDER_HTTP, "targetPort": EMBEDDER_HTTP, "protocol": "TCP"}]}}
+
+
 def build_embedder_deployment(ranker: api.MultimodalRanker, live_encoders: Sequence[str]) -> dict[str, Any]:
     spec = ranker.spec
     embedder, events = spec.embeddings.embedder, spec.embeddings.item_events

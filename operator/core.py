@@ -503,6 +503,7 @@ def desired(ranker: api.MultimodalRanker, observed: Observed) -> Desired:
     if encoder in live:
         children += build.build_encoder_children(ranker)
     children.append(build.build_embedder_deployment(ranker, live))
+    children.append(build.build_embedder_service(ranker))
     jobs: dict[str, JobState] = {}
     step = _backfill(ranker, observed, live)
     if step.job is not None:

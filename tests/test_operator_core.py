@@ -80,7 +80,7 @@ def test_fresh_ranker_gets_encoder_embedder_and_backfill_but_no_traffic() -> Non
     job = backfill_job(want)["metadata"]["name"]
     assert sorted(kinds(want)) == [("ConfigMap", "shop-encoder-e1"), ("Deployment", "shop-embedder"),
                                    ("Deployment", "shop-encoder-e1"), ("Job", job),
-                                   ("Service", "shop-encoder-e1")]
+                                   ("Service", "shop-embedder"), ("Service", "shop-encoder-e1")]
     assert job.endswith("-1") and build.shape_of_job_name(job)
     assert want.status["phase"] == "Backfilling"
     synced = by_type(want.status)["EmbeddingsSynced"]
@@ -449,7 +449,7 @@ def test_render_is_offline_and_follows_coverage(repo_root: Path) -> None:
                             env={"PATH": "/usr/bin:/bin", "KUBECONFIG": "/nonexistent"})
     assert result.returncode == 0, result.stderr
     docs = [d for d in yaml.safe_load_all(result.stdout) if d]
-    assert [d["kind"] for d in docs] == ["ConfigMap", "Service", "Deployment", "Deployment", "Job"]
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Service", "Deployment", "Deployment", "Service", "Job"]
 
 
 def test_store_url_gets_the_password_only_for_the_client() -> None:

@@ -130,7 +130,7 @@ def create(cluster: Cluster, **backfill: Any) -> None:
 
 def first_children(cluster: Cluster) -> set[tuple[str, str]]:
     return {("ConfigMap", "shop-encoder-e1"), ("Service", "shop-encoder-e1"), ("Deployment", "shop-encoder-e1"),
-            ("Deployment", "shop-embedder"), *(("Job", j) for j in jobs(cluster))}
+            ("Deployment", "shop-embedder"), ("Service", "shop-embedder"), *(("Job", j) for j in jobs(cluster))}
 
 
 # --- 1. one refused child does not stop the others, the deletions or the status ------------------
