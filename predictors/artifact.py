@@ -56,7 +56,9 @@ def load_ranker(directory: str | Path) -> tuple[Ranker, dict[str, Any]]:
     """-> (model in eval mode with its item feature table, the ranker.json dict)."""
     directory = Path(directory)
     meta = read_meta(directory)
-    model = Ranker(RankerConfig(**meta["config"]))
+    # an artifact from before issue 19 has no MAKE layout in its config: it was trained with
+    # MAKE's vector into the ID model and no SimTier weights of MAKE's own
+    model = Ranker(RankerConfig(**{"make_simtier": False, "make_vector": True, **meta["config"]}))
     model.load_state_dict(torch.load(directory / "weights.pt", map_location="cpu", weights_only=True))
     features_path = directory / meta.get("item_features", ITEM_FEATURES)["file"]
     if features_path.exists():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mmrank import cli, shop
 from mmrank.predictors import matrix, train
@@ -102,3 +103,20 @@ def test_matrix_refuses_unknown_shops_and_spaces(tmp_path: Path, capsys: pytest.
     assert cli.main(["ranker", "matrix", "--workdir", str(tmp_path), "--shops", "tiny", "--spaces", "clip"]) == 1
     assert "oracle" in capsys.readouterr().err
     assert not (tmp_path / "shops").exists()
+
+
+def test_an_artifact_from_before_issue_19_still_loads(tmp_path: Path) -> None:
+    """ranker.json without the MAKE layout keys = issue 6's MAKE (vector in, no tiers of its own)."""
+    from mmrank.predictors import artifact
+
+    torch.manual_seed(0)
+    old = Ranker(RankerConfig(variant="simtier-make", n_users=4, n_items=3, mm_dim=8,
+                              make_simtier=False, make_vector=True))
+    artifact.save_ranker(tmp_path, old, "e1", np.zeros((3, 2), np.int64))
+    meta = json.loads((tmp_path / "ranker.json").read_text())
+    for key in ("make_simtier", "make_vector"):
+        del meta["config"][key]
+    (tmp_path / "ranker.json").write_text(json.dumps(meta))
+    loaded, _ = artifact.load_ranker(tmp_path)
+    assert loaded.make.simtier is None and loaded.config.make_vector
+    assert all(torch.equal(v, old.state_dict()[k]) for k, v in loaded.state_dict().items())
