@@ -1,4 +1,4 @@
-"""Subcommands: `mmrank ranker train | eval | table`. Torch is imported inside the handlers."""
+"""Subcommands: `mmrank ranker train | eval | table | matrix`. Torch is imported inside the handlers."""
 from __future__ import annotations
 
 import argparse
