@@ -68,7 +68,8 @@ ensure_venv() {
   local installed
   installed=$(cd / && "$here/.venv/bin/python" -c 'import mmrank; print(mmrank.__file__)' 2>/dev/null || true)
   if ! .venv/bin/python -c 'import mmrank.operator, mmrank.encoders, mmrank.predictors' 2>/dev/null \
-     || [ pyproject.toml -nt .venv/.installed ] || [ "$installed" != "$here/mmrank/__init__.py" ]; then
+     || [ pyproject.toml -nt .venv/.installed ] || [ "$installed" != "$here/mmrank/__init__.py" ] \
+     || [ "$(head -1 .venv/bin/mmrank 2>/dev/null)" != "#!$here/.venv/bin/python" ]; then
     .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . >&2
     touch .venv/.installed
   fi
