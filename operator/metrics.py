@@ -161,11 +161,11 @@ def ranker_series(body: Mapping[str, Any]) -> RankerSeries:
     for condition in status.get("conditions") or []:
         for value in CONDITION_STATUSES:
             conditions[(str(condition.get("type")), value)] = 1.0 if condition.get("status") == value else 0.0
-    last, version = canary.get("lastAnalysis") or {}, canary.get("rankerVersion")
+    last, analysed = canary.get("lastAnalysis") or {}, canary.get("rankerVersion")
     judged = [h for h in status.get("history") or [] if h.get("analysis")]
     if not last and judged:     # a finished rollout leaves no status.canary; its analyses are in history
-        last, version = judged[-1]["analysis"], judged[-1].get("rankerVersion")
-    analysis = {(str(version), check): float(last[check])
+        last, analysed = judged[-1]["analysis"], judged[-1].get("rankerVersion")
+    analysis = {(str(analysed), check): float(last[check])
                 for check in ANALYSIS_CHECKS if isinstance(last.get(check), int | float)}
     return RankerSeries(min_coverage, traffic, coverage, backfill, conditions, analysis)
 
