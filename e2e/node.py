@@ -220,8 +220,11 @@ class Node:
                     return last
             time.sleep(poll)
         status = json.dumps(self.status(), indent=1)[-3000:]
+        embedder_log = self.kubectl("logs", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=embedder",
+                                    "--tail=40", "--prefix", check=False)
         raise AssertionError(f"{what}: not within {timeout:.0f} s (last: {last!r})\nstatus: {status}\n"
-                             f"events:\n{self.events()}\noperator log:\n{self.operator_log()[-3000:]}")
+                             f"events:\n{self.events()}\noperator log:\n{self.operator_log()[-3000:]}\n"
+                             f"embedder log:\n{embedder_log[-3000:]}")
 
 
 def helm(kubeconfig: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -186,6 +186,14 @@ def redis_stopped_and_started(node: Node, url: str, items: list[int], timeline: 
     timeline.mark("predictor pods r1 Ready, rankings answered again")
 
 
+def in_spaces(store, item: int, spaces: tuple[str, ...]) -> bool:  # type: ignore[no-untyped-def]
+    """True once the item is in every space; else an AssertionError saying where it is."""
+    found = {space: bool(store.get(space, [item])[1][0]) for space in spaces}
+    if not all(found.values()):
+        raise AssertionError(f"item {item} by space: {found}")
+    return True
+
+
 def dev_ranker() -> dict:
     return yaml.safe_load((ROOT / "examples" / "dev.yaml").read_text())
 
@@ -283,8 +291,7 @@ def test_helm_install_apply_rank_fresh_item_upgrade_canary_rollback_delete(node:
         assert during.get("r1", 0) > 0 and set(during) == {"r1"}, (during, traffic.error_messages)   # r1 alone, no error
         second = 610
         post_item(embedder, second, "wool coat", catalogue[1])
-        node.wait("item 610 in both live spaces",
-                  lambda: all(store.get(space, [second])[1][0] for space in ("e1", "e2")), 60, poll=0.1)
+        node.wait("item 610 in both live spaces", lambda: in_spaces(store, second, ("e1", "e2")), 60, poll=0.1)
         timeline.mark("item 610 in both live spaces e1 and e2")
         node.wait("canary r2 Progressing",
                   lambda: (node.status().get("canary") or {}).get("rankerVersion") == "r2", 300, poll=1)
