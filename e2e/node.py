@@ -7,6 +7,7 @@ bridge and kube-proxy's rules).
 from __future__ import annotations
 
 import base64
+import collections
 import dataclasses
 import io
 import json
@@ -269,7 +270,7 @@ class Traffic:
                  click_probability: dict[str, float] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.url, self.model, self.items, self.rate, self.impressions = url, model, items, rate, impressions
         self.clock = clock   # the times `served_since` compares with (a Timeline's `now`)
-        self.error_messages: list[str] = []   # the first few, for a failing assertion's message
+        self.error_messages: collections.deque[str] = collections.deque(maxlen=20)   # the latest, for messages
         self.click_probability = dict(click_probability or {})
         self.samplers: dict[str, ClickSampler] = {}
         self.tallies: dict[str, VariantTally] = {}
@@ -286,6 +287,11 @@ class Traffic:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+
+    def clean_for(self, seconds: float) -> bool:
+        """Every request of the last `seconds` answered (and some were sent)."""
+        recent = self.served_since(self.clock() - seconds)
+        return "error" not in recent and sum(recent.values()) >= seconds * self.rate / 2
 
     def served_since(self, since: float) -> dict[str, int]:
         """Answers by variant ("error" for none) since `since` on the traffic's clock."""
@@ -310,8 +316,7 @@ class Traffic:
             with self._lock:
                 self.unanswered += 1
                 self.log.append((self.clock(), None))
-                if len(self.error_messages) < 20:
-                    self.error_messages.append(f"{self.clock():.1f} s: {exc!r}"[:300])
+                self.error_messages.append(f"{self.clock():.1f} s: {exc!r}"[:300])
             return
         request_id = answer["request_id"]
         variant = request_id.split(".", 1)[0]

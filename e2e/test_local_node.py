@@ -276,6 +276,8 @@ def test_helm_install_apply_rank_fresh_item_upgrade_canary_rollback_delete(node:
         # --- faults: the encoder pod deleted mid-stream, Redis stopped ------------------------------
         encoder_pod_deleted_mid_stream(node, store, embedder, catalogue, timeline, range(700, 740))
         redis_stopped_and_started(node, url, items, timeline)
+        node.wait("every ranking answered again for 5 s", lambda: traffic.clean_for(5.0), 60)
+        timeline.mark("every ranking answered again for 5 s")
 
         # --- encoder upgrade e2 + ranker r2, judged as a canary, promoted --------------------------
         upgrade = dev_ranker()
