@@ -186,6 +186,15 @@ def redis_stopped_and_started(node: Node, url: str, items: list[int], timeline: 
     timeline.mark("predictor pods r1 Ready, rankings answered again")
 
 
+def embedder_writes(node: Node, spaces: set[str]) -> bool:
+    """The embedder Deployment rolled out with exactly these live spaces, its old pods gone."""
+    body = node.get("-n", NAMESPACE, "deployment", "shop-embedder")
+    env = {e["name"]: e.get("value", "") for e in body["spec"]["template"]["spec"]["containers"][0].get("env", [])}
+    written = {pair.split("=", 1)[0] for pair in env.get("MMRANK_ENCODERS", "").split(",") if pair}
+    rolled = (body.get("status") or {}).get("observedGeneration", 0) >= body["metadata"]["generation"]
+    return written == spaces and rolled and node.deployment_ready("shop-embedder")
+
+
 def in_spaces(store, item: int, spaces: tuple[str, ...]) -> bool:  # type: ignore[no-untyped-def]
     """True once the item is in every space; else an AssertionError saying where it is."""
     found = {space: bool(store.get(space, [item])[1][0]) for space in spaces}
@@ -291,6 +300,10 @@ def test_helm_install_apply_rank_fresh_item_upgrade_canary_rollback_delete(node:
         backfilled = timeline.mark("backfill Job e2 complete")
         during = traffic.served_since(upgraded)
         assert during.get("r1", 0) > 0 and set(during) == {"r1"}, (during, traffic.error_messages)   # r1 alone, no error
+        # An item posted once the embedder's pods know both live spaces goes into both. (One the
+        # old embedder took between the upgrade and its restart went into e1 only: docs/streams.md.)
+        node.wait("the embedder writes e1 and e2", lambda: embedder_writes(node, {"e1", "e2"}), 180)
+        timeline.mark("embedder restarted with e1 and e2")
         second = 610
         post_item(embedder, second, "wool coat", catalogue[1])
         node.wait("item 610 in both live spaces", lambda: in_spaces(store, second, ("e1", "e2")), 60, poll=0.1)

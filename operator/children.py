@@ -380,7 +380,10 @@ def build_embedder_deployment(ranker: api.MultimodalRanker, live_encoders: Seque
                  "resources": plain(embedder.resources)}
     return {"apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": _metadata(ranker, name, selector),
+            # Recreate: an embedder that knows fewer live spaces must not take (and acknowledge)
+            # new items beside one that knows more, as a rolling update would let it.
             "spec": {"replicas": embedder.replicas, "selector": {"matchLabels": selector},
+                     "strategy": {"type": "Recreate"},
                      "template": {"metadata": {"labels": selector, "annotations": {
                          "prometheus.io/scrape": "true", "prometheus.io/port": str(EMBEDDER_HTTP),
                          "prometheus.io/path": "/metrics"}},
