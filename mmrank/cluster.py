@@ -484,7 +484,7 @@ def load_images(paths: Paths, archives: Iterable[Path]) -> list[str]:
         if loaded:
             names.append(loaded)
             continue
-        out = _ctr(paths, "images", "import", "--all-platforms", str(archive)).stdout
+        out = _import(paths, archive)
         imported = [line.split()[1] for line in out.splitlines() if line.startswith("unpacking ")]
         if not imported:
             raise ClusterError(f"ctr images import {archive} imported nothing: {out}")
@@ -494,6 +494,24 @@ def load_images(paths: Paths, archives: Iterable[Path]) -> list[str]:
         record.write_text(json.dumps(done, indent=1))
     _forget_replaced_images(paths)
     return names
+
+
+def _import(paths: Paths, archive: Path, attempts: int = 4) -> str:
+    """`ctr images import`, again when containerd's garbage collector removed a layer snapshot the
+    import was about to build on (it collects what replaced builds left, asynchronously)."""
+    for attempt in range(1, attempts + 1):
+        result = _ctr(paths, "images", "import", "--all-platforms", str(archive), check=False)
+        if result.returncode == 0:
+            return result.stdout
+        if attempt == attempts or not collected_under_import(result.stderr):
+            raise ClusterError(f"ctr images import {archive} failed ({result.returncode}): {result.stderr.strip()}")
+        time.sleep(2 * attempt)
+    raise AssertionError("unreachable")
+
+
+def collected_under_import(stderr: str) -> bool:
+    """The error ctr gives when a parent snapshot went away during an import."""
+    return "snapshot" in stderr and ("does not exist" in stderr or "not found" in stderr)
 
 
 def still_loaded(seen: object, digests: dict[str, str]) -> str | None:

@@ -142,3 +142,11 @@ def test_an_imported_archive_counts_as_loaded_only_while_its_name_points_at_its_
     assert cluster.still_loaded(name, digests) is None              # a record from before digests
     assert cluster.still_loaded(None, digests) is None              # never imported
     assert cluster.still_loaded({"name": "other:1", "digest": "sha256:theirs"}, digests) is None
+
+
+def test_an_import_is_retried_only_when_a_layer_snapshot_went_away_under_it():
+    collected = ('ctr: failed to prepare extraction snapshot "extract-1 sha256:b0": parent snapshot '
+                 'sha256:cc does not exist: not found')
+    assert cluster.collected_under_import(collected)
+    assert not cluster.collected_under_import("ctr: failed to open archive: no such file or directory")
+    assert not cluster.collected_under_import("ctr: unexpected EOF")
