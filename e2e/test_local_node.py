@@ -104,7 +104,7 @@ def provide_artifacts(node: Node, tree: Path) -> None:
     packed = subprocess.run(["tar", "-C", str(tree), "-cf", "-", "."], capture_output=True, check=True).stdout
     loaded = subprocess.run([servers.find_binary("kubectl", "./dev.sh setup"), f"--kubeconfig={node.kubeconfig}",
                              "exec", "-i", "-n", NAMESPACE, "artifacts-loader", "--", "tar", "-C", "/artifacts",
-                             "--no-same-owner", "-xf", "-"], input=packed, capture_output=True, timeout=600)
+                             "--no-same-owner", "--no-overwrite-dir", "-m", "-xf", "-"], input=packed, capture_output=True, timeout=600)
     assert loaded.returncode == 0, loaded.stderr.decode()
     node.kubectl("delete", "-n", NAMESPACE, "pod/artifacts-loader", "--wait=true")
 
