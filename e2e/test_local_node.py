@@ -101,10 +101,12 @@ def provide_artifacts(node: Node, tree: Path) -> None:
     node.apply([services.claim(NAMESPACE, "mmrank-artifacts", "2Gi"), services.claim(NAMESPACE, services.REDIS_CLAIM, "1Gi"),
                 services.artifacts_loader(NAMESPACE)])
     node.kubectl("wait", "-n", NAMESPACE, "pod/artifacts-loader", "--for=condition=Ready", "--timeout=300s")
-    packed = subprocess.run(["tar", "-C", str(tree), "-cf", "-", "."], capture_output=True, check=True).stdout
+    # The entries, not ".": a non-root loader may not change the claim's root directory.
+    entries = sorted(entry.name for entry in tree.iterdir())
+    packed = subprocess.run(["tar", "-C", str(tree), "-cf", "-", *entries], capture_output=True, check=True).stdout
     loaded = subprocess.run([servers.find_binary("kubectl", "./dev.sh setup"), f"--kubeconfig={node.kubeconfig}",
                              "exec", "-i", "-n", NAMESPACE, "artifacts-loader", "--", "tar", "-C", "/artifacts",
-                             "--no-same-owner", "--no-overwrite-dir", "-m", "-xf", "-"], input=packed, capture_output=True, timeout=600)
+                             "--no-same-owner", "-m", "-xf", "-"], input=packed, capture_output=True, timeout=600)
     assert loaded.returncode == 0, loaded.stderr.decode()
     node.kubectl("delete", "-n", NAMESPACE, "pod/artifacts-loader", "--wait=true")
 
