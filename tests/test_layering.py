@@ -46,9 +46,10 @@ def test_the_operator_imports_no_torch_and_no_other_part():
     assert probe.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("module", ["mmrank.cli", "mmrank.api", "mmrank.store", "mmrank.space", "mmrank.servers"])
+@pytest.mark.parametrize("module", ["mmrank.cli", "mmrank.api", "mmrank.api_crd", "mmrank.api_docs", "mmrank.store",
+                                    "mmrank.space", "harness.servers"])
 def test_common_modules_import_no_torch(module):
-    if not (ROOT / "mmrank" / (module.split(".")[-1] + ".py")).exists():
+    if not (ROOT / (module.replace(".", "/") + ".py")).exists():
         pytest.fail(f"{module} is part of the layout but missing")
     probe = _run(f"import sys, {module}; print('torch' in sys.modules)")
     assert probe.returncode == 0, probe.stderr
@@ -70,7 +71,8 @@ def test_every_source_folder_of_a_part_is_in_the_package_list():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert set(config["packages"]) == {"mmrank", "mmrank.operator", "mmrank.encoders", "mmrank.predictors"}
     for part in ("mmrank", "operator", "encoders", "predictors"):
-        nested = [p for p in (ROOT / part).iterdir() if p.is_dir() and p.name != "__pycache__"]
+        nested = [p for p in (ROOT / part).iterdir()
+                  if p.is_dir() and not p.is_symlink() and p.name != "__pycache__"]
         assert not nested, f"{part}/ must stay flat (nested folders are not in the wheel): {nested}"
 
 
@@ -86,6 +88,8 @@ def test_the_wheel_carries_every_module_of_every_part(tmp_path):
                             ("encoders", "mmrank/encoders"), ("predictors", "mmrank/predictors")):
         for source in (ROOT / folder).glob("*.py"):
             assert f"{package}/{source.name}" in names, f"{folder}/{source.name} is not in the wheel"
+    shipped_harness = sorted(n for n in names if n.startswith("harness/") or "/harness/" in n)
+    assert not shipped_harness, f"the test harness must stay out of the wheel: {shipped_harness}"
 
 
 def test_the_import_contract_of_the_common_package_names_every_common_module():
@@ -97,5 +101,16 @@ def test_the_import_contract_of_the_common_package_names_every_common_module():
     common = next(c for c in contracts if c["name"] == "The common mmrank modules import no part")
     assert set(common["forbidden_modules"]) == {"mmrank.operator", "mmrank.encoders", "mmrank.predictors"}
     present = {f"mmrank.{p.stem}" for p in (ROOT / "mmrank").glob("*.py") if p.stem != "__init__"}
-    not_yet = {"mmrank.cluster", "mmrank.cluster_cli", "mmrank.images"}   # the local node, being reworked
-    assert set(common["source_modules"]) == present - not_yet
+    assert set(common["source_modules"]) == present
+
+
+def test_the_harness_lives_beside_mmrank_and_a_contract_keeps_mmrank_from_importing_it():
+    """harness/ (test launchers, the local node, image builds) lives beside mmrank/, never in it:
+    an import-linter contract keeps mmrank and its parts from importing it."""
+    import tomllib
+
+    assert (ROOT / "harness" / "__init__.py").is_file()
+    assert not (ROOT / "mmrank" / "harness").exists()
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    assert any(c["type"] == "forbidden" and c["source_modules"] == ["mmrank"] and c["forbidden_modules"] == ["harness"]
+               for c in contracts)
