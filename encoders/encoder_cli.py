@@ -15,6 +15,7 @@ from mmrank.cli import (
     positive_int,
     show_progress,
 )
+from mmrank.defaults import ENCODER_MODEL_NAME
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -59,7 +60,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--repo", required=True)
     export.add_argument("--version", default="1")
     export.add_argument("--backend", choices=("python", "onnxruntime", "pytorch"), default="python")
-    export.add_argument("--model-name", default="item_encoder")
+    export.add_argument("--model-name", default=ENCODER_MODEL_NAME)
     export.add_argument("--max-batch-size", type=positive_int, default=64)
     export.add_argument("--max-queue-delay-us", type=non_negative_int, default=2000)
     export.add_argument("--no-dynamic-batching", action="store_true")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmrank.defaults import ENCODER_MODEL_NAME
 from mmrank.encoders import tokenizer as tokenizer_module
 from mmrank.encoders.model import ItemEncoder, load_encoder
 from mmrank.encoders.triton_config import MODEL_FILES, config_pbtxt
@@ -73,7 +74,7 @@ def _as_encoder(encoder_or_checkpoint_dir: ItemEncoder | str | Path) -> tuple[It
 
 def export_repository(encoder_or_checkpoint_dir: ItemEncoder | str | Path, repo_dir: str | Path, version: str = "1",
                       backend: str = "python", max_batch_size: int = 64, max_queue_delay_us: int = 2000,
-                      instance_kind: str = "KIND_CPU", instance_count: int = 1, model_name: str = "item_encoder",
+                      instance_kind: str = "KIND_CPU", instance_count: int = 1, model_name: str = ENCODER_MODEL_NAME,
                       dynamic_batching: bool = True) -> Path:
     """Write (or add a version to) `<repo_dir>/<model_name>`; returns that model directory."""
     encoder, source = _as_encoder(encoder_or_checkpoint_dir)

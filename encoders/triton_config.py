@@ -13,6 +13,8 @@ one repository runs on CPU and GPU nodes alike.
 """
 from __future__ import annotations
 
+from mmrank.defaults import ENCODER_MODEL_NAME
+
 BACKENDS = ("python", "onnxruntime", "pytorch")
 INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU", "KIND_AUTO")
 IMAGE_SIZE = 64
@@ -60,7 +62,7 @@ def _tensor_block(name: str, data_type: str, dims: list[int]) -> str:
     return f'  {{\n    name: "{name}"\n    data_type: {data_type}\n    dims: [ {shape} ]\n  }}'
 
 
-def config_pbtxt(model_name: str = "item_encoder", backend: str = "python", max_batch_size: int = 64,
+def config_pbtxt(model_name: str = ENCODER_MODEL_NAME, backend: str = "python", max_batch_size: int = 64,
                  max_queue_delay_us: int = 2000, instance_kind: str = "KIND_CPU", instance_count: int = 1,
                  dim: int = 128, dynamic_batching: bool = True, image_size: int = IMAGE_SIZE,
                  token_length: int = TOKEN_LENGTH) -> str:

@@ -18,6 +18,8 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from mmrank.defaults import ENCODER_MODEL_NAME
+
 GROUP = "mmrank.io"
 VERSION = "v1alpha1"
 KIND: Final = "MultimodalRanker"
@@ -207,7 +209,7 @@ class EncoderSpec(_Spec):
                            "repository lives (s3://, gs://, https://, pvc://); an init container pulls it. "
                            "Fixed for a version once set (like dimension): another model is a new version.",
                            examples=["s3://models/encoder/e2"])
-    model_name: str = Field("item_encoder", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$",
+    model_name: str = Field(ENCODER_MODEL_NAME, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$",
                             description="Triton model name of the encoder inside the repository.",
                             examples=["item_encoder"])
     image: str = Field(DEFAULT_TRITON_IMAGE, max_length=512, pattern=IMAGE, description="Triton Inference "

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mmrank import api
+from mmrank.defaults import ENCODER_MODEL_NAME
 from mmrank.encoders.triton_config import config_pbtxt
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -29,7 +30,6 @@ TRITON_HTTP, TRITON_GRPC, TRITON_METRICS = 8000, 8001, 8002
 MODEL_DIR = "/models"
 PVC_MOUNTS = "/mnt/pvc"
 EMBEDDER_HTTP = 8080
-DEFAULT_MODEL_NAME = "item_encoder"
 CATALOGUE_DIR = "/mnt/catalogue"   # where a backfill pod expects the catalogue (see docs/operator.md)
 
 
@@ -343,7 +343,7 @@ def encoder_address(ranker: api.MultimodalRanker, version: str) -> str:
     """`<svc>:8001`, with `/<model>` when the spec's encoder uses a model name of its own."""
     address = f"{names(ranker, version)['encoder']}:{TRITON_GRPC}"
     model = ranker.spec.encoder.model_name
-    if version == ranker.spec.encoder.version and model != DEFAULT_MODEL_NAME:
+    if version == ranker.spec.encoder.version and model != ENCODER_MODEL_NAME:
         address += f"/{model}"
     return address
 
