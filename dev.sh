@@ -7,7 +7,7 @@
 #     and the Triton Python-backend directory with the stub for this Python.
 # `./dev.sh test` and `./dev.sh cluster up|down|status` also need the local node: kubelet,
 # kube-controller-manager, kube-scheduler and kube-proxy from the same source package, and
-# Debian's containerd, runc, CNI plugins, dnsmasq and buildah (mmrank/cluster.py, mmrank/images.py).
+# Debian's containerd, runc, CNI plugins, dnsmasq and buildah (harness/cluster.py, harness/images.py).
 # Everything built is cached under $MMRANK_CACHE (default ~/.cache/mmrank), outside the work tree,
 # so a second run only checks that it is there.
 set -euo pipefail
@@ -145,7 +145,7 @@ case "${1:-}" in
   demo)
     shift
     setup
-    exec .venv/bin/python -m mmrank.demo "$@"
+    exec .venv/bin/python -m harness.demo "$@"
     ;;
   cluster)
     shift

@@ -60,7 +60,7 @@ def main() -> None:
 
     import torch
 
-    from mmrank import servers
+    from harness import servers
     from mmrank.encoders.backfill import ArrayCatalogue, BackfillConfig, backfill
     from mmrank.encoders.embedder import EncoderTarget
     from mmrank.encoders.export import export_repository

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by Triton's Python stub
     import torch
 
-    from mmrank import servers
+    from harness import servers
     from mmrank.encoders.export import export_repository, load_exported
     from mmrank.encoders.model import ItemEncoder, encode_items, load_encoder
 

@@ -346,7 +346,7 @@ def main() -> None:
 
     import redis
 
-    from mmrank import servers
+    from harness import servers
     from mmrank.store import RedisStore
 
     work = Path(tempfile.mkdtemp(prefix="mmrank-freshness-"))

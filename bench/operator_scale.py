@@ -23,7 +23,8 @@ import threading
 import time
 from pathlib import Path
 
-from mmrank import api, servers
+from harness import servers
+from mmrank import api
 
 KINDS = (("v1", "ConfigMap"), ("v1", "Service"), ("apps/v1", "Deployment"), ("batch/v1", "Job"))
 PER_RANKER = 5  # ConfigMap, Service, encoder Deployment, embedder Deployment, backfill Job

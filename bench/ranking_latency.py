@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from mmrank import servers
+from harness import servers
 from mmrank.store import open_store
 
 SPACE = "bench"

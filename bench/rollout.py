@@ -2,7 +2,7 @@
 in a canary cost the operator and Prometheus.
 
 1. **Breach to rollback.** One ranker, the operator (`mmrank operator run`, a process), the real
-   kube-apiserver, a real Prometheus scraping two real predictors (`mmrank.loadgen.CanaryRig`) and
+   kube-apiserver, a real Prometheus scraping two real predictors (`harness.loadgen.CanaryRig`) and
    the load generator routed by the traffic the operator writes. Each rollout: the canary r2
    passes its first windows, then, at a random moment of a step, its store stops (every request
    answers 503: the breach); the time until the operator has put all traffic back on stable
@@ -40,8 +40,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmrank import api, servers
-from mmrank.loadgen import CanaryRig, Controllers, Router, prepare_space
+from harness import servers
+from harness.loadgen import CanaryRig, Controllers, Router, prepare_space
+from mmrank import api
 
 STABLE, CANARY = "r1", "r2"
 

@@ -102,7 +102,7 @@ def main() -> None:
 
     import redis
 
-    from mmrank import servers
+    from harness import servers
 
     work = Path(tempfile.mkdtemp(prefix="mmrank-soak-"))
     export_small_encoder(work / "repo")

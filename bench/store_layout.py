@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmrank import servers
+from harness import servers
 from mmrank.store import FileStore, RedisStore, encode_vectors
 
 

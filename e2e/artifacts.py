@@ -6,7 +6,7 @@
     rankers/r2            SimTier + MAKE on space e2 (the encoder upgrade)
     rankers/r3            the ID-only ranker labelled r3 on space e2 (the canary users like less)
 
-Every step is the `mmrank` command `mmrank/demo.py` shows; training is tiny (seconds). The tree
+Every step is the `mmrank` command `harness/demo.py` shows; training is tiny (seconds). The tree
 is built once per key (the commands and the code they run) under the cache, so a second scenario
 run only finds it: `python -m e2e.artifacts` prints its path.
 """
@@ -18,8 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mmrank import images
-from mmrank.servers import CACHE
+from harness import images
+from harness.servers import CACHE
 
 ROOT = Path(__file__).resolve().parent.parent
 ENCODER_STEPS = 30

@@ -22,8 +22,8 @@ from typing import Any
 
 import httpx
 
-from mmrank import servers
-from mmrank.loadgen import ClickSampler
+from harness import servers
+from harness.loadgen import ClickSampler
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "mmrank-dev"

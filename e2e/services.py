@@ -1,7 +1,7 @@
 """Redis and Prometheus for the local node: images built here from Debian's packages (the same
 `redis-server` and `prometheus` the tests run on this machine), and their manifests.
 
-The images are built in `mmrank.images`' way (buildah on the debootstrap base, an OCI archive
+The images are built in `harness.images`' way (buildah on the debootstrap base, an OCI archive
 named by a hash of what the build reads) but outside the Dockerfile: they hold no mmrank code,
 and a Dockerfile change must not rebuild them. Prometheus finds its targets with the usual
 relabelling of Kubernetes pod discovery: it keeps pods annotated `prometheus.io/scrape: "true"`,
@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from mmrank import images
+from harness import images
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,7 +39,7 @@ import yaml
 
 from e2e import artifacts, services
 from e2e.node import NAMESPACE, NODE_IMAGES, ApiserverProxy, Node, NodeNetwork, Timeline, Traffic, helm, png, rank
-from mmrank import cluster, images, servers
+from harness import cluster, images, servers
 
 pytestmark = [pytest.mark.node, pytest.mark.slow, pytest.mark.timeout(1800)]
 

@@ -42,7 +42,8 @@ def test_create_apply_idempotent_delete() -> None:
     from kopf.testing import KopfRunner
     from kubernetes import dynamic
 
-    from mmrank import api, servers
+    from harness import servers
+    from mmrank import api
     from mmrank.operator import handlers, observe
     from mmrank.operator.kube import CHILD_KINDS, Kube
 

@@ -1,4 +1,4 @@
-"""Fixtures that start the real servers (mmrank.servers) and attach their logs to failing tests.
+"""Fixtures that start the real servers (harness.servers) and attach their logs to failing tests.
 
 A server that cannot start fails the test with the reason (`pytest.fail`), never a skip: the
 message names the missing binary and the `./dev.sh` step that provides it.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mmrank import servers
+from harness import servers
 
 _SERVERS = pytest.StashKey[list]()
 

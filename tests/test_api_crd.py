@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from mmrank import api, api_cli, servers
+from harness import servers
+from mmrank import api, api_cli
 
 pytestmark = pytest.mark.apiserver
 

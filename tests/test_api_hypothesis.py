@@ -15,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
-from mmrank import api, servers
+from harness import servers
+from mmrank import api
 
 SPEC_SCHEMA = api.openapi_schema(cel=False)["properties"]["spec"]
 TEXT = st.characters(blacklist_categories=("Cs", "Cc"))

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mmrank import servers
+from harness import servers
 from mmrank.encoders.backfill import (
     BackfillConfig,
     ShopCatalogue,

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from mmrank import api, servers
+from harness import servers
+from mmrank import api
 from tests.restricted_profile import object_violations
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -253,9 +253,26 @@ def test_validate_reports_a_file_it_cannot_read_in_its_report(files: dict[str, P
 
 
 def test_images_build_knows_the_dockerfiles_targets() -> None:
-    from mmrank import cluster_cli, images
+    from harness import cluster_cli, images
 
     assert tuple(images.TARGETS) == cluster_cli.TARGETS
+
+
+@pytest.mark.parametrize("command", [["cluster", "status"], ["images", "build", "operator"]])
+def test_the_local_node_commands_say_so_where_only_mmrank_is_installed(tmp_path: Path, command: list[str]) -> None:
+    """An image holds mmrank but not harness/ (the checkout's local node and image builds): there
+    `mmrank cluster` and `mmrank images` end in one line naming the missing part, no traceback.
+    The interpreter sees only a copy of mmrank/ (-I -S: no checkout, no site-packages)."""
+    (tmp_path / "mmrank").mkdir()
+    for source in (ROOT / "mmrank").glob("*.py"):
+        (tmp_path / "mmrank" / source.name).write_bytes(source.read_bytes())
+    code = (f"import sys; sys.path.insert(0, {str(tmp_path)!r}); from mmrank.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-I", "-S", "-c", code, *command], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr == (f"mmrank {' '.join(command[:2])}: harness.cluster_cli is not installed here "
+                             "(this image or environment holds other parts of mmrank)\n")
 
 
 def test_argument_errors_exit_2_and_name_the_argument() -> None:
@@ -362,7 +379,7 @@ def test_the_apiserver_admits_exactly_the_intervals_the_operator_reads(kube) -> 
     from kubernetes import client, dynamic
     from kubernetes.client.exceptions import ApiException
 
-    from mmrank import servers
+    from harness import servers
 
     servers.install_crds(kube.api_client, [api.crd_manifest(cel=False)])
     namespace = f"cli-{os.getpid()}-{int.from_bytes(os.urandom(3), 'big')}"

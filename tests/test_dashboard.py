@@ -3,7 +3,7 @@
 One module-wide system: the real kube-apiserver with the operator (`mmrank operator run
 --metrics-port`, a subprocess) reconciling the ranker `shop` through a canary from r1 to r2 (a
 thread plays the Deployment and KServe controllers); two real predictors (r1, r2) under the load
-generator with click feedback, routed by the traffic the operator writes (`mmrank.loadgen`:
+generator with click feedback, routed by the traffic the operator writes (`harness.loadgen`:
 `CanaryRig`, `Router`); the real embedder (a subprocess) embedding posted items with the real
 Triton into the ranker's store, which a real backfill filled first. Prometheus finds them as pods (the `file_sd` stand-in for Kubernetes discovery of
 e2e/pod_sd.py, with the production relabelling of e2e/services.py and the scrape annotations the
@@ -37,8 +37,9 @@ import yaml
 
 from e2e import pod_sd
 from e2e import services as e2e_services
-from mmrank import api, servers
-from mmrank.loadgen import CanaryRig, Controllers, Router
+from harness import servers
+from harness.loadgen import CanaryRig, Controllers, Router
+from mmrank import api
 
 pytestmark = [pytest.mark.apiserver, pytest.mark.prometheus, pytest.mark.redis, pytest.mark.triton, pytest.mark.slow]
 

@@ -1,7 +1,7 @@
 """The quick start's verdict line: which ranker won on the test day, by how many GAUC points."""
 from __future__ import annotations
 
-from mmrank.demo import DEMO_SHOP, ranker_verdict
+from harness.demo import DEMO_SHOP, ranker_verdict
 from mmrank.shop_config import config_for
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from e2e import pod_sd, services
-from mmrank import servers
+from harness import servers
 
 pytestmark = [pytest.mark.prometheus]
 

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import redis
 
-from mmrank import servers
+from harness import servers
 from mmrank.encoders import item_events
 from mmrank.encoders.embedder import (
     Embedder,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmrank import servers
+from harness import servers
 from mmrank.encoders.export import export_repository
 from mmrank.encoders.model import EncoderConfig, ItemEncoder, encode_items
 

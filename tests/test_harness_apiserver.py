@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from mmrank import servers
+from harness import servers
 
 pytestmark = pytest.mark.apiserver
 

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from mmrank import servers
+from harness import servers
 
 
 @pytest.mark.redis

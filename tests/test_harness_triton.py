@@ -88,7 +88,7 @@ def test_triton_answers_http_and_grpc_with_torch_numbers_and_counts_requests(tmp
 
 
 def test_triton_fixture_names_the_missing_stub(tmp_path, monkeypatch):
-    from mmrank import servers
+    from harness import servers
 
     monkeypatch.setattr(servers, "CACHE", tmp_path / "empty-cache")
     with pytest.raises(servers.ServerUnavailable, match="stub"):
@@ -99,7 +99,7 @@ def test_killing_triton_leaves_no_python_backend_stub_behind(tmp_path):
     import os
     import time
 
-    from mmrank import servers
+    from harness import servers
 
     repo, _ = tiny_repository(tmp_path / "repo")
     server = servers.start_triton(repo, tmp_path / "triton")

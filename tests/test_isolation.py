@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import redis
 
-from mmrank import servers
+from harness import servers
 from mmrank.operator import observe
 from mmrank.store import DEFAULT_SCOPE, EmbeddingStore, FileStore, RedisStore, Scope, open_store
 from tests.test_operator_apiserver import Cluster, crds_installed, manifest, wait_for  # noqa: F401 - a fixture
@@ -313,7 +313,7 @@ def test_a_predictor_reads_the_space_of_its_own_ranker(redis_server: servers.Ser
     import urllib.error
     import urllib.request
 
-    from mmrank.loadgen import write_ranker
+    from harness.loadgen import write_ranker
 
     model_dir = write_ranker(tmp_path / "ranker", "e1", dim=16, catalogue=100)
     covered, sparse = Scope("ads", "shop"), Scope("ads-eu", "shop")

@@ -1,4 +1,4 @@
-"""The local node (mmrank.cluster): real kubelet, containerd, controllers, kube-proxy and DNS,
+"""The local node (harness.cluster): real kubelet, containerd, controllers, kube-proxy and DNS,
 running the images built from our Dockerfile.
 
 One cluster for the test session; the last test takes it down, checks nothing is left, and
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mmrank import cluster, images, servers
+from harness import cluster, images, servers
 
 pytestmark = [pytest.mark.node, pytest.mark.slow]
 

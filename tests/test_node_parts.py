@@ -6,7 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mmrank import cli, cluster, images
+from harness import cluster, images
+from mmrank import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,6 +109,12 @@ def test_every_file_the_dockerfile_copies_is_an_input_of_its_target():
         if line.startswith("COPY ") and "--from" not in line:
             for source in line.split()[1:-1]:
                 assert any(source == i or source.startswith(i + "/") for t in images.TARGETS.values() for i in t.inputs), source
+
+
+def test_no_image_reads_the_harness_so_editing_a_launcher_rebuilds_nothing():
+    for target in images.TARGETS.values():
+        read = images.input_files(ROOT, target.inputs)
+        assert read and not [p for p in read if p.relative_to(ROOT).parts[0] == "harness"], target.name
 
 
 def test_a_command_imports_only_the_part_that_owns_it():

@@ -28,7 +28,8 @@ import pytest
 from kubernetes import dynamic
 from kubernetes.client.exceptions import ApiException
 
-from mmrank import api, servers
+from harness import servers
+from mmrank import api
 from mmrank.operator import observe
 
 pytestmark = [pytest.mark.apiserver, pytest.mark.slow]

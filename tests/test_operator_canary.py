@@ -8,7 +8,8 @@ from typing import Any
 import jsonschema
 import pytest
 
-from mmrank import api, servers
+from harness import servers
+from mmrank import api
 from mmrank.operator import core
 from mmrank.operator.analysis import Analysis
 from mmrank.operator.reconcile import _merge_patch

@@ -13,7 +13,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from mmrank import api, servers
+from harness import servers
+from mmrank import api
 from mmrank.operator import children as build
 from mmrank.operator import core, observe
 from mmrank.operator.cli import render_documents

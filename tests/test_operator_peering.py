@@ -19,7 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from mmrank import api, servers
+from harness import servers
+from mmrank import api
 from mmrank.operator import peering
 from tests.test_chart import peering_crds
 

@@ -265,7 +265,7 @@ def test_budgets_are_applied_listed_and_deleted_on_the_apiserver(kube: Any) -> N
     reconcile, deleted when the spec goes back to one replica; the new resource fields are kept."""
     from kubernetes import client, dynamic
 
-    from mmrank import servers
+    from harness import servers
 
     servers.install_crds(kube.api_client, [api.crd_manifest(cel=False)])
     namespace = f"pss-{uuid.uuid4().hex[:8]}"

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mmrank import servers
+from harness import servers
 from mmrank.predictors.item_cache import DENSE_IDS, SYNC_LIMIT, ItemVectorCache, LogState, sync_decision
 from mmrank.store import RedisStore, open_store
 

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
-from mmrank import servers
+from harness import servers
 from mmrank.store import open_store
 
 MODEL = "ranker"

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from mmrank import servers
+from harness import servers
 from mmrank.operator import observe
 from mmrank.operator.kube import Kube
 from mmrank.operator.reconcile import Outcome, reconcile

@@ -2,7 +2,7 @@
 scraping two real predictor processes (stable `r1`, canary `r2`) under the load generator.
 
 The predictors run as subprocesses (`mmrank predictor serve`), so kserve stays out of this process.
-The rig (`mmrank.loadgen.CanaryRig`: a Redis store per variant, so the canary's can be stopped or
+The rig (`harness.loadgen.CanaryRig`: a Redis store per variant, so the canary's can be stopped or
 slowed alone, the two predictors, one Prometheus) serves the whole module; each test judges only
 the window of its own load.
 """
@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mmrank import api, servers
-from mmrank.loadgen import (
+from harness import servers
+from harness.loadgen import (
     CanaryRig,
     ClickSampler,
     LoadGenerator,
@@ -28,6 +28,7 @@ from mmrank.loadgen import (
     ready_status,
     route_to_canary,
 )
+from mmrank import api
 from mmrank.operator.analysis import (
     Analysis,
     Measurement,

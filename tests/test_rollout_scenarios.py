@@ -1,7 +1,7 @@
 """Canary rollouts end to end on real parts: the real kube-apiserver, the operator (`mmrank operator
 run`, a subprocess, so it can be SIGKILLed), a real Prometheus scraping two real predictors (stable
-`r1`, canary `r2`: `mmrank.loadgen.CanaryRig`), and the load generator routed by the traffic the
-operator writes to `status.canary` (`mmrank.loadgen.Router`), posting click feedback per variant.
+`r1`, canary `r2`: `harness.loadgen.CanaryRig`), and the load generator routed by the traffic the
+operator writes to `status.canary` (`harness.loadgen.Router`), posting click feedback per variant.
 
 No Deployment, Job or KServe controller runs on this apiserver: a thread plays them, reporting
 every child ready for its current generation. Each scenario takes a fresh namespace, makes `r1`
@@ -29,8 +29,9 @@ import pytest
 from kubernetes import dynamic
 from kubernetes.client.exceptions import ApiException
 
-from mmrank import api, servers
-from mmrank.loadgen import CanaryRig, Controllers, LoadGenerator, Router, Sample, Throttle, answered, prepare_space
+from harness import servers
+from harness.loadgen import CanaryRig, Controllers, LoadGenerator, Router, Sample, Throttle, answered, prepare_space
+from mmrank import api
 
 pytestmark = [pytest.mark.apiserver, pytest.mark.prometheus, pytest.mark.redis, pytest.mark.slow]
 

@@ -2,7 +2,7 @@
 # Builds Kubernetes 1.20 binaries from Debian bookworm's `kubernetes` source package and caches them.
 # Usage: tools/build-kube.sh CACHE_DIR [BINARY...]
 #   BINARY defaults to every one the project runs: kube-apiserver (tests of the operator) and
-#   kubelet, kube-controller-manager, kube-scheduler, kube-proxy (the local node, mmrank.cluster).
+#   kubelet, kube-controller-manager, kube-scheduler, kube-proxy (the local node, harness.cluster).
 #   Only the missing ones are built, all in one `make`, so the source is unpacked and compiled once.
 #   Prints the cached binaries' paths on success.
 #

@@ -320,14 +320,14 @@ def start_predictor(model_dir: Path, store_url: str, variant: str, workdir: Path
                     timeout: float = 180.0) -> Any:
     """`mmrank predictor serve` as its own process (and session), labelled `variant`, once ready.
 
-    Returns an `mmrank.servers.Server`; raises `ServerUnavailable` with its log when it never
+    Returns a `harness.servers.Server`; raises `ServerUnavailable` with its log when it never
     became ready."""
     import os
     import subprocess
     import sys
     import tempfile
 
-    from mmrank import servers
+    from harness import servers
 
     workdir = workdir or Path(tempfile.mkdtemp(prefix=f"mmrank-predictor-{variant}-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -395,7 +395,7 @@ class CanaryRig:
     def __init__(self, workdir: Path, stable: str = "r1", canary: str = "r2", scrape_interval: str = "1s") -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        from mmrank import servers
+        from harness import servers
 
         self.variants = (stable, canary)
         self.started: list[Any] = []
@@ -438,7 +438,7 @@ class CanaryRig:
         return list(self.started)
 
     def _wait_for_targets(self, timeout: float = 30.0) -> None:
-        from mmrank import servers
+        from harness import servers
 
         url = f"{self.prometheus.url}/api/v1/query"
         deadline = time.monotonic() + timeout
@@ -462,14 +462,14 @@ class CanaryRig:
 
     def restart_canary_store(self) -> None:
         """Back on the same port and append-only file: the space is there again."""
-        from mmrank import servers
+        from harness import servers
 
         store = self.stores[self.variants[1]]
         restarted = servers.start_redis(store.workdir, port=store.port)
         store.process, store.log_path = restarted.process, restarted.log_path
 
     def wait_canary_ready(self, timeout: float = 30.0) -> None:
-        from mmrank import servers
+        from harness import servers
 
         deadline = time.monotonic() + timeout
         while not servers.http_ok(f"{self.canary.url}/v2/models/ranker/ready"):

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-TARGETS = ("operator", "runtime", "triton")  # the Dockerfile's targets (mmrank.images.TARGETS, without its imports)
+TARGETS = ("operator", "runtime", "triton")  # the Dockerfile's targets (harness.images.TARGETS, without its imports)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +35,7 @@ def _target(name: str) -> str:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from mmrank import cluster
+    from harness import cluster
 
     try:
         kubeconfig = cluster.up(images=args.image or ("operator", "runtime"),
@@ -48,14 +48,14 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from mmrank import cluster
+    from harness import cluster
 
     left = cluster.down(log=lambda message: print(message, file=sys.stderr))
     return 1 if left else 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    from mmrank import cluster
+    from harness import cluster
 
     state = cluster.status()
     print(json.dumps(state, indent=1))
@@ -63,7 +63,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from mmrank import images
+    from harness import images
 
     try:
         for target in args.targets:

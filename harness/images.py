@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from mmrank.servers import CACHE
+from harness.servers import CACHE
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_DIR = CACHE / "images"

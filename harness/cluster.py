@@ -10,7 +10,7 @@ every process, mount, network namespace, bridge, iptables rule and sysctl change
 Network: everything stays on this machine. The apiserver, kubelet and DNS listen on the address of
 our own bridge (`mmrank0`); pods may reach each other, Services and that address, and nothing else
 (an iptables rule drops other traffic from pods). The CIDRs are checked against the host's routes.
-Images are the project's own (mmrank.images), imported into containerd; nothing is ever pulled.
+Images are the project's own (harness.images), imported into containerd; nothing is ever pulled.
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from mmrank import images as image_builds
-from mmrank import servers
-from mmrank.servers import BIN_DIR, CACHE
+from harness import images as image_builds
+from harness import servers
+from harness.servers import BIN_DIR, CACHE
 
 CLUSTER_DIR = Path(os.environ.get("MMRANK_CLUSTER_DIR", CACHE / "cluster"))
 RUN_DIR = CLUSTER_DIR / "run"                      # this cluster's life: removed by down()
@@ -595,7 +595,7 @@ def _start_all(paths: Paths, network: Network, pause: Path, archives: list[Path]
                        "--bind-interfaces", f"--listen-address={network.gateway}", "--port=53",
                        f"--hostsdir={paths.dns_dir}", "--local=/cluster.local/", "--domain-needed",
                        "--user=root", "--pid-file=", f"--log-facility={paths.logs / 'dnsmasq-queries.log'}"], paths)
-    _spawn("dns-sync", [sys.executable, "-m", "mmrank.cluster", "dns-sync", str(paths.kubeconfig),
+    _spawn("dns-sync", [sys.executable, "-m", "harness.cluster", "dns-sync", str(paths.kubeconfig),
                         str(paths.dns_dir)], paths)
     _spawn("kube-controller-manager", component_argv("kube-controller-manager", paths, network), paths)
     _spawn("kube-scheduler", component_argv("kube-scheduler", paths, network), paths)

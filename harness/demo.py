@@ -27,7 +27,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from mmrank import servers
+from harness import servers
 from mmrank.shop_config import MATRIX_SHOPS
 
 ROOT = Path(__file__).resolve().parent.parent
