@@ -12,7 +12,7 @@ A *space* is everything one encoder version produced. Vectors are kept as float1
 bytes of float32, error ~1e-3 on unit vectors) or int8 with a per-vector float32 scale (a quarter,
 error ~4e-3); `get` always returns float32. Two back ends share the `EmbeddingStore` interface:
 
-- `redis://host:port/db` — production (password from the URL or `MMRANK_STORE_PASSWORD`).
+- `redis://host:port/db` — production (password: `store_password`, the one rule every part uses).
   One hash per space (`<prefix>emb:<space>`, field = item id), read with HMGET and written with HSET: measured against pipelined string keys in
   `bench/store_layout.py` (docs/benchmarks.md, "Store layout"); the hash also gives the exact
   item count in O(1) (HLEN), so re-putting an item never counts it twice. Every put also takes
@@ -382,8 +382,8 @@ class RedisStore(EmbeddingStore):
         self._put_versioned = client.register_script(_PUT_VERSIONED)
 
     @classmethod
-    def from_url(cls, url: str, scope: Scope = DEFAULT_SCOPE) -> RedisStore:
-        return cls(redis_client(url), scope)
+    def from_url(cls, url: str, scope: Scope = DEFAULT_SCOPE, password: str | None = None) -> RedisStore:
+        return cls(redis_client(url, password), scope)
 
     def for_scope(self, scope: Scope) -> RedisStore:
         return RedisStore(self.client, scope)
@@ -829,31 +829,62 @@ def _prefixed(txn: Any, db: Any, prefix: bytes) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def redis_password(url: str) -> str | None:
-    """The URL's own password, else `MMRANK_STORE_PASSWORD` (the operator mounts it from a Secret)."""
-    return None if urllib.parse.urlparse(url).password else os.environ.get(PASSWORD_ENV) or None
+def store_password(url: str, password: str | None = None, env: Mapping[str, str] | None = None) -> str | None:
+    """The store's password, the one rule every part follows: the one given (the operator reads it
+    from the ranker's Secret), else the URL's own (`redis://:password@host`, a local run), else
+    `MMRANK_STORE_PASSWORD` (where the operator puts the Secret's value for the pods it runs)."""
+    if password:
+        return password
+    own = urllib.parse.urlsplit(url).password
+    if own:
+        return urllib.parse.unquote(own)
+    return (os.environ if env is None else env).get(PASSWORD_ENV) or None
 
 
-def redis_client(url: str, asyncio: bool = False, **kwargs: Any) -> Any:
-    """A redis-py client (sync, or `redis.asyncio`) for `url`, with the store's password."""
+def without_password(url: str) -> str:
+    """`url` with no password in it (its user kept): the client gets the password on its own, so
+    the one `store_password` chose is the one used, and no URL it is given carries it."""
+    return _with_secret(url, None)
+
+
+def redacted(url: str) -> str:
+    """`url` as logs may show it: a password in it replaced by `***`."""
+    return _with_secret(url, "***")
+
+
+def _with_secret(url: str, shown: str | None) -> str:
+    """`url` with its password (if it has one) shown as `shown`, or left out when None."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    credentials = user if shown is None else f"{user}:{shown}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{credentials}@{host}" if credentials else host))
+
+
+def redis_client(url: str, password: str | None = None, asyncio: bool = False, **kwargs: Any) -> Any:
+    """A redis-py client (sync, or `redis.asyncio`) for `url`, with the password `store_password`
+    chooses (redis-py would let a password in the URL win over one given beside it)."""
     if asyncio:
         import redis.asyncio as module
     else:
         import redis as module  # type: ignore[no-redef]  # sync or asyncio client: one name
     kwargs.setdefault("socket_timeout", 10)
     kwargs.setdefault("socket_connect_timeout", 5)
-    password = redis_password(url)
-    if password:
-        kwargs.setdefault("password", password)
-    return module.Redis.from_url(url, **kwargs)
+    chosen = store_password(url, password)
+    if chosen:
+        kwargs["password"] = chosen
+    return module.Redis.from_url(without_password(url), **kwargs)
 
 
-def open_store(url: str, scope: Scope = DEFAULT_SCOPE) -> EmbeddingStore:
+def open_store(url: str, scope: Scope = DEFAULT_SCOPE, *, password: str | None = None) -> EmbeddingStore:
     """`redis://host:port/db` or `file:///path` (a directory; created when missing), seen as the
-    ranker `scope` (the local default when not given)."""
+    ranker `scope` (the local default when not given); a Redis store's password as
+    `store_password` chooses it."""
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme in ("redis", "rediss", "unix"):
-        return RedisStore.from_url(url, scope)
+        return RedisStore.from_url(url, scope, password=password)
     if parsed.scheme == "file":
         return FileStore(urllib.parse.unquote(parsed.path), scope=scope)
     if not parsed.scheme and url:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -176,31 +175,23 @@ class CoverageObserver(Protocol):
         named in the spec (shared with other rankers, so not deleted)."""
 
 
-def with_password(url: str, password: str | None) -> str:
-    """The store URL with the Secret's password in it, for the client only (never in a spec)."""
-    if not password or not url.startswith("redis"):
-        return url
-    parts = urllib.parse.urlsplit(url)
-    netloc = f":{urllib.parse.quote(password, safe='')}@{parts.netloc}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
 class StoreCoverage:
     """Reads `space_info` through `mmrank.store`; one client per store, shared by all rankers."""
 
     def __init__(self) -> None:
-        self._stores: dict[str, Any] = {}
+        self._stores: dict[tuple[str, str | None], Any] = {}
         self._lock = threading.Lock()
 
     def _store(self, url: str, password: str | None, scope: str) -> Any:
-        """The ranker's view of the store; one connection per store URL, whatever the ranker."""
+        """The ranker's view of the store; one connection per store URL and password, whatever the
+        ranker (the password: the Secret's, as `mmrank.store.store_password` rules)."""
         from mmrank.store import Scope, open_store
 
-        full = with_password(url, password)
+        key = (url, password)
         with self._lock:
-            if full not in self._stores:
-                self._stores[full] = open_store(full)
-            return self._stores[full].for_scope(Scope.parse(scope))
+            if key not in self._stores:
+                self._stores[key] = open_store(url, password=password)
+            return self._stores[key].for_scope(Scope.parse(scope))
 
     def spaces(self, url: str, password: str | None, versions: Sequence[str], *, scope: str) -> dict[str, SpaceState]:
         from mmrank.store import SpaceNotFound

@@ -18,7 +18,7 @@ from mmrank import api
 from mmrank.operator import children as build
 from mmrank.operator import core, observe
 from mmrank.operator.cli import render_documents
-from mmrank.operator.kube import contains, is_transient, lower, stamped, up_to_date
+from mmrank.operator.kube import CHILD_KINDS, contains, is_transient, lower, stamped, up_to_date
 from mmrank.operator.reconcile import _merge_patch
 
 NOW = "2026-01-01T00:00:00Z"
@@ -91,6 +91,21 @@ def test_fresh_ranker_gets_encoder_embedder_and_backfill_but_no_traffic() -> Non
         {"version": "e1", "modelUri": "s3://models/encoder/e1", "dimension": 128, "coverage": 0.0, "items": 0,
          "backfill": {"completedShards": 0, "totalShards": 4, "progress": 0.0, "job": job, "attempts": 1,
                       "state": "Running"}}]
+
+
+def test_the_child_kinds_the_operator_lists_are_the_kinds_its_builders_write() -> None:
+    """`kube.CHILD_KINDS` is what the operator lists (and so deletes when no longer wanted): a kind a
+    builder writes but the list lacks would be orphaned there, a kind listed but never built is dead."""
+    built = set()
+    for serving in ("KServe", "Kubernetes"):
+        body = manifest()
+        body["spec"]["encoder"]["replicas"] = 2                 # more than one replica: a PodDisruptionBudget
+        body["spec"]["ranker"].update(serving=serving, replicas=2)
+        for coverage in (0.0, 1.0):                             # backfilling (a Job), then serving (the ranker)
+            want = core.desired(api.MultimodalRanker.model_validate(body), observed({"e1": coverage}, ready=("e1",)))
+            built |= {(c["apiVersion"], c["kind"]) for c in want.children}
+    assert built == set(CHILD_KINDS)
+    assert len(CHILD_KINDS) == len(set(CHILD_KINDS))
 
 
 def test_every_child_has_owner_reference_and_labels() -> None:
@@ -331,9 +346,7 @@ def test_status_the_core_writes_validates_against_the_api_models() -> None:
     first = core.desired(ranker(), observed({"e1": 0.2}))
     want = core.desired(ranker(), observed({"e1": 0.5}, status=first.status,
                                            jobs={backfill_job(first)["metadata"]["name"]: core.JobState(4, 1)}))
-    from mmrank.operator.reconcile import clean
-
-    api.RankerStatus.model_validate(clean(want.status))
+    api.RankerStatus.model_validate(build.plain(want.status))
 
 
 # --- apply skipping -----------------------------------------------------------------------------
@@ -453,9 +466,37 @@ def test_render_is_offline_and_follows_coverage(repo_root: Path) -> None:
     assert [d["kind"] for d in docs] == ["ConfigMap", "Service", "Deployment", "Deployment", "Service", "Job"]
 
 
-def test_store_url_gets_the_password_only_for_the_client() -> None:
-    assert observe.with_password("redis://r:6379/0", "p@ss") == "redis://:p%40ss@r:6379/0"
-    assert observe.with_password("redis://r:6379/0", None) == "redis://r:6379/0"
+def test_store_url_gets_the_password_only_for_the_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Secret's password reaches the store's client (mmrank.store's rule), never the URL."""
+    monkeypatch.delenv("MMRANK_STORE_PASSWORD", raising=False)
+    coverage = observe.StoreCoverage()
+    with_secret = coverage._store("redis://r:6379/0", "p@ss", "ns/shop")   # no connection until a command
+    assert with_secret.client.connection_pool.connection_kwargs["password"] == "p@ss"
+    assert coverage._store("redis://r:6379/0", None, "ns/shop").client.connection_pool.connection_kwargs.get(
+        "password") is None
+
+
+def _timers(argv: list[str]) -> list[tuple[float | None, float | None]]:
+    """(interval, initial delay) of each timer in the kopf registry `mmrank <argv>` would run."""
+    from kopf._core.intents.handlers import TimerHandler  # kopf 1.45 lists a registry's handlers nowhere public
+
+    from mmrank.cli import build_parser
+    from mmrank.operator.cli import handler_registry
+
+    registry = handler_registry(build_parser(argv).parse_args(argv))
+    return [(h.interval, h.initial_delay) for h in registry._spawning.get_all_handlers() if isinstance(h, TimerHandler)]
+
+
+def test_the_interval_given_on_the_command_line_is_the_timers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`operator run --interval` reaches kopf's timer as configuration (nothing read at import):
+    a flag, else MMRANK_OPERATOR_INTERVAL, else 30 s; each call builds its own registry."""
+    monkeypatch.delenv("MMRANK_OPERATOR_INTERVAL", raising=False)
+    assert _timers(["operator", "run", "--interval", "1m30s"]) == [(90.0, 90.0)]
+    assert _timers(["operator", "run", "--interval", "2"]) == [(2.0, 2.0)]
+    assert _timers(["operator", "run"]) == [(30.0, 30.0)]
+    monkeypatch.setenv("MMRANK_OPERATOR_INTERVAL", "45s")
+    assert _timers(["operator", "run"]) == [(45.0, 45.0)]
+    assert _timers(["operator", "run", "--interval", "5"]) == [(5.0, 5.0)]
 
 
 def test_operator_imports_no_torch_and_no_other_part() -> None:
