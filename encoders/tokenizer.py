@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 PAD_ID = 0
 CLS_ID = 1
@@ -60,7 +61,7 @@ class WordTokenizer:
             return known
         return self._first_bucket + zlib.crc32(word.encode("utf-8")) % self._buckets
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
+    def encode(self, texts: Sequence[str]) -> npt.NDArray[np.int64]:
         ids = np.full((len(texts), self.max_length), PAD_ID, dtype=np.int64)
         for row, text in enumerate(texts):
             tokens = [CLS_ID] + [self.word_id(w) for w in words(text)]
@@ -110,7 +111,7 @@ class HFTokenizer:
         slow_or_fast = AutoTokenizer.from_pretrained(str(path), use_fast=True)
         return cls(slow_or_fast.backend_tokenizer, max_length, slow_or_fast.pad_token_id)
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
+    def encode(self, texts: Sequence[str]) -> npt.NDArray[np.int64]:
         encodings = self.tokenizer.encode_batch(list(texts))  # type: ignore[attr-defined]  # a `tokenizers.Tokenizer` typed loosely
         return np.asarray([e.ids for e in encodings], dtype=np.int64).reshape(len(texts), self.max_length)
 

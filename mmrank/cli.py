@@ -17,9 +17,9 @@ import importlib
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 # (module, the commands it adds) in the order `mmrank --help` lists them.
 PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -31,6 +31,7 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("mmrank.operator.cli", ("operator", "render")),
     ("harness.cluster_cli", ("cluster", "images")),  # the checkout's test harness: in no wheel or image
 )
+T = TypeVar("T")
 DEBUG_ENV = "MMRANK_DEBUG"
 MAX_MESSAGE = 800  # characters of the one error line; pydantic and YAML messages can be long
 
@@ -66,8 +67,9 @@ def parse_seconds(text: str) -> float:
     return seconds
 
 
-def _argument_type(name: str, check):  # noqa: ANN001, ANN202 - a named argparse type from a checking function
-    def convert(text: str):  # noqa: ANN202
+def _argument_type(name: str, check: Callable[[str], T]) -> Callable[[str], T]:
+    """A named argparse type from a checking function (argparse names the type in its messages)."""
+    def convert(text: str) -> T:
         try:
             return check(text)
         except (ValueError, OSError) as exc:
@@ -76,7 +78,7 @@ def _argument_type(name: str, check):  # noqa: ANN001, ANN202 - a named argparse
     return convert
 
 
-def _int_at_least(low: int):  # noqa: ANN202
+def _int_at_least(low: int) -> Callable[[str], int]:
     def check(text: str) -> int:
         try:
             value = int(text)
@@ -98,7 +100,7 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _float_above(low: float, inclusive: bool):  # noqa: ANN202
+def _float_above(low: float, inclusive: bool) -> Callable[[str], float]:
     def check(text: str) -> float:
         try:
             value = float(text)
@@ -110,7 +112,7 @@ def _float_above(low: float, inclusive: bool):  # noqa: ANN202
     return check
 
 
-def _positive(parse):  # noqa: ANN001, ANN202
+def _positive(parse: Callable[[str], float]) -> Callable[[str], float]:
     def check(text: str) -> float:
         value = parse(text)
         if not value > 0:
@@ -195,7 +197,7 @@ def file_problem(path: object, exc: BaseException) -> str:
 
 def command_name(argv: Sequence[str]) -> str:
     """`mmrank shop generate` from the command line: the words before the first option."""
-    words = []
+    words: list[str] = []
     for arg in argv:
         if arg.startswith("-") or len(words) == 2:
             break

@@ -7,12 +7,15 @@ clicks on cold and warm items alike; the hidden interest match is the ceiling of
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from mmrank.shop import Shop, concept_vectors
 
 
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+def auc(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
     """ROC AUC by the rank-sum formula, ties counted half (numpy only: no sklearn import)."""
     labels = np.asarray(labels).astype(bool)
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
@@ -25,18 +28,21 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def item_click_rate(shop: Shop, item_ids: np.ndarray, smoothing: float = 10.0) -> np.ndarray:
+def item_click_rate(shop: Shop, item_ids: npt.ArrayLike, smoothing: float = 10.0) -> npt.NDArray[np.float64]:
     """Each item's click rate on the train days, shrunk towards the global rate (cold: the global rate)."""
     imps = shop.impressions
     train = imps[imps["split"] == "train"]
     shows = np.bincount(train["item_id"].to_numpy(), minlength=shop.n_items)
     clicks = np.bincount(train["item_id"].to_numpy(), weights=train["clicked"].to_numpy(), minlength=shop.n_items)
     prior = float(train["clicked"].mean())
-    return ((clicks + smoothing * prior) / (shows + smoothing))[np.asarray(item_ids)]
+    rates = np.asarray((clicks + smoothing * prior) / (shows + smoothing), dtype=np.float64)
+    picked: npt.NDArray[np.float64] = rates[np.asarray(item_ids)]
+    return picked
 
 
-def history_similarity(shop: Shop, user_ids: np.ndarray, ts: np.ndarray, item_ids: np.ndarray,
-                       max_len: int = 128, dim: int = 32, chunk: int = 4096) -> np.ndarray:
+def history_similarity(shop: Shop, user_ids: npt.NDArray[np.int64], ts: npt.NDArray[np.int64],
+                       item_ids: npt.NDArray[np.int64], max_len: int = 128, dim: int = 32,
+                       chunk: int = 4096) -> npt.NDArray[np.float32]:
     """Mean cosine between the candidate's oracle concept vector and the user's history vectors."""
     vectors = concept_vectors(shop, dim=dim)
     out = np.empty(len(item_ids), dtype=np.float32)
@@ -54,7 +60,7 @@ def test_day_baselines(shop: Shop) -> dict[str, dict[str, float]]:
     test = imps[imps["split"] == "test"]
     users, ts, items = (test[c].to_numpy() for c in ("user_id", "ts", "item_id"))
     clicked, cold = test["clicked"].to_numpy(), test["cold"].to_numpy()
-    scores = {
+    scores: dict[str, npt.NDArray[Any]] = {
         "item click rate (ID)": item_click_rate(shop, items),
         "history concept similarity": history_similarity(shop, users, ts, items),
         "hidden interest match": shop.interest_match(users, items),

@@ -20,7 +20,7 @@ from mmrank.cli import (
 )
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
+def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("shop", help="Generate the synthetic multimodal shop (data for everything else)")
     sub = parser.add_subparsers(dest="shop_command", metavar="SHOP_COMMAND", required=True)
 

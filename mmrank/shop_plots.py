@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from mmrank.shop import Shop
 
@@ -52,7 +53,7 @@ def _save_small_png(fig: object, out: Path) -> None:
     Image.open(buffer).convert("RGB").quantize(256).save(out, optimize=True)
 
 
-def click_rate_by_match(shop: Shop, bins: int = 10) -> dict[str, np.ndarray]:
+def click_rate_by_match(shop: Shop, bins: int = 10) -> dict[str, npt.NDArray[np.float64]]:
     """Impressions bucketed by hidden interest match: centre, click rate, count, model's mean prob."""
     from mmrank.shop_gen import click_logit
 
