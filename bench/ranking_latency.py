@@ -246,8 +246,8 @@ def bare_rank(directory: Path, store_url: str, requests: list[tuple[int, list[in
     features and forward without HTTP, KServe, the thread hop or concurrent rankings."""
     import torch
 
+    from mmrank.predictors.ranker_model import RankerModel
     from mmrank.predictors.requests import Limits, parse_v1
-    from mmrank.predictors.server import RankerModel
 
     torch.set_num_threads(threads)
     model = RankerModel(MODEL, directory, store_url, Limits(max_candidates=max(500, len(requests[0][1]))),

@@ -10,7 +10,7 @@ data for, or Prometheus unreachable): an inconclusive step waits, it never passe
 failed on the numbers it had outranks one that had none: a canary answering nothing but 5xx may
 have no latency to read, and it must still be rolled back.
 
-The numbers come from the predictor's own metrics (predictors/server.py), labelled by `variant`,
+The numbers come from the predictor's own metrics (predictors/ranking_metrics.py), labelled by `variant`,
 the ranker version: `mmrank_requests_total{variant,protocol,code}` (every answered ranking
 request, errors included), `mmrank_request_duration_seconds` (latency, errors included once the
 predictor observes them: see issue 15), and the click feedback `mmrank_clicks_total` /

@@ -113,8 +113,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     import torch
 
+    from mmrank.predictors.ranker_model import RankerModel
     from mmrank.predictors.requests import Limits
-    from mmrank.predictors.server import RankerModel, serve, with_password
+    from mmrank.predictors.server import serve
 
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
@@ -122,8 +123,8 @@ def _serve(args: argparse.Namespace) -> int:
                     max_history=max(args.max_history, args.history_length or 0),
                     max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
                     max_instances=args.max_instances, body_timeout_seconds=args.body_timeout_seconds)
-    store_url = with_password(args.store, os.environ.get("MMRANK_STORE_PASSWORD"))
-    model = RankerModel(args.model_name, args.model_dir, store_url, limits=limits,
+    # The store's password: the URL's own, else MMRANK_STORE_PASSWORD (mmrank.store.store_password).
+    model = RankerModel(args.model_name, args.model_dir, args.store, limits=limits,
                         min_coverage=args.min_coverage, recheck_seconds=args.recheck_seconds,
                         feedback_stream=not args.no_feedback_stream, expected_space=args.space,
                         version=args.ranker_version, history_length=args.history_length,

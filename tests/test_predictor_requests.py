@@ -12,7 +12,9 @@ import pytest
 from hypothesis import strategies as st
 
 from mmrank.predictors import requests as rq
-from mmrank.predictors.server import error_reason, fill_features, newest, readiness, redact, route_of, with_password
+from mmrank.predictors.http_guard import route_of
+from mmrank.predictors.ranker_model import fill_features, newest, readiness
+from mmrank.predictors.ranking_metrics import error_reason
 
 GOOD = {"user": {"id": 7, "history": [3, 4]}, "candidates": [1, {"item_id": 2, "category": 5}]}
 
@@ -127,13 +129,6 @@ def test_readiness_needs_a_reachable_space_of_the_right_width_and_coverage() -> 
     assert readiness("e1", 16, 0.99, _info(), None, expected_space="e1").ready
 
 
-def test_the_store_password_goes_into_the_url_and_never_into_the_log() -> None:
-    url = with_password("redis://store:6379/0", "p@ss/word")
-    assert url == "redis://:p%40ss%2Fword@store:6379/0" and redact(url) == "redis://:***@store:6379/0"
-    assert with_password("redis://:own@store:6379/0", "other") == "redis://:own@store:6379/0"
-    assert with_password("file:///tmp/store", "x") == "file:///tmp/store"
-
-
 def test_missing_features_come_from_the_item_table_and_unknown_items_stay_unknown() -> None:
     table = np.array([[10, 20], [11, 21], [12, 22]])
     ids = np.array([0, 2, 7, 1])
@@ -156,7 +151,7 @@ def test_guarded_routes_history_window_and_error_reasons() -> None:
 def test_the_model_class_ranks_from_the_embedded_file_store_of_the_quick_start(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """No HTTP: `RankerModel.rank` on the LMDB store, with a history longer than the window."""
     from mmrank.predictors.artifact import write_random_ranker
-    from mmrank.predictors.server import RankerModel
+    from mmrank.predictors.ranker_model import RankerModel
     from mmrank.store import open_store
 
     url = f"file://{tmp_path / 'store'}"
@@ -253,10 +248,38 @@ def test_the_v2_answer_is_what_kserves_own_encoder_writes(binary: bool) -> None:
         assert json.loads(body) == json.loads(json.dumps(theirs))
 
 
+def test_kserve_finds_none_of_the_serve_flags_in_argv() -> None:
+    """kserve parses sys.argv when imported (`parse_known_args`, for ModelServer's defaults), so
+    no flag of `mmrank predictor serve`, nor a prefix of one, may be one of KServe's: the server
+    passes KServe its options as ModelServer's arguments and leaves sys.argv alone."""
+    import argparse
+
+    from kserve.model_server import parser as kserve_parser
+
+    from mmrank.predictors import predictor_cli
+
+    def subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return action.choices[name]
+
+    root = argparse.ArgumentParser()
+    predictor_cli.register_cli(root.add_subparsers())
+    serve = subcommand(subcommand(root, "predictor"), "serve")
+    argv = ["predictor", "serve"]
+    for action in serve._actions:
+        for flag in action.option_strings:
+            argv += [flag] if action.nargs == 0 else [flag, "1"]
+    assert "--http-port" in argv and "--access-log" in argv
+    known, _ = kserve_parser.parse_known_args(argv)
+    assert vars(known) == vars(kserve_parser.parse_known_args([])[0])
+
+
 def test_exceptions_map_to_statuses_and_grpc_codes() -> None:
     from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 
-    from mmrank.predictors.server import StoreUnavailable, classify, grpc_code
+    from mmrank.predictors.admission import classify
+    from mmrank.predictors.grpc_service import grpc_code
+    from mmrank.predictors.ranker_model import StoreUnavailable
 
     assert classify(rq.BadRequest("x", "y", status=413, reason="body_too_large"))[:2] == (413, "body_too_large")
     assert classify(InvalidInput("bad"))[:2] == (400, "invalid_request")
@@ -278,8 +301,10 @@ def test_an_unexpected_failure_is_answered_500_counted_timed_and_logged_once(tmp
     import httpx
     from prometheus_client import REGISTRY
 
+    from mmrank.predictors.admission import Admission
     from mmrank.predictors.artifact import write_random_ranker
-    from mmrank.predictors.server import Admission, Guard, RankerModel
+    from mmrank.predictors.http_guard import Guard
+    from mmrank.predictors.ranker_model import RankerModel
     from mmrank.store import open_store
 
     url = f"file://{tmp_path / 'store'}"

@@ -599,7 +599,7 @@ def test_feedback_by_http_and_stream_reaches_prometheus_by_variant(
         predictor: servers.Server, redis: servers.Server, start_prometheus: Any) -> None:
     import redis as redis_py
 
-    from mmrank.predictors.server import FEEDBACK_STREAM
+    from mmrank.predictors.feedback import FEEDBACK_STREAM
 
     before_impressions = metric(predictor, "mmrank_impressions_total", variant=VERSION)
     before_clicks = metric(predictor, "mmrank_clicks_total", variant=VERSION)
