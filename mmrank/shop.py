@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from mmrank.shop_config import ShopConfig, config_for
 
@@ -39,20 +40,22 @@ class Shop:
     searches: pd.DataFrame
     behaviours: pd.DataFrame
     impressions: pd.DataFrame
-    images: np.ndarray
+    images: npt.NDArray[np.uint8]
     splits: dict[str, Any]
-    truth: dict[str, np.ndarray]
-    _index: tuple[np.ndarray, np.ndarray, int, int] | None = dataclasses.field(default=None, repr=False)
+    truth: dict[str, npt.NDArray[Any]]
+    _index: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int, int] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def config(self) -> ShopConfig:
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in self.manifest["config"].items()}
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in self.manifest["config"].items()}
         return ShopConfig(**values)
 
     @property
     def vocab(self) -> dict[str, list[str]]:
         """Names of the integer ids in `items` (category, colour, material, brand, family)."""
-        return self.manifest["vocab"]
+        vocab: dict[str, list[str]] = self.manifest["vocab"]
+        return vocab
 
     @property
     def n_items(self) -> int:
@@ -62,7 +65,8 @@ class Shop:
     def n_users(self) -> int:
         return int(self.manifest["counts"]["users"])
 
-    def history(self, user_ids: Any, before_ts: Any, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    def history(self, user_ids: Any, before_ts: Any, max_len: int,
+                ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
         """The last `max_len` items each user clicked strictly before `before_ts` (scalar or per user).
 
         Returns (item_ids int64 [B, L], mask bool [B, L]), newest last, left-padded with 0 / False.
@@ -80,7 +84,7 @@ class Shop:
         ids = np.where(mask, items[np.clip(src, 0, max(len(items) - 1, 0))] if len(items) else 0, 0)
         return ids.astype(np.int64), mask
 
-    def _history_index(self) -> tuple[np.ndarray, np.ndarray, int, int]:
+    def _history_index(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int, int]:
         """Behaviours sorted by (user, ts), keyed user * (span + 1) + (ts - ts_min) for searchsorted."""
         if self._index is None:
             users = self.behaviours["user_id"].to_numpy(np.int64)
@@ -92,7 +96,7 @@ class Shop:
             self._index = (keys, self.behaviours["item_id"].to_numpy(np.int64)[order], ts_min, span)
         return self._index
 
-    def interest_match(self, user_ids: Any, item_ids: Any) -> np.ndarray:
+    def interest_match(self, user_ids: Any, item_ids: Any) -> npt.NDArray[np.float32]:
         """The hidden interest match in [0, 1] of users with items (pairwise, broadcast)."""
         from mmrank.shop_gen import concept_similarity
 
@@ -101,7 +105,8 @@ class Shop:
         concepts = self.items["concept"].to_numpy(np.int64)[np.asarray(item_ids, dtype=np.int64)]
         anchors, strength = self.truth["user_anchors"][users], self.truth["user_strength"][users]
         sims = concept_similarity(anchors, np.asarray(concepts)[..., None], cfg) * strength
-        return sims.max(axis=-1).astype(np.float32)
+        match: npt.NDArray[np.float32] = sims.max(axis=-1).astype(np.float32)
+        return match
 
 
 def require_parquet() -> None:
@@ -138,7 +143,7 @@ def load(directory: str | Path, mmap_images: bool = True) -> Shop:
     )
 
 
-def concept_vectors(shop: Shop, dim: int = 128, seed: int = 0, noise: float = 0.0) -> np.ndarray:
+def concept_vectors(shop: Shop, dim: int = 128, seed: int = 0, noise: float = 0.0) -> npt.NDArray[np.float32]:
     """L2-normalised oracle embeddings float32 [n_items, dim] from the hidden concept.
 
     A concept's vector is a weighted sum of random unit vectors for its category, family, colour
@@ -149,9 +154,10 @@ def concept_vectors(shop: Shop, dim: int = 128, seed: int = 0, noise: float = 0.
     cfg = shop.config
     rng = np.random.default_rng(seed)
 
-    def unit(n: int) -> np.ndarray:
+    def unit(n: int) -> npt.NDArray[np.float64]:
         v = rng.standard_normal((n, dim))
-        return v / np.linalg.norm(v, axis=1, keepdims=True)
+        unit_rows: npt.NDArray[np.float64] = v / np.linalg.norm(v, axis=1, keepdims=True)
+        return unit_rows
 
     cat_v, fam_v, col_v, mat_v = unit(cfg.n_categories), unit(cfg.n_families), unit(cfg.n_colours), \
         unit(cfg.n_materials)
@@ -163,7 +169,8 @@ def concept_vectors(shop: Shop, dim: int = 128, seed: int = 0, noise: float = 0.
     if noise > 0:
         vectors = vectors + noise * unit(len(vectors))
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors.astype(np.float32)
+    result: npt.NDArray[np.float32] = vectors.astype(np.float32)
+    return result
 
 
 # --- generate, with a cache so every test can ask for a tiny shop cheaply ------------------------
