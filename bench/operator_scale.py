@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from harness import servers
-from mmrank import api
+from mmrank import api, api_crd
 
 KINDS = (("v1", "ConfigMap"), ("v1", "Service"), ("apps/v1", "Deployment"), ("batch/v1", "Job"))
 PER_RANKER = 5  # ConfigMap, Service, encoder Deployment, embedder Deployment, backfill Job
@@ -122,7 +122,7 @@ def main() -> int:
     try:
         api_client = config.new_client_from_config(config_file=str(apiserver.extra["kubeconfig"]))
         servers.install_crds(api_client, [*servers.kserve_crds_for_k8s_1_20(servers.shared_dir() / "schemas" / "kserve"),
-                                          servers._drop_empty_string_defaults(api.crd_manifest(cel=False))])
+                                          servers._drop_empty_string_defaults(api_crd.crd_manifest(cel=False))])
         client = dynamic.DynamicClient(api_client)
         namespace = "bench"
         client.resources.get(api_version="v1", kind="Namespace").create(

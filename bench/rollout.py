@@ -42,7 +42,7 @@ from typing import Any
 
 from harness import servers
 from harness.loadgen import CanaryRig, Controllers, Router, prepare_space
-from mmrank import api
+from mmrank import api, api_crd
 
 STABLE, CANARY = "r1", "r2"
 
@@ -102,7 +102,7 @@ class Bench:
         self.apiserver = servers.start_kube_apiserver(workdir / "apiserver")
         self.api_client = config.new_client_from_config(config_file=str(self.apiserver.extra["kubeconfig"]))
         servers.install_crds(self.api_client, [*servers.kserve_crds_for_k8s_1_20(servers.shared_dir() / "schemas" / "kserve"),
-                                               servers._drop_empty_string_defaults(api.crd_manifest(cel=False))])
+                                               servers._drop_empty_string_defaults(api_crd.crd_manifest(cel=False))])
         self.client = dynamic.DynamicClient(self.api_client)
         self.rankers = self.client.resources.get(api_version=api.API_VERSION, kind=api.KIND)
         self.operators: list[subprocess.Popen] = []

@@ -18,9 +18,9 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _crd(args: argparse.Namespace) -> int:
-    from mmrank import api
+    from mmrank import api_crd, api_docs
 
-    sys.stdout.write(api.api_reference_markdown() if args.docs else api.crd_yaml(cel=not args.no_cel))
+    sys.stdout.write(api_docs.api_reference_markdown() if args.docs else api_crd.crd_yaml(cel=not args.no_cel))
     return 0
 
 

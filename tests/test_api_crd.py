@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from harness import servers
-from mmrank import api, api_cli
+from mmrank import api, api_cli, api_crd, api_docs
 
 pytestmark = pytest.mark.apiserver
 
@@ -41,7 +41,7 @@ def read_case(path: Path) -> tuple[str, str, dict[str, Any]]:
 
 @pytest.fixture
 def crd(kube):  # type: ignore[no-untyped-def]
-    servers.install_crds(kube.api_client, [api.crd_manifest(cel=False)])
+    servers.install_crds(kube.api_client, [api_crd.crd_manifest(cel=False)])
     return kube
 
 
@@ -141,7 +141,7 @@ def test_crd_installs_and_is_established(crd) -> None:  # type: ignore[no-untype
 
 
 def test_no_cel_crd_applies_with_kubectl(crd) -> None:  # type: ignore[no-untyped-def]
-    result = crd.kubectl("apply", "-f", "-", input=api.crd_yaml(cel=False), check=False)
+    result = crd.kubectl("apply", "-f", "-", input=api_crd.crd_yaml(cel=False), check=False)
     assert result.returncode == 0, result.stderr
     result = crd.kubectl("apply", "--dry-run=server", "-f", str(CRD_FILE), check=False)
     assert result.returncode != 0 and "x-kubernetes-validations" in result.stderr  # 1.20 knows no CEL
@@ -159,7 +159,7 @@ def test_example_is_created_with_the_model_defaults(crd, namespace: str, path: P
 
 def test_status_subresource_and_printer_columns(crd, namespace: str) -> None:  # type: ignore[no-untyped-def]
     manifest = yaml.safe_load((ROOT / "examples" / "minimal.yaml").read_text())
-    example = api.example_manifest()
+    example = api_docs.example_manifest()
     manifest["status"] = example["status"]
     stored, message = create(crd, namespace, manifest)
     assert stored is not None, message

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
 from harness import servers
-from mmrank import api
+from mmrank import api, api_crd
 
-SPEC_SCHEMA = api.openapi_schema(cel=False)["properties"]["spec"]
+SPEC_SCHEMA = api_crd.openapi_schema(cel=False)["properties"]["spec"]
 TEXT = st.characters(blacklist_categories=("Cs", "Cc"))
 KEYS = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789./-_", min_size=1, max_size=24)
 
@@ -105,7 +105,7 @@ def test_model_valid_specs_pass_the_crd_schema(spec: dict[str, Any]) -> None:
 def prop_namespace(kube) -> tuple[Any, str]:  # type: ignore[no-untyped-def]
     from kubernetes import client, dynamic
 
-    servers.install_crds(kube.api_client, [api.crd_manifest(cel=False)])
+    servers.install_crds(kube.api_client, [api_crd.crd_manifest(cel=False)])
     name = f"prop-{uuid.uuid4().hex[:10]}"
     client.CoreV1Api(kube.api_client).create_namespace({"metadata": {"name": name}})
     resource = dynamic.DynamicClient(kube.api_client).resources.get(api_version=api.API_VERSION, kind=api.KIND)

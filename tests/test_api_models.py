@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mmrank import api, api_cli
+from mmrank import api, api_cli, api_crd, api_docs
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -124,9 +124,9 @@ def _cel_messages(node: Any) -> list[str]:
 def test_every_cel_rule_has_a_mirror_case() -> None:
     # Transition rules (oldSelf) compare with the previous object: the operator's check mirrors
     # them (tests/test_operator_core.py, tests/test_reconcile_faults.py), not a model validator.
-    messages = [m for m in _cel_messages(api.crd_manifest(cel=True)) if m not in api.TRANSITION_RULES]
+    messages = [m for m in _cel_messages(api_crd.crd_manifest(cel=True)) if m not in api.TRANSITION_RULES]
     assert sorted(messages) == sorted(CEL_MIRRORS), "each CEL rule needs a model mirror and a case here"
-    assert _cel_messages(api.crd_manifest(cel=False)) == []
+    assert _cel_messages(api_crd.crd_manifest(cel=False)) == []
 
 
 @pytest.mark.parametrize("message", list(CEL_MIRRORS))
@@ -245,7 +245,7 @@ def test_api_docs_are_current(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_api_docs_list_every_spec_field_with_default() -> None:
-    text = api.api_reference_markdown()
+    text = api_docs.api_reference_markdown()
     for path in ("spec.encoder.version", "spec.encoder.dynamicBatching.maxQueueDelayMicroseconds",
                  "spec.embeddings.store.passwordSecretRef.name", "spec.rollout.analysis.minClickRateRatio",
                  "status.canary.lastAnalysis.clickRateRatio", "status.conditions[].lastTransitionTime"):
@@ -272,9 +272,9 @@ def _leaves(node: dict[str, Any], path: str) -> list[str]:
 
 
 def test_the_docs_example_sets_every_field_and_is_valid() -> None:
-    example = api.example_manifest()
+    example = api_docs.example_manifest()
     assert api.problems({k: v for k, v in example.items() if k != "status"}) == []
-    schema = api.openapi_schema()["properties"]
+    schema = api_crd.openapi_schema()["properties"]
     for path in _leaves(schema["spec"], "spec") + _leaves(schema["status"], "status"):
         value: Any = example
         for part in path.split("."):

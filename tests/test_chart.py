@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from harness import servers
-from mmrank import api
+from mmrank import api, api_crd
 from tests.restricted_profile import object_violations
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -393,7 +393,7 @@ def chart_release(helm_binary, kube):
     """Whatever a test leaves, the release goes and the CRD is back as the other tests install it."""
     yield
     helm(helm_binary, "uninstall", "mmrank", "--namespace", "mmrank-system", kubeconfig=kube.kubeconfig)
-    servers.install_crds(kube.api_client, [api.crd_manifest(cel=False)])
+    servers.install_crds(kube.api_client, [api_crd.crd_manifest(cel=False)])
 
 
 @pytest.mark.apiserver

@@ -23,7 +23,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mmrank import api, cli
+from mmrank import api, api_crd, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 MINIMAL = ROOT / "examples" / "minimal.yaml"
@@ -381,7 +381,7 @@ def test_the_apiserver_admits_exactly_the_intervals_the_operator_reads(kube) -> 
 
     from harness import servers
 
-    servers.install_crds(kube.api_client, [api.crd_manifest(cel=False)])
+    servers.install_crds(kube.api_client, [api_crd.crd_manifest(cel=False)])
     namespace = f"cli-{os.getpid()}-{int.from_bytes(os.urandom(3), 'big')}"
     client.CoreV1Api(kube.api_client).create_namespace({"metadata": {"name": namespace}})
     rankers = dynamic.DynamicClient(kube.api_client).resources.get(api_version=api.API_VERSION, kind=api.KIND)

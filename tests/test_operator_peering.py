@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from harness import servers
-from mmrank import api
+from mmrank import api, api_crd
 from mmrank.operator import peering
 from tests.test_chart import peering_crds
 
@@ -58,7 +58,7 @@ def test_a_cluster_wide_operator_peers_in_one_object_a_namespaced_one_in_each_na
 def namespace(kube: Any, helm_binary: str) -> str:
     from kubernetes import client
 
-    servers.install_crds(kube.api_client, [api.crd_manifest(cel=False), *peering_crds(helm_binary)])
+    servers.install_crds(kube.api_client, [api_crd.crd_manifest(cel=False), *peering_crds(helm_binary)])
     name = f"peer-{uuid.uuid4().hex[:8]}"
     client.CoreV1Api(kube.api_client).create_namespace({"metadata": {"name": name}})
     return name

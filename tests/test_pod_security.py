@@ -21,7 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from mmrank import api
+from mmrank import api, api_crd
 from mmrank.operator import children as build
 from mmrank.operator import core, observe, reconcile
 from mmrank.operator.kube import Kube, lower
@@ -267,7 +267,7 @@ def test_budgets_are_applied_listed_and_deleted_on_the_apiserver(kube: Any) -> N
 
     from harness import servers
 
-    servers.install_crds(kube.api_client, [api.crd_manifest(cel=False)])
+    servers.install_crds(kube.api_client, [api_crd.crd_manifest(cel=False)])
     namespace = f"pss-{uuid.uuid4().hex[:8]}"
     client.CoreV1Api(kube.api_client).create_namespace({"metadata": {"name": namespace}})
     rankers = dynamic.DynamicClient(kube.api_client).resources.get(api_version=api.API_VERSION, kind=api.KIND)

@@ -31,7 +31,7 @@ from kubernetes.client.exceptions import ApiException
 
 from harness import servers
 from harness.loadgen import CanaryRig, Controllers, LoadGenerator, Router, Sample, Throttle, answered, prepare_space
-from mmrank import api
+from mmrank import api, api_crd
 
 pytestmark = [pytest.mark.apiserver, pytest.mark.prometheus, pytest.mark.redis, pytest.mark.slow]
 
@@ -110,7 +110,7 @@ def crds_installed(_kube_session: Any, kserve_crds: list) -> None:
     from kubernetes import config
 
     api_client = config.new_client_from_config(config_file=str(_kube_session.extra["kubeconfig"]))
-    servers.install_crds(api_client, [*kserve_crds, api.crd_manifest(cel=False)])
+    servers.install_crds(api_client, [*kserve_crds, api_crd.crd_manifest(cel=False)])
 
 
 _CANARY_QUIET_SINCE = [0.0]  # when the last scenario stopped sending the canary traffic
