@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-os.environ.setdefault("MMRANK_OPERATOR_INTERVAL", "2")
+TIMER_S = 2.0   # the operator's level-triggered reconcile interval here
 
 
 def _api_client() -> Any:
@@ -39,18 +39,19 @@ def _wait(what: str, check: Any, timeout: float = 60.0) -> Any:
 
 def test_create_apply_idempotent_delete() -> None:
     api_client = _api_client()
+    import kopf
     from kopf.testing import KopfRunner
     from kubernetes import dynamic
 
     from harness import servers
-    from mmrank import api
+    from mmrank import api, api_crd
     from mmrank.operator import handlers, observe
     from mmrank.operator.kube import CHILD_KINDS, Kube
 
     version = dynamic.DynamicClient(api_client).version["kubernetes"]
     cel = (int(version["major"]), int(str(version["minor"]).rstrip("+"))) >= (1, 25)
     # Old apiservers know no CEL and refuse `default: ""` (KServe's CRDs and ours alike).
-    crds = [api.crd_manifest(cel=True) if cel else servers._drop_empty_string_defaults(api.crd_manifest(cel=False))]
+    crds = [api_crd.crd_manifest(cel=True) if cel else servers._drop_empty_string_defaults(api_crd.crd_manifest(cel=False))]
     crds += servers.kserve_crds_for_k8s_1_20(servers.shared_dir() / "schemas" / "kserve")
     servers.install_crds(api_client, crds, field_manager="mmrank-e2e")
     client = dynamic.DynamicClient(api_client)
@@ -70,8 +71,8 @@ def test_create_apply_idempotent_delete() -> None:
     handlers.Context.kube = Kube(api_client)
     handlers.Context.store = observe.FixedCoverage({"e1": 0.25})
     try:
-        with KopfRunner(["run", "--standalone", "--namespace", namespace, "-m", "mmrank.operator.handlers"],
-                        timeout=60):
+        with KopfRunner(["run", "--standalone", "--namespace", namespace], timeout=60,
+                        registry=handlers.register(kopf.OperatorRegistry(), interval=TIMER_S)):
             rankers.create(namespace=namespace, body={
                 "apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "shop"},
                 "spec": {"encoder": {"version": "e1", "modelUri": "s3://models/encoder/e1", "gpus": 0},

@@ -39,7 +39,9 @@ def names(ranker: api.MultimodalRanker, encoder_version: str) -> dict[str, str]:
 
 
 def plain(value: Any) -> Any:
-    """A pydantic model (or a dict/list of them) as the camelCase JSON Kubernetes expects."""
+    """A pydantic model (or a dict/list of them) as the camelCase JSON Kubernetes expects, without
+    None values: what the apiserver stores of what an apply or a merge patch wrote. The one
+    None-stripping rule of the operator (children, status writes, conflict merges)."""
     if hasattr(value, "model_dump"):
         return value.model_dump(by_alias=True, exclude_none=True, mode="json")
     if isinstance(value, Mapping):

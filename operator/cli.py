@@ -9,9 +9,12 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmrank.cli import CommandError, describe, file_problem, port, positive_duration, positive_int
+
+if TYPE_CHECKING:
+    import kopf
 
 
 def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -76,16 +79,23 @@ def check_cluster_access(timeout: float = 10.0) -> None:
         raise CommandError(f"cannot reach the Kubernetes API at {host}: {describe(exc)}") from exc
 
 
+def handler_registry(args: argparse.Namespace) -> kopf.OperatorRegistry:
+    """The operator's kopf handlers as `operator run` configured them (the timer's interval)."""
+    import kopf
+
+    from mmrank.operator import handlers
+
+    return handlers.register(kopf.OperatorRegistry(), interval=args.interval)
+
+
 def _run(args: argparse.Namespace) -> int:
     check_cluster_access()
-    os.environ["MMRANK_OPERATOR_INTERVAL"] = str(args.interval)
     import kopf
     import urllib3
 
     urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     kopf.configure(verbose=args.verbose, log_prefix=True)     # each line names its object
-    import mmrank.operator.handlers  # noqa: F401 - registers the handlers
-
+    registry = handler_registry(args)
     if args.metrics_port:
         from mmrank.operator import metrics
 
@@ -108,7 +118,7 @@ def _run(args: argparse.Namespace) -> int:
         priority = args.priority if args.priority is not None else peering.seniority(time.time_ns())
     kopf.run(standalone=True if args.standalone else None, peering_name=args.peering, priority=priority,
              identity=peering.config.identity,  # type: ignore[arg-type]  # kopf's Identity: a NewType of str it does not export
-             settings=settings, namespaces=args.namespace,
+             registry=registry, settings=settings, namespaces=args.namespace,
              clusterwide=not args.namespace, liveness_endpoint=args.liveness)
     return 0
 
@@ -130,6 +140,7 @@ def parse_coverage(values: list[str]) -> dict[str, float]:
 def render_documents(documents: list[Any], coverage: dict[str, float], with_status: bool = False) -> list[dict[str, Any]]:
     """Children (and optionally the status) for each MultimodalRanker document, offline: the
     encoders count as ready and the store reports `coverage` (0 for spaces not named)."""
+    from mmrank.operator import children as build
     from mmrank.operator import core, observe, reconcile
 
     out: list[dict[str, Any]] = []
@@ -147,7 +158,7 @@ def render_documents(documents: list[Any], coverage: dict[str, float], with_stat
         out.extend(want.children)
         if with_status:
             out.append({"kind": "MultimodalRankerStatus", "name": ranker.metadata.name,
-                        "status": reconcile.clean(want.status)})
+                        "status": build.plain(want.status)})
     return out
 
 

@@ -23,6 +23,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mmrank.operator.children import plain
 from mmrank.operator.core import Decision, condition, stamp_conditions
 
 # Status keys that carry what the operator remembers between runs (a decision made on a stale
@@ -100,16 +101,9 @@ def reapply(base: Mapping[str, Any], ours: Mapping[str, Any], fresh: Mapping[str
     change to a history key (see HISTORY_KEYS) means our decisions rest on a stale history: None.
     Otherwise (nobody changed anything we remember; resourceVersion moved for metadata, or another
     writer refreshed an observation) our changed keys go on top of theirs."""
-    theirs = {k for k in set(base) | set(fresh) if _clean(base.get(k)) != _clean(fresh.get(k))}
+    theirs = {k for k in set(base) | set(fresh) if plain(base.get(k)) != plain(fresh.get(k))}
     if theirs & set(HISTORY_KEYS):
         return None
-    mine = {k for k in set(base) | set(ours) if _clean(base.get(k)) != _clean(ours.get(k))}
+    mine = {k for k in set(base) | set(ours) if plain(base.get(k)) != plain(ours.get(k))}
     return {**{k: v for k, v in fresh.items()}, **{k: ours.get(k) for k in mine}}
 
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _clean(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value

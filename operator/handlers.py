@@ -1,15 +1,17 @@
 """kopf wiring, thin: every handler is gather -> core -> apply (`reconcile.reconcile`).
 
-Create, update and resume react to changes; a timer re-reconciles every `MMRANK_OPERATOR_INTERVAL`
-seconds (level-triggered: store coverage and child readiness change without any event on the
-ranker). One lock per object keeps the timer and the change handlers from interleaving.
-Transient API errors retry with exponential backoff; an invalid spec is a status condition,
-never a retry.
+Create, update and resume react to changes; a timer re-reconciles every `interval` seconds
+(level-triggered: store coverage and child readiness change without any event on the ranker).
+One lock per object keeps the timer and the change handlers from interleaving. Transient API
+errors retry with exponential backoff; an invalid spec is a status condition, never a retry.
+
+Nothing is registered at import: `register(registry, interval)` puts the handlers into a kopf
+registry with the interval it is given (`mmrank operator run --interval`), and kopf runs that
+registry.
 """
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import Any
@@ -17,9 +19,9 @@ from typing import Any
 import kopf
 
 from mmrank import api
-from mmrank.operator import metrics, observe, reconcile
+from mmrank.operator import metrics, observe, peering, reconcile
 
-INTERVAL = float(os.environ.get("MMRANK_OPERATOR_INTERVAL", "30"))
+DEFAULT_INTERVAL = 30.0   # seconds between level-triggered reconciles of each ranker
 BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 FINALIZER = "mmrank.io/finalizer"
 
@@ -44,7 +46,6 @@ def delay(retry: int) -> float:
     return BACKOFF[min(retry, len(BACKOFF) - 1)]
 
 
-@kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     from mmrank.operator.kube import Kube
 
@@ -68,7 +69,6 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         Context.freshness = observe.FreshnessObserver(Context.analyser)
 
 
-@kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     """In a pod: the service account; outside: the kubeconfig KUBECONFIG names, read now (not when
     a client library was imported)."""
@@ -106,21 +106,14 @@ def run_reconcile(body: kopf.Body, retry: int, logger: logging.Logger | logging.
     return outcome.phase
 
 
-@kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
-@kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field="spec")
-@kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
 def on_change(body: kopf.Body, retry: int, logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
     run_reconcile(body, retry, logger)
 
 
-# kopf passes `retry` to every handler (its execution.py); only its TimerFn protocol omits it.
-@kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=INTERVAL, initial_delay=INTERVAL, idle=None,  # type: ignore[arg-type]
-            errors=kopf.ErrorsMode.TEMPORARY, backoff=BACKOFF[1])
 def on_timer(body: kopf.Body, retry: int, logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
     run_reconcile(body, retry, logger, timer=True)
 
 
-@kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL)
 def on_delete(body: kopf.Body, retry: int, logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
     """The finalizer step (operator/teardown.py): delete every child and wait until they are gone
     (their pods with them), then remove the ranker's keys from the store, with an Event. Until
@@ -149,3 +142,20 @@ def on_delete(body: kopf.Body, retry: int, logger: logging.Logger | logging.Logg
     with Context.guard:
         Context.locks.pop(body.metadata.uid or "", None)
     metrics.forget(body)
+
+
+def register(registry: kopf.OperatorRegistry, interval: float = DEFAULT_INTERVAL) -> kopf.OperatorRegistry:
+    """Every handler of the operator into `registry`, the timer every `interval` seconds."""
+    resource = (api.GROUP, api.VERSION, api.PLURAL)
+    kopf.on.startup(registry=registry)(configure)
+    kopf.on.login(registry=registry)(login)
+    kopf.on.create(*resource, registry=registry)(on_change)
+    kopf.on.update(*resource, field="spec", registry=registry)(on_change)
+    kopf.on.resume(*resource, registry=registry)(on_change)
+    # kopf passes `retry` to every handler (its execution.py); only its TimerFn protocol omits it.
+    kopf.timer(*resource, interval=interval, initial_delay=interval, idle=None, errors=kopf.ErrorsMode.TEMPORARY,
+               backoff=BACKOFF[1], registry=registry)(on_timer)  # type: ignore[arg-type]
+    kopf.on.delete(*resource, registry=registry)(on_delete)
+    kopf.on.startup(registry=registry)(peering.serve_readiness)   # --readiness (peering.config)
+    kopf.on.cleanup(registry=registry)(peering.stop_readiness)
+    return registry

@@ -24,8 +24,6 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
-import kopf
-
 GROUP, VERSION = "kopf.dev", "v1"
 CLUSTER_PLURAL, NAMESPACED_PLURAL = "clusterkopfpeerings", "kopfpeerings"
 READY_TIMEOUT = 5.0
@@ -145,9 +143,9 @@ async def _readyz(_: Any) -> Any:
 _runner: Any = None
 
 
-@kopf.on.startup()
 async def serve_readiness(logger: Any, **_: Any) -> None:
-    """The readiness endpoint runs in kopf's event loop: a stuck loop stops answering it too."""
+    """The readiness endpoint runs in kopf's event loop: a stuck loop stops answering it too.
+    A startup handler (and `stop_readiness` a cleanup one): `handlers.register` registers both."""
     global _runner
     if not config.readiness or _runner is not None:
         return
@@ -163,7 +161,6 @@ async def serve_readiness(logger: Any, **_: Any) -> None:
     logger.info(f"readiness at {config.readiness}")
 
 
-@kopf.on.cleanup()
 async def stop_readiness(**_: Any) -> None:
     global _runner
     if _runner is not None:

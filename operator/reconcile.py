@@ -51,8 +51,34 @@ def problems_of(exc: ValidationError) -> list[str]:
     return [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
 
 
+@dataclasses.dataclass(frozen=True)
+class StorePassword:
+    """The store password from the spec's Secret, read once per reconcile: the coverage read and
+    the deletion of retired spaces both use it. `problem` is why it could not be read (the Secret
+    did not consent, the apiserver refused), raised where the password is needed."""
+
+    value: str | None = None
+    problem: Exception | None = None
+
+    def get(self) -> str | None:
+        if self.problem is not None:
+            raise self.problem
+        return self.value
+
+
+def store_password(kube: Kube, ranker: api.MultimodalRanker) -> StorePassword:
+    ref = ranker.spec.embeddings.store.password_secret_ref
+    if ref is None:
+        return StorePassword()
+    meta = ranker.metadata
+    try:
+        return StorePassword(kube.secret_value(meta.namespace or "default", ref.name, ref.key, meta.name))
+    except Exception as exc:  # noqa: BLE001 - reported where the password is needed (status, refusals)
+        return StorePassword(problem=exc)
+
+
 def gather(kube: Kube, store: observe.CoverageObserver, ranker: api.MultimodalRanker,
-           status: Mapping[str, Any]) -> tuple[core.Observed, list[dict[str, Any]]]:
+           status: Mapping[str, Any], password: StorePassword) -> tuple[core.Observed, list[dict[str, Any]]]:
     meta = ranker.metadata
     namespace = meta.namespace or "default"
     objects = kube.list_children(namespace, meta.name, meta.uid or "")
@@ -65,9 +91,7 @@ def gather(kube: Kube, store: observe.CoverageObserver, ranker: api.MultimodalRa
     spaces: dict[str, core.SpaceState] = {}
     error, reason = None, "StoreUnreachable"
     try:
-        ref = store_spec.password_secret_ref
-        password = kube.secret_value(namespace, ref.name, ref.key, meta.name) if ref else None
-        spaces = store.spaces(store_spec.url, password, versions, scope=build.store_scope(ranker))
+        spaces = store.spaces(store_spec.url, password.get(), versions, scope=build.store_scope(ranker))
     except observe.SecretRefused as exc:
         error, reason = str(exc)[:300], "SecretNotAllowed"
         spaces = {v: core.SpaceState(coverage=None) for v in versions}
@@ -148,7 +172,8 @@ def _reconcile_once(kube: Kube, store: observe.CoverageObserver, body: Mapping[s
     except ValidationError as exc:
         return _invalid(kube, body, status, problems_of(exc))
     try:
-        observed, objects = gather(kube, store, ranker, status)
+        password = store_password(kube, ranker)
+        observed, objects = gather(kube, store, ranker, status, password)
         server = kube.server_version()
         autoscaled = kube.autoscaled_deployments(ranker.metadata.namespace or "default")
     except Exception as exc:  # noqa: BLE001 - nothing observed, nothing decided: say so, try again later
@@ -188,10 +213,7 @@ def _reconcile_once(kube: Kube, store: observe.CoverageObserver, body: Mapping[s
     kept_spaces = []
     for version in want.delete_spaces:
         try:
-            ref = store_spec.password_secret_ref
-            password = kube.secret_value(ranker.metadata.namespace or "default", ref.name, ref.key,
-                                         ranker.metadata.name) if ref else None
-            store.delete_space(store_spec.url, password, version, scope=build.store_scope(ranker))
+            store.delete_space(store_spec.url, password.get(), version, scope=build.store_scope(ranker))
         except Exception as exc:  # noqa: BLE001 - the space stays listed, and is deleted on a later run
             refusals.append(refusal("delete", "Space", version, exc))
             kept_spaces.append(version)
@@ -305,15 +327,6 @@ def _invalid(kube: Kube, body: Mapping[str, Any], status: dict[str, Any],
     return Outcome(decisions, [], [], "Failed"), fresh
 
 
-def clean(value: Any) -> Any:
-    """Without None values: how the apiserver stores what a merge patch wrote."""
-    if isinstance(value, Mapping):
-        return {k: clean(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [clean(v) for v in value]
-    return value
-
-
 def _changed(before: Mapping[str, Any], after: Mapping[str, Any]) -> bool:
     return bool(_merge_patch(before, after))
 
@@ -325,6 +338,6 @@ def _merge_patch(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[st
         if v is None:
             if before.get(k) is not None:
                 patch[k] = None
-        elif clean(v) != before.get(k):
+        elif build.plain(v) != before.get(k):
             patch[k] = v
     return patch

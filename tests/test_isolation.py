@@ -176,6 +176,7 @@ def test_scopes_are_checked_and_the_local_default_is_one(tmp_path: Path) -> None
 def operator_watching(kube: Any, namespaces: list[str], store: observe.CoverageObserver) -> Iterator[None]:
     """The operator in this process over several namespaces (as test_operator_apiserver's
     `operator_in_process` does for one)."""
+    import kopf
     from kopf.testing import KopfRunner
 
     from mmrank.operator import handlers
@@ -185,9 +186,9 @@ def operator_watching(kube: Any, namespaces: list[str], store: observe.CoverageO
     handlers.Context.store = store
     old = os.environ.get("KUBECONFIG")
     os.environ["KUBECONFIG"] = kube.kubeconfig
-    args = ["run", "--standalone", *[a for ns in namespaces for a in ("--namespace", ns)], "-m", "mmrank.operator.handlers"]
+    args = ["run", "--standalone", *[a for ns in namespaces for a in ("--namespace", ns)]]
     try:
-        with KopfRunner(args, timeout=30) as runner:
+        with KopfRunner(args, timeout=30, registry=handlers.register(kopf.OperatorRegistry())) as runner:
             yield
         assert runner.exit_code == 0, runner.output
         assert runner.exception is None, runner.output

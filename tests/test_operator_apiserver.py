@@ -7,12 +7,9 @@ reading coverage from a real Redis store.
 """
 from __future__ import annotations
 
-import os
-
-os.environ["MMRANK_OPERATOR_INTERVAL"] = "1"  # before the handlers module is imported
-
 import contextlib
 import datetime
+import os
 import signal
 import subprocess
 import sys
@@ -27,15 +24,15 @@ import numpy as np
 import pytest
 from kubernetes import dynamic
 from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
 from harness import servers
-from mmrank import api
+from mmrank import api, api_crd
 from mmrank.operator import observe
+from mmrank.operator.kube import CHILD_KINDS, OLDER_VERSIONS  # the kinds the operator owns: the test sees them all
 
 pytestmark = [pytest.mark.apiserver, pytest.mark.slow]
-
-CHILD_KINDS = (("v1", "ConfigMap"), ("v1", "Service"), ("apps/v1", "Deployment"), ("batch/v1", "Job"),
-               ("serving.kserve.io/v1beta1", "InferenceService"))
+TIMER_S = 1.0   # the operator's level-triggered reconcile interval in these tests
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
@@ -61,11 +58,16 @@ class Cluster:
             body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
 
     def res(self, api_version: str, kind: str) -> Any:
-        return self.client.resources.get(api_version=api_version, kind=kind)
+        try:
+            return self.client.resources.get(api_version=api_version, kind=kind)
+        except ResourceNotFoundError:
+            if (api_version, kind) not in OLDER_VERSIONS:
+                raise
+            return self.client.resources.get(api_version=OLDER_VERSIONS[(api_version, kind)], kind=kind)
 
     def children(self, name: str = "shop") -> dict[tuple[str, str], dict]:
         out = {}
-        for api_version, kind in CHILD_KINDS:
+        for api_version, kind in CHILD_KINDS:          # as the operator lists them (older versions on 1.20)
             items = self.res(api_version, kind).get(namespace=self.namespace,
                                                     label_selector=f"mmrank.io/ranker={name}").to_dict()["items"]
             for item in items:
@@ -199,7 +201,7 @@ def healthy_prometheus(start_prometheus: Any) -> Iterator[str]:
 
 def our_crd() -> dict:
     """Our CRD as the 1.20 apiserver takes it: without CEL rules (the model validators mirror them)."""
-    return api.crd_manifest(cel=False)
+    return api_crd.crd_manifest(cel=False)
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +224,7 @@ def cluster(crds_installed: None, kube: Any) -> Cluster:
 @contextlib.contextmanager
 def operator_in_process(kube: Any, namespace: str, store: observe.CoverageObserver) -> Iterator[None]:
     """The operator in this process (kopf's KopfRunner), with the store observer injected."""
+    import kopf
     from kopf.testing import KopfRunner
 
     from mmrank.operator import handlers
@@ -232,8 +235,8 @@ def operator_in_process(kube: Any, namespace: str, store: observe.CoverageObserv
     old = os.environ.get("KUBECONFIG")
     os.environ["KUBECONFIG"] = kube.kubeconfig
     try:
-        with KopfRunner(["run", "--standalone", "--namespace", namespace, "-m", "mmrank.operator.handlers"],
-                        timeout=30) as runner:
+        with KopfRunner(["run", "--standalone", "--namespace", namespace], timeout=30,
+                        registry=handlers.register(kopf.OperatorRegistry(), interval=TIMER_S)) as runner:
             yield
         assert runner.exit_code == 0, runner.output
         assert runner.exception is None, runner.output
@@ -374,10 +377,10 @@ def test_invalid_spec_becomes_a_condition_without_retries(cluster: Cluster, kube
 
 
 def _start_operator(kube: Any, namespace: str, workdir: Path) -> subprocess.Popen:
-    env = {**os.environ, "KUBECONFIG": kube.kubeconfig, "MMRANK_OPERATOR_INTERVAL": "1"}
+    env = {**os.environ, "KUBECONFIG": kube.kubeconfig}
     log = open(workdir / f"operator-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
     return subprocess.Popen([sys.executable, "-m", "mmrank", "operator", "run", "--standalone", "--namespace",
-                             namespace, "--interval", "1"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                             namespace, "--interval", str(TIMER_S)], stdout=log, stderr=subprocess.STDOUT, env=env,
                             cwd=workdir, start_new_session=True)
 
 
@@ -613,6 +616,54 @@ def test_the_operator_reads_no_secret_that_did_not_consent(cluster: Cluster, kub
                       body={"metadata": {"annotations": {"mmrank.io/allowed-rankers": "shop"}}})
         wait_for("the password handed to the store client", lambda: "do-not-leak" in store.passwords)
         wait_for("coverage read", lambda: cluster.condition("EmbeddingsSynced").get("reason") == "Backfilling")
+
+
+class DeletionRecordingCoverage(RecordingCoverage):
+    """Also remembers the password each retired space was deleted with."""
+
+    def __init__(self, coverage: dict[str, float]) -> None:
+        super().__init__(coverage)
+        self.deleted_with: list[tuple[str, str | None]] = []
+
+    def delete_space(self, url: str, password: str | None, version: str, *, scope: str = "") -> None:
+        self.deleted_with.append((version, password))
+        super().delete_space(url, password, version, scope=scope)
+
+
+def test_one_reconcile_reads_the_store_secret_once_for_coverage_and_space_deletion(cluster: Cluster, kube: Any) -> None:
+    """The reconcile that reads coverage and deletes a retired space reads the Secret once and
+    hands the same password to both (the reconcile as a plain function, one call per step)."""
+    from mmrank.operator.kube import Kube
+    from mmrank.operator.reconcile import reconcile
+
+    class CountingKube(Kube):
+        reads = 0
+
+        def secret_value(self, namespace: str, name: str, key: str, ranker: str) -> str | None:
+            self.reads += 1
+            return super().secret_value(namespace, name, key, ranker)
+
+    cluster.res("v1", "Secret").create(namespace=cluster.namespace, body={
+        "apiVersion": "v1", "kind": "Secret", "stringData": {"password": "s3cret"},
+        "metadata": {"name": "redis-auth", "annotations": {"mmrank.io/allowed-rankers": "shop"}}})
+    body = manifest(cluster.namespace, "redis://redis.test:6379/0", encoder="e3", ranker="r3")
+    body["spec"]["embeddings"]["store"]["passwordSecretRef"] = {"name": "redis-auth", "key": "password"}
+    cluster.create(body)
+    cluster.rankers.status.patch(name="shop", namespace=cluster.namespace, content_type="application/merge-patch+json",
+                                 body={"status": {"stable": {"rankerVersion": "r3", "encoderVersion": "e3"},
+                                                  "embeddings": {"spaces": [{"version": v} for v in ("e1", "e2", "e3")]}}})
+    adapter, store = CountingKube(kube.api_client), DeletionRecordingCoverage({"e3": 1.0})
+    for _ in range(5):                            # children applied, then ready, then e1 (beyond retention) deleted
+        before = adapter.reads
+        reconcile(adapter, store, cluster.ranker())
+        assert adapter.reads == before + 1
+        if store.deleted_with:
+            break
+        cluster.deployment_ready("shop-encoder-e3")
+        with contextlib.suppress(ApiException):   # not there until the encoder is ready
+            cluster.isvc_ready()
+    assert store.deleted_with == [("e1", "s3cret")]
+    assert store.passwords and set(store.passwords) == {"s3cret"}
 
 
 def test_an_autoscaled_embedder_keeps_the_replicas_its_autoscaler_set(cluster: Cluster, kube: Any) -> None:
