@@ -39,7 +39,7 @@ from e2e import pod_sd
 from e2e import services as e2e_services
 from harness import servers
 from harness.loadgen import CanaryRig, Controllers, Router
-from mmrank import api
+from mmrank import api, api_crd
 
 pytestmark = [pytest.mark.apiserver, pytest.mark.prometheus, pytest.mark.redis, pytest.mark.triton, pytest.mark.slow]
 
@@ -307,7 +307,7 @@ def system(tmp_path_factory: pytest.TempPathFactory, _kube_session: Any, kserve_
 
     kubeconfig = str(_kube_session.extra["kubeconfig"])
     api_client = config.new_client_from_config(config_file=kubeconfig)
-    servers.install_crds(api_client, [*kserve_crds, api.crd_manifest(cel=False)])
+    servers.install_crds(api_client, [*kserve_crds, api_crd.crd_manifest(cel=False)])
     try:
         running = System(tmp_path_factory.mktemp("dashboard"), api_client, kubeconfig)
     except servers.ServerUnavailable as exc:
