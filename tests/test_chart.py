@@ -303,6 +303,13 @@ def test_cluster_role_covers_every_child_the_operator_applies(helm_binary, tmp_p
         verbs = granted.get((group, resource), set())
         assert {"get", "list", "watch", "create", "patch", "delete"} <= verbs, (
             f"the operator applies {child['kind']} ({group or 'core'}/{resource}) but the ClusterRole grants {verbs}")
+    from mmrank.operator.kube import CHILD_KINDS  # what the operator lists and deletes when a ranker goes
+
+    for api_version, kind in CHILD_KINDS:
+        group, resource = api_version.rpartition("/")[0], kind.lower() + "s"
+        verbs = granted.get((group, resource), set())
+        assert {"get", "list", "watch", "create", "patch", "delete"} <= verbs, (
+            f"CHILD_KINDS holds {kind} ({group or 'core'}/{resource}) but the ClusterRole grants {verbs}")
     assert "update" in granted[("mmrank.io", "multimodalrankers/finalizers")]
     assert {"patch"} <= granted[("mmrank.io", "multimodalrankers/status")]
     assert {"get", "list", "watch", "create", "patch"} <= granted[("kopf.dev", "clusterkopfpeerings")]
