@@ -62,9 +62,9 @@ def main() -> None:
 
     from harness import servers
     from mmrank.encoders.backfill import ArrayCatalogue, BackfillConfig, backfill
-    from mmrank.encoders.embedder import EncoderTarget
     from mmrank.encoders.export import export_repository
     from mmrank.encoders.model import EncoderConfig, ItemEncoder
+    from mmrank.encoders.triton_client import EncoderTarget
     from mmrank.store import open_store
 
     work = Path(tempfile.mkdtemp(prefix="mmrank-backfill-bench-"))

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mmrank.encoders.embedder import EncoderTarget, TritonEncoder
+from mmrank.encoders.triton_client import EncoderTarget, TritonEncoder
 from mmrank.store import DEFAULT_SCOPE, EmbeddingStore, Scope, SpaceNotFound, open_store
 
 

@@ -99,7 +99,9 @@ def run_embedder(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    from mmrank.encoders.embedder import Embedder, config_from_env, serve
+    from mmrank.encoders.embedder import Embedder
+    from mmrank.encoders.embedder_app import serve
+    from mmrank.encoders.embedder_config import config_from_env
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -131,7 +133,8 @@ def run_backfill(args: argparse.Namespace) -> int:
     from tritonclient.utils import InferenceServerException
 
     from mmrank.encoders.backfill import BackfillConfig, parse_shard, run
-    from mmrank.encoders.embedder import ENV_STORE, parse_encoder
+    from mmrank.encoders.embedder_config import ENV_STORE
+    from mmrank.encoders.triton_client import parse_encoder
     from mmrank.store import scope_from_env
 
     encoder = args.encoder or os.environ.get("MMRANK_ENCODER_URL", "")

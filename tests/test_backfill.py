@@ -26,7 +26,7 @@ from mmrank.encoders.backfill import (
     shard_range,
     windows,
 )
-from mmrank.encoders.embedder import EncoderTarget
+from mmrank.encoders.triton_client import EncoderTarget
 from mmrank.store import open_store
 
 pytestmark = [pytest.mark.triton]

@@ -90,7 +90,7 @@ def test_the_prometheus_rule_and_the_dashboard_configmap_carry_the_files(helm_bi
 
 def test_every_panel_names_only_metrics_the_code_exports() -> None:
     exported = set()
-    for source in ("operator/metrics.py", "predictors/ranking_metrics.py", "encoders/embedder.py"):
+    for source in ("operator/metrics.py", "predictors/ranking_metrics.py", "encoders/embedder_metrics.py"):
         text = (ROOT / source).read_text()
         exported |= {part.split('"')[1] for part in text.split("Counter(")[1:] + text.split("Gauge(")[1:]
                      + text.split("Histogram(")[1:] if part.startswith('"')}

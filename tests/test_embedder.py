@@ -28,19 +28,11 @@ import redis
 
 from harness import servers
 from mmrank.encoders import item_events
-from mmrank.encoders.embedder import (
-    Embedder,
-    EmbedderConfig,
-    EncoderTarget,
-    backoff_delay,
-    latest_per_item,
-    next_stream_id,
-    over_delivered,
-    parse_encoders,
-    redelivery,
-    serve,
-    trim_floor,
-)
+from mmrank.encoders.embedder import Embedder, backoff_delay, latest_per_item
+from mmrank.encoders.embedder_app import serve
+from mmrank.encoders.embedder_config import EmbedderConfig
+from mmrank.encoders.item_stream import next_stream_id, over_delivered, redelivery, trim_floor
+from mmrank.encoders.triton_client import EncoderTarget, parse_encoders
 from mmrank.store import DEAD_LETTER_STREAM, DEFAULT_SCOPE, EMBEDDER_GROUP, ITEM_STREAM, Scope, open_store
 
 pytestmark = [pytest.mark.triton, pytest.mark.redis]
@@ -243,7 +235,7 @@ def test_encoder_specs_parse_from_flags_and_the_environment_form() -> None:
 
 
 def test_the_operator_environment_configures_the_embedder(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mmrank.encoders.embedder import config_from_env
+    from mmrank.encoders.embedder_config import config_from_env
 
     monkeypatch.setenv("MMRANK_ENCODERS", "e1=r-encoder-e1:8001,e2=r-encoder-e2:8001/enc")
     monkeypatch.setenv("MMRANK_STORE_URL", "redis://store:6379/0")
