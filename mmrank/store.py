@@ -52,12 +52,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 SCOPE_ENV = "MMRANK_SCOPE"
 DTYPES = ("float16", "int8")
 CHANGE_LOG_LIMIT = 100_000  # newest item versions kept per space; a reader further behind starts afresh
 PASSWORD_ENV = "MMRANK_STORE_PASSWORD"
 _INT8_SCALE = struct.Struct("<f")
+
+Vectors = npt.NDArray[np.float32]  # [n, dim]
+Found = npt.NDArray[np.bool_]  # [n]: per row, stored (get) or written (put)
+ItemIds = Iterable[int] | npt.NDArray[np.integer[Any]]
+EventTimes = Iterable[float] | npt.NDArray[np.floating[Any]]
 
 
 # A namespace is a DNS-1123 label, a MultimodalRanker's name a DNS-1123 subdomain: neither holds a
@@ -191,16 +197,16 @@ def coverage(items: int, catalogue_size: int) -> float:
     return min(1.0, items / catalogue_size) if catalogue_size > 0 else 0.0
 
 
-def check_vectors(vectors: np.ndarray, n: int, dim: int) -> np.ndarray:
-    vectors = np.asarray(vectors, dtype=np.float32)
-    if vectors.shape != (n, dim):
-        raise ValueError(f"expected vectors of shape ({n}, {dim}), got {vectors.shape}")
-    if not np.isfinite(vectors).all():
+def check_vectors(vectors: npt.ArrayLike, n: int, dim: int) -> npt.NDArray[np.float32]:
+    checked = np.asarray(vectors, dtype=np.float32)
+    if checked.shape != (n, dim):
+        raise ValueError(f"expected vectors of shape ({n}, {dim}), got {checked.shape}")
+    if not np.isfinite(checked).all():
         raise ValueError("vectors contain NaN or infinity")
-    return vectors
+    return checked
 
 
-def encode_vectors(vectors: np.ndarray, dtype: str) -> list[bytes]:
+def encode_vectors(vectors: npt.NDArray[np.float32], dtype: str) -> list[bytes]:
     """float32 [n, dim] -> one blob per row; int8 rows carry their own scale (max |x| / 127)."""
     if dtype == "float16":
         half = vectors.astype("<f2")
@@ -213,7 +219,7 @@ def encode_vectors(vectors: np.ndarray, dtype: str) -> list[bytes]:
     raise ValueError(f"unknown dtype {dtype!r}; use one of {DTYPES}")
 
 
-def decode_vectors(blobs: Sequence[bytes | None], dim: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+def decode_vectors(blobs: Sequence[bytes | None], dim: int, dtype: str) -> tuple[Vectors, Found]:
     """Blobs (None where missing) -> (float32 [n, dim], found bool [n]); missing rows are zero."""
     out = np.zeros((len(blobs), dim), dtype=np.float32)
     found = np.fromiter((blob is not None for blob in blobs), dtype=bool, count=len(blobs))
@@ -238,18 +244,18 @@ def decode_vectors(blobs: Sequence[bytes | None], dim: int, dtype: str) -> tuple
     return out, found
 
 
-def _row_dtype(dim: int, dtype: str) -> np.dtype:
+def _row_dtype(dim: int, dtype: str) -> np.dtype[np.void]:
     """One stored vector as a numpy record: float16 values, or a float32 scale and int8 values."""
     if dtype == "float16":
         return np.dtype([("v", "<f2", (dim,))])
     return np.dtype([("scale", "<f4"), ("v", "i1", (dim,))])
 
 
-def item_id_list(item_ids: Iterable[int] | np.ndarray) -> list[int]:
+def item_id_list(item_ids: ItemIds) -> list[int]:
     return [int(i) for i in np.asarray(item_ids, dtype=np.int64).reshape(-1)]
 
 
-def event_time_list(event_times: Iterable[float] | np.ndarray | None, n: int) -> list[float]:
+def event_time_list(event_times: EventTimes | None, n: int) -> list[float]:
     """One finite event time per row; None stamps every row with the current time."""
     if event_times is None:
         return [time.time()] * n
@@ -311,18 +317,18 @@ class EmbeddingStore(abc.ABC):
         """Idempotent; a second call with another dim or dtype raises ValueError."""
 
     @abc.abstractmethod
-    def put(self, space: str, item_ids: Iterable[int] | np.ndarray, vectors: np.ndarray,
-            event_times: Iterable[float] | np.ndarray | None = None) -> np.ndarray:
+    def put(self, space: str, item_ids: ItemIds, vectors: npt.ArrayLike,
+            event_times: EventTimes | None = None) -> Found:
         """Write vectors computed from events at `event_times` (None: now); returns bool [n],
         False where the stored vector comes from a later event and was kept. Atomic per row;
         putting an item again never counts it twice."""
 
     @abc.abstractmethod
-    def get(self, space: str, item_ids: Iterable[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def get(self, space: str, item_ids: ItemIds) -> tuple[Vectors, Found]:
         """(float32 [n, dim], found bool [n]) in the order asked; missing rows are zero."""
 
     @abc.abstractmethod
-    def event_times(self, space: str, item_ids: Iterable[int] | np.ndarray) -> np.ndarray:
+    def event_times(self, space: str, item_ids: ItemIds) -> npt.NDArray[np.float64]:
         """float64 [n]: the event time each stored vector was computed from, NaN where none is."""
 
     @abc.abstractmethod
@@ -356,11 +362,11 @@ class EmbeddingStore(abc.ABC):
         """Progress of one backfill shard ("I/N"); also its checkpoint (items done, in order)."""
 
     @abc.abstractmethod
-    def put_history(self, user_id: int, item_ids: Iterable[int] | np.ndarray, append: bool = False) -> None:
+    def put_history(self, user_id: int, item_ids: ItemIds, append: bool = False) -> None:
         """A user's behaviour sequence, oldest first; `append=True` adds to the end."""
 
     @abc.abstractmethod
-    def get_history(self, user_id: int, max_len: int) -> np.ndarray:
+    def get_history(self, user_id: int, max_len: int) -> npt.NDArray[np.int64]:
         """The newest `max_len` item ids, oldest first, int64 (empty for an unknown user)."""
 
     def ping(self) -> bool:
@@ -443,8 +449,8 @@ class RedisStore(EmbeddingStore):
         _same_layout(self._load_meta(space, cached=False), dim, dtype)
         return self.space_info(space)
 
-    def put(self, space: str, item_ids: Iterable[int] | np.ndarray, vectors: np.ndarray,
-            event_times: Iterable[float] | np.ndarray | None = None) -> np.ndarray:
+    def put(self, space: str, item_ids: ItemIds, vectors: npt.ArrayLike,
+            event_times: EventTimes | None = None) -> Found:
         ids = item_id_list(item_ids)
         times = event_time_list(event_times, len(ids))
         if not ids:
@@ -459,13 +465,13 @@ class RedisStore(EmbeddingStore):
                                             self.changes_key(space), self.event_times_key(space)], args=args)
         return np.array(written, dtype=bool)
 
-    def get(self, space: str, item_ids: Iterable[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def get(self, space: str, item_ids: ItemIds) -> tuple[Vectors, Found]:
         ids = item_id_list(item_ids)
         meta = self._load_meta(space)
         blobs = self.client.hmget(self.vectors_key(space), ids) if ids else []
         return decode_vectors(blobs, int(meta["dim"]), meta["dtype"])
 
-    def event_times(self, space: str, item_ids: Iterable[int] | np.ndarray) -> np.ndarray:
+    def event_times(self, space: str, item_ids: ItemIds) -> npt.NDArray[np.float64]:
         ids = item_id_list(item_ids)
         self._load_meta(space)
         raw = self.client.hmget(self.event_times_key(space), ids) if ids else []
@@ -530,7 +536,7 @@ class RedisStore(EmbeddingStore):
         self._load_meta(space)
         self.client.hset(self.backfill_key(space), shard, _shard_json(done, total))
 
-    def put_history(self, user_id: int, item_ids: Iterable[int] | np.ndarray, append: bool = False) -> None:
+    def put_history(self, user_id: int, item_ids: ItemIds, append: bool = False) -> None:
         ids = item_id_list(item_ids)
         key = self.history_key(user_id)
         pipe = self.client.pipeline(transaction=True)
@@ -540,7 +546,7 @@ class RedisStore(EmbeddingStore):
             pipe.rpush(key, *ids)
         pipe.execute()
 
-    def get_history(self, user_id: int, max_len: int) -> np.ndarray:
+    def get_history(self, user_id: int, max_len: int) -> npt.NDArray[np.int64]:
         if max_len <= 0:
             return np.zeros(0, dtype=np.int64)
         raw = self.client.lrange(self.history_key(user_id), -max_len, -1)
@@ -666,7 +672,8 @@ class FileStore(EmbeddingStore):
         raw = txn.get(self._space_key(space), db=self.meta_db)
         if raw is None:
             raise SpaceNotFound(space)
-        return json.loads(raw)
+        meta: dict[str, Any] = json.loads(raw)  # what _space_meta wrote
+        return meta
 
     def _vectors_db(self, space: str) -> Any:
         return self._db(self._vectors_db_name(space))
@@ -694,8 +701,8 @@ class FileStore(EmbeddingStore):
         self._event_times_db(space)
         return self.space_info(space)
 
-    def put(self, space: str, item_ids: Iterable[int] | np.ndarray, vectors: np.ndarray,
-            event_times: Iterable[float] | np.ndarray | None = None) -> np.ndarray:
+    def put(self, space: str, item_ids: ItemIds, vectors: npt.ArrayLike,
+            event_times: EventTimes | None = None) -> Found:
         ids = item_id_list(item_ids)
         times = event_time_list(event_times, len(ids))
         if not ids:
@@ -717,7 +724,7 @@ class FileStore(EmbeddingStore):
                     written[row] = True
         return written
 
-    def get(self, space: str, item_ids: Iterable[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def get(self, space: str, item_ids: ItemIds) -> tuple[Vectors, Found]:
         ids = item_id_list(item_ids)
         with self.env.begin() as txn:
             self._meta(txn, space)
@@ -727,7 +734,7 @@ class FileStore(EmbeddingStore):
             blobs = [txn.get(_id_key(i), db=db) for i in ids]
         return decode_vectors(blobs, int(meta["dim"]), meta["dtype"])
 
-    def event_times(self, space: str, item_ids: Iterable[int] | np.ndarray) -> np.ndarray:
+    def event_times(self, space: str, item_ids: ItemIds) -> npt.NDArray[np.float64]:
         ids = item_id_list(item_ids)
         with self.env.begin() as txn:
             self._meta(txn, space)
@@ -800,14 +807,14 @@ class FileStore(EmbeddingStore):
             self._meta(txn, space)
             txn.put(self._backfill_prefix(space) + shard.encode(), _shard_json(done, total).encode(), db=self.meta_db)
 
-    def put_history(self, user_id: int, item_ids: Iterable[int] | np.ndarray, append: bool = False) -> None:
+    def put_history(self, user_id: int, item_ids: ItemIds, append: bool = False) -> None:
         ids = np.asarray(item_id_list(item_ids), dtype="<i8")
         key = self._history_key(user_id)
         with self.env.begin(write=True, db=self.history_db) as txn:
             old = txn.get(key) if append else None
             txn.put(key, (bytes(old) if old else b"") + ids.tobytes())
 
-    def get_history(self, user_id: int, max_len: int) -> np.ndarray:
+    def get_history(self, user_id: int, max_len: int) -> npt.NDArray[np.int64]:
         with self.env.begin(db=self.history_db) as txn:
             raw = txn.get(self._history_key(user_id))
         ids = np.frombuffer(raw, dtype="<i8").astype(np.int64) if raw else np.zeros(0, dtype=np.int64)

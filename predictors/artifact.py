@@ -13,27 +13,56 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from mmrank.predictors.model import Ranker, RankerConfig
 
-ITEM_FEATURES = {"file": "item_features.npy", "dtype": "int64", "columns": ["category", "brand"],
-                 "rows": "item id", "unknown": -1}
 
 
-def save_ranker(directory: str | Path, model: Ranker, encoder_version: str, item_features: np.ndarray,
-                version: str | None = None, metrics: dict | None = None,
-                training: dict | None = None) -> dict[str, Any]:
+class ItemFeatures(TypedDict):
+    """ranker.json's `item_features`: where the table is and what its columns mean."""
+
+    file: str
+    dtype: str
+    columns: list[str]
+    rows: str
+    unknown: int
+    items: NotRequired[int]  # rows in the table (every artifact written since it was added)
+
+
+class ArtifactMeta(TypedDict, total=False):
+    """ranker.json; total=False: an artifact from before a key was added lacks it, and a predictor
+    holds an empty one until it has loaded its artifact."""
+
+    version: str
+    variant: str
+    encoder_version: str  # the space it was trained on
+    dim: int
+    history_length: int
+    config: dict[str, Any]  # RankerConfig.to_json()
+    item_features: ItemFeatures
+    metrics: dict[str, Any]
+    training: dict[str, Any]
+
+
+ITEM_FEATURES: ItemFeatures = {"file": "item_features.npy", "dtype": "int64", "columns": ["category", "brand"],
+                               "rows": "item id", "unknown": -1}
+
+
+def save_ranker(directory: str | Path, model: Ranker, encoder_version: str, item_features: npt.ArrayLike,
+                version: str | None = None, metrics: dict[str, Any] | None = None,
+                training: dict[str, Any] | None = None) -> ArtifactMeta:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config
     features = np.asarray(item_features, dtype=np.int64).reshape(-1, 2)
     torch.save(model.state_dict(), directory / "weights.pt")
     np.save(directory / ITEM_FEATURES["file"], features)
-    meta = {
+    meta: ArtifactMeta = {
         "version": version or f"{config.variant}-{encoder_version}",
         "variant": config.variant,
         "encoder_version": encoder_version,
@@ -48,11 +77,12 @@ def save_ranker(directory: str | Path, model: Ranker, encoder_version: str, item
     return meta
 
 
-def read_meta(directory: str | Path) -> dict[str, Any]:
-    return json.loads((Path(directory) / "ranker.json").read_text())
+def read_meta(directory: str | Path) -> ArtifactMeta:
+    meta: ArtifactMeta = json.loads((Path(directory) / "ranker.json").read_text())
+    return meta
 
 
-def load_ranker(directory: str | Path) -> tuple[Ranker, dict[str, Any]]:
+def load_ranker(directory: str | Path) -> tuple[Ranker, ArtifactMeta]:
     """-> (model in eval mode with its item feature table, the ranker.json dict)."""
     directory = Path(directory)
     meta = read_meta(directory)
@@ -68,9 +98,9 @@ def load_ranker(directory: str | Path) -> tuple[Ranker, dict[str, Any]]:
 
 
 def write_random_ranker(directory: str | Path, encoder_version: str, dim: int = 128,
-                        variant: str = "simtier-make", item_features: np.ndarray | None = None,
+                        variant: str = "simtier-make", item_features: npt.ArrayLike | None = None,
                         n_users: int = 100, history_length: int = 50, seed: int = 0,
-                        version: str | None = None) -> dict[str, Any]:
+                        version: str | None = None) -> ArtifactMeta:
     """An untrained ranker artifact of the right shape: for serving tests that need a ranker
     pinned to a space without spending seconds on training."""
     features = np.zeros((0, 2), np.int64) if item_features is None else np.asarray(item_features, np.int64)

@@ -30,7 +30,7 @@ def grpc_code(status: int) -> str:
     return GRPC_CODES.get(status, "INVALID_ARGUMENT" if 400 <= status < 500 else "INTERNAL")
 
 
-class RankingServicer(InferenceServicer):
+class RankingServicer(InferenceServicer):  # type: ignore[misc]  # KServe ships no annotations: InferenceServicer is Any here
     """KServe's `GRPCInferenceService`; `ModelInfer` takes a slot and is counted like REST."""
 
     def __init__(self, data_plane: Any, repository: Any, admission: Admission) -> None:
@@ -62,7 +62,7 @@ class RankingServicer(InferenceServicer):
             return pb.ModelInferResponse()
         return response
 
-class RankingGRPCServer(GRPCServer):
+class RankingGRPCServer(GRPCServer):  # type: ignore[misc]  # KServe ships no annotations: GRPCServer is Any here
     """KServe's gRPC server on `host`, with the ranking servicer and the body limit."""
 
     def __init__(self, host: str, port: int, data_plane: Any, repository: Any, admission: Admission) -> None:

@@ -138,7 +138,8 @@ class Guard:
 
 def header(scope: MutableMapping[str, Any], name: str) -> str | None:
     wanted = name.encode()
-    for key, value in scope.get("headers", []):
+    headers: list[tuple[bytes, bytes]] = scope.get("headers", [])  # ASGI: raw (name, value) pairs
+    for key, value in headers:
         if key == wanted:
             return value.decode("latin-1")
     return None

@@ -20,9 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from mmrank.store import Found, RedisStore, Vectors
+
+Ids = npt.NDArray[np.int64]  # [n]
 
 SYNC_LIMIT = 10_000  # changed items one request applies; beyond it the space's cache starts afresh
 DENSE_IDS = 1 << 22  # item ids below this are indexed by an array (16 MB at most), larger ones by a dict
@@ -102,7 +108,7 @@ class SpaceCache:
             self.generation += 1
         return held
 
-    def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def lookup(self, ids: Ids) -> tuple[Vectors, Found]:
         """(float32 [n, dim] copies, held bool [n]); rows not held are zero."""
         slot = np.full(len(ids), -1, dtype=np.int64)
         small = (ids >= 0) & (ids < len(self.dense))
@@ -115,7 +121,7 @@ class SpaceCache:
         out[~held] = 0.0
         return out, held
 
-    def insert(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+    def insert(self, ids: Ids, vectors: Vectors) -> None:
         capacity = len(self.rows)
         for item, row in zip(ids.tolist(), vectors, strict=True):
             if self.slot_of(item) >= 0:
@@ -147,14 +153,14 @@ class ItemVectorCache:
         self.stats = CacheStats()
         self._lock = threading.Lock()
 
-    def sync(self, store: Any, space: str, history_user: int | None,
-             window: int) -> tuple[np.ndarray | None, LogState]:
+    def sync(self, store: RedisStore, space: str, history_user: int | None,
+             window: int) -> tuple[Ids | None, LogState]:
         """One round trip: the version log since this process's last applied version, and the
         newest `window` history ids of `history_user` when given."""
         return read_log(store, space, history_user, window, self._seen(space))
 
-    def vectors(self, store: Any, space: str, dim: int, log: LogState,
-                ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    def vectors(self, store: RedisStore, space: str, dim: int, log: LogState,
+                ids: Ids) -> tuple[Vectors, Found, int]:
         """(float32 [n, dim], found bool [n], rows served from the cache) for `ids`, after
         applying `log`; the store is read only for what the cache does not hold."""
         return self._read(store, space, dim, log, ids)
@@ -164,8 +170,8 @@ class ItemVectorCache:
             cached = self.spaces.get(space)
             return None if cached is None or cached.epoch is None else cached.seen
 
-    def _read(self, store: Any, space: str, dim: int, log: LogState,
-              ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    def _read(self, store: RedisStore, space: str, dim: int, log: LogState,
+              ids: Ids) -> tuple[Vectors, Found, int]:
         with self._lock:
             cached = self.spaces.get(space)
             if cached is None or cached.rows.shape[1] != dim:
@@ -201,15 +207,15 @@ class ItemVectorCache:
         return vectors, found, hits
 
 
-def history_ids(raw: list[bytes]) -> np.ndarray:
+def history_ids(raw: list[bytes]) -> Ids:
     """LRANGE's decimal ids as int64, parsed by numpy in one call (a quarter of a per-item int())."""
     if not raw:
         return np.zeros(0, dtype=np.int64)
     return np.fromstring(b" ".join(raw), dtype=np.int64, sep=" ")
 
 
-def read_log(store: Any, space: str, history_user: int | None, window: int,
-             seen: int | None) -> tuple[np.ndarray | None, LogState]:
+def read_log(store: RedisStore, space: str, history_user: int | None, window: int,
+             seen: int | None) -> tuple[Ids | None, LogState]:
     """One MULTI: LRANGE of the user's history (when asked), HMGET of the space's versions, and
     the items written after `seen` (none asked when the cache holds nothing of the space yet)."""
     client = store.client

@@ -8,7 +8,7 @@ import sys
 from mmrank.cli import fraction, non_negative_int, port, positive_duration, positive_int
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
+def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("predictor", help="Serve the ranker with KServe (v1, v2 REST and gRPC)")
     commands = parser.add_subparsers(dest="predictor_command", metavar="COMMAND", required=True)
 

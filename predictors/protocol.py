@@ -15,12 +15,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 
 from mmrank.predictors.requests import (
     INT_TYPES,
     V2_INPUTS,
     BadRequest,
+    Ids,
     Limits,
     Ranking,
     parse_v1_body,
@@ -49,7 +51,7 @@ class RankingCall:
 @dataclasses.dataclass(frozen=True)
 class Scored:
     request_id: str  # `<variant>.<32 hex>`: what click feedback names
-    scores: np.ndarray  # float32 [C], click probabilities
+    scores: npt.NDArray[np.float32]  # [C], click probabilities
     cand_misses: int
     hist_misses: int
     history_length: int
@@ -135,7 +137,7 @@ def _requested_outputs(outputs: Any, binary_output: bool) -> bool:
     return binary_output
 
 
-def _tensor(tensor: Any, index: int, body: bytes, offset: int) -> tuple[str, np.ndarray, int]:
+def _tensor(tensor: Any, index: int, body: bytes, offset: int) -> tuple[str, Ids, int]:
     """(name, int64 values, offset after its binary data) of inputs[index]."""
     if not isinstance(tensor, Mapping):
         raise BadRequest(f"inputs[{index}]", "expected a tensor object")
@@ -164,7 +166,7 @@ def _tensor(tensor: Any, index: int, body: bytes, offset: int) -> tuple[str, np.
     return name, v2_tensor(name, datatype, shape, lambda: _from_binary(chunk, datatype, shape)), offset + size
 
 
-def _from_binary(chunk: bytes, datatype: str, shape: Sequence[int]) -> np.ndarray:
+def _from_binary(chunk: bytes, datatype: str, shape: Sequence[int]) -> npt.NDArray[np.integer[Any]]:
     dtype = np.dtype(INT_TYPES[datatype.upper()])
     if len(chunk) != int(shape[0]) * dtype.itemsize:
         raise ValueError(f"{len(chunk)} bytes, {datatype} {list(shape)} needs {int(shape[0]) * dtype.itemsize}")

@@ -20,9 +20,10 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 from kserve import Model
 from kserve.errors import ModelNotReady
@@ -35,6 +36,7 @@ from mmrank.predictors.ranking_metrics import CACHED_ROWS, CANDIDATES, COVERAGE,
 from mmrank.predictors.requests import (
     UNKNOWN,
     BadRequest,
+    Ids,
     Limits,
     Ranking,
     new_request_id,
@@ -43,7 +45,10 @@ from mmrank.predictors.requests import (
     v2_metadata,
     v2_tensor,
 )
-from mmrank.store import DEFAULT_SCOPE, Scope, redacted
+from mmrank.store import DEFAULT_SCOPE, Found, Scope, SpaceInfo, Vectors, redacted
+
+if TYPE_CHECKING:
+    from mmrank.predictors.artifact import ArtifactMeta
 
 log = logging.getLogger("mmrank.predictor")
 
@@ -57,15 +62,15 @@ class Readiness:
     coverage: float | None = None
 
 
-def readiness(space: str, dim: int, min_coverage: float, info: Any | None, error: str | None,
+def readiness(space: str, dim: int, min_coverage: float, info: SpaceInfo | None, error: str | None,
               expected_space: str | None = None) -> Readiness:
     """May the ranker trained on `space` serve? `info` is the store's SpaceInfo, `error` why it
     could not be read. Never ready when deployed for another space, on a space of another width,
     or below the minimum coverage."""
     if expected_space and expected_space != space:
         return Readiness(False, f"deployed for space {expected_space}, but the ranker was trained on space {space}")
-    if error is not None:
-        return Readiness(False, error)
+    if error is not None or info is None:
+        return Readiness(False, error or f"space {space}: no space info read")
     if info.dim != dim:
         return Readiness(False, f"space {space} has dim {info.dim}, the ranker was trained on {dim}", info.coverage)
     if info.coverage < min_coverage:
@@ -74,7 +79,7 @@ def readiness(space: str, dim: int, min_coverage: float, info: Any | None, error
     return Readiness(True, f"space {space} coverage {info.coverage:.4f} >= {min_coverage:.4f}", info.coverage)
 
 
-def fill_features(ids: np.ndarray, given: np.ndarray, table: np.ndarray, column: int) -> np.ndarray:
+def fill_features(ids: Ids, given: Ids, table: npt.NDArray[np.int64], column: int) -> Ids:
     """Category or brand per item: what the request gave, else the artifact's table, else -1."""
     known = (ids >= 0) & (ids < len(table))
     looked_up = np.full(len(ids), UNKNOWN, dtype=np.int64)
@@ -83,15 +88,17 @@ def fill_features(ids: np.ndarray, given: np.ndarray, table: np.ndarray, column:
     return np.where(given >= 0, given, looked_up)
 
 
-def newest(history: np.ndarray, length: int) -> np.ndarray:
+def newest(history: Ids, length: int) -> Ids:
     """The last `length` behaviours (the window the ranker was trained on); oldest first."""
     return history[-length:] if length > 0 else history[:0]
 
 
 # --- the model ----------------------------------------------------------------------------------
 
-class RankerModel(Model):
+class RankerModel(Model):  # type: ignore[misc]  # KServe ships no annotations: its Model is Any here
     """A ranker artifact served against the embedding store; knows nothing about HTTP."""
+
+    ready: bool  # kserve.Model's: False until `load` has run
 
     def __init__(self, name: str, model_dir: str | Path, store_url: str, limits: Limits = Limits(),  # noqa: B008 (frozen dataclass: one shared default is safe)
                  min_coverage: float = 0.99, recheck_seconds: float = 5.0, feedback_stream: bool = True,
@@ -113,7 +120,7 @@ class RankerModel(Model):
         self.state = Readiness(False, "not loaded")
         self._stop = threading.Event()
         self.ranker: Any = None
-        self.meta: dict[str, Any] = {}
+        self.meta: ArtifactMeta = {}
         self.store: Any = None
         self.features = np.zeros((0, 2), np.int64)
         self.feedback: Feedback | None = None
@@ -228,7 +235,7 @@ class RankerModel(Model):
         if not self.serving:
             raise ModelNotReady(self.name, self.state.reason)
         if isinstance(payload, InferRequest):
-            tensors: dict[str, np.ndarray] = {}
+            tensors: dict[str, Ids] = {}
             for tensor in payload.inputs:
                 if tensor.name in tensors:
                     raise BadRequest(f"inputs.{tensor.name}", "given more than once")
@@ -292,7 +299,7 @@ class RankerModel(Model):
         scores = torch.sigmoid(logits).numpy().astype(np.float32, copy=False)
         return Scored(new_request_id(variant), scores, cand_misses, hist_misses, n_hist)
 
-    def _read(self, ranking: Ranking, space: str, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _read(self, ranking: Ranking, space: str, window: int) -> tuple[Ids, Vectors, Found]:
         """(history ids, vectors of history then candidates, found): through the item vector
         cache when the store is Redis (one MULTI for history and version log, then only the
         vectors the cache lacks), else history and vectors straight from the store."""
@@ -305,7 +312,9 @@ class RankerModel(Model):
             return history, vectors, found
         stored_history, version_log = cache.sync(self.store, space, None if ranking.history is not None
                                                  else ranking.user_id, window)
-        history = newest(ranking.history if ranking.history is not None else stored_history, window)
+        requested = ranking.history if ranking.history is not None else stored_history
+        assert requested is not None  # the sync read the user's history: the request sent none
+        history = newest(requested, window)
         ids = np.concatenate([history, ranking.cand_ids])
         vectors, found, hits = cache.vectors(self.store, space, int(self.meta["dim"]), version_log, ids)
         misses = len(ids) - hits
@@ -341,7 +350,7 @@ def _json_body(payload: Any) -> Any:
     return payload
 
 
-class StoreUnavailable(ModelNotReady):
+class StoreUnavailable(ModelNotReady):  # type: ignore[misc]  # KServe ships no annotations: ModelNotReady is Any here
     """The store did not answer a ranking's read: the answer is 503, and the model not ready."""
 
     def __init__(self, reason: str) -> None:

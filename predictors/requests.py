@@ -13,11 +13,12 @@ import dataclasses
 import json
 import re
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 SCHEMA_PATH = Path(__file__).with_name("v1_request.schema.json")
@@ -86,18 +87,21 @@ class RankRequest(BaseModel):
         min_length=1, description="items to score, each an item id or an object; one score each, in this order")
 
 
+Ids = npt.NDArray[np.int64]  # [n]
+
+
 @dataclasses.dataclass(frozen=True)
 class Ranking:
     """A parsed request as arrays: what the model class needs, whichever protocol it came by."""
 
     user_id: int
-    history: np.ndarray | None  # int64 [L], oldest first; None: read from the store
-    cand_ids: np.ndarray  # int64 [C]
-    cand_category: np.ndarray  # int64 [C], UNKNOWN where not sent
-    cand_brand: np.ndarray  # int64 [C]
+    history: Ids | None  # int64 [L], oldest first; None: read from the store
+    cand_ids: Ids  # int64 [C]
+    cand_category: Ids  # int64 [C], UNKNOWN where not sent
+    cand_brand: Ids  # int64 [C]
 
 
-def first_duplicate(ids: np.ndarray) -> int | None:
+def first_duplicate(ids: Ids) -> int | None:
     """An id that occurs more than once, or None."""
     if len(ids) < 2:
         return None
@@ -160,7 +164,7 @@ def check_limits(ranking: Ranking, limits: Limits, field: str = "candidates") ->
 MAX_ID = 2**62
 
 
-def _plain_ids(values: Any, limit: int) -> np.ndarray | None:
+def _plain_ids(values: Any, limit: int) -> Ids | None:
     """A list of plain integer ids in [0, MAX_ID] as int64, else None."""
     if type(values) is not list or len(values) > limit or not all(type(v) is int for v in values):
         return None
@@ -273,7 +277,7 @@ def v2_metadata() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return inputs, [{"name": "scores", "datatype": "FP32", "shape": [-1]}]
 
 
-def v2_tensor(name: str, datatype: str, shape: Sequence[Any], read: Any) -> np.ndarray:
+def v2_tensor(name: str, datatype: str, shape: Sequence[Any], read: Callable[[], object]) -> Ids:
     """One named v2 input as a flat int64 array; `read()` decodes its data (may raise).
 
     JSON data must be integers (no bool, float, string or nesting) within INT64; binary data
@@ -305,7 +309,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _int_list(field: str, data: Any) -> np.ndarray:
+def _int_list(field: str, data: object) -> Ids:
     if not isinstance(data, list | tuple):
         raise BadRequest(field, f"data must be a list of integers, got {type(data).__name__}")
     bad = next((i for i, v in enumerate(data) if not _is_int(v)), None)
@@ -318,7 +322,7 @@ def _int_list(field: str, data: Any) -> np.ndarray:
         raise BadRequest(field, f"value {big} is beyond INT64") from None
 
 
-def parse_v2(tensors: Mapping[str, np.ndarray], limits: Limits = DEFAULT_LIMITS) -> Ranking:
+def parse_v2(tensors: Mapping[str, Ids], limits: Limits = DEFAULT_LIMITS) -> Ranking:
     """Named int64 tensors (already shape- and type-checked by `v2_tensor`) to a `Ranking`."""
     unknown = sorted(set(tensors) - set(V2_INPUTS))
     if unknown:
