@@ -25,7 +25,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from harness import images as image_builds
@@ -311,7 +311,7 @@ def _log_tail(paths: Paths, name: str, lines: int = 30) -> str:
         return "(no log)"
 
 
-def _wait(paths: Paths, name: str, ready, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def _wait(paths: Paths, name: str, ready: Callable[[], object], timeout: float, what: str) -> None:
     pid = _read_state(paths).get("pids", {}).get(name)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -543,7 +543,7 @@ def _forget_replaced_images(paths: Paths) -> None:
 
 
 def up(images: Sequence[str] = ("operator", "runtime"), network: Network = NETWORK, paths: Paths = Paths(),
-       timeout: float = 180.0, log=print) -> Path:  # type: ignore[no-untyped-def]
+       timeout: float = 180.0, log: Callable[[str], object] = print) -> Path:
     """Bring the cluster up (or find it up) and return its kubeconfig. `images` are Dockerfile
     targets built (cached by content) and loaded into the node."""
     preflight(network)
@@ -569,7 +569,8 @@ def up(images: Sequence[str] = ("operator", "runtime"), network: Network = NETWO
     return paths.kubeconfig
 
 
-def _start_all(paths: Paths, network: Network, pause: Path, archives: list[Path], timeout: float, log) -> None:  # type: ignore[no-untyped-def]
+def _start_all(paths: Paths, network: Network, pause: Path, archives: list[Path], timeout: float,
+               log: Callable[[str], object]) -> None:
     _set_sysctls(paths)
     _network_up(paths, network)
     tokens = _write_credentials(paths, network)
@@ -727,7 +728,8 @@ def _clean_iptables() -> None:
             _sh(tool, *command, check=False)
 
 
-def down(network: Network = NETWORK, paths: Paths = Paths(), log=lambda *_: None) -> list[str]:  # type: ignore[no-untyped-def]
+def down(network: Network = NETWORK, paths: Paths = Paths(),
+         log: Callable[[str], object] = lambda *_: None) -> list[str]:
     """Stop everything the cluster started and remove what it made; returns what is left (empty)."""
     state = _read_state(paths)
     pids = state.get("pids", {})

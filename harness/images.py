@@ -85,7 +85,7 @@ def content_key(root: Path, inputs: Iterable[str], extra: Sequence[str] = ()) ->
 
 
 def _run(argv: Sequence[str], what: str, **kwargs: object) -> str:
-    result = subprocess.run(list(argv), capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]
+    result = subprocess.run(list(argv), capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]  # kwargs: subprocess.run's own, not matched per overload
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).splitlines()[-40:])
         raise ImageBuildError(f"{what} failed ({' '.join(map(str, argv[:4]))} ...):\n{tail}")

@@ -708,7 +708,7 @@ class MultimodalRanker(BaseModel):
                                   f"{DNS_LABEL_MAX - len('--backfill')}", RULE_CHILD_NAMES))
 
     # API_VERSION is built by an f-string, a plain str to mypy; its text is this Literal.
-    api_version: Literal["mmrank.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")  # type: ignore[arg-type]
+    api_version: Literal["mmrank.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")  # type: ignore[arg-type]  # API_VERSION is a str to mypy
     kind: Literal["MultimodalRanker"] = KIND
     metadata: ObjectMeta
     spec: RankerSpec

@@ -84,7 +84,7 @@ def run_reconcile(body: kopf.Body, retry: int, logger: logging.Logger | logging.
         started = time.perf_counter()
         try:
             # Context.store is None only before startup() has run; no handler runs before it.
-            outcome = reconcile.reconcile(Context.kube, Context.store, body, Context.analyser,  # type: ignore[arg-type]
+            outcome = reconcile.reconcile(Context.kube, Context.store, body, Context.analyser,  # type: ignore[arg-type]  # Context.store is set by startup()
                                           Context.freshness)
         except Exception as exc:
             from mmrank.operator.kube import is_transient
@@ -126,7 +126,7 @@ def on_delete(body: kopf.Body, retry: int, logger: logging.Logger | logging.Logg
         raise kopf.TemporaryError(teardown.waiting_message(remaining), delay=min(delay(retry), 5.0))
     try:
         # Context.store is None only before startup() has run; no handler runs before it.
-        message = teardown.clean_store(kube, Context.store, namespace, name, body.spec)  # type: ignore[arg-type]
+        message = teardown.clean_store(kube, Context.store, namespace, name, body.spec)  # type: ignore[arg-type]  # Context.store is set by startup()
     except Exception as exc:
         problem = f"the store could not be cleaned (retrying; to give up, remove the finalizer {FINALIZER}: " \
                   f"docs/operator.md): {type(exc).__name__}: {exc}"[:1000]
@@ -154,7 +154,7 @@ def register(registry: kopf.OperatorRegistry, interval: float = DEFAULT_INTERVAL
     kopf.on.resume(*resource, registry=registry)(on_change)
     # kopf passes `retry` to every handler (its execution.py); only its TimerFn protocol omits it.
     kopf.timer(*resource, interval=interval, initial_delay=interval, idle=None, errors=kopf.ErrorsMode.TEMPORARY,
-               backoff=BACKOFF[1], registry=registry)(on_timer)  # type: ignore[arg-type]
+               backoff=BACKOFF[1], registry=registry)(on_timer)  # type: ignore[arg-type]  # kopf's TimerFn omits `retry`
     kopf.on.delete(*resource, registry=registry)(on_delete)
     kopf.on.startup(registry=registry)(peering.serve_readiness)   # --readiness (peering.config)
     kopf.on.cleanup(registry=registry)(peering.stop_readiness)

@@ -75,12 +75,12 @@ def served_by_deployments(objects: Sequence[Mapping[str, Any]]) -> ServedRanker 
     rest; ready when every one of them is."""
     roles = {(o["metadata"].get("labels") or {}).get(build.ROLE): o for o in objects}
     stable = roles.get("stable")
-    if stable is None or _version(stable) is None:
+    version = _version(stable) if stable is not None else None
+    if version is None:
         return None
     canary = roles.get("canary")
     ready = all(deployment_ready(o) for o in objects)
-    # _version(stable) was checked not None above; mypy cannot carry that across the second call.
-    return ServedRanker(_version(stable), ready, _version(canary) if canary is not None else None)  # type: ignore[arg-type]
+    return ServedRanker(version, ready, _version(canary) if canary is not None else None)
 
 
 def child_ref(obj: Mapping[str, Any]) -> ChildRef:

@@ -22,7 +22,6 @@ import torch
 from mmrank.predictors.model import Ranker, RankerConfig
 
 
-
 class ItemFeatures(TypedDict):
     """ranker.json's `item_features`: where the table is and what its columns mean."""
 
