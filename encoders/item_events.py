@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from mmrank.store import DEAD_LETTER_STREAM, EMBEDDER_GROUP, ITEM_STREAM
 
@@ -54,11 +55,14 @@ class StreamFull(RuntimeError):
         self.max_len = max_len
 
 
+RGBImage = npt.NDArray[np.uint8]  # RGB [height, width, 3]
+
+
 @dataclasses.dataclass(frozen=True)
 class ItemEvent:
     item_id: int
     title: str
-    image: np.ndarray  # uint8 [64, 64, 3]
+    image: RGBImage  # [64, 64, 3]
     event_time: float
     message_id: str = ""
 
@@ -73,29 +77,30 @@ def _raw(fields: Mapping[Any, Any], name: str) -> bytes | None:
     return value.encode() if isinstance(value, str) else value
 
 
-def decode_image(data: bytes) -> np.ndarray:
+def decode_image(data: bytes) -> RGBImage:
     """PNG/JPEG bytes -> RGB uint8 [64, 64, 3]; other sizes are resized (the encoder's input)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image as PILImage
+    from PIL import UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:  # checked before decoding a single pixel
-                raise BadEvent("oversized", f"image is {image.width}x{image.height} (limit {MAX_IMAGE_PIXELS} pixels)")
-            image = image.convert("RGB")
+        with PILImage.open(io.BytesIO(data)) as opened:
+            if opened.width * opened.height > MAX_IMAGE_PIXELS:  # checked before decoding a single pixel
+                raise BadEvent("oversized", f"image is {opened.width}x{opened.height} (limit {MAX_IMAGE_PIXELS} pixels)")
+            image = opened.convert("RGB")
             if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-                image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+                image = image.resize((IMAGE_SIZE, IMAGE_SIZE), PILImage.Resampling.BILINEAR)
             return np.asarray(image, dtype=np.uint8).copy()
     except BadEvent:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, PILImage.DecompressionBombError) as exc:
         raise BadEvent("undecodable_image", str(exc)[:200]) from exc
 
 
-def encode_image(image: np.ndarray) -> bytes:
-    from PIL import Image
+def encode_image(image: npt.ArrayLike) -> bytes:
+    from PIL import Image as PILImage
 
     buffer = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
+    PILImage.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -157,7 +162,7 @@ def parse_event(fields: Mapping[Any, Any], message_id: str = "", now: float | No
     return ItemEvent(item_id, title, decode_image(image_bytes), event_time, message_id)
 
 
-def event_fields(item_id: int, title: str, image: np.ndarray | bytes | None = None,
+def event_fields(item_id: int, title: str, image: RGBImage | bytes | None = None,
                  image_path: str | None = None, event_time: float | None = None) -> dict[str, Any]:
     """The stream fields of one event (an array image is sent as PNG)."""
     fields: dict[str, Any] = {"item_id": str(int(item_id)), "title": title,
@@ -169,7 +174,7 @@ def event_fields(item_id: int, title: str, image: np.ndarray | bytes | None = No
     return fields
 
 
-def publish_item(client: Any, item_id: int, title: str, image: np.ndarray | bytes | None = None,
+def publish_item(client: Any, item_id: int, title: str, image: RGBImage | bytes | None = None,
                  image_path: str | None = None, event_time: float | None = None,
                  stream: str = ITEM_STREAM, max_len: int | None = None) -> str:
     """XADD one event with a synchronous redis client; returns the entry id. With `max_len`,

@@ -181,15 +181,15 @@ class ItemStream:
             entries = await self.claim_idle_entries()
             if entries:
                 return entries
-        entries = await self._xread(">", cfg.batch_size, int(cfg.idle_block * 1000))
+        fresh = await self._xread(">", cfg.batch_size, int(cfg.idle_block * 1000))
         deadline = time.monotonic() + (cfg.max_wait if self.busy() else 0.0)
-        while entries and len(entries) < cfg.batch_size and time.monotonic() < deadline:
-            more = await self._xread(">", cfg.batch_size - len(entries),
+        while fresh and len(fresh) < cfg.batch_size and time.monotonic() < deadline:
+            more = await self._xread(">", cfg.batch_size - len(fresh),
                                      max(1, int((deadline - time.monotonic()) * 1000)))
             if not more:
                 break
-            entries.extend(more)
-        return [(entry_id, fields, 1) for entry_id, fields in entries]
+            fresh.extend(more)
+        return [(entry_id, fields, 1) for entry_id, fields in fresh]
 
     async def recover_own(self) -> list[Delivered]:
         """This consumer's pending entries that no batch here is embedding (after a restart, a
@@ -238,7 +238,7 @@ class ItemStream:
         claimed = dict(await self.redis.xclaim(cfg.stream, cfg.group, cfg.consumer, 0, [i for i, _ in deliveries]))
         return [(entry_id, claimed.get(entry_id), count + 1) for entry_id, count in deliveries]
 
-    async def _xread(self, start: str, count: int, block_ms: int | None) -> list[Any]:
+    async def _xread(self, start: str, count: int, block_ms: int | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
         cfg = self.config
         response = await self.redis.xreadgroup(cfg.group, cfg.consumer, {cfg.stream: start}, count=count,
                                                block=block_ms)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from mmrank.defaults import ENCODER_MODEL_NAME
 
@@ -53,7 +55,7 @@ class EncoderOutputError(RuntimeError):
     """The encoder answered, but with something that is not one unit vector per item."""
 
 
-def check_embeddings(vectors: np.ndarray, n: int, space: str) -> np.ndarray:
+def check_embeddings(vectors: npt.NDArray[Any], n: int, space: str) -> npt.NDArray[np.float32]:
     if vectors is None or vectors.ndim != 2 or vectors.shape[0] != n:
         raise EncoderOutputError(f"encoder for {space} returned shape {getattr(vectors, 'shape', None)} for {n} items")
     if not np.isfinite(vectors).all():
@@ -63,7 +65,8 @@ def check_embeddings(vectors: np.ndarray, n: int, space: str) -> np.ndarray:
 
 def is_rejection(exc: BaseException) -> bool:
     """Did the encoder refuse these inputs (as opposed to being unreachable)?"""
-    status = exc.status() if callable(getattr(exc, "status", None)) else None
+    status_of = getattr(exc, "status", None)  # tritonclient's InferenceServerException.status()
+    status = status_of() if callable(status_of) else None
     return isinstance(exc, EncoderOutputError) or status in REJECTING_STATUSES
 
 
@@ -90,14 +93,14 @@ class TritonEncoder:
     async def ready(self) -> bool:
         return bool(await self.client.is_model_ready(self.target.model))
 
-    async def embed(self, images: np.ndarray, titles: Sequence[str]) -> np.ndarray:
+    async def embed(self, images: npt.NDArray[np.uint8], titles: Sequence[str]) -> npt.NDArray[np.float32]:
         if not self.max_batch:
             await self.describe()
         parts = [await self._infer(images[i:i + self.max_batch], titles[i:i + self.max_batch])
                  for i in range(0, len(titles), self.max_batch)]
         return check_embeddings(np.concatenate(parts), len(titles), self.target.space)
 
-    async def _infer(self, images: np.ndarray, titles: Sequence[str]) -> np.ndarray:
+    async def _infer(self, images: npt.NDArray[np.uint8], titles: Sequence[str]) -> npt.NDArray[Any]:
         import tritonclient.grpc.aio as grpcclient
 
         image = grpcclient.InferInput("IMAGE", list(images.shape), "UINT8")
@@ -107,7 +110,8 @@ class TritonEncoder:
         result = await self.client.infer(self.target.model, [image, title],
                                          outputs=[grpcclient.InferRequestedOutput("EMBEDDING")],
                                          client_timeout=self.timeout)
-        return result.as_numpy("EMBEDDING")
+        embeddings: npt.NDArray[Any] = result.as_numpy("EMBEDDING")  # the dtype the model's config names
+        return embeddings
 
     async def close(self) -> None:
         await self.client.close()
