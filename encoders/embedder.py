@@ -89,6 +89,7 @@ class Embedder:
         self.metrics = Metrics()
         self.stop_event = asyncio.Event()
         self.triton_ok = {t.space: False for t in config.encoders}
+        self.store_ok = True  # False while a store write is being retried
         self.heartbeat = time.monotonic()
         self.processed = 0
         self.in_flight: dict[bytes, asyncio.Task[None]] = {}
@@ -105,10 +106,13 @@ class Embedder:
 
     @property
     def ready(self) -> bool:
-        return self.stream.redis_ok and all(self.triton_ok.values())
+        """Not ready while the stream's Redis, the store or an encoder fails: a batch retrying its
+        store write keeps the main loop waiting for a slot, so no stream read would notice."""
+        return self.stream.redis_ok and self.store_ok and all(self.triton_ok.values())
 
     def state(self) -> dict[str, Any]:
-        return {"ready": self.ready, "redis": self.stream.redis_ok, "encoders": dict(self.triton_ok),
+        return {"ready": self.ready, "redis": self.stream.redis_ok, "store": self.store_ok,
+                "encoders": dict(self.triton_ok),
                 "processed": self.processed, "heartbeat_age_s": round(time.monotonic() - self.heartbeat, 3)}
 
     # retrying ------------------------------------------------------------------------------
@@ -134,6 +138,9 @@ class Embedder:
                 if self.stop_event.is_set():
                     raise
                 await self._sleep(backoff_delay(attempt, self.config.backoff_base, self.config.backoff_cap))
+
+    def _store_failed(self) -> None:
+        self.store_ok = False
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
@@ -189,7 +196,9 @@ class Embedder:
             times = np.array([e.event_time for e in events], dtype=np.float64)
             with self.metrics.stage.labels(stage="store").time():
                 written = await self.retry("store_write",
-                                           lambda: asyncio.to_thread(self.store.put, space, ids, vectors, times))
+                                           lambda: asyncio.to_thread(self.store.put, space, ids, vectors, times),
+                                           self._store_failed)
+            self.store_ok = True
         stored = marks["stored"] = time.time()
         for event, fresh in zip(events, written, strict=True):
             if fresh:

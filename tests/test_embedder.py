@@ -566,6 +566,39 @@ def test_redis_restarted_loses_nothing_after_recovery(
         own.stop()
 
 
+def test_a_store_that_is_down_makes_the_embedder_not_ready_and_loses_nothing(
+        triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server, tmp_path: Path) -> None:
+    """The stream's Redis stays up while the store's goes down: batches retry their writes, the
+    stream reads keep succeeding, and only the failing store write can tell readiness."""
+    server, encoders = triton
+    workdir, port = tmp_path / "store", servers.free_port()
+    store_redis = servers.start_redis(workdir, port=port)
+    stream = redis.Redis.from_url(redis_server.url)
+    store = open_store(store_redis.url)
+    running = Running(config(redis_server.url, [EncoderTarget("e1", server.grpc, "enc_e1")],
+                             store_url=store_redis.url))
+    n = 24
+    pixels = images(n, seed=11)
+    try:
+        item_events.publish_item(stream, 0, "item 0", pixels[0])
+        wait_for(lambda: "e1" in store.spaces() and store.get("e1", [0])[1].all(), 60, "a first item stored")
+        assert running.http("/readyz")[0] == 200
+        store_redis.kill()
+        for i in range(1, n):
+            item_events.publish_item(stream, i, f"item {i}", pixels[i])
+        wait_for(lambda: running.http("/readyz")[0] == 503, 15, "not ready while the store is down")
+        assert running.http("/readyz")[1]["store"] is False
+        store_redis = servers.start_redis(workdir, port=port)
+        store = open_store(store_redis.url)
+        wait_for(lambda: store.get("e1", np.arange(n))[1].all(), 60, "every item stored once the store is back")
+        wait_for(lambda: running.http("/readyz")[0] == 200, 10, "ready again")
+        wait_for(lambda: pending(stream) == 0, 10, "every event acknowledged")
+        assert running.metric("mmrank_embedder_errors_total", reason="store_write") > 0
+    finally:
+        running.stop()
+        store_redis.stop()
+
+
 def test_the_cli_reads_its_encoders_from_the_environment_and_drains_on_sigterm(
         triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server, tmp_path: Path) -> None:
     holder, _ = triton
