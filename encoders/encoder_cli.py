@@ -18,7 +18,7 @@ from mmrank.cli import (
 from mmrank.defaults import ENCODER_MODEL_NAME
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
+def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("encoders", help="Train, evaluate, export the item encoder; embed a shop")
     commands = parser.add_subparsers(dest="encoders_command", metavar="ACTION", required=True)
 

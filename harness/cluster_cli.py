@@ -9,7 +9,7 @@ import sys
 TARGETS = ("operator", "runtime", "triton")  # the Dockerfile's targets (harness.images.TARGETS, without its imports)
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
+def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cluster = subparsers.add_parser("cluster", help="A single-node Kubernetes cluster on this machine "
                                     "(root; Debian's containerd, the project's images)")
     commands = cluster.add_subparsers(dest="cluster_command", metavar="COMMAND", required=True)

@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from harness.servers import CACHE
 
@@ -84,8 +85,9 @@ def content_key(root: Path, inputs: Iterable[str], extra: Sequence[str] = ()) ->
     return digest.hexdigest()[:16]
 
 
-def _run(argv: Sequence[str], what: str, **kwargs: object) -> str:
-    result = subprocess.run(list(argv), capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]  # kwargs: subprocess.run's own, not matched per overload
+def _run(argv: Sequence[str], what: str, **kwargs: Any) -> str:
+    """`argv`'s stdout; `kwargs` go to subprocess.run as they are."""
+    result: subprocess.CompletedProcess[str] = subprocess.run(list(argv), capture_output=True, text=True, **kwargs)
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).splitlines()[-40:])
         raise ImageBuildError(f"{what} failed ({' '.join(map(str, argv[:4]))} ...):\n{tail}")

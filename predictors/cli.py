@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
+def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from mmrank.predictors import predictor_cli, ranker_cli
 
     ranker_cli.register_cli(subparsers)
