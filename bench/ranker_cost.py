@@ -4,9 +4,11 @@ For each variant: seconds of one ID-parameter epoch on the training impressions,
 MAKE pre-training epoch (simtier-make; one epoch, fixed: the validation-day choice of the epoch
 count is a hyper-parameter search and not counted), training in all, batch inference over the test impressions, and the
 serving call — one user's C candidates against one shared history (`score_candidates`) — as a
-median over repeats. Every figure is also printed as a ratio to the ID model's.
+median over repeats. Every figure is also printed as a ratio to the ID model's. With `--rounds N`
+every variant is trained and timed N times, the variants interleaved round by round, and each
+figure is the median of its N.
 
-    nice -n 10 .venv/bin/python bench/ranker_cost.py --data /tmp/shop-small --limit 50000
+    .venv/bin/python bench/ranker_cost.py --data /tmp/shop-small --limit 50000 --rounds 3
     (without --data a `tiny` shop is generated in a temporary directory)
 """
 from __future__ import annotations
@@ -43,7 +45,7 @@ def serving_latency_ms(model: train.Ranker, test: train.Impressions, catalogue: 
 
 
 def measure(data_dir: str, space_dir: str | None, history_length: int, candidates: int, repeats: int,
-            batch_size: int, limit: int = 0) -> list[dict]:
+            batch_size: int, limit: int = 0, rounds: int = 1) -> list[dict]:
     train_data, test_data, catalogue, vocab = train.load_data(data_dir, history_length, space_dir)
     if limit:
         train_data, test_data = train_data.take(np.arange(min(limit, len(train_data)))), \
@@ -55,19 +57,26 @@ def measure(data_dir: str, space_dir: str | None, history_length: int, candidate
         config = RankerConfig(variant=variant, mm_dim=catalogue.vectors.shape[1], history_length=history_length, **vocab)
         train.train_ranker(train_data.take(np.arange(min(2 * batch_size, len(train_data)))), catalogue, config,
                            train.TrainSettings(batch_size=batch_size, make_epochs=1))
-    rows = []
-    for variant in VARIANTS:
-        config = RankerConfig(variant=variant, mm_dim=catalogue.vectors.shape[1], history_length=history_length, **vocab)
-        settings = train.TrainSettings(seed=0, batch_size=batch_size, make_epochs=1)
-        model, report = train.train_ranker(train_data, catalogue, config, settings)
-        start = time.perf_counter()
-        train.predict(model, test_data, catalogue)
-        infer = time.perf_counter() - start
-        rows.append({"variant": variant, "id_epoch_s": report["id_seconds"],
-                     "make_epoch_s": report.get("make_seconds", 0.0),
-                     "inference_s": infer, "serving_ms": serving_latency_ms(model, test_data, catalogue,
-                                                                             candidates, repeats)})
-    return rows
+    runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
+    for round_ in range(rounds):   # variants interleaved round by round: a load change hits them all
+        for variant in VARIANTS:
+            config = RankerConfig(variant=variant, mm_dim=catalogue.vectors.shape[1], history_length=history_length,
+                                  **vocab)
+            settings = train.TrainSettings(seed=0, batch_size=batch_size, make_epochs=1)
+            model, report = train.train_ranker(train_data, catalogue, config, settings)
+            start = time.perf_counter()
+            train.predict(model, test_data, catalogue)
+            infer = time.perf_counter() - start
+            runs[variant].append({"id_epoch_s": report["id_seconds"], "make_epoch_s": report.get("make_seconds", 0.0),
+                                  "inference_s": infer,
+                                  "serving_ms": serving_latency_ms(model, test_data, catalogue, candidates, repeats)})
+        if rounds > 1:
+            print(f"round {round_ + 1}/{rounds}: " + ", ".join(
+                f"{v} {r[-1]['id_epoch_s'] + r[-1]['make_epoch_s']:.2f} s / {r[-1]['serving_ms']:.3f} ms"
+                for v, r in runs.items()), flush=True)
+    # each figure: its median over the rounds
+    return [{"variant": variant, **{key: statistics.median(run[key] for run in done) for key in done[0]}}
+            for variant, done in runs.items()]
 
 
 def render(rows: list[dict], candidates: int) -> str:
@@ -94,6 +103,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--limit", type=int, default=0, help="use only the first N training and N test impressions")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="train and time every variant N times, interleaved; report each figure's median")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,7 +115,7 @@ def main() -> None:
             shop.generate("tiny", seed=0, out=tmp)
             data_dir = tmp
         rows = measure(data_dir, args.embeddings, args.history_length, args.candidates, args.repeats, args.batch_size,
-                       args.limit)
+                       args.limit, max(1, args.rounds))
     print(render(rows, args.candidates))
 
 

@@ -77,7 +77,9 @@ class RankerConfig:
 
 class RankerInputs(NamedTuple):
     """One batch. `*_found` is False where the store had no embedding: such a vector is zero
-    (neutral) and never counted by SimTier nor attended by MAKE."""
+    (neutral) and never counted by SimTier nor attended by MAKE. A builder that already gathered
+    zeros there (`train.to_inputs`) says so with `embeddings_zeroed`, which saves the model a
+    pass over the [B, L, D] history vectors."""
     user: torch.Tensor          # [B] int64
     hist_item: torch.Tensor     # [B, L] int64
     hist_category: torch.Tensor  # [B, L] int64
@@ -90,6 +92,13 @@ class RankerInputs(NamedTuple):
     cand_brand: torch.Tensor    # [B, C] int64
     cand_emb: torch.Tensor      # [B, C, D] float32
     cand_found: torch.Tensor    # [B, C] bool
+    embeddings_zeroed: bool = False  # cand_emb / hist_emb are already zero wherever *_found is False
+
+    def neutral_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cand_emb, hist_emb) with every missing vector zero."""
+        if self.embeddings_zeroed:
+            return self.cand_emb, self.hist_emb
+        return _zero_missing(self.cand_emb, self.cand_found), _zero_missing(self.hist_emb, self.hist_found)
 
 
 def id_index(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -156,6 +165,13 @@ class TargetAttention(nn.Module):
     `score = (t Wq) . (b Wk) / sqrt(a) + b . v` ([B, C, a] @ [B, a, L]), softmax over the valid
     positions. The MLP's non-linearity would force a [B, C, L, 4d] tensor; this form lets one
     history serve hundreds of candidates. An empty history pools to zeros.
+
+    The bilinear term is computed in whichever order does fewer multiplications (`keys_first`):
+    projecting every behaviour, `(t Wq) . (b Wk)`, pays for L keys once and suits many
+    candidates (serving); carrying the query back into the behaviours' space,
+    `((t Wq) Wk + v) . b`, pays per candidate and suits training's one candidate per row, where
+    projecting B * L behaviours (and its backward) was most of an epoch's matrix work. The two
+    are the same product, equal up to float rounding (tests/test_ranker_model.py).
     """
 
     def __init__(self, query_dim: int, key_dim: int, attention_dim: int = 32) -> None:
@@ -165,10 +181,29 @@ class TargetAttention(nn.Module):
         self.key_bias = nn.Linear(key_dim, 1, bias=False)
         self.scale = 1.0 / math.sqrt(attention_dim)
 
-    def forward(self, target: torch.Tensor, behaviours: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def keys_first(self, n_candidates: int, n_behaviours: int) -> bool:
+        """Project the behaviours (True) or carry the queries back (False): the cheaper order."""
+        a, k = self.key.out_features, self.key.in_features
+        return n_behaviours * k * a + n_candidates * n_behaviours * a <= \
+            n_candidates * a * k + n_candidates * n_behaviours * k
+
+    def scores(self, target: torch.Tensor, behaviours: torch.Tensor, keys_first: bool | None = None) -> torch.Tensor:
+        """[B, C, L] unmasked attention scores (`keys_first`: None picks the cheaper order)."""
+        query = self.query(target) * self.scale                              # [B, C, a]
+        if keys_first is None:
+            keys_first = self.keys_first(target.shape[1], behaviours.shape[1])
+        if keys_first:
+            bilinear = torch.bmm(query, self.key(behaviours).transpose(1, 2))
+            return bilinear + self.key_bias(behaviours).transpose(1, 2)
+        # (t Wq) Wk + v is one [B, C, k] row per candidate: one pass over the behaviours, taken
+        # in their own [B, L, k] layout (a batch of matrix-vector products at C = 1)
+        carried = query @ self.key.weight + self.key_bias.weight
+        return torch.matmul(behaviours, carried.transpose(1, 2)).transpose(1, 2)
+
+    def forward(self, target: torch.Tensor, behaviours: torch.Tensor, mask: torch.Tensor,
+                keys_first: bool | None = None) -> torch.Tensor:
         """target [B, C, q], behaviours [B, L, k], mask [B, L] -> pooled [B, C, k]."""
-        scores = torch.bmm(self.query(target), self.key(behaviours).transpose(1, 2)) * self.scale
-        scores = scores + self.key_bias(behaviours).transpose(1, 2)          # [B, C, L]
+        scores = self.scores(target, behaviours, keys_first)                 # [B, C, L]
         scores = scores.masked_fill(~mask[:, None, :], -1e4)
         weights = torch.softmax(scores, dim=-1) * mask.any(dim=-1)[:, None, None].to(scores.dtype)
         return torch.bmm(weights, behaviours)
@@ -271,8 +306,7 @@ class Ranker(nn.Module):
         c = self.config
         n_cand = x.cand_item.shape[1]
         if c.uses_embeddings:
-            cand_emb = _zero_missing(x.cand_emb, x.cand_found)
-            hist_emb = _zero_missing(x.hist_emb, x.hist_found)
+            cand_emb, hist_emb = x.neutral_embeddings()
         target = self.item_vectors(x.cand_item, x.cand_category, x.cand_brand)      # [B, C, 3d]
         behaviours = self.item_vectors(x.hist_item, x.hist_category, x.hist_brand)  # [B, L, 3d]
         if c.uses_vector:
@@ -313,7 +347,7 @@ class Ranker(nn.Module):
     def make_logits(self, x: RankerInputs) -> torch.Tensor:
         """MAKE alone ([B, C] logits), for its own pre-training on the click task."""
         valid_mm = x.hist_mask & x.hist_found
-        cand_emb, hist_emb = _zero_missing(x.cand_emb, x.cand_found), _zero_missing(x.hist_emb, x.hist_found)
+        cand_emb, hist_emb = x.neutral_embeddings()
         log_counts = (self.log_tier_counts(cand_emb, hist_emb, valid_mm, x.cand_found)
                       if self.make.simtier is not None else None)
         return self.make(cand_emb, hist_emb, valid_mm, log_counts).logit
@@ -322,7 +356,7 @@ class Ranker(nn.Module):
         """Everything but MAKE: what the one-epoch ID training updates."""
         return [p for name, p in self.named_parameters() if not name.startswith("make.")]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score_candidates(self, user_id: int, history_ids: torch.Tensor, history_mask: torch.Tensor,
                          history_emb: torch.Tensor, history_found: torch.Tensor,
                          cand_ids: torch.Tensor, cand_emb: torch.Tensor, cand_found: torch.Tensor,

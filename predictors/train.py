@@ -11,6 +11,7 @@ the table's three seeds differ.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -61,6 +62,13 @@ class Catalogue:
     @property
     def item_features(self) -> np.ndarray:
         return np.stack([self.category, self.brand], axis=1).astype(np.int64)
+
+    @functools.cached_property
+    def neutral_vectors(self) -> np.ndarray:
+        """[n_items + 1, D]: the vectors with absent items zeroed and one zero row at the end, so
+        one gather gives the model its neutral vectors (`RankerInputs.embeddings_zeroed`)."""
+        zero = np.zeros((1, self.vectors.shape[1]), np.float32)
+        return np.concatenate([np.where(self.present[:, None], self.vectors, np.float32(0)), zero]).astype(np.float32)
 
 
 @dataclasses.dataclass
@@ -129,23 +137,31 @@ def to_inputs(data: Impressions, rows: np.ndarray, catalogue: Catalogue, embeddi
     n = len(catalogue.category)
     hist_safe, item_safe = np.clip(history, 0, n - 1), np.clip(item, 0, n - 1)
     hist_known, item_known = (history >= 0) & (history < n), (item >= 0) & (item < n)
+    hist_found, item_found = catalogue.present[hist_safe] & hist_known & mask, catalogue.present[item_safe] & item_known
     t = torch.from_numpy
-    vectors = catalogue.vectors if embeddings else catalogue.vectors[:, :0]
+    vectors = catalogue.neutral_vectors if embeddings else np.empty((n + 1, 0), np.float32)
     return RankerInputs(
         user=t(data.user[rows]),
         hist_item=t(history), hist_category=t(np.where(hist_known, catalogue.category[hist_safe], -1)),
         hist_brand=t(np.where(hist_known, catalogue.brand[hist_safe], -1)), hist_mask=t(mask),
-        hist_emb=t(vectors[hist_safe]), hist_found=t(catalogue.present[hist_safe] & hist_known & mask),
+        hist_emb=t(np.take(vectors, np.where(hist_found, hist_safe, n), axis=0)), hist_found=t(hist_found),
         cand_item=t(item[:, None]), cand_category=t(np.where(item_known, catalogue.category[item_safe], -1)[:, None]),
         cand_brand=t(np.where(item_known, catalogue.brand[item_safe], -1)[:, None]),
-        cand_emb=t(vectors[item_safe][:, None]),
-        cand_found=t((catalogue.present[item_safe] & item_known)[:, None]))
+        cand_emb=t(np.take(vectors, np.where(item_found, item_safe, n), axis=0)[:, None]),
+        cand_found=t(item_found[:, None]), embeddings_zeroed=embeddings)
 
 
 def batches(n: int, batch_size: int, rng: np.random.Generator | None) -> Iterator[np.ndarray]:
     order = rng.permutation(n) if rng is not None else np.arange(n)
     for start in range(0, n, batch_size):
         yield order[start:start + batch_size]
+
+
+def adam(params: Any, lr: float) -> torch.optim.Adam:
+    """Adam for the dense parameters, fused: one kernel per step instead of a dozen small ops per
+    parameter (a quarter of the step's time on CPU; the same update up to float rounding). Used
+    by every variant's dense parameters alike."""
+    return torch.optim.Adam(params, lr=lr, fused=True)
 
 
 def _epoch(data: Impressions, catalogue: Catalogue, logits_fn: Callable[[RankerInputs], torch.Tensor],
@@ -167,7 +183,7 @@ def pretrain_make(model: Ranker, data: Impressions, catalogue: Catalogue, settin
     """MAKE alone on the click task for `settings.make_epochs` epochs. Returns MAKE's state after
     each epoch named in `snapshots`, so one pre-training serves the 1/2/4-epoch comparison."""
     rng = np.random.default_rng(settings.seed + 1000)
-    optimizer = torch.optim.Adam(model.make.parameters(), lr=settings.make_lr)
+    optimizer = adam(model.make.parameters(), settings.make_lr)
     model.train()
     saved = {}
     for epoch in range(1, settings.make_epochs + 1):
@@ -196,7 +212,7 @@ def select_make_epochs(model: Ranker, data: Impressions, catalogue: Catalogue, s
 
     fit, validation = data.split_last_day()
     rng = np.random.default_rng(settings.seed + 2000)
-    optimizer = torch.optim.Adam(model.make.parameters(), lr=settings.make_lr)
+    optimizer = adam(model.make.parameters(), settings.make_lr)
     curve: dict[int, float] = {}
     for epoch in range(1, settings.max_make_epochs + 1):
         model.train()
@@ -214,10 +230,10 @@ def train_id_epoch(model: Ranker, data: Impressions, catalogue: Catalogue, setti
     tables = [model.user_emb.weight, model.item_emb.weight, model.category_emb.weight, model.brand_emb.weight]
     dense = [p for p in model.id_parameters() if all(p is not t for t in tables)]
     optimizers: list[torch.optim.Optimizer] = [torch.optim.SparseAdam(tables, lr=settings.lr_sparse),
-                                               torch.optim.Adam(dense, lr=settings.lr_dense)]
+                                               adam(dense, settings.lr_dense)]
     model.make_trainable = model.config.uses_make and settings.make_finetune_lr > 0
     if model.make_trainable:
-        optimizers.append(torch.optim.Adam(model.make.parameters(), lr=settings.make_finetune_lr))
+        optimizers.append(adam(model.make.parameters(), settings.make_finetune_lr))
     optimizer = _Both(*optimizers)
     model.train()
     loss = _epoch(data, catalogue, model, optimizer, settings.batch_size, np.random.default_rng(settings.seed),
@@ -287,7 +303,7 @@ def train_ranker(train: Impressions, catalogue: Catalogue, config: RankerConfig,
     return model, report
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(model: Ranker, data: Impressions, catalogue: Catalogue, batch_size: int = 1024) -> np.ndarray:
     model.eval()
     out = [model(to_inputs(data, rows, catalogue, model.config.uses_embeddings))[:, 0].numpy()
