@@ -9,6 +9,7 @@ Triton called, vectors written, checkpoint reported after each window. The two a
 
     .venv/bin/python bench/backfill.py --items 2048 --batch-size 64
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 
-async def triton_best(grpc_url: str, images: np.ndarray, titles: list[str], batch_size: int,
-                      in_flight_options: list[int]) -> dict[int, float]:
+async def triton_best(
+    grpc_url: str, images: np.ndarray, titles: list[str], batch_size: int, in_flight_options: list[int]
+) -> dict[int, float]:
     """items/s of a plain async tritonclient loop, per number of requests in flight."""
     import tritonclient.grpc.aio as grpcclient
 
@@ -44,7 +46,7 @@ async def triton_best(grpc_url: str, images: np.ndarray, titles: list[str], batc
         starts = list(range(0, len(titles), batch_size))
         began = time.perf_counter()
         for i in range(0, len(starts), in_flight):
-            await asyncio.gather(*(infer(s) for s in starts[i:i + in_flight]))
+            await asyncio.gather(*(infer(s) for s in starts[i : i + in_flight]))
         results[in_flight] = len(titles) / (time.perf_counter() - began)
     await client.close()
     return results
@@ -69,8 +71,9 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="mmrank-backfill-bench-"))
     torch.manual_seed(0)
-    export_repository(ItemEncoder(EncoderConfig()).eval(), work / "repo", max_batch_size=args.batch_size,
-                      max_queue_delay_us=1000)
+    export_repository(
+        ItemEncoder(EncoderConfig()).eval(), work / "repo", max_batch_size=args.batch_size, max_queue_delay_us=1000
+    )
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.items, 64, 64, 3), dtype=np.uint8)
     titles = [f"{rng.choice(['red', 'blue'])} cotton shirt {i}" for i in range(args.items)]
@@ -83,20 +86,35 @@ def main() -> None:
         sweeps, runs = [], []
         for repeat in range(args.repeats):  # alternate, so both see the same neighbours on a shared machine
             sweeps.append(asyncio.run(triton_best(grpc, images, titles, args.batch_size, [1, 2, 4, 8])))
-            config = BackfillConfig(f"bench{repeat}", EncoderTarget(f"bench{repeat}", grpc), redis_server.url, "-",
-                                    batch_size=args.batch_size, in_flight=args.in_flight, progress=False)
+            config = BackfillConfig(
+                f"bench{repeat}",
+                EncoderTarget(f"bench{repeat}", grpc),
+                redis_server.url,
+                "-",
+                batch_size=args.batch_size,
+                in_flight=args.in_flight,
+                progress=False,
+            )
             runs.append(asyncio.run(backfill(config, store, catalogue)))
         best = max(v for sweep in sweeps for v in sweep.values())
         backfill_best = max(r["items_per_s"] for r in runs)
-        print(json.dumps({
-            "items": args.items, "batch_size": args.batch_size, "backfill_in_flight": args.in_flight,
-            "triton_direct_items_per_s": [{k: round(v, 1) for k, v in sweep.items()} for sweep in sweeps],
-            "triton_best_items_per_s": round(best, 1),
-            "backfill_items_per_s": [r["items_per_s"] for r in runs],
-            "ratio": round(backfill_best / best, 3),
-            "coverage": [r["coverage"] for r in runs], "cpus": os.cpu_count(),
-            "load_average": [round(x, 1) for x in os.getloadavg()],
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "items": args.items,
+                    "batch_size": args.batch_size,
+                    "backfill_in_flight": args.in_flight,
+                    "triton_direct_items_per_s": [{k: round(v, 1) for k, v in sweep.items()} for sweep in sweeps],
+                    "triton_best_items_per_s": round(best, 1),
+                    "backfill_items_per_s": [r["items_per_s"] for r in runs],
+                    "ratio": round(backfill_best / best, 3),
+                    "coverage": [r["coverage"] for r in runs],
+                    "cpus": os.cpu_count(),
+                    "load_average": [round(x, 1) for x in os.getloadavg()],
+                },
+                indent=2,
+            )
+        )
     finally:
         triton.stop()
         redis_server.stop()

@@ -11,6 +11,7 @@ tokenizing included. Triton's
 model and torch get the same number of threads (`--threads`, via OMP_NUM_THREADS for Triton's
 Python stub). Prints items/s of each and the ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,8 @@ def torch_items_per_second(embed: Callable[[np.ndarray, list[str]], object], bat
     count, began = 0, time.monotonic()
     while time.monotonic() - began < seconds:
         for start in range(0, len(titles), batch):
-            embed(images[start:start + batch], titles[start:start + batch])
-            count += len(titles[start:start + batch])
+            embed(images[start : start + batch], titles[start : start + batch])
+            count += len(titles[start : start + batch])
     return count / (time.monotonic() - began)
 
 
@@ -96,14 +97,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mmrank-bench-") as tmp:
         repo = Path(tmp) / "repo"
         for name, dynamic in (("item_encoder_batched", True), ("item_encoder_unbatched", False)):
-            export_repository(encoder, repo, model_name=name, max_batch_size=args.max_batch_size,
-                              max_queue_delay_us=args.max_queue_delay_us, dynamic_batching=dynamic)
+            export_repository(
+                encoder,
+                repo,
+                model_name=name,
+                max_batch_size=args.max_batch_size,
+                max_queue_delay_us=args.max_queue_delay_us,
+                dynamic_batching=dynamic,
+            )
         server = servers.start_triton(repo, Path(tmp) / "triton")
         try:
             for name in ("item_encoder_batched", "item_encoder_unbatched"):
                 triton_items_per_second(server.url, name, args.clients, args.request_items, 1.0)  # warm up
-                figures[name] = triton_items_per_second(server.url, name, args.clients, args.request_items,
-                                                        args.seconds)
+                figures[name] = triton_items_per_second(
+                    server.url, name, args.clients, args.request_items, args.seconds
+                )
         finally:
             server.stop()
         # The same TorchScript file Triton runs, called directly, and the eager module.
@@ -127,11 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         f"triton batching on / torchscript batch {big}": on / figures[f"torchscript_batch_{big}"],
         "triton batching off / torchscript item by item": off / figures["torchscript_batch_1"],
         "torchscript / torch eager, batch 1": figures["torchscript_batch_1"] / figures["torch_eager_batch_1"],
-        f"torchscript / torch eager, batch {big}":
-            figures[f"torchscript_batch_{big}"] / figures[f"torch_eager_batch_{big}"],
+        f"torchscript / torch eager, batch {big}": figures[f"torchscript_batch_{big}"]
+        / figures[f"torch_eager_batch_{big}"],
     }
-    print(f"setup: {args.clients} clients x {args.request_items} item(s) per request, {args.threads} threads, "
-          f"{args.seconds:.0f} s per run, cpu_count={os.cpu_count()}")
+    print(
+        f"setup: {args.clients} clients x {args.request_items} item(s) per request, {args.threads} threads, "
+        f"{args.seconds:.0f} s per run, cpu_count={os.cpu_count()}"
+    )
     for name, value in figures.items():
         print(f"{name:32s} {value:10.1f} items/s")
     for name, value in ratios.items():

@@ -35,6 +35,7 @@ Two settings decide the tail on a small CPU machine, and both are printed with t
     .venv/bin/python bench/freshness.py --rate 200 --seconds 20 --triton-threads 0   # the stalls, for comparison
     .venv/bin/python bench/freshness.py --rate 200 --seconds 20 --redis-fsync always
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,14 +112,18 @@ def publish_steadily(client, rate: float, seconds: float, sent: dict[int, float]
         sent[i] = now
 
 
-def histogram_quantile(q: float, metrics_text: str, name: str = "mmrank_embedding_freshness_seconds",
-                       **labels: str) -> float:
+def histogram_quantile(
+    q: float, metrics_text: str, name: str = "mmrank_embedding_freshness_seconds", **labels: str
+) -> float:
     """Prometheus' histogram_quantile over the embedder's own histogram (linear within a bucket)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    buckets = sorted((float(s.labels["le"]), s.value) for f in text_string_to_metric_families(metrics_text)
-                     for s in f.samples if s.name == f"{name}_bucket"
-                     and all(s.labels.get(k) == v for k, v in labels.items()))
+    buckets = sorted(
+        (float(s.labels["le"]), s.value)
+        for f in text_string_to_metric_families(metrics_text)
+        for s in f.samples
+        if s.name == f"{name}_bucket" and all(s.labels.get(k) == v for k, v in labels.items())
+    )
     if not buckets or not buckets[-1][1]:
         return float("nan")
     total = buckets[-1][1]
@@ -139,8 +144,13 @@ def stalls(sent_at: np.ndarray, fresh: np.ndarray, threshold: float) -> list[dic
         if slow and start is None:
             start = i
         elif not slow and start is not None:
-            runs.append({"at_s": round(float(sent_at[start] - sent_at[0]), 2), "items": i - start,
-                         "worst_s": round(float(fresh[start:i].max()), 3)})
+            runs.append(
+                {
+                    "at_s": round(float(sent_at[start] - sent_at[0]), 2),
+                    "items": i - start,
+                    "worst_s": round(float(fresh[start:i].max()), 3),
+                }
+            )
             start = None
     return runs
 
@@ -159,9 +169,13 @@ def redis_forks(client) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     """Forks Redis made during the run (an AOF rewrite or an RDB save each fork the process and
     write its whole dataset from the child, beside the item stream's writes)."""
     persistence, stats = client.info("persistence"), client.info("stats")
-    return {"total_forks": stats.get("total_forks"), "latest_fork_usec": stats.get("latest_fork_usec"),
-            "aof_rewrites": persistence.get("aof_rewrites"), "rdb_saves": persistence.get("rdb_saves"),
-            "aof_current_size_mb": round(persistence.get("aof_current_size", 0) / 2**20, 1)}
+    return {
+        "total_forks": stats.get("total_forks"),
+        "latest_fork_usec": stats.get("latest_fork_usec"),
+        "aof_rewrites": persistence.get("aof_rewrites"),
+        "rdb_saves": persistence.get("rdb_saves"),
+        "aof_current_size_mb": round(persistence.get("aof_current_size", 0) / 2**20, 1),
+    }
 
 
 class GcPauses:
@@ -181,8 +195,11 @@ class GcPauses:
 
     def summary(self) -> dict[str, Any]:
         worst = max((end - start for _, start, end in self.pauses), default=0.0)
-        return {"collections": len(self.pauses), "full": sum(1 for g, _, _ in self.pauses if g == 2),
-                "worst_ms": round(worst * 1000, 1)}
+        return {
+            "collections": len(self.pauses),
+            "full": sum(1 for g, _, _ in self.pauses if g == 2),
+            "worst_ms": round(worst * 1000, 1),
+        }
 
 
 STAGES = ("queued", "read", "validate", "launch", "embed", "store", "seen")
@@ -211,21 +228,32 @@ def item_stages(sent: float, seen: float, batch: dict[str, Any], space: str = "e
     times = batch["spaces"].get(space, {})
     stored = times.get("stored", batch["acked"])
     embed_end = times.get("embed_end", stored)
-    marks = [sent, max(sent, batch["read_start"]), batch["read"], batch["validated"], batch["launched"], embed_end,
-             stored, max(seen, stored)]
+    marks = [
+        sent,
+        max(sent, batch["read_start"]),
+        batch["read"],
+        batch["validated"],
+        batch["launched"],
+        embed_end,
+        stored,
+        max(seen, stored),
+    ]
     return {stage: max(0.0, b - a) for stage, a, b in zip(STAGES, marks[:-1], marks[1:], strict=True)}
 
 
-def explain(sent: dict[int, float], seen: dict[int, float], trace: Path, threshold: float,
-            bench_gc: GcPauses) -> dict[str, Any]:
+def explain(
+    sent: dict[int, float], seen: dict[int, float], trace: Path, threshold: float, bench_gc: GcPauses
+) -> dict[str, Any]:
     """Per stage p50/p99 over all items, and for the items slower than `threshold`: the stage
     that took most of each one's time, and the pauses (embedder GC, event-loop delays, the
     bench's own GC) that overlapped it."""
     by_item, pauses = read_trace(trace)
     first = min(sent.values(), default=0.0)
     pauses = [p for p in pauses if p["end"] >= first]  # not setup's (gc.freeze collects once before the run)
-    windows = [("embedder_gc" if "gc" in p else "embedder_loop_late", p.get("start", p.get("loop_late")), p["end"])
-               for p in pauses] + [("bench_gc", start, end) for _, start, end in bench_gc.pauses]
+    windows = [
+        ("embedder_gc" if "gc" in p else "embedder_loop_late", p.get("start", p.get("loop_late")), p["end"])
+        for p in pauses
+    ] + [("bench_gc", start, end) for _, start, end in bench_gc.pauses]
     splits, causes, overlapping = [], {}, {"embedder_gc": 0, "embedder_loop_late": 0, "bench_gc": 0}
     worst_pause = {"embedder_gc": 0.0, "embedder_loop_late": 0.0, "bench_gc": 0.0}
     for item, seen_at in seen.items():
@@ -247,24 +275,38 @@ def explain(sent: dict[int, float], seen: dict[int, float], trace: Path, thresho
     gcs = [p for p in pauses if "gc" in p]
     return {
         "items_traced": len(splits),
-        "stage_p50_p99_ms": {stage: [round(float(np.percentile([s[stage] for s in splits], q)) * 1000, 1)
-                                     for q in (50, 99)] for stage in STAGES} if splits else {},
+        "stage_p50_p99_ms": {
+            stage: [round(float(np.percentile([s[stage] for s in splits], q)) * 1000, 1) for q in (50, 99)]
+            for stage in STAGES
+        }
+        if splits
+        else {},
         f"items_over_{threshold}_s_by_their_longest_stage": causes,
-        "pauses_overlapping_those_items": {kind: {"items": overlapping[kind],
-                                                  "worst_ms": round(worst_pause[kind] * 1000, 1)}
-                                           for kind in overlapping},
-        "embedder_gc_pauses_over_2_ms": {"count": len(gcs), "full": sum(1 for p in gcs if p["gc"] == 2),
-                                         "worst_ms": round(max((p["end"] - p["start"] for p in gcs), default=0) * 1000,
-                                                           1)},
+        "pauses_overlapping_those_items": {
+            kind: {"items": overlapping[kind], "worst_ms": round(worst_pause[kind] * 1000, 1)} for kind in overlapping
+        },
+        "embedder_gc_pauses_over_2_ms": {
+            "count": len(gcs),
+            "full": sum(1 for p in gcs if p["gc"] == 2),
+            "worst_ms": round(max((p["end"] - p["start"] for p in gcs), default=0) * 1000, 1),
+        },
         "embedder_loop_delays_over_2_ms": {
             "count": sum(1 for p in pauses if "loop_late" in p),
             # the loop thread's own CPU in those delays: low, the CPU was elsewhere (other processes)
-            "own_cpu_share": round(sum(p["cpu"] for p in pauses if "loop_late" in p)
-                                   / max(sum(p["end"] - p["loop_late"] for p in pauses if "loop_late" in p), 1e-9), 2),
-            "worst_ms": round(max((p["end"] - p["loop_late"] for p in pauses if "loop_late" in p), default=0) * 1000,
-                              1),
-            "worst_own_cpu_ms": round(max(((p["end"] - p["loop_late"], p["cpu"]) for p in pauses if "loop_late" in p),
-                                          default=(0, 0))[1] * 1000, 1)},
+            "own_cpu_share": round(
+                sum(p["cpu"] for p in pauses if "loop_late" in p)
+                / max(sum(p["end"] - p["loop_late"] for p in pauses if "loop_late" in p), 1e-9),
+                2,
+            ),
+            "worst_ms": round(
+                max((p["end"] - p["loop_late"] for p in pauses if "loop_late" in p), default=0) * 1000, 1
+            ),
+            "worst_own_cpu_ms": round(
+                max(((p["end"] - p["loop_late"], p["cpu"]) for p in pauses if "loop_late" in p), default=(0, 0))[1]
+                * 1000,
+                1,
+            ),
+        },
         "bench_gc": bench_gc.summary(),
     }
 
@@ -319,10 +361,12 @@ def triton_request_split(metrics_url: str) -> dict[str, float]:
             totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     requests = totals.get("nv_inference_request_success", 0.0) or 1.0
     compute = sum(totals.get(f"nv_inference_compute_{p}_duration_us", 0.0) for p in ("input", "infer", "output"))
-    return {"requests": int(totals.get("nv_inference_request_success", 0.0)),
-            "executions": int(totals.get("nv_inference_exec_count", 0.0)),
-            "queue_ms_per_request": round(totals.get("nv_inference_queue_duration_us", 0.0) / requests / 1000, 2),
-            "compute_ms_per_request": round(compute / requests / 1000, 2)}
+    return {
+        "requests": int(totals.get("nv_inference_request_success", 0.0)),
+        "executions": int(totals.get("nv_inference_exec_count", 0.0)),
+        "queue_ms_per_request": round(totals.get("nv_inference_queue_duration_us", 0.0) / requests / 1000, 2),
+        "compute_ms_per_request": round(compute / requests / 1000, 2),
+    }
 
 
 def main() -> None:
@@ -333,15 +377,27 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-wait", type=float, default=0.02)
     parser.add_argument("--stall", type=float, default=0.1, help="seconds of freshness that count as a stall")
-    parser.add_argument("--redis-fsync", choices=("everysec", "always"), default="everysec",
-                        help="appendfsync of the Redis append-only file")
-    parser.add_argument("--triton-threads", type=int, default=1,
-                        help="torch threads in Triton's model (OMP_NUM_THREADS); 0: torch's default (one per core)")
-    parser.add_argument("--trace-out", type=Path, help="keep the embedder's trace (JSON lines) and the items' send "
-                        "and seen times here")
-    parser.add_argument("--no-gc-freeze", action="store_true",
-                        help="leave the embedder's and this process' startup objects in the garbage collector (to "
-                        "compare: a full collection then scans every imported module)")
+    parser.add_argument(
+        "--redis-fsync",
+        choices=("everysec", "always"),
+        default="everysec",
+        help="appendfsync of the Redis append-only file",
+    )
+    parser.add_argument(
+        "--triton-threads",
+        type=int,
+        default=1,
+        help="torch threads in Triton's model (OMP_NUM_THREADS); 0: torch's default (one per core)",
+    )
+    parser.add_argument(
+        "--trace-out", type=Path, help="keep the embedder's trace (JSON lines) and the items' send and seen times here"
+    )
+    parser.add_argument(
+        "--no-gc-freeze",
+        action="store_true",
+        help="leave the embedder's and this process' startup objects in the garbage collector (to "
+        "compare: a full collection then scans every imported module)",
+    )
     args = parser.parse_args()
 
     import redis
@@ -365,11 +421,32 @@ def main() -> None:
     os.environ.pop("OMP_NUM_THREADS", None)
     http_port = servers.free_port()
     embedder = subprocess.Popen(
-        [sys.executable, "-m", "mmrank", "embedder", "run", "--encoder", f"e1={triton.extra['grpc_url']}",
-         "--store", redis_server.url, "--http-port", str(http_port), "--batch-size", str(args.batch_size),
-         "--max-wait", str(args.max_wait), "--consumer", "bench", "--trace", str(work / "trace.jsonl"),
-         *(["--no-gc-freeze"] if args.no_gc_freeze else [])],
-        cwd=work, stdout=open(work / "embedder.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        [
+            sys.executable,
+            "-m",
+            "mmrank",
+            "embedder",
+            "run",
+            "--encoder",
+            f"e1={triton.extra['grpc_url']}",
+            "--store",
+            redis_server.url,
+            "--http-port",
+            str(http_port),
+            "--batch-size",
+            str(args.batch_size),
+            "--max-wait",
+            str(args.max_wait),
+            "--consumer",
+            "bench",
+            "--trace",
+            str(work / "trace.jsonl"),
+            *(["--no-gc-freeze"] if args.no_gc_freeze else []),
+        ],
+        cwd=work,
+        stdout=open(work / "embedder.log", "wb"),  # noqa: SIM115 - the embedder's log, open while it runs
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_http(f"http://127.0.0.1:{http_port}/readyz")
         floor = direct_latency(str(triton.extra["grpc_url"]))
@@ -377,8 +454,12 @@ def main() -> None:
         store = RedisStore(redis.Redis.from_url(redis_server.url))
         sent: dict[int, float] = {}
         seen: dict[int, float] = {}
-        pids = {"triton (with its model stub)": triton.process.pid, "embedder": embedder.pid,
-                "redis": redis_server.process.pid, "this bench": os.getpid()}
+        pids = {
+            "triton (with its model stub)": triton.process.pid,
+            "embedder": embedder.pid,
+            "redis": redis_server.process.pid,
+            "this bench": os.getpid(),
+        }
         cpu_before = cpu_seconds(pids)
         publisher = threading.Thread(target=publish_steadily, args=(client, args.rate, args.seconds, sent))
         publisher.start()
@@ -405,7 +486,10 @@ def main() -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as response:
             metrics = response.read().decode()
         result = {
-            "rate_per_s": args.rate, "seconds": args.seconds, "items": total, "stored": len(seen),
+            "rate_per_s": args.rate,
+            "seconds": args.seconds,
+            "items": total,
+            "stored": len(seen),
             "freshness_p50_s": round(float(np.percentile(fresh, 50)), 4),
             "freshness_p99_s": round(float(np.percentile(fresh, 99)), 4),
             "freshness_max_s": round(float(fresh.max()), 4),
@@ -415,20 +499,29 @@ def main() -> None:
             "p50_p99_by_third_of_the_run_s": thirds,
             "embedder_histogram_p50_s": round(histogram_quantile(0.5, metrics), 3),
             "embedder_histogram_p99_s": round(histogram_quantile(0.99, metrics), 3),
-            "poll_interval_s": args.poll, "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+            "poll_interval_s": args.poll,
+            "cpus": os.cpu_count(),
+            "load_average": os.getloadavg(),
             "redis_appendfsync": args.redis_fsync,
-            f"stalls_over_{args.stall}_s": {"count": len(slow), "items": sum(r["items"] for r in slow),
-                                            "longest": sorted(slow, key=lambda r: -r["worst_s"])[:5]},
+            f"stalls_over_{args.stall}_s": {
+                "count": len(slow),
+                "items": sum(r["items"] for r in slow),
+                "longest": sorted(slow, key=lambda r: -r["worst_s"])[:5],
+            },
             "embedder_stage_p50_p99_s": {
-                stage: [round(histogram_quantile(q, metrics, "mmrank_embedder_stage_seconds", stage=stage), 4)
-                        for q in (0.5, 0.99)]
-                for stage in ("queued", "validate", "embed", "store", "ack")},
+                stage: [
+                    round(histogram_quantile(q, metrics, "mmrank_embedder_stage_seconds", stage=stage), 4)
+                    for q in (0.5, 0.99)
+                ]
+                for stage in ("queued", "validate", "embed", "store", "ack")
+            },
             "redis_latency_events_over_10_ms": redis_latency_events(admin),
             "redis_forks": redis_forks(admin),
             "triton_threads": args.triton_threads or "default",
             "triton_process_threads": triton_threads(triton.process.pid),
-            "cpu_ms_per_item": {name: round((cpu_after[name] - cpu_before[name]) * 1000 / max(len(seen), 1), 3)
-                                for name in pids},
+            "cpu_ms_per_item": {
+                name: round((cpu_after[name] - cpu_before[name]) * 1000 / max(len(seen), 1), 3) for name in pids
+            },
             "stalls_explained": explain(sent, seen, work / "trace.jsonl", args.stall, bench_gc),
             "triton_requests": triton_request_split(str(triton.extra["metrics_url"])),
         }

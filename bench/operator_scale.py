@@ -8,6 +8,7 @@ backfill Job). Quick run: `--rankers 30`.
 
     .venv/bin/python bench/operator_scale.py --rankers 300
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,15 +32,21 @@ PER_RANKER = 5  # ConfigMap, Service, encoder Deployment, embedder Deployment, b
 
 
 def manifest(name: str, namespace: str, store_url: str) -> dict:
-    return {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name, "namespace": namespace},
-            "spec": {"encoder": {"version": "e1", "modelUri": "s3://models/encoder/e1"},
-                     "ranker": {"version": "r1", "modelUri": "s3://models/ranker/r1", "encoderVersion": "e1"},
-                     "embeddings": {"store": {"url": store_url},
-                                    "backfill": {"catalogueUri": "s3://catalogue/snapshots/today"}}}}
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "encoder": {"version": "e1", "modelUri": "s3://models/encoder/e1"},
+            "ranker": {"version": "r1", "modelUri": "s3://models/ranker/r1", "encoderVersion": "e1"},
+            "embeddings": {"store": {"url": store_url}, "backfill": {"catalogueUri": "s3://catalogue/snapshots/today"}},
+        },
+    }
 
 
-def watch_children(api_client: object, namespace: str, seen: dict, modified: list,
-                   stop: threading.Event) -> list[threading.Thread]:
+def watch_children(
+    api_client: object, namespace: str, seen: dict, modified: list, stop: threading.Event
+) -> list[threading.Thread]:
     from kubernetes import dynamic
 
     client = dynamic.DynamicClient(api_client)
@@ -50,8 +57,9 @@ def watch_children(api_client: object, namespace: str, seen: dict, modified: lis
         def run(resource: object = resource, kind: str = kind) -> None:
             while not stop.is_set():
                 try:
-                    for event in resource.watch(namespace=namespace, label_selector="app.kubernetes.io/managed-by=mmrank",
-                                                timeout=5):
+                    for event in resource.watch(
+                        namespace=namespace, label_selector="app.kubernetes.io/managed-by=mmrank", timeout=5
+                    ):
                         obj = event["raw_object"]["metadata"]
                         if event["type"] == "ADDED":
                             seen.setdefault((kind, obj["name"]), (time.monotonic(), obj["labels"]["mmrank.io/ranker"]))
@@ -93,8 +101,9 @@ def widen_service_range() -> None:
     launch = servers._launch
 
     def wide(name: str, argv: list[str], workdir: Path, env: dict | None = None):  # type: ignore[no-untyped-def]
-        argv = [a.replace("10.96.0.0/24", "10.96.0.0/16") if a.startswith("--service-cluster-ip-range") else a
-                for a in argv]
+        argv = [
+            a.replace("10.96.0.0/24", "10.96.0.0/16") if a.startswith("--service-cluster-ip-range") else a for a in argv
+        ]
         return launch(name, argv, workdir, env)
 
     servers._launch = wide  # type: ignore[assignment]
@@ -104,8 +113,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rankers", type=int, default=300)
     parser.add_argument("--timeout", type=float, default=900)
-    parser.add_argument("--interval", type=float, default=30, help="operator timer interval (s); the steady-state "
-                        "window after convergence is this plus 10 s")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=30,
+        help="operator timer interval (s); the steady-state window after convergence is this plus 10 s",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
@@ -113,7 +126,7 @@ def main() -> int:
     from kubernetes import config, dynamic
 
     urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # run the cleanup below on SIGTERM
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below on SIGTERM
     widen_service_range()
     workdir = Path(tempfile.mkdtemp(prefix="mmrank-bench-operator-"))
     apiserver = servers.start_kube_apiserver(workdir / "apiserver")
@@ -121,17 +134,38 @@ def main() -> int:
     operator = None
     try:
         api_client = config.new_client_from_config(config_file=str(apiserver.extra["kubeconfig"]))
-        servers.install_crds(api_client, [*servers.kserve_crds_for_k8s_1_20(servers.shared_dir() / "schemas" / "kserve"),
-                                          servers._drop_empty_string_defaults(api_crd.crd_manifest(cel=False))])
+        servers.install_crds(
+            api_client,
+            [
+                *servers.kserve_crds_for_k8s_1_20(servers.shared_dir() / "schemas" / "kserve"),
+                servers._drop_empty_string_defaults(api_crd.crd_manifest(cel=False)),
+            ],
+        )
         client = dynamic.DynamicClient(api_client)
         namespace = "bench"
         client.resources.get(api_version="v1", kind="Namespace").create(
-            body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+            body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
+        )
         env = {**os.environ, "KUBECONFIG": str(apiserver.extra["kubeconfig"])}
         log = open(workdir / "operator.log", "wb")  # noqa: SIM115
-        operator = subprocess.Popen([sys.executable, "-m", "mmrank", "operator", "run", "--standalone",
-                                     "--namespace", namespace, "--interval", str(args.interval)],
-                                    stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+        operator = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mmrank",
+                "operator",
+                "run",
+                "--standalone",
+                "--namespace",
+                namespace,
+                "--interval",
+                str(args.interval),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=workdir,
+        )
         time.sleep(3)
         seen: dict = {}
         stop = threading.Event()
@@ -162,17 +196,24 @@ def main() -> int:
         time.sleep(5)
         quiet_from = time.monotonic()
         cpu_before = cpu_seconds(operator.pid)
-        status_before = {r["metadata"]["name"]: r["metadata"]["resourceVersion"]
-                         for r in rankers.get(namespace=namespace).to_dict()["items"]}
+        status_before = {
+            r["metadata"]["name"]: r["metadata"]["resourceVersion"]
+            for r in rankers.get(namespace=namespace).to_dict()["items"]
+        }
         time.sleep(args.interval + 10)
         cpu_quiet = cpu_seconds(operator.pid) - cpu_before
-        status_after = {r["metadata"]["name"]: r["metadata"]["resourceVersion"]
-                        for r in rankers.get(namespace=namespace).to_dict()["items"]}
+        status_after = {
+            r["metadata"]["name"]: r["metadata"]["resourceVersion"]
+            for r in rankers.get(namespace=namespace).to_dict()["items"]
+        }
         rss = rss_kib(operator.pid)
         stop.set()
         figures = {
-            "rankers": args.rankers, "children_applied": len(seen), "children_expected": want,
-            "create_seconds": round(create_s, 2), "all_children_applied_seconds": round(total_s, 2),
+            "rankers": args.rankers,
+            "children_applied": len(seen),
+            "children_expected": want,
+            "create_seconds": round(create_s, 2),
+            "all_children_applied_seconds": round(total_s, 2),
             "child_latency_p50_s": round(statistics.median(latencies), 3),
             "child_latency_p99_s": round(percentile(latencies, 0.99), 3),
             "ranker_complete_p50_s": round(statistics.median(per_ranker.values()), 3),

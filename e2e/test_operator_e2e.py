@@ -1,5 +1,6 @@
 """The operator against a real cluster named by KUBECONFIG (see e2e/README.md). Skipped, with the
 reason, when there is none: these are not part of CI, which runs tests/ on a bare apiserver."""
+
 from __future__ import annotations
 
 import os
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-TIMER_S = 2.0   # the operator's level-triggered reconcile interval here
+TIMER_S = 2.0  # the operator's level-triggered reconcile interval here
 
 
 def _api_client() -> Any:
@@ -51,7 +52,9 @@ def test_create_apply_idempotent_delete() -> None:
     version = dynamic.DynamicClient(api_client).version["kubernetes"]
     cel = (int(version["major"]), int(str(version["minor"]).rstrip("+"))) >= (1, 25)
     # Old apiservers know no CEL and refuse `default: ""` (KServe's CRDs and ours alike).
-    crds = [api_crd.crd_manifest(cel=True) if cel else servers._drop_empty_string_defaults(api_crd.crd_manifest(cel=False))]
+    crds = [
+        api_crd.crd_manifest(cel=True) if cel else servers._drop_empty_string_defaults(api_crd.crd_manifest(cel=False))
+    ]
     crds += servers.kserve_crds_for_k8s_1_20(servers.shared_dir() / "schemas" / "kserve")
     servers.install_crds(api_client, crds, field_manager="mmrank-e2e")
     client = dynamic.DynamicClient(api_client)
@@ -63,27 +66,48 @@ def test_create_apply_idempotent_delete() -> None:
     def children() -> dict:
         out = {}
         for api_version, kind in CHILD_KINDS:
-            for item in client.resources.get(api_version=api_version, kind=kind).get(
-                    namespace=namespace, label_selector="mmrank.io/ranker=shop").to_dict()["items"]:
+            for item in (
+                client.resources.get(api_version=api_version, kind=kind)
+                .get(namespace=namespace, label_selector="mmrank.io/ranker=shop")
+                .to_dict()["items"]
+            ):
                 out[(kind, item["metadata"]["name"])] = item
         return out
 
     handlers.Context.kube = Kube(api_client)
     handlers.Context.store = observe.FixedCoverage({"e1": 0.25})
     try:
-        with KopfRunner(["run", "--standalone", "--namespace", namespace], timeout=60,
-                        registry=handlers.register(kopf.OperatorRegistry(), interval=TIMER_S)):
-            rankers.create(namespace=namespace, body={
-                "apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "shop"},
-                "spec": {"encoder": {"version": "e1", "modelUri": "s3://models/encoder/e1", "gpus": 0},
-                         "ranker": {"version": "r1", "modelUri": "s3://models/ranker/r1", "encoderVersion": "e1"},
-                         "embeddings": {"store": {"url": "redis://redis.invalid:6379/0"},
-                                        "backfill": {"catalogueUri": "s3://catalogue/snapshots/today"}}}})
+        with KopfRunner(
+            ["run", "--standalone", "--namespace", namespace],
+            timeout=60,
+            registry=handlers.register(kopf.OperatorRegistry(), interval=TIMER_S),
+        ):
+            rankers.create(
+                namespace=namespace,
+                body={
+                    "apiVersion": api.API_VERSION,
+                    "kind": api.KIND,
+                    "metadata": {"name": "shop"},
+                    "spec": {
+                        "encoder": {"version": "e1", "modelUri": "s3://models/encoder/e1", "gpus": 0},
+                        "ranker": {"version": "r1", "modelUri": "s3://models/ranker/r1", "encoderVersion": "e1"},
+                        "embeddings": {
+                            "store": {"url": "redis://redis.invalid:6379/0"},
+                            "backfill": {"catalogueUri": "s3://catalogue/snapshots/today"},
+                        },
+                    },
+                },
+            )
             found = _wait("children", lambda: len(c := children()) == 5 and c)
             uid = rankers.get(name="shop", namespace=namespace).metadata.uid
             assert all(c["metadata"]["ownerReferences"][0]["uid"] == uid for c in found.values())
-            _wait("Backfilling", lambda: (rankers.get(name="shop", namespace=namespace).to_dict().get("status") or {})
-                  .get("phase") == "Backfilling")
+            _wait(
+                "Backfilling",
+                lambda: (
+                    (rankers.get(name="shop", namespace=namespace).to_dict().get("status") or {}).get("phase")
+                    == "Backfilling"
+                ),
+            )
             before = {k: v["metadata"].get("generation") for k, v in children().items()}
             time.sleep(5)
             assert {k: v["metadata"].get("generation") for k, v in children().items()} == before

@@ -8,6 +8,7 @@ the checkpoint a restarted pod resumes from, so a kill costs at most two windows
 (the one being written, the one being embedded), and a repeated item overwrites its own vector (the space's item
 count, hence coverage, never counts it twice). Failures end the process: the Job restarts the pod.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -43,7 +44,7 @@ class BackfillConfig:
 
 
 def parse_shard(text: str, env: Mapping[str, str]) -> tuple[int, int]:
-    """"I/N" -> (I, N); "/N" takes I from JOB_COMPLETION_INDEX (a Kubernetes Indexed Job)."""
+    """ "I/N" -> (I, N); "/N" takes I from JOB_COMPLETION_INDEX (a Kubernetes Indexed Job)."""
     index, sep, count = text.partition("/")
     if not sep:
         raise ValueError(f"--shard must be I/N, got {text!r}")
@@ -51,8 +52,9 @@ def parse_shard(text: str, env: Mapping[str, str]) -> tuple[int, int]:
     try:
         i, n = int(index), int(count)
     except ValueError:
-        raise ValueError(f"--shard must be I/N with integers (I from JOB_COMPLETION_INDEX when empty), "
-                         f"got {text!r}") from None
+        raise ValueError(
+            f"--shard must be I/N with integers (I from JOB_COMPLETION_INDEX when empty), got {text!r}"
+        ) from None
     if not 0 <= i < n:
         raise ValueError(f"shard index must be in [0, {n}), got {i}")
     return i, n
@@ -102,7 +104,7 @@ def resume_from(checkpoints: Mapping[str, tuple[int, int]], n_items: int, shard:
 def windows(start: int, stop: int, batch_size: int, in_flight: int) -> list[list[tuple[int, int]]]:
     """Rows [start, stop) as windows of up to `in_flight` batches of `batch_size` rows."""
     batches = [(i, min(i + batch_size, stop)) for i in range(start, stop, batch_size)]
-    return [batches[i:i + in_flight] for i in range(0, len(batches), in_flight)]
+    return [batches[i : i + in_flight] for i in range(0, len(batches), in_flight)]
 
 
 class Catalogue(Protocol):
@@ -145,8 +147,9 @@ class ShopCatalogue:
         self.titles = [titles[i] for i in order]
         self.images = np.load(directory / "images.npy", mmap_mode="r")
         if len(self.images) < int(self.item_ids.max(initial=-1)) + 1:
-            raise ValueError(f"{directory}: images.npy has {len(self.images)} rows for item ids "
-                             f"up to {self.item_ids.max()}")
+            raise ValueError(
+                f"{directory}: images.npy has {len(self.images)} rows for item ids up to {self.item_ids.max()}"
+            )
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -166,8 +169,15 @@ def checkpoints(store: EmbeddingStore, space: str) -> dict[str, tuple[int, int]]
     return {name: (shard.done, shard.total) for name, shard in store.space_info(space).backfill.items()}
 
 
-async def store_window(store: EmbeddingStore, config: BackfillConfig, ids: np.ndarray, vectors: np.ndarray,
-                       done: int, total: int, on_progress: Callable[[int], None]) -> None:
+async def store_window(
+    store: EmbeddingStore,
+    config: BackfillConfig,
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    done: int,
+    total: int,
+    on_progress: Callable[[int], None],
+) -> None:
     """Write one window, then move the checkpoint past it (while Triton embeds the next one).
 
     Rows go in with event time 0: the backfill fills what no item event has written, and never
@@ -177,8 +187,12 @@ async def store_window(store: EmbeddingStore, config: BackfillConfig, ids: np.nd
     on_progress(len(ids))
 
 
-async def backfill(config: BackfillConfig, store: EmbeddingStore, catalogue: Catalogue,
-                   on_progress: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
+async def backfill(
+    config: BackfillConfig,
+    store: EmbeddingStore,
+    catalogue: Catalogue,
+    on_progress: Callable[[int], None] = lambda n: None,
+) -> dict[str, Any]:
     encoder = TritonEncoder(config.target)
     writing: asyncio.Task[None] | None = None
     try:
@@ -199,8 +213,9 @@ async def backfill(config: BackfillConfig, store: EmbeddingStore, catalogue: Cat
                 await writing  # the checkpoint only ever moves past windows that are stored
             ids = np.concatenate([p[0] for p in parts])
             done += len(ids)
-            writing = asyncio.create_task(store_window(store, config, ids, np.concatenate(vectors), done, total,
-                                                       on_progress))
+            writing = asyncio.create_task(
+                store_window(store, config, ids, np.concatenate(vectors), done, total, on_progress)
+            )
         if writing is not None:
             await writing
         elapsed = time.perf_counter() - began
@@ -210,10 +225,17 @@ async def backfill(config: BackfillConfig, store: EmbeddingStore, catalogue: Cat
         await encoder.close()
     info = store.space_info(config.space)
     embedded = done - resumed_from
-    return {"space": config.space, "shard": config.shard_name, "done": done, "total": total,
-            "resumed_from": resumed_from, "embedded": embedded,
-            "items_per_s": round(embedded / elapsed, 1) if elapsed > 0 and embedded else 0.0,
-            "space_items": info.items, "coverage": info.coverage}
+    return {
+        "space": config.space,
+        "shard": config.shard_name,
+        "done": done,
+        "total": total,
+        "resumed_from": resumed_from,
+        "embedded": embedded,
+        "items_per_s": round(embedded / elapsed, 1) if elapsed > 0 and embedded else 0.0,
+        "space_items": info.items,
+        "coverage": info.coverage,
+    }
 
 
 def run(config: BackfillConfig) -> dict[str, Any]:
@@ -223,12 +245,26 @@ def run(config: BackfillConfig) -> dict[str, Any]:
     store = open_store(config.store_url, config.scope)
     catalogue = ShopCatalogue(config.catalogue)
     start, stop = shard_range(len(catalogue), config.shard, config.shards)
-    with tqdm(total=stop - start, desc=f"backfill {config.space} {config.shard_name}", unit="item",
-              disable=not config.progress, mininterval=0.5) as bar:
+    with tqdm(
+        total=stop - start,
+        desc=f"backfill {config.space} {config.shard_name}",
+        unit="item",
+        disable=not config.progress,
+        mininterval=0.5,
+    ) as bar:
         result = asyncio.run(backfill(config, store, catalogue, bar.update))
     store.close()
     return result
 
 
-__all__ = ["ArrayCatalogue", "BackfillConfig", "Catalogue", "ShopCatalogue", "SpaceNotFound", "backfill", "parse_shard",
-           "run", "shard_range"]
+__all__ = [
+    "ArrayCatalogue",
+    "BackfillConfig",
+    "Catalogue",
+    "ShopCatalogue",
+    "SpaceNotFound",
+    "backfill",
+    "parse_shard",
+    "run",
+    "shard_range",
+]

@@ -1,4 +1,5 @@
 """Subcommands of the encoder part: `encoders` (train, eval, export, embed), `embedder`, `backfill`."""
+
 from __future__ import annotations
 
 import argparse

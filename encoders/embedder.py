@@ -32,6 +32,7 @@ item at a time, while a probe item still goes through, and dead-lettered with th
 `encoder_rejected`, so one poisoned item never stalls the stream. Up to `in_flight` batches are
 embedded at once; an item's events are embedded in stream order.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -95,9 +96,12 @@ class Embedder:
         self.in_flight: dict[bytes, asyncio.Task[None]] = {}
         self.item_tasks: dict[int, asyncio.Task[None]] = {}
         self.running: set[asyncio.Task[None]] = set()
-        self.stream = ItemStream(config, redis_client(config.redis_url, asyncio=True,
-                                                      socket_timeout=config.idle_block + 10),
-                                 self.metrics, self.in_flight)
+        self.stream = ItemStream(
+            config,
+            redis_client(config.redis_url, asyncio=True, socket_timeout=config.idle_block + 10),
+            self.metrics,
+            self.in_flight,
+        )
         self.trace = Trace(config.trace) if config.trace else None
         self.trace_record: dict[str, float] = {}
         self.gc_watch = GcWatch(self.metrics.gc_pause, self.trace)
@@ -111,14 +115,24 @@ class Embedder:
         return self.stream.redis_ok and self.store_ok and all(self.triton_ok.values())
 
     def state(self) -> dict[str, Any]:
-        return {"ready": self.ready, "redis": self.stream.redis_ok, "store": self.store_ok,
-                "encoders": dict(self.triton_ok),
-                "processed": self.processed, "heartbeat_age_s": round(time.monotonic() - self.heartbeat, 3)}
+        return {
+            "ready": self.ready,
+            "redis": self.stream.redis_ok,
+            "store": self.store_ok,
+            "encoders": dict(self.triton_ok),
+            "processed": self.processed,
+            "heartbeat_age_s": round(time.monotonic() - self.heartbeat, 3),
+        }
 
     # retrying ------------------------------------------------------------------------------
 
-    async def retry(self, what: str, action: Callable[[], Awaitable[T]], on_error: Callable[[], None] = lambda: None,
-                    give_up: Callable[[BaseException, int], bool] = lambda exc, attempt: False) -> T:
+    async def retry(
+        self,
+        what: str,
+        action: Callable[[], Awaitable[T]],
+        on_error: Callable[[], None] = lambda: None,
+        give_up: Callable[[BaseException, int], bool] = lambda exc, attempt: False,
+    ) -> T:
         """Run `action` until it succeeds; count each failure as `what`; stop on shutdown, or
         when `give_up(exc, attempt)` says no retry will help."""
         attempt = 0
@@ -157,16 +171,20 @@ class Embedder:
         await self.retry("redis_unavailable", self.stream.ensure_group, self.stream.lost)
         for encoder in self.encoders:
             # A space that exists with another dim or dtype is a configuration error: crash.
-            await self.retry("triton_unavailable", lambda e=encoder: self.ensure_space(e),
-                             lambda e=encoder: self.triton_ok.__setitem__(e.target.space, False),
-                             give_up=lambda exc, attempt: isinstance(exc, ValueError))
+            await self.retry(
+                "triton_unavailable",
+                lambda e=encoder: self.ensure_space(e),
+                lambda e=encoder: self.triton_ok.__setitem__(e.target.space, False),
+                give_up=lambda exc, attempt: isinstance(exc, ValueError),
+            )
         if self.config.freeze_gc:
             freeze_startup_objects()
 
     # one batch -----------------------------------------------------------------------------
 
-    async def embed_space(self, encoder: TritonEncoder, events: Sequence[ItemEvent],
-                          marks: dict[str, float] | None = None) -> list[tuple[ItemEvent, str]]:
+    async def embed_space(
+        self, encoder: TritonEncoder, events: Sequence[ItemEvent], marks: dict[str, float] | None = None
+    ) -> list[tuple[ItemEvent, str]]:
         """Embed and store `events` in one space; returns the events its encoder refused.
         `marks` gets the wall time of embed_start, embed_end and stored (for the trace)."""
         space = encoder.target.space
@@ -181,13 +199,15 @@ class Embedder:
 
         try:
             with self.metrics.stage.labels(stage="embed").time():
-                vectors = await self.retry("triton_unavailable", lambda: encoder.embed(*model_inputs(events)),
-                                           triton_down, refused)
+                vectors = await self.retry(
+                    "triton_unavailable", lambda: encoder.embed(*model_inputs(events)), triton_down, refused
+                )
             rejected: list[tuple[ItemEvent, str]] = []
         except Exception as exc:  # noqa: BLE001 - only rejections get here (retry gives up on nothing else)
             log.warning("encoder for %s refused a batch of %d (%s); isolating the items", space, len(events), exc)
-            events, vectors, rejected = await self.retry("triton_unavailable", lambda: self.isolate(encoder, events),
-                                                         triton_down)
+            events, vectors, rejected = await self.retry(
+                "triton_unavailable", lambda: self.isolate(encoder, events), triton_down
+            )
         self.triton_ok[space] = True
         marks["embed_end"] = time.time()
         written = np.zeros(0, dtype=bool)
@@ -195,9 +215,11 @@ class Embedder:
             ids = np.array([e.item_id for e in events], dtype=np.int64)
             times = np.array([e.event_time for e in events], dtype=np.float64)
             with self.metrics.stage.labels(stage="store").time():
-                written = await self.retry("store_write",
-                                           lambda: asyncio.to_thread(self.store.put, space, ids, vectors, times),
-                                           self._store_failed)
+                written = await self.retry(
+                    "store_write",
+                    lambda: asyncio.to_thread(self.store.put, space, ids, vectors, times),
+                    self._store_failed,
+                )
             self.store_ok = True
         stored = marks["stored"] = time.time()
         for event, fresh in zip(events, written, strict=True):
@@ -208,8 +230,9 @@ class Embedder:
             self.metrics.stale.labels(space=space).inc(int((~written).sum()))
         return rejected
 
-    async def isolate(self, encoder: TritonEncoder,
-                      events: Sequence[ItemEvent]) -> tuple[list[ItemEvent], np.ndarray, list[tuple[ItemEvent, str]]]:
+    async def isolate(
+        self, encoder: TritonEncoder, events: Sequence[ItemEvent]
+    ) -> tuple[list[ItemEvent], np.ndarray, list[tuple[ItemEvent, str]]]:
         """Embed one item at a time to find the ones the encoder refuses. Only while a probe item
         goes through: a broken encoder refuses everything, and must not empty the stream into
         the dead letters."""
@@ -267,8 +290,12 @@ class Embedder:
         trace line (with --trace), completed here and written."""
         events = latest_per_item(good)
         spaces: dict[str, dict[str, float]] = {}
-        refused = await asyncio.gather(*(self.embed_space(encoder, events, spaces.setdefault(encoder.target.space, {}))
-                                         for encoder in self.encoders))
+        refused = await asyncio.gather(
+            *(
+                self.embed_space(encoder, events, spaces.setdefault(encoder.target.space, {}))
+                for encoder in self.encoders
+            )
+        )
         by_item = {event.item_id: (event, detail) for per_space in refused for event, detail in per_space}
         rejected = list(by_item.values())
         if rejected:
@@ -285,8 +312,12 @@ class Embedder:
         record = None
         if self.trace is not None:
             self.trace.batches += 1
-            record = {"batch": self.trace.batches, "items": [e.item_id for e in good], **self.trace_record,
-                      "launched": time.time()}
+            record = {
+                "batch": self.trace.batches,
+                "items": [e.item_id for e in good],
+                **self.trace_record,
+                "launched": time.time(),
+            }
         task = asyncio.create_task(self.process(good, record))
         for event in good:
             self.in_flight[event.message_id.encode()] = task

@@ -7,6 +7,7 @@ Retry-After, while the stream holds `stream_max_len` entries; 503 `redis_unavail
 `/healthz` (the batch loop is alive), `/readyz` (Redis and every encoder answer) and `/metrics`
 (`mmrank.encoders.embedder_metrics`).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -60,8 +61,9 @@ def http_app(embedder: Embedder) -> Any:
             return web.json_response({"error": exc.reason, "detail": exc.detail}, status=status)
         except StreamFull as exc:
             embedder.metrics.errors.labels(reason="stream_full").inc()
-            return web.json_response({"error": "stream_full", "detail": str(exc)}, status=503,
-                                     headers={"Retry-After": "1"})
+            return web.json_response(
+                {"error": "stream_full", "detail": str(exc)}, status=503, headers={"Retry-After": "1"}
+            )
         except (ConnectionError, OSError, TimeoutError) as exc:
             return web.json_response({"error": "redis_unavailable", "detail": str(exc)}, status=503)
         except Exception as exc:  # noqa: BLE001 - redis errors are not all ConnectionError subclasses
@@ -82,8 +84,14 @@ def http_app(embedder: Embedder) -> Any:
         return web.Response(body=embedder.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application(client_max_size=2 * MAX_EVENT_BYTES)
-    app.add_routes([web.post("/items", post_item), web.get("/healthz", healthz), web.get("/readyz", readyz),
-                    web.get("/metrics", metrics)])
+    app.add_routes(
+        [
+            web.post("/items", post_item),
+            web.get("/healthz", healthz),
+            web.get("/readyz", readyz),
+            web.get("/metrics", metrics),
+        ]
+    )
     return app
 
 

@@ -6,6 +6,7 @@ which the operator sets on the embedder Deployment. `MMRANK_STORE_URL` (with
 `MMRANK_STORE_PASSWORD`), `MMRANK_REDIS_URL` (the stream's Redis; defaults to the store when that
 is Redis), `MMRANK_SCOPE`, `MMRANK_ITEM_STREAM` and `MMRANK_CONSUMER_GROUP` likewise.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,7 +46,7 @@ class EmbedderConfig:
     backoff_cap: float = 5.0
     triton_timeout: float = 30.0
     scope: Scope = DEFAULT_SCOPE
-    stream: str = ""       # default: the scope's item stream; a named one may be shared by rankers
+    stream: str = ""  # default: the scope's item stream; a named one may be shared by rankers
     dead_stream: str = ""  # default: the scope's dead letters (always the ranker's own)
     group: str = "embedder"  # scoped to the ranker: <prefix>embedder
     max_deliveries: int = 5
@@ -58,16 +59,23 @@ class EmbedderConfig:
 
     def __post_init__(self) -> None:
         if self.max_deliveries < 3:
-            raise ValueError(f"max_deliveries must be at least 3 (a batch-mate of a crashing entry is delivered "
-                             f"up to 3 times), got {self.max_deliveries}")
+            raise ValueError(
+                f"max_deliveries must be at least 3 (a batch-mate of a crashing entry is delivered "
+                f"up to 3 times), got {self.max_deliveries}"
+            )
         self.stream = self.stream or self.scope.item_stream
         self.dead_stream = self.dead_stream or self.scope.dead_letter_stream
         if not self.scope.owns(self.group):
             self.group = self.scope.consumer_group(self.group)
 
 
-def config_from_env(encoders: Sequence[str] = (), store_url: str | None = None, redis_url: str | None = None,
-                    scope: str | None = None, **overrides: Any) -> EmbedderConfig:
+def config_from_env(
+    encoders: Sequence[str] = (),
+    store_url: str | None = None,
+    redis_url: str | None = None,
+    scope: str | None = None,
+    **overrides: Any,
+) -> EmbedderConfig:
     """Flags first, then MMRANK_ENCODERS / MMRANK_STORE_URL / MMRANK_REDIS_URL / MMRANK_SCOPE /
     MMRANK_ITEM_STREAM / MMRANK_CONSUMER_GROUP (what the operator sets on the Deployment)."""
     specs = list(encoders) or [os.environ.get(ENV_ENCODERS, "")]
@@ -79,5 +87,10 @@ def config_from_env(encoders: Sequence[str] = (), store_url: str | None = None, 
         raise ValueError(f"the item stream needs Redis: pass --redis URL or set {ENV_REDIS}")
     overrides.setdefault("stream", os.environ.get(ENV_STREAM) or None)
     overrides.setdefault("group", os.environ.get(ENV_GROUP) or None)
-    return EmbedderConfig(encoders=parse_encoders(specs), store_url=store_url, redis_url=redis_url,
-                          scope=scope_from_env(scope), **{k: v for k, v in overrides.items() if v is not None})
+    return EmbedderConfig(
+        encoders=parse_encoders(specs),
+        store_url=store_url,
+        redis_url=redis_url,
+        scope=scope_from_env(scope),
+        **{k: v for k, v in overrides.items() if v is not None},
+    )

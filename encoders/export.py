@@ -11,6 +11,7 @@
 The python backend is the caller-friendly one (raw pixels and the title as text); the
 onnxruntime and libtorch (`pytorch`) backends take token ids from `tokenizer.json`.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,9 +61,16 @@ def to_onnx(encoder: ItemEncoder, path: Path, opset: int = 17) -> Path:
     wrapper = ExportedEncoder(encoder.cpu()).eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation and tracer notes
-        torch.onnx.export(wrapper, example_inputs(encoder), str(path), input_names=["IMAGE", "TOKEN_IDS"],
-                          output_names=["EMBEDDING"], opset_version=opset, dynamo=False,
-                          dynamic_axes={"IMAGE": {0: "batch"}, "TOKEN_IDS": {0: "batch"}, "EMBEDDING": {0: "batch"}})
+        torch.onnx.export(
+            wrapper,
+            example_inputs(encoder),
+            str(path),
+            input_names=["IMAGE", "TOKEN_IDS"],
+            output_names=["EMBEDDING"],
+            opset_version=opset,
+            dynamo=False,
+            dynamic_axes={"IMAGE": {0: "batch"}, "TOKEN_IDS": {0: "batch"}, "EMBEDDING": {0: "batch"}},
+        )
     return path
 
 
@@ -72,16 +80,34 @@ def _as_encoder(encoder_or_checkpoint_dir: ItemEncoder | str | Path) -> tuple[It
     return load_encoder(encoder_or_checkpoint_dir), str(Path(encoder_or_checkpoint_dir).resolve())
 
 
-def export_repository(encoder_or_checkpoint_dir: ItemEncoder | str | Path, repo_dir: str | Path, version: str = "1",
-                      backend: str = "python", max_batch_size: int = 64, max_queue_delay_us: int = 2000,
-                      instance_kind: str = "KIND_CPU", instance_count: int = 1, model_name: str = ENCODER_MODEL_NAME,
-                      dynamic_batching: bool = True) -> Path:
+def export_repository(
+    encoder_or_checkpoint_dir: ItemEncoder | str | Path,
+    repo_dir: str | Path,
+    version: str = "1",
+    backend: str = "python",
+    max_batch_size: int = 64,
+    max_queue_delay_us: int = 2000,
+    instance_kind: str = "KIND_CPU",
+    instance_count: int = 1,
+    model_name: str = ENCODER_MODEL_NAME,
+    dynamic_batching: bool = True,
+) -> Path:
     """Write (or add a version to) `<repo_dir>/<model_name>`; returns that model directory."""
     encoder, source = _as_encoder(encoder_or_checkpoint_dir)
     encoder = encoder.cpu().eval()
     config = encoder.config
-    text = config_pbtxt(model_name, backend, max_batch_size, max_queue_delay_us, instance_kind, instance_count,
-                        config.dim, dynamic_batching, config.image_size, config.token_length)
+    text = config_pbtxt(
+        model_name,
+        backend,
+        max_batch_size,
+        max_queue_delay_us,
+        instance_kind,
+        instance_count,
+        config.dim,
+        dynamic_batching,
+        config.image_size,
+        config.token_length,
+    )
     model_dir = Path(repo_dir) / model_name
     version_dir = model_dir / str(version)
     if version_dir.exists():
@@ -95,8 +121,14 @@ def export_repository(encoder_or_checkpoint_dir: ItemEncoder | str | Path, repo_
         (version_dir / "model.py").write_text(MODEL_PY)
     shutil.copyfile(tokenizer_module.__file__, version_dir / "tokenizer.py")
     encoder.tokenizer.save(version_dir)
-    meta = {"model_name": model_name, "version": str(version), "backend": backend, "checkpoint": source,
-            "encoder": config.to_dict(), "inputs": _input_doc(backend, config.image_size, config.token_length)}
+    meta = {
+        "model_name": model_name,
+        "version": str(version),
+        "backend": backend,
+        "checkpoint": source,
+        "encoder": config.to_dict(),
+        "inputs": _input_doc(backend, config.image_size, config.token_length),
+    }
     (version_dir / "encoder.json").write_text(json.dumps(meta, indent=2) + "\n")
     (model_dir / "config.pbtxt").write_text(text)
     return model_dir

@@ -9,6 +9,7 @@ fails validation goes to the ranker's dead letters (`Scope.dead_letter_stream`) 
 and a `reason`. The same validation answers the embedder's
 HTTP endpoint, so a bad event is refused there with the same reason. Torch-free.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,17 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_EVENT_BYTES = MAX_IMAGE_BYTES + (64 << 10)
 MAX_DEAD_LETTER_FIELD_BYTES = 64 << 10  # a dead letter keeps the fields to diagnose it, not 4 MB images
 
-__all__ = ["DEAD_LETTER_STREAM", "EMBEDDER_GROUP", "ITEM_STREAM", "BadEvent", "ItemEvent", "StreamFull", "event_fields",
-           "parse_event", "publish_item"]
+__all__ = [
+    "DEAD_LETTER_STREAM",
+    "EMBEDDER_GROUP",
+    "ITEM_STREAM",
+    "BadEvent",
+    "ItemEvent",
+    "StreamFull",
+    "event_fields",
+    "parse_event",
+    "publish_item",
+]
 
 
 class BadEvent(ValueError):
@@ -85,7 +95,9 @@ def decode_image(data: bytes) -> RGBImage:
     try:
         with PILImage.open(io.BytesIO(data)) as opened:
             if opened.width * opened.height > MAX_IMAGE_PIXELS:  # checked before decoding a single pixel
-                raise BadEvent("oversized", f"image is {opened.width}x{opened.height} (limit {MAX_IMAGE_PIXELS} pixels)")
+                raise BadEvent(
+                    "oversized", f"image is {opened.width}x{opened.height} (limit {MAX_IMAGE_PIXELS} pixels)"
+                )
             image = opened.convert("RGB")
             if image.size != (IMAGE_SIZE, IMAGE_SIZE):
                 image = image.resize((IMAGE_SIZE, IMAGE_SIZE), PILImage.Resampling.BILINEAR)
@@ -162,11 +174,19 @@ def parse_event(fields: Mapping[Any, Any], message_id: str = "", now: float | No
     return ItemEvent(item_id, title, decode_image(image_bytes), event_time, message_id)
 
 
-def event_fields(item_id: int, title: str, image: RGBImage | bytes | None = None,
-                 image_path: str | None = None, event_time: float | None = None) -> dict[str, Any]:
+def event_fields(
+    item_id: int,
+    title: str,
+    image: RGBImage | bytes | None = None,
+    image_path: str | None = None,
+    event_time: float | None = None,
+) -> dict[str, Any]:
     """The stream fields of one event (an array image is sent as PNG)."""
-    fields: dict[str, Any] = {"item_id": str(int(item_id)), "title": title,
-                              "event_time": repr(float(event_time if event_time is not None else time.time()))}
+    fields: dict[str, Any] = {
+        "item_id": str(int(item_id)),
+        "title": title,
+        "event_time": repr(float(event_time if event_time is not None else time.time())),
+    }
     if image is not None:
         fields["image"] = image if isinstance(image, bytes) else encode_image(image)
     if image_path is not None:
@@ -174,9 +194,16 @@ def event_fields(item_id: int, title: str, image: RGBImage | bytes | None = None
     return fields
 
 
-def publish_item(client: Any, item_id: int, title: str, image: RGBImage | bytes | None = None,
-                 image_path: str | None = None, event_time: float | None = None,
-                 stream: str = ITEM_STREAM, max_len: int | None = None) -> str:
+def publish_item(
+    client: Any,
+    item_id: int,
+    title: str,
+    image: RGBImage | bytes | None = None,
+    image_path: str | None = None,
+    event_time: float | None = None,
+    stream: str = ITEM_STREAM,
+    max_len: int | None = None,
+) -> str:
     """XADD one event with a synchronous redis client; returns the entry id. With `max_len`,
     raises StreamFull instead when the stream already holds that many entries."""
     if max_len is not None and client.xlen(stream) >= max_len:

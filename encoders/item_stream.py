@@ -21,6 +21,7 @@ within seconds; `append` (POST /items) refuses with `StreamFull` once the stream
 `stream_max_len` entries. The dead-letter stream keeps its newest `dead_letter_max_len` entries
 (XADD MAXLEN). docs/streams.md tells the whole story; the decisions are the pure functions below.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -61,6 +62,7 @@ NO_CURSOR = b"0-0"
 
 # --- decisions (pure) -------------------------------------------------------------------------
 
+
 def over_delivered(entries: Sequence[Delivered], limit: int) -> tuple[list[Entry], list[Refused]]:
     """Entries delivered more than `limit` times go to the dead letters: each delivery ended
     without an acknowledgement, so the entry crashed or hung every embedder that took it."""
@@ -68,9 +70,17 @@ def over_delivered(entries: Sequence[Delivered], limit: int) -> tuple[list[Entry
     refused: list[Refused] = []
     for entry_id, fields, deliveries in entries:
         if deliveries > limit:
-            refused.append((entry_id, fields or {}, BadEvent(
-                "too_many_deliveries", f"delivered {deliveries} times without an acknowledgement (limit {limit}): "
-                "every embedder that took it crashed or hung")))
+            refused.append(
+                (
+                    entry_id,
+                    fields or {},
+                    BadEvent(
+                        "too_many_deliveries",
+                        f"delivered {deliveries} times without an acknowledgement (limit {limit}): "
+                        "every embedder that took it crashed or hung",
+                    ),
+                )
+            )
         else:
             keep.append((entry_id, fields))
     return keep, refused
@@ -127,6 +137,7 @@ def parse_entries(entries: Sequence[Entry]) -> tuple[list[ItemEvent], list[Refus
 
 # --- the consumer -----------------------------------------------------------------------------
 
+
 class ItemStream:
     """This embedder's reads, claims, acknowledgements, dead letters and trims on the item stream.
 
@@ -134,8 +145,9 @@ class ItemStream:
     embedder and only read here: they are never redelivered, and their claims are kept fresh.
     Redis errors propagate: the embedder retries (and calls `lost` on each failure)."""
 
-    def __init__(self, config: EmbedderConfig, redis: Any, metrics: Metrics,
-                 in_flight: Mapping[bytes, asyncio.Task[None]]) -> None:
+    def __init__(
+        self, config: EmbedderConfig, redis: Any, metrics: Metrics, in_flight: Mapping[bytes, asyncio.Task[None]]
+    ) -> None:
         self.config = config
         self.redis = redis
         self.metrics = metrics
@@ -184,8 +196,9 @@ class ItemStream:
         fresh = await self._xread(">", cfg.batch_size, int(cfg.idle_block * 1000))
         deadline = time.monotonic() + (cfg.max_wait if self.busy() else 0.0)
         while fresh and len(fresh) < cfg.batch_size and time.monotonic() < deadline:
-            more = await self._xread(">", cfg.batch_size - len(fresh),
-                                     max(1, int((deadline - time.monotonic()) * 1000)))
+            more = await self._xread(
+                ">", cfg.batch_size - len(fresh), max(1, int((deadline - time.monotonic()) * 1000))
+            )
             if not more:
                 break
             fresh.extend(more)
@@ -198,14 +211,18 @@ class ItemStream:
         cfg = self.config
         start = "-"
         while True:
-            rows = await self.redis.xpending_range(cfg.stream, cfg.group, min=start, max="+", count=cfg.batch_size,
-                                                   consumername=cfg.consumer)
+            rows = await self.redis.xpending_range(
+                cfg.stream, cfg.group, min=start, max="+", count=cfg.batch_size, consumername=cfg.consumer
+            )
             self.redis_ok = True
             if not rows:
                 self.recover = False
                 return []
-            waiting = [(row["message_id"], int(row["times_delivered"])) for row in rows
-                       if row["message_id"] not in self.in_flight]
+            waiting = [
+                (row["message_id"], int(row["times_delivered"]))
+                for row in rows
+                if row["message_id"] not in self.in_flight
+            ]
             if waiting:
                 return await self._claim(redelivery(waiting))
             start = "(" + rows[-1]["message_id"].decode()
@@ -217,9 +234,21 @@ class ItemStream:
         gone are removed. Entries deleted from the stream meanwhile come back for dead letters."""
         cfg = self.config
         # Through EVAL: redis-py's xautoclaim(justid=True) drops the cursor from its answer.
-        cursor, claimed, deleted = (list(await self.redis.eval(
-            AUTOCLAIM_IDS, 1, cfg.stream, cfg.group, cfg.consumer, int(cfg.claim_idle * 1000), self.claim_cursor,
-            CLAIM_STEP_BATCHES * cfg.batch_size)) + [[]])[:3]
+        cursor, claimed, deleted = (
+            list(
+                await self.redis.eval(
+                    AUTOCLAIM_IDS,
+                    1,
+                    cfg.stream,
+                    cfg.group,
+                    cfg.consumer,
+                    int(cfg.claim_idle * 1000),
+                    self.claim_cursor,
+                    CLAIM_STEP_BATCHES * cfg.batch_size,
+                )
+            )
+            + [[]]
+        )[:3]
         self.claim_cursor = cursor
         if cursor == NO_CURSOR:
             self.last_claim = time.monotonic()
@@ -240,8 +269,9 @@ class ItemStream:
 
     async def _xread(self, start: str, count: int, block_ms: int | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
         cfg = self.config
-        response = await self.redis.xreadgroup(cfg.group, cfg.consumer, {cfg.stream: start}, count=count,
-                                               block=block_ms)
+        response = await self.redis.xreadgroup(
+            cfg.group, cfg.consumer, {cfg.stream: start}, count=count, block=block_ms
+        )
         self.redis_ok = True
         return list(response[0][1]) if response else []
 
@@ -269,8 +299,12 @@ class ItemStream:
         cfg = self.config
         pipe = self.redis.pipeline(transaction=True)
         for entry_id, fields, exc in bad:
-            pipe.xadd(cfg.dead_stream, dead_letter_fields(fields, exc.reason, exc.detail, entry_id.decode()),
-                      maxlen=cfg.dead_letter_max_len, approximate=False)
+            pipe.xadd(
+                cfg.dead_stream,
+                dead_letter_fields(fields, exc.reason, exc.detail, entry_id.decode()),
+                maxlen=cfg.dead_letter_max_len,
+                approximate=False,
+            )
         pipe.xack(cfg.stream, cfg.group, *[entry_id for entry_id, _, _ in bad])
         await pipe.execute()
 
@@ -280,8 +314,12 @@ class ItemStream:
         pipe = self.redis.pipeline(transaction=True)
         for event, detail in rejected:
             fields = {"item_id": str(event.item_id), "title": event.title, "event_time": repr(event.event_time)}
-            pipe.xadd(cfg.dead_stream, dead_letter_fields(fields, "encoder_rejected", detail, event.message_id),
-                      maxlen=cfg.dead_letter_max_len, approximate=False)
+            pipe.xadd(
+                cfg.dead_stream,
+                dead_letter_fields(fields, "encoder_rejected", detail, event.message_id),
+                maxlen=cfg.dead_letter_max_len,
+                approximate=False,
+            )
         await pipe.execute()
 
     # maintenance ---------------------------------------------------------------------------
@@ -291,11 +329,15 @@ class ItemStream:
         Checked and removed in one script: a consumer that reads meanwhile is never removed
         with entries pending (which would orphan them)."""
         cfg = self.config
-        removed = await self.redis.eval(FORGET_CONSUMERS, 1, cfg.stream, cfg.group,
-                                        int(cfg.forget_consumer_after * 1000), cfg.consumer)
+        removed = await self.redis.eval(
+            FORGET_CONSUMERS, 1, cfg.stream, cfg.group, int(cfg.forget_consumer_after * 1000), cfg.consumer
+        )
         if removed:
-            log.info("removed %d consumers gone from the group: %s", len(removed),
-                     ", ".join(r.decode() if isinstance(r, bytes) else str(r) for r in removed))
+            log.info(
+                "removed %d consumers gone from the group: %s",
+                len(removed),
+                ", ".join(r.decode() if isinstance(r, bytes) else str(r) for r in removed),
+            )
 
     async def keep_claims(self) -> None:
         """Reset the idle time of the entries being embedded here (XCLAIM JUSTID counts no
@@ -313,8 +355,12 @@ class ItemStream:
         for group in groups:
             pipe.xpending(cfg.stream, group["name"])
         summaries = await pipe.execute()
-        floor = trim_floor([(int(summary["pending"]), summary["min"], group["last-delivered-id"])
-                            for group, summary in zip(groups, summaries, strict=True)])
+        floor = trim_floor(
+            [
+                (int(summary["pending"]), summary["min"], group["last-delivered-id"])
+                for group, summary in zip(groups, summaries, strict=True)
+            ]
+        )
         if floor is not None:
             await self.redis.xtrim(cfg.stream, minid=floor, approximate=False)
 

@@ -15,6 +15,7 @@ Face tower is built from `*_model` (a local path, loaded offline) or from a conf
 (`*_backbone`, randomly initialised); its config is kept in `EncoderConfig`, so a checkpoint
 rebuilds it without the original files.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -76,6 +77,7 @@ def _resolve_model_path(name: str) -> str:
 
 # --- image towers ---------------------------------------------------------------------------------
 
+
 def pixels_to_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 NHWC pixels → float NCHW in about [-2, 2] (the scaling lives in the model, so every
     export takes raw pixels)."""
@@ -92,8 +94,11 @@ class SmallCNN(nn.Module):
         layers: list[nn.Module] = [nn.AvgPool2d(pool)] if pool > 1 else []
         previous = 3
         for width in channels:
-            layers += [nn.Conv2d(previous, width, 3, stride=2, padding=1),
-                       nn.GroupNorm(math.gcd(8, width), width), nn.GELU()]
+            layers += [
+                nn.Conv2d(previous, width, 3, stride=2, padding=1),
+                nn.GroupNorm(math.gcd(8, width), width),
+                nn.GELU(),
+            ]
             previous = width
         self.body = nn.Sequential(*layers)
         self.width = previous
@@ -142,6 +147,7 @@ def _hf_config_dict(model: nn.Module) -> dict[str, Any]:
 
 
 # --- text towers ----------------------------------------------------------------------------------
+
 
 class Block(nn.Module):
     """Pre-norm transformer block; padding is masked out of the attention."""
@@ -208,14 +214,16 @@ def masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 # --- the encoder ----------------------------------------------------------------------------------
 
+
 class ItemEncoder(nn.Module):
     """forward(images uint8 [B,H,W,3], token_ids int64 [B,L]) → L2-normalised [B, dim].
 
     `self.tokenizer` (not a module) turns titles into the token ids this encoder was trained on.
     """
 
-    def __init__(self, config: EncoderConfig | None = None, tokenizer: Tokenizer | None = None,
-                 pretrained: bool = True) -> None:
+    def __init__(
+        self, config: EncoderConfig | None = None, tokenizer: Tokenizer | None = None, pretrained: bool = True
+    ) -> None:
         super().__init__()
         config = dataclasses.replace(config) if config is not None else EncoderConfig()
         self.config = config
@@ -231,15 +239,24 @@ class ItemEncoder(nn.Module):
             self.tokenizer: Tokenizer = tokenizer or WordTokenizer((), config.vocab_size, config.token_length)
             if self.tokenizer.vocab_size > config.vocab_size:
                 raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} ids, the text tower {config.vocab_size}")
-            self.text_tower: nn.Module = SmallTransformer(config.vocab_size, config.token_length, config.text_width,
-                                                          config.text_layers, config.text_heads, self.tokenizer.pad_id)
+            self.text_tower: nn.Module = SmallTransformer(
+                config.vocab_size,
+                config.token_length,
+                config.text_width,
+                config.text_layers,
+                config.text_heads,
+                self.tokenizer.pad_id,
+            )
         elif config.text_tower == "hf":
             model = _hf_model(config.text_model, config.text_backbone, pretrained)
             config.text_backbone = _hf_config_dict(model)
             if tokenizer is None:
                 vocab = int(model.config.vocab_size)  # type: ignore[attr-defined]  # a Hugging Face model typed nn.Module
-                tokenizer = (HFTokenizer.from_pretrained(_resolve_model_path(config.text_model), config.token_length)
-                             if config.text_model else WordTokenizer((), vocab, config.token_length))
+                tokenizer = (
+                    HFTokenizer.from_pretrained(_resolve_model_path(config.text_model), config.token_length)
+                    if config.text_model
+                    else WordTokenizer((), vocab, config.token_length)
+                )
             self.tokenizer = tokenizer
             self.text_tower = HFTextBackbone(model, self.tokenizer.pad_id)
         else:
@@ -269,6 +286,7 @@ class ItemEncoder(nn.Module):
 
 # --- inference and checkpoints --------------------------------------------------------------------
 
+
 @torch.no_grad()
 def encode_items(encoder: ItemEncoder, images: np.ndarray, titles: Sequence[str], batch_size: int = 256) -> np.ndarray:
     """Item embeddings float32 [N, dim] from uint8 images [N,H,W,3] and titles."""
@@ -295,8 +313,8 @@ def encode_texts(encoder: ItemEncoder, texts: Sequence[str], batch_size: int = 5
     device = next(encoder.parameters()).device
     out = np.zeros((len(texts), encoder.config.dim), dtype=np.float32)
     for start in range(0, len(texts), batch_size):
-        ids = torch.from_numpy(encoder.tokenizer.encode(list(texts[start:start + batch_size]))).to(device)
-        out[start:start + batch_size] = encoder.encode_text(ids).cpu().numpy()
+        ids = torch.from_numpy(encoder.tokenizer.encode(list(texts[start : start + batch_size]))).to(device)
+        out[start : start + batch_size] = encoder.encode_text(ids).cpu().numpy()
     return out
 
 

@@ -13,6 +13,7 @@ CLIP: an item's image and its title are the positive pair, in-batch negatives bo
 Shapes: unit vectors `[B, D]`; queue `[K, D]`; hard negatives `[B, H, D]` with a mask `[B, H]`.
 An item appearing twice (in the batch, or the batch and the queue) is never its own negative.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,8 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float, key_ids: torch.Tensor | None = None,
-             queue: torch.Tensor | None = None, queue_ids: torch.Tensor | None = None) -> torch.Tensor:
+def info_nce(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    temperature: float,
+    key_ids: torch.Tensor | None = None,
+    queue: torch.Tensor | None = None,
+    queue_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Cross-entropy of row i of `queries` against key i among all keys (and the queue).
 
     Keys or queue entries with the same item id as key i (other than i itself) are masked out,
@@ -44,8 +51,9 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float, key_
     return F.cross_entropy(logits, labels)
 
 
-def triplet_loss(queries: torch.Tensor, positives: torch.Tensor, hard_negatives: torch.Tensor,
-                 hard_mask: torch.Tensor, margin: float) -> torch.Tensor:
+def triplet_loss(
+    queries: torch.Tensor, positives: torch.Tensor, hard_negatives: torch.Tensor, hard_mask: torch.Tensor, margin: float
+) -> torch.Tensor:
     """mean over real hard negatives of max(0, margin − cos(q, k⁺) + cos(q, k⁻)); 0 when none."""
     pos = (queries * positives).sum(dim=-1, keepdim=True)  # [B, 1]
     neg = torch.einsum("bd,bhd->bh", queries, hard_negatives)  # [B, H]
@@ -53,10 +61,18 @@ def triplet_loss(queries: torch.Tensor, positives: torch.Tensor, hard_negatives:
     return hinge.sum() / hard_mask.sum().clamp(min=1.0)
 
 
-def scl_loss(queries: torch.Tensor, positives: torch.Tensor, hard_negatives: torch.Tensor, hard_mask: torch.Tensor,
-             positive_ids: torch.Tensor | None = None, queue: torch.Tensor | None = None,
-             queue_ids: torch.Tensor | None = None, temperature: float = 0.07, triplet_weight: float = 0.5,
-             margin: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
+def scl_loss(
+    queries: torch.Tensor,
+    positives: torch.Tensor,
+    hard_negatives: torch.Tensor,
+    hard_mask: torch.Tensor,
+    positive_ids: torch.Tensor | None = None,
+    queue: torch.Tensor | None = None,
+    queue_ids: torch.Tensor | None = None,
+    temperature: float = 0.07,
+    triplet_weight: float = 0.5,
+    margin: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """SCL: query→item InfoNCE over the batch and the queue, item→query over the batch, plus the
     weighted triplet term on clicked-not-bought items. Returns (loss, its parts as floats)."""
     to_items = info_nce(queries, positives, temperature, positive_ids, queue, queue_ids)
@@ -67,11 +83,17 @@ def scl_loss(queries: torch.Tensor, positives: torch.Tensor, hard_negatives: tor
     return loss, {"infonce": float(contrastive.detach()), "triplet": float(triplet.detach())}
 
 
-def clip_loss(image_vectors: torch.Tensor, text_vectors: torch.Tensor, temperature: float = 0.07,
-              item_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def clip_loss(
+    image_vectors: torch.Tensor,
+    text_vectors: torch.Tensor,
+    temperature: float = 0.07,
+    item_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Symmetric image↔title InfoNCE with in-batch negatives (the CLIP baseline)."""
-    loss = 0.5 * (info_nce(image_vectors, text_vectors, temperature, item_ids)
-                  + info_nce(text_vectors, image_vectors, temperature, item_ids))
+    loss = 0.5 * (
+        info_nce(image_vectors, text_vectors, temperature, item_ids)
+        + info_nce(text_vectors, image_vectors, temperature, item_ids)
+    )
     return loss, {"infonce": float(loss.detach()), "triplet": 0.0}
 
 

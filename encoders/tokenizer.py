@@ -8,6 +8,7 @@ Ids of the default `WordTokenizer`: 0 padding, 1 `[CLS]`, then the vocabulary bu
 pre-training text, then hash buckets (crc32 of the word) for every word the vocabulary lacks, so a
 new item's new words still get stable ids.
 """
+
 from __future__ import annotations
 
 import json
@@ -134,8 +135,9 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         import tokenizers
 
         meta = json.loads(hf_marker.read_text())
-        return HFTokenizer(tokenizers.Tokenizer.from_file(str(directory / FILE_NAME)), int(meta["max_length"]),
-                           int(meta["pad_id"]))
+        return HFTokenizer(
+            tokenizers.Tokenizer.from_file(str(directory / FILE_NAME)), int(meta["max_length"]), int(meta["pad_id"])
+        )
     data = json.loads((directory / FILE_NAME).read_text())
     if data.get("kind") != WordTokenizer.kind:
         raise ValueError(f"{directory / FILE_NAME}: unknown tokenizer kind {data.get('kind')!r}")

@@ -7,6 +7,7 @@ consumer-facing checkpoint (`encoder.pt`, `config.json`, `tokenizer.json`), each
 rename; a rerun with the same OUT continues from the saved step. Batches are drawn from a
 generator seeded by (seed, step), so a resumed run sees the batches an uninterrupted one would.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -122,8 +123,14 @@ def _queries(encoder: ItemEncoder, data: TrainingData, rows: np.ndarray) -> torc
     return text.index_copy(0, index, fused)
 
 
-def scl_step(encoder: ItemEncoder, twin: ItemEncoder, queue: MomentumQueue, data: TrainingData, rows: np.ndarray,
-             config: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+def scl_step(
+    encoder: ItemEncoder,
+    twin: ItemEncoder,
+    queue: MomentumQueue,
+    data: TrainingData,
+    rows: np.ndarray,
+    config: TrainConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
     queries = _queries(encoder, data, rows)
     bought = data.bought[rows]
     positives = _items(encoder, data, bought)
@@ -134,15 +141,26 @@ def scl_step(encoder: ItemEncoder, twin: ItemEncoder, queue: MomentumQueue, data
         hard[torch.from_numpy(mask)] = _items(encoder, data, clicked[mask])
     queue_vectors, queue_ids = queue.entries()
     bought_t = torch.from_numpy(bought)
-    loss, parts = scl_loss(queries, positives, hard, torch.from_numpy(mask), bought_t, queue_vectors, queue_ids,
-                           config.temperature, config.triplet_weight, config.margin)
+    loss, parts = scl_loss(
+        queries,
+        positives,
+        hard,
+        torch.from_numpy(mask),
+        bought_t,
+        queue_vectors,
+        queue_ids,
+        config.temperature,
+        config.triplet_weight,
+        config.margin,
+    )
     with torch.no_grad():
         queue.push(_items(twin, data, bought), bought_t)
     return loss, parts
 
 
-def clip_step(encoder: ItemEncoder, data: TrainingData, rows: np.ndarray,
-              config: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+def clip_step(
+    encoder: ItemEncoder, data: TrainingData, rows: np.ndarray, config: TrainConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
     items = data.pretrain_items[rows]
     image = encoder.encode_image(torch.from_numpy(data.images[items]))
     text = encoder.encode_text(torch.from_numpy(data.title_ids[items]))
@@ -177,22 +195,37 @@ def _atomic_save(obj: object, path: Path) -> None:
     tmp.replace(path)
 
 
-def save_checkpoint(out: Path, step: int, encoder: ItemEncoder, twin: ItemEncoder | None, queue: MomentumQueue | None,
-                    optimizer: torch.optim.Optimizer, history: list[dict[str, float]], config: TrainConfig,
-                    data_dir: str) -> None:
+def save_checkpoint(
+    out: Path,
+    step: int,
+    encoder: ItemEncoder,
+    twin: ItemEncoder | None,
+    queue: MomentumQueue | None,
+    optimizer: torch.optim.Optimizer,
+    history: list[dict[str, float]],
+    config: TrainConfig,
+    data_dir: str,
+) -> None:
     extra = {"train": dataclasses.asdict(config), "step": step, "data": data_dir}
     save_encoder(encoder, out, extra)
-    state = {"step": step, "model": encoder.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
-             "twin": twin.state_dict() if twin is not None else None,
-             "queue": queue.state_dict() if queue is not None else None, "train": dataclasses.asdict(config),
-             "encoder": encoder.config.to_dict()}
+    state = {
+        "step": step,
+        "model": encoder.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "history": history,
+        "twin": twin.state_dict() if twin is not None else None,
+        "queue": queue.state_dict() if queue is not None else None,
+        "train": dataclasses.asdict(config),
+        "encoder": encoder.config.to_dict(),
+    }
     _atomic_save(state, out / STATE_FILE)
     if history:
         plot_losses(history, out / "loss.png", f"{config.objective.upper()} pre-training")
 
 
-def restore_or_build(shop: Any, out: Path, config: TrainConfig,
-                     encoder_config: EncoderConfig | None) -> tuple[ItemEncoder, dict[str, Any] | None]:
+def restore_or_build(
+    shop: Any, out: Path, config: TrainConfig, encoder_config: EncoderConfig | None
+) -> tuple[ItemEncoder, dict[str, Any] | None]:
     """The encoder of the run saved in `out` with its training state, or a new one (state None)."""
     state_path = out / STATE_FILE
     if state_path.exists():
@@ -208,8 +241,13 @@ def restore_or_build(shop: Any, out: Path, config: TrainConfig,
     return ItemEncoder(encoder_config, tokenizer), None
 
 
-def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None = None,
-          encoder_config: EncoderConfig | None = None, progress: bool = True) -> dict[str, Any]:
+def train(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    config: TrainConfig | None = None,
+    encoder_config: EncoderConfig | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train (or resume) into `out_dir`; returns a summary (steps, seconds, final loss)."""
     from tqdm import tqdm
 
@@ -225,8 +263,9 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
     encoder, state = restore_or_build(shop, out, config, encoder_config)
     data = prepare_data(shop, encoder.tokenizer, config.hard_negatives)
     encoder.train()
-    optimizer = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in encoder.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+    )
     twin = queue = None
     if config.objective == "scl":
         twin = momentum_copy(encoder)
@@ -241,8 +280,14 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
         start, history = int(state["step"]), list(state["history"])
     n_rows = len(data.bought) if config.objective == "scl" else len(data.pretrain_items)
     began = time.monotonic()
-    bar = tqdm(total=config.steps, initial=start, desc=f"{config.objective} pre-training", disable=not progress,
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=config.steps,
+        initial=start,
+        desc=f"{config.objective} pre-training",
+        disable=not progress,
+        unit="step",
+        dynamic_ncols=True,
+    )
     for step in range(start, config.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
@@ -265,5 +310,10 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None 
     bar.close()
     if start >= config.steps and not (out / "encoder.pt").exists():
         save_checkpoint(out, start, encoder, twin, queue, optimizer, history, config, str(data_dir))
-    return {"objective": config.objective, "steps": config.steps, "resumed_from": start,
-            "seconds": round(time.monotonic() - began, 1), "final_loss": history[-1]["loss"] if history else None}
+    return {
+        "objective": config.objective,
+        "steps": config.steps,
+        "resumed_from": start,
+        "seconds": round(time.monotonic() - began, 1),
+        "final_loss": history[-1]["loss"] if history else None,
+    }

@@ -8,6 +8,7 @@ and checks that every item got a finite vector. `is_rejection` tells an encoder 
 these inputs (no retry helps: the embedder isolates the item) from one that is unreachable (an
 outage: retry).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -96,8 +97,10 @@ class TritonEncoder:
     async def embed(self, images: npt.NDArray[np.uint8], titles: Sequence[str]) -> npt.NDArray[np.float32]:
         if not self.max_batch:
             await self.describe()
-        parts = [await self._infer(images[i:i + self.max_batch], titles[i:i + self.max_batch])
-                 for i in range(0, len(titles), self.max_batch)]
+        parts = [
+            await self._infer(images[i : i + self.max_batch], titles[i : i + self.max_batch])
+            for i in range(0, len(titles), self.max_batch)
+        ]
         return check_embeddings(np.concatenate(parts), len(titles), self.target.space)
 
     async def _infer(self, images: npt.NDArray[np.uint8], titles: Sequence[str]) -> npt.NDArray[Any]:
@@ -107,9 +110,12 @@ class TritonEncoder:
         image.set_data_from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
         title = grpcclient.InferInput("TITLE", [len(titles), 1], "BYTES")
         title.set_data_from_numpy(np.array([[t.encode()] for t in titles], dtype=object))
-        result = await self.client.infer(self.target.model, [image, title],
-                                         outputs=[grpcclient.InferRequestedOutput("EMBEDDING")],
-                                         client_timeout=self.timeout)
+        result = await self.client.infer(
+            self.target.model,
+            [image, title],
+            outputs=[grpcclient.InferRequestedOutput("EMBEDDING")],
+            client_timeout=self.timeout,
+        )
         embeddings: npt.NDArray[Any] = result.as_numpy("EMBEDDING")  # the dtype the model's config names
         return embeddings
 

@@ -11,6 +11,7 @@ Only the Python backend tokenizes (in `model.py`); the other two take token ids 
 tokenizer beside the model as `tokenizer.json`. Instance kind and count come from arguments, so
 one repository runs on CPU and GPU nodes alike.
 """
+
 from __future__ import annotations
 
 from mmrank.defaults import ENCODER_MODEL_NAME
@@ -31,8 +32,9 @@ _BACKEND_LINES = {
 MODEL_FILES = {"python": "model.py", "onnxruntime": "model.onnx", "pytorch": "model.pt"}
 
 
-def check_arguments(backend: str, max_batch_size: int, max_queue_delay_us: int, instance_kind: str,
-                    instance_count: int, dim: int) -> None:
+def check_arguments(
+    backend: str, max_batch_size: int, max_queue_delay_us: int, instance_kind: str, instance_count: int, dim: int
+) -> None:
     """Reject what Triton would reject only at load time, with a message that names the argument."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -48,8 +50,9 @@ def check_arguments(backend: str, max_batch_size: int, max_queue_delay_us: int, 
         raise ValueError(f"dim must be >= 1, got {dim}")
 
 
-def input_specs(backend: str, image_size: int = IMAGE_SIZE,
-                token_length: int = TOKEN_LENGTH) -> list[tuple[str, str, list[int]]]:
+def input_specs(
+    backend: str, image_size: int = IMAGE_SIZE, token_length: int = TOKEN_LENGTH
+) -> list[tuple[str, str, list[int]]]:
     """(name, Triton data type, dims without the batch dimension) of each input."""
     image = ("IMAGE", "TYPE_UINT8", [image_size, image_size, 3])
     if backend == "python":
@@ -62,10 +65,18 @@ def _tensor_block(name: str, data_type: str, dims: list[int]) -> str:
     return f'  {{\n    name: "{name}"\n    data_type: {data_type}\n    dims: [ {shape} ]\n  }}'
 
 
-def config_pbtxt(model_name: str = ENCODER_MODEL_NAME, backend: str = "python", max_batch_size: int = 64,
-                 max_queue_delay_us: int = 2000, instance_kind: str = "KIND_CPU", instance_count: int = 1,
-                 dim: int = 128, dynamic_batching: bool = True, image_size: int = IMAGE_SIZE,
-                 token_length: int = TOKEN_LENGTH) -> str:
+def config_pbtxt(
+    model_name: str = ENCODER_MODEL_NAME,
+    backend: str = "python",
+    max_batch_size: int = 64,
+    max_queue_delay_us: int = 2000,
+    instance_kind: str = "KIND_CPU",
+    instance_count: int = 1,
+    dim: int = 128,
+    dynamic_batching: bool = True,
+    image_size: int = IMAGE_SIZE,
+    token_length: int = TOKEN_LENGTH,
+) -> str:
     """The text of `<repo>/<model_name>/config.pbtxt` for the item encoder."""
     check_arguments(backend, max_batch_size, max_queue_delay_us, instance_kind, instance_count, dim)
     inputs = ",\n".join(_tensor_block(*spec) for spec in input_specs(backend, image_size, token_length))

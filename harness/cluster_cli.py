@@ -1,5 +1,6 @@
 """`mmrank cluster up|down|status` (the local node) and `mmrank images build` (the Dockerfile's
 targets, built here with buildah). `./dev.sh cluster ...` installs the Debian packages first."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,12 +11,19 @@ TARGETS = ("operator", "runtime", "triton")  # the Dockerfile's targets (harness
 
 
 def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    cluster = subparsers.add_parser("cluster", help="A single-node Kubernetes cluster on this machine "
-                                    "(root; Debian's containerd, the project's images)")
+    cluster = subparsers.add_parser(
+        "cluster",
+        help="A single-node Kubernetes cluster on this machine (root; Debian's containerd, the project's images)",
+    )
     commands = cluster.add_subparsers(dest="cluster_command", metavar="COMMAND", required=True)
     up = commands.add_parser("up", help="Start it (or find it running); prints the KUBECONFIG path")
-    up.add_argument("--image", action="append", choices=("operator", "runtime", "triton"), default=None,
-                    help="Dockerfile targets to build and load (default: operator and runtime)")
+    up.add_argument(
+        "--image",
+        action="append",
+        choices=("operator", "runtime", "triton"),
+        default=None,
+        help="Dockerfile targets to build and load (default: operator and runtime)",
+    )
     up.set_defaults(handler=_up)
     commands.add_parser("down", help="Stop it and remove everything it made").set_defaults(handler=_down)
     commands.add_parser("status", help="Which parts run; exit 1 unless the node is Ready").set_defaults(handler=_status)
@@ -23,8 +31,14 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     images = subparsers.add_parser("images", help="Build the project's images with buildah (cached by content)")
     sub = images.add_subparsers(dest="images_command", metavar="COMMAND", required=True)
     build = sub.add_parser("build", help="Build targets into OCI archives; prints each archive's path")
-    build.add_argument("targets", nargs="*", metavar="TARGET", type=_target, default=list(TARGETS),
-                       help=f"Dockerfile targets: {', '.join(TARGETS)} (default: all)")
+    build.add_argument(
+        "targets",
+        nargs="*",
+        metavar="TARGET",
+        type=_target,
+        default=list(TARGETS),
+        help=f"Dockerfile targets: {', '.join(TARGETS)} (default: all)",
+    )
     build.set_defaults(handler=_build)
 
 
@@ -38,8 +52,9 @@ def _up(args: argparse.Namespace) -> int:
     from harness import cluster
 
     try:
-        kubeconfig = cluster.up(images=args.image or ("operator", "runtime"),
-                                log=lambda message: print(message, file=sys.stderr))
+        kubeconfig = cluster.up(
+            images=args.image or ("operator", "runtime"), log=lambda message: print(message, file=sys.stderr)
+        )
     except (cluster.ClusterError, Exception) as exc:
         print(f"mmrank cluster up: {exc}", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@
 Every step is the `mmrank` command a user would type; the commands are printed as they run.
 Outputs stay under `runs/demo/` in the checkout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,9 +47,11 @@ def ranker_verdict(id_metrics: dict, mm_metrics: dict) -> str:
     gain = 100.0 * (mm_metrics["overall"]["gauc"] - id_metrics["overall"]["gauc"])
     cold = 100.0 * (mm_metrics["cold"]["gauc"] - id_metrics["cold"]["gauc"])
     winner, loser = ("SimTier+MAKE", "ID") if gain > 0 else ("ID", "SimTier+MAKE")
-    return (f"{winner} beat {loser} on the test day: GAUC {mm_metrics['overall']['gauc']:.3f} vs "
-            f"{id_metrics['overall']['gauc']:.3f} ({gain:+.1f} points for SimTier+MAKE; on cold items "
-            f"{cold:+.1f} points, {mm_metrics['cold']['gauc']:.3f} vs {id_metrics['cold']['gauc']:.3f}).")
+    return (
+        f"{winner} beat {loser} on the test day: GAUC {mm_metrics['overall']['gauc']:.3f} vs "
+        f"{id_metrics['overall']['gauc']:.3f} ({gain:+.1f} points for SimTier+MAKE; on cold items "
+        f"{cold:+.1f} points, {mm_metrics['cold']['gauc']:.3f} vs {id_metrics['cold']['gauc']:.3f})."
+    )
 
 
 def say(step: int, text: str) -> None:
@@ -58,8 +61,7 @@ def say(step: int, text: str) -> None:
 def mmrank(*args: str, capture: bool = False) -> str:
     argv = [sys.executable, "-m", "mmrank", *args]
     print("  $ mmrank " + " ".join(shlex.quote(a) for a in args), flush=True)
-    result = subprocess.run(argv, cwd=ROOT, text=True, check=False,
-                            stdout=subprocess.PIPE if capture else None)
+    result = subprocess.run(argv, cwd=ROOT, text=True, check=False, stdout=subprocess.PIPE if capture else None)
     if result.returncode != 0:
         raise SystemExit(f"`mmrank {' '.join(args)}` failed with exit code {result.returncode}")
     return result.stdout or ""
@@ -68,8 +70,9 @@ def mmrank(*args: str, capture: bool = False) -> str:
 def start_background(name: str, args: Sequence[str], workdir: Path) -> subprocess.Popen[bytes]:
     print(f"  $ mmrank {' '.join(shlex.quote(a) for a in args)} &   (log: {workdir / (name + '.log')})", flush=True)
     log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
-    return subprocess.Popen([sys.executable, "-m", "mmrank", *args], cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mmrank", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def http_json(url: str, body: object | None = None, timeout: float = 30.0) -> tuple[int, dict]:
@@ -86,8 +89,10 @@ def wait_http(url: str, timeout: float, what: str, process: subprocess.Popen[byt
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"{what} exited ({process.returncode}); last lines of {log}:\n"
-                             + "\n".join(log.read_text(errors="replace").splitlines()[-30:]))
+            raise SystemExit(
+                f"{what} exited ({process.returncode}); last lines of {log}:\n"
+                + "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+            )
         if servers.http_ok(url):
             return
         time.sleep(0.5)
@@ -121,53 +126,164 @@ def run(workdir: Path, encoder_steps: int) -> None:
         mmrank("shop", "generate", "--size", "tiny", "--seed", "0", "--config", str(shop_config), "--out", str(shop))
 
         say(2, "Pre-train the item encoder with semantic-aware contrastive learning (SCL)")
-        mmrank("encoders", "train", "--data", str(shop), "--objective", "scl", "--out", str(encoder),
-               "--steps", str(encoder_steps), "--threads", "2")
+        mmrank(
+            "encoders",
+            "train",
+            "--data",
+            str(shop),
+            "--objective",
+            "scl",
+            "--out",
+            str(encoder),
+            "--steps",
+            str(encoder_steps),
+            "--threads",
+            "2",
+        )
         mmrank("encoders", "eval", "--data", str(shop), "--checkpoint", str(encoder))
 
         say(3, "Export the encoder as a Triton model repository and serve it with the real Triton")
-        mmrank("encoders", "export", "--checkpoint", str(encoder), "--repo", str(repo), "--version", "1",
-               "--backend", "python", "--max-batch-size", "64", "--max-queue-delay-us", "2000")
+        mmrank(
+            "encoders",
+            "export",
+            "--checkpoint",
+            str(encoder),
+            "--repo",
+            str(repo),
+            "--version",
+            "1",
+            "--backend",
+            "python",
+            "--max-batch-size",
+            "64",
+            "--max-queue-delay-us",
+            "2000",
+        )
         triton = servers.start_triton(repo, workdir / "triton")
         started.append(triton)
         grpc_url = str(triton.extra["grpc_url"])
         print(f"  Triton ready: HTTP {triton.url}, gRPC {grpc_url}")
 
         say(4, "Backfill the catalogue into embedding space e1 (one shard of an Indexed Job)")
-        mmrank("backfill", "run", "--space", "e1", "--shard", "0/1", "--encoder", grpc_url,
-               "--store", store_url, "--scope", SCOPE, "--catalogue", str(shop), "--no-progress")
+        mmrank(
+            "backfill",
+            "run",
+            "--space",
+            "e1",
+            "--shard",
+            "0/1",
+            "--encoder",
+            grpc_url,
+            "--store",
+            store_url,
+            "--scope",
+            SCOPE,
+            "--catalogue",
+            str(shop),
+            "--no-progress",
+        )
         info = open_store(store_url, Scope.parse(SCOPE)).space_info("e1")
         print(f"  space e1: {info.items} items, coverage {info.coverage:.3f}")
 
         say(5, "Train the CTR ranker on space e1: SimTier + MAKE, against the ID-only baseline")
-        mmrank("encoders", "embed", "--data", str(shop), "--checkpoint", str(encoder), "--out", str(space_dir),
-               "--version", "e1")
-        mmrank("ranker", "train", "--data", str(shop), "--embeddings", str(space_dir), "--variant", "id",
-               "--out", str(ranker_id), "--threads", "2")
-        mmrank("ranker", "train", "--data", str(shop), "--embeddings", str(space_dir), "--variant",
-               "simtier-make", "--max-make-epochs", "2", "--version", "r1", "--out", str(ranker), "--threads", "2")
+        mmrank(
+            "encoders",
+            "embed",
+            "--data",
+            str(shop),
+            "--checkpoint",
+            str(encoder),
+            "--out",
+            str(space_dir),
+            "--version",
+            "e1",
+        )
+        mmrank(
+            "ranker",
+            "train",
+            "--data",
+            str(shop),
+            "--embeddings",
+            str(space_dir),
+            "--variant",
+            "id",
+            "--out",
+            str(ranker_id),
+            "--threads",
+            "2",
+        )
+        mmrank(
+            "ranker",
+            "train",
+            "--data",
+            str(shop),
+            "--embeddings",
+            str(space_dir),
+            "--variant",
+            "simtier-make",
+            "--max-make-epochs",
+            "2",
+            "--version",
+            "r1",
+            "--out",
+            str(ranker),
+            "--threads",
+            "2",
+        )
         metrics = {}
         for name, artifact in (("ID", ranker_id), ("SimTier+MAKE", ranker)):
-            printed = mmrank("ranker", "eval", "--data", str(shop), "--embeddings", str(space_dir), "--model",
-                             str(artifact), capture=True)
+            printed = mmrank(
+                "ranker",
+                "eval",
+                "--data",
+                str(shop),
+                "--embeddings",
+                str(space_dir),
+                "--model",
+                str(artifact),
+                capture=True,
+            )
             metrics[name] = json.loads(printed)["metrics"]
         verdict = ranker_verdict(metrics["ID"], metrics["SimTier+MAKE"])
         print("  " + verdict)
 
         say(6, "Serve the ranker with KServe's model server, fed from the store")
         port = servers.free_port()
-        predictor = start_background("predictor", [
-            "predictor", "serve", "--model-dir", str(ranker), "--store", store_url, "--scope", SCOPE,
-            "--http-port", str(port),
-            "--model-name", "ranker", "--space", "e1", "--no-feedback-stream"], workdir)
+        predictor = start_background(
+            "predictor",
+            [
+                "predictor",
+                "serve",
+                "--model-dir",
+                str(ranker),
+                "--store",
+                store_url,
+                "--scope",
+                SCOPE,
+                "--http-port",
+                str(port),
+                "--model-name",
+                "ranker",
+                "--space",
+                "e1",
+                "--no-feedback-stream",
+            ],
+            workdir,
+        )
         background.append(predictor)
-        wait_http(f"http://127.0.0.1:{port}/v2/models/ranker/ready", 180, "the predictor", predictor,
-                  workdir / "predictor.log")
+        wait_http(
+            f"http://127.0.0.1:{port}/v2/models/ranker/ready",
+            180,
+            "the predictor",
+            predictor,
+            workdir / "predictor.log",
+        )
         data = shop_data.load(shop)
         user = int(data.impressions["user_id"].iloc[0])
         candidates = [int(i) for i in data.items["item_id"].sample(10, random_state=0)]
-        status, answer = http_json(f"http://127.0.0.1:{port}/v1/models/ranker:predict",
-                                   {"user": {"id": user}, "candidates": candidates})
+        status, answer = http_json(
+            f"http://127.0.0.1:{port}/v1/models/ranker:predict", {"user": {"id": user}, "candidates": candidates}
+        )
         print(f"  POST /v1/models/ranker:predict for user {user} and 10 candidates -> {status}")
         print("  " + json.dumps(answer)[:600])
 
@@ -175,17 +291,40 @@ def run(workdir: Path, encoder_steps: int) -> None:
         redis = servers.start_redis(workdir / "redis")
         started.append(redis)
         embedder_port = servers.free_port()
-        embedder = start_background("embedder", [
-            "embedder", "run", "--encoder", f"e1={grpc_url}", "--store", store_url, "--scope", SCOPE, "--redis", redis.url,
-            "--http-port", str(embedder_port), "--max-wait", "0.05"], workdir)
+        embedder = start_background(
+            "embedder",
+            [
+                "embedder",
+                "run",
+                "--encoder",
+                f"e1={grpc_url}",
+                "--store",
+                store_url,
+                "--scope",
+                SCOPE,
+                "--redis",
+                redis.url,
+                "--http-port",
+                str(embedder_port),
+                "--max-wait",
+                "0.05",
+            ],
+            workdir,
+        )
         background.append(embedder)
         wait_http(f"http://127.0.0.1:{embedder_port}/readyz", 120, "the embedder", embedder, workdir / "embedder.log")
         new_id = int(data.items["item_id"].max()) + 1
         image = png_bytes(np.asarray(data.images[0]))
         posted = time.time()
-        status, answer = http_json(f"http://127.0.0.1:{embedder_port}/items", {
-            "item_id": new_id, "title": str(data.items["title"].iloc[0]) + " new arrival",
-            "image": base64.b64encode(image).decode(), "event_time": posted})
+        status, answer = http_json(
+            f"http://127.0.0.1:{embedder_port}/items",
+            {
+                "item_id": new_id,
+                "title": str(data.items["title"].iloc[0]) + " new arrival",
+                "image": base64.b64encode(image).decode(),
+                "event_time": posted,
+            },
+        )
         print(f"  POST /items (item {new_id}) -> {status} {answer}")
         store = open_store(store_url, Scope.parse(SCOPE))
         found = False
@@ -200,16 +339,21 @@ def run(workdir: Path, encoder_steps: int) -> None:
         say(8, "What the operator creates in a cluster for examples/minimal.yaml")
         import yaml
 
-        for coverage, moment in (("0.4", "while space e1 is backfilled (no traffic yet)"),
-                                 ("1.0", "once e1 reaches minCoverage (the ranker serves)")):
+        for coverage, moment in (
+            ("0.4", "while space e1 is backfilled (no traffic yet)"),
+            ("1.0", "once e1 reaches minCoverage (the ranker serves)"),
+        ):
             print(f"  {moment}:")
-            rendered = mmrank("render", "-f", str(ROOT / "examples" / "minimal.yaml"), "--coverage",
-                              f"e1={coverage}", capture=True)
+            rendered = mmrank(
+                "render", "-f", str(ROOT / "examples" / "minimal.yaml"), "--coverage", f"e1={coverage}", capture=True
+            )
             for child in yaml.safe_load_all(rendered):
                 if child:
                     print(f"    {child['kind']:<22} {child['metadata']['name']}")
-        print(f"\nDone. {verdict} Outputs are under {workdir}; docs/results.md (\"The quick start's "
-              "ranker\") has the same comparison over 3 seeds, and the matrix over shops and spaces.")
+        print(
+            f"\nDone. {verdict} Outputs are under {workdir}; docs/results.md (\"The quick start's "
+            'ranker") has the same comparison over 3 seeds, and the matrix over shops and spaces.'
+        )
     finally:
         for process in background:
             if process.poll() is None:

@@ -9,6 +9,7 @@ hash of everything its build reads, so a second build with the same inputs is a 
 Elsewhere a plain `docker build --target operator .` keeps working with the Dockerfile's
 python:3.11-slim default.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 IMAGE_DIR = CACHE / "images"
 BUILDAH_DRIVER = os.environ.get("MMRANK_BUILDAH_DRIVER", "overlay")
 BUILDAH_ROOT = CACHE / "buildah" / BUILDAH_DRIVER
-WHEELS = Path("/opt/wheels")              # torch's CPU wheel on this disk, when it is there
+WHEELS = Path("/opt/wheels")  # torch's CPU wheel on this disk, when it is there
 DEBIAN_MIRROR = os.environ.get("MMRANK_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 
 # The debootstrap base: Debian bookworm's python3 (3.11) and what `python3 -m venv` needs.
@@ -51,13 +52,15 @@ class Target:
 
 COMMON_INPUTS = ("Dockerfile", ".dockerignore", "requirements.lock", "pyproject.toml", "README.md", "mmrank")
 TARGETS: dict[str, Target] = {
-    "operator": Target("operator", "ghcr.io/mmrank/mmrank-operator:0.1.0",
-                       (*COMMON_INPUTS, "operator", "encoders/triton_config.py")),
-    "runtime": Target("runtime", "ghcr.io/mmrank/mmrank:0.1.0",
-                      (*COMMON_INPUTS, "operator", "encoders", "predictors")),
-    "triton": Target("triton", "ghcr.io/mmrank/mmrank-triton:0.1.0",
-                     (*COMMON_INPUTS, "operator", "encoders", "predictors", "tools/prepare_triton_backends.py",
-                      "images/triton")),
+    "operator": Target(
+        "operator", "ghcr.io/mmrank/mmrank-operator:0.1.0", (*COMMON_INPUTS, "operator", "encoders/triton_config.py")
+    ),
+    "runtime": Target("runtime", "ghcr.io/mmrank/mmrank:0.1.0", (*COMMON_INPUTS, "operator", "encoders", "predictors")),
+    "triton": Target(
+        "triton",
+        "ghcr.io/mmrank/mmrank-triton:0.1.0",
+        (*COMMON_INPUTS, "operator", "encoders", "predictors", "tools/prepare_triton_backends.py", "images/triton"),
+    ),
 }
 
 
@@ -69,8 +72,9 @@ def input_files(root: Path, inputs: Iterable[str]) -> list[Path]:
         if path.is_file():
             files.append(path)
         elif path.is_dir():
-            files.extend(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-                         and p.suffix != ".pyc")
+            files.extend(
+                p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+            )
     return sorted(set(files))
 
 
@@ -103,8 +107,15 @@ def buildah(*args: str, what: str = "buildah", **kwargs: object) -> str:
 
 
 def _buildah_argv(binary: str) -> list[str]:
-    return [binary, "--storage-driver", BUILDAH_DRIVER, "--root", str(BUILDAH_ROOT / "storage"),
-            "--runroot", str(BUILDAH_ROOT / "run")]
+    return [
+        binary,
+        "--storage-driver",
+        BUILDAH_DRIVER,
+        "--root",
+        str(BUILDAH_ROOT / "storage"),
+        "--runroot",
+        str(BUILDAH_ROOT / "run"),
+    ]
 
 
 def _image_exists(name: str) -> bool:
@@ -123,8 +134,18 @@ def base_image() -> str:
         return name
     with tempfile.TemporaryDirectory(prefix="mmrank-debootstrap-") as tmp:
         rootfs = Path(tmp) / "rootfs"
-        _run(["nice", "debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", "bookworm",
-              str(rootfs), DEBIAN_MIRROR], "debootstrap")
+        _run(
+            [
+                "nice",
+                "debootstrap",
+                "--variant=minbase",
+                f"--include={','.join(BASE_PACKAGES)}",
+                "bookworm",
+                str(rootfs),
+                DEBIAN_MIRROR,
+            ],
+            "debootstrap",
+        )
         for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
             for path in (rootfs / junk).glob("*"):
                 if path.is_file():
@@ -133,8 +154,14 @@ def base_image() -> str:
         try:
             mount = buildah("mount", container).strip()
             _run(["cp", "-a", f"{rootfs}/.", f"{mount}/"], "copying the root filesystem")
-            buildah("config", "--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                    "--cmd", "/bin/bash", container)
+            buildah(
+                "config",
+                "--env",
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "--cmd",
+                "/bin/bash",
+                container,
+            )
             buildah("commit", "--rm", container, name, what="buildah commit (base)")
         except BaseException:
             subprocess.run([*_buildah_argv("buildah"), "rm", container], capture_output=True)
@@ -172,9 +199,16 @@ def build_args(base: str) -> list[str]:
     """Build arguments for this machine: the debootstrap base, torch from /opt/wheels (no index
     beyond PyPI is reachable here), and this machine's CA bundle for pip."""
     args = ["--build-arg", f"BASE_IMAGE={base}", "--build-arg", "TORCH_INDEX="]
-    ca_bundle = Path(os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE") or "/etc/ssl/certs/ca-certificates.crt")
+    ca_bundle = Path(
+        os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE") or "/etc/ssl/certs/ca-certificates.crt"
+    )
     if ca_bundle.is_file():
-        args += ["--build-arg", "PIP_CERT=/etc/mmrank-build-ca.crt", "--volume", f"{ca_bundle}:/etc/mmrank-build-ca.crt:ro"]
+        args += [
+            "--build-arg",
+            "PIP_CERT=/etc/mmrank-build-ca.crt",
+            "--volume",
+            f"{ca_bundle}:/etc/mmrank-build-ca.crt:ro",
+        ]
     if WHEELS.is_dir():
         args += ["--build-arg", "PIP_FIND_LINKS=/wheels", "--volume", f"{WHEELS}:/wheels:ro"]
     return args
@@ -201,8 +235,22 @@ def build(target: str, root: Path = ROOT, log: Path | None = None) -> Path:
     base = base_image()
     # --layers keeps the dependency install of `runtime` as a cached step, so a code change
     # rebuilds only the layers after it (and `triton` reuses all of `runtime`).
-    argv = ["build", "--layers", "--isolation", "chroot", "--network", "host", "-f", str(root / "Dockerfile"),
-            "--target", spec.target, "-t", spec.name, *build_args(base), str(root)]
+    argv = [
+        "build",
+        "--layers",
+        "--isolation",
+        "chroot",
+        "--network",
+        "host",
+        "-f",
+        str(root / "Dockerfile"),
+        "--target",
+        spec.target,
+        "-t",
+        spec.name,
+        *build_args(base),
+        str(root),
+    ]
     if log:
         Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log or os.devnull, "w") as out:

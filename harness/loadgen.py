@@ -20,6 +20,7 @@ store per variant, the two `mmrank predictor serve` processes, a Prometheus scra
 `Controllers` (the Deployment, Job and KServe controllers the test apiserver does not run) and
 `Throttle` (a process paused in a duty cycle: a slow store).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -122,10 +123,23 @@ class LoadGenerator:
     each change starts a new `Epoch`. `run()` and `start()` are bounded by time and by count.
     """
 
-    def __init__(self, stable: Target, canary: Target, *, rate: float = 40.0, concurrency: int = 4,
-                 model_name: str = "ranker", catalogue: int = 100, n_users: int = 20, candidates: int = 20,
-                 history: int = 10, impressions: int = 10, timeout: float = 2.0, canary_share: float = 0.0,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        stable: Target,
+        canary: Target,
+        *,
+        rate: float = 40.0,
+        concurrency: int = 4,
+        model_name: str = "ranker",
+        catalogue: int = 100,
+        n_users: int = 20,
+        candidates: int = 20,
+        history: int = 10,
+        impressions: int = 10,
+        timeout: float = 2.0,
+        canary_share: float = 0.0,
+        seed: int = 0,
+    ) -> None:
         if not 0.0 <= canary_share <= 1.0:
             raise ValueError(f"canary_share must be within [0, 1], got {canary_share}")
         if impressions > candidates:
@@ -161,8 +175,7 @@ class LoadGenerator:
 
     def snapshot(self) -> tuple[dict[str, Tally], list[Epoch]]:
         with self._lock:
-            return ({k: v.copy() for k, v in self.tallies.items()},
-                    [dataclasses.replace(e) for e in self.epochs])
+            return ({k: v.copy() for k, v in self.tallies.items()}, [dataclasses.replace(e) for e in self.epochs])
 
     # --- running -------------------------------------------------------------------------------
     def run(self, seconds: float, max_requests: int | None = None) -> dict[str, Tally]:
@@ -171,8 +184,9 @@ class LoadGenerator:
         self.join()
         return self.snapshot()[0]
 
-    def start(self, seconds: float, max_requests: int | None = None,
-              on_error: Callable[[BaseException], None] | None = None) -> None:
+    def start(
+        self, seconds: float, max_requests: int | None = None, on_error: Callable[[BaseException], None] | None = None
+    ) -> None:
         if self._threads:
             raise RuntimeError("this load generator is running already")
         self._stop.clear()
@@ -181,8 +195,12 @@ class LoadGenerator:
         limit = max_requests if max_requests is not None else int(self.rate * seconds) + 1
         slots = iter(range(limit))
         for index in range(self.concurrency):
-            worker = threading.Thread(target=self._worker, name=f"mmrank-load-{index}", daemon=True,
-                                      args=(random.Random(self.seed * 1000 + index), started, deadline, slots))
+            worker = threading.Thread(
+                target=self._worker,
+                name=f"mmrank-load-{index}",
+                daemon=True,
+                args=(random.Random(self.seed * 1000 + index), started, deadline, slots),
+            )
             worker.start()
             self._threads.append(worker)
 
@@ -231,7 +249,7 @@ class LoadGenerator:
 
     def _one_request(self, rng: random.Random, target: Target, epoch: Epoch, side: str) -> None:
         items = rng.sample(range(self.catalogue), self.candidates + self.history)
-        body = v2_body(rng.randrange(self.n_users), items[:self.candidates], items[self.candidates:])
+        body = v2_body(rng.randrange(self.n_users), items[: self.candidates], items[self.candidates :])
         began = time.perf_counter()
         try:
             response = self._client.post(f"{target.url}/v2/models/{self.model_name}/infer", json=body)
@@ -268,8 +286,10 @@ class LoadGenerator:
                 self.tallies[target.variant].feedback_failed += 1
             return
         try:
-            answer = self._client.post(f"{target.url}/v1/feedback", json={
-                "request_id": request_id, "impressions": self.impressions, "clicks": clicks})
+            answer = self._client.post(
+                f"{target.url}/v1/feedback",
+                json={"request_id": request_id, "impressions": self.impressions, "clicks": clicks},
+            )
             delivered = answer.status_code < 300
         except httpx.HTTPError:
             delivered = False
@@ -284,8 +304,10 @@ class LoadGenerator:
 
 # --- the predictors it drives: a stable and a canary `mmrank predictor serve` ----------------
 
-def prepare_space(store_url: str, space: str = "e1", dim: int = 16, catalogue: int = 100, seed: int = 1,
-                  scope: str | None = None) -> None:
+
+def prepare_space(
+    store_url: str, space: str = "e1", dim: int = 16, catalogue: int = 100, seed: int = 1, scope: str | None = None
+) -> None:
     """A fully embedded space of random unit vectors: every candidate the generator sends is found.
     `scope` "namespace/name": the ranker whose space it is (the operator reads coverage there);
     None: the local default, which the rig's predictors read."""
@@ -299,7 +321,7 @@ def prepare_space(store_url: str, space: str = "e1", dim: int = 16, catalogue: i
         store.create_space(space, dim)
         store.set_catalogue_size(space, catalogue)
         store.put(space, np.arange(catalogue), vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
-        store.report_backfill(space, "0/1", catalogue, catalogue)   # as a finished backfill: coverage 1.0
+        store.report_backfill(space, "0/1", catalogue, catalogue)  # as a finished backfill: coverage 1.0
     finally:
         store.close()
 
@@ -315,9 +337,16 @@ def write_ranker(directory: Path, space: str = "e1", dim: int = 16, catalogue: i
     return directory
 
 
-def start_predictor(model_dir: Path, store_url: str, variant: str, workdir: Path | None = None,
-                    space: str = "e1", model_name: str = "ranker", extra_args: tuple[str, ...] = (),
-                    timeout: float = 180.0) -> Any:
+def start_predictor(
+    model_dir: Path,
+    store_url: str,
+    variant: str,
+    workdir: Path | None = None,
+    space: str = "e1",
+    model_name: str = "ranker",
+    extra_args: tuple[str, ...] = (),
+    timeout: float = 180.0,
+) -> Any:
     """`mmrank predictor serve` as its own process (and session), labelled `variant`, once ready.
 
     Returns a `harness.servers.Server`; raises `ServerUnavailable` with its log when it never
@@ -332,19 +361,38 @@ def start_predictor(model_dir: Path, store_url: str, variant: str, workdir: Path
     workdir = workdir or Path(tempfile.mkdtemp(prefix=f"mmrank-predictor-{variant}-"))
     workdir.mkdir(parents=True, exist_ok=True)
     port = servers.free_port()
-    argv = [sys.executable, "-m", "mmrank", "predictor", "serve", "--model-dir", str(model_dir),
-            "--model-name", model_name, "--host", "127.0.0.1", "--http-port", str(port),
-            "--grpc-port", str(servers.free_port()), "--recheck-seconds", "0.5",
-            "--torch-threads", "1", *extra_args]
+    argv = [
+        sys.executable,
+        "-m",
+        "mmrank",
+        "predictor",
+        "serve",
+        "--model-dir",
+        str(model_dir),
+        "--model-name",
+        model_name,
+        "--host",
+        "127.0.0.1",
+        "--http-port",
+        str(port),
+        "--grpc-port",
+        str(servers.free_port()),
+        "--recheck-seconds",
+        "0.5",
+        "--torch-threads",
+        "1",
+        *extra_args,
+    ]
     env = {**os.environ, "MMRANK_STORE_URL": store_url, "MMRANK_SPACE": space, "MMRANK_RANKER_VERSION": variant}
     log_path = workdir / f"predictor-{variant}.log"
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env,
-                                   start_new_session=True)
-    server = servers.Server(f"predictor {variant}", process, log_path, f"http://127.0.0.1:{port}", port, workdir,
-                            extra={"variant": variant})
-    servers.wait_until(server, lambda: servers.http_ok(f"{server.url}/v2/models/{model_name}/ready"), timeout,
-                       "ready")
+        process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env, start_new_session=True
+        )
+    server = servers.Server(
+        f"predictor {variant}", process, log_path, f"http://127.0.0.1:{port}", port, workdir, extra={"variant": variant}
+    )
+    servers.wait_until(server, lambda: servers.http_ok(f"{server.url}/v2/models/{model_name}/ready"), timeout, "ready")
     return server
 
 
@@ -406,8 +454,10 @@ class CanaryRig:
                 prepare_space(store.url)
             artifacts = {v: write_ranker(workdir / f"ranker-{v}", seed=i) for i, v in enumerate(self.variants)}
             with ThreadPoolExecutor(2) as pool:
-                futures = [pool.submit(start_predictor, artifacts[v], self.stores[v].url, v, workdir / f"predictor-{v}")
-                           for v in self.variants]
+                futures = [
+                    pool.submit(start_predictor, artifacts[v], self.stores[v].url, v, workdir / f"predictor-{v}")
+                    for v in self.variants
+                ]
                 errors = []
                 self.predictors = {}
                 for variant, future in zip(self.variants, futures, strict=False):
@@ -418,8 +468,9 @@ class CanaryRig:
                         errors.append(f"predictor {variant}: {exc}")
                 if errors:
                     raise servers.ServerUnavailable("; ".join(errors))
-            self.prometheus = servers.start_prometheus([f"127.0.0.1:{p.port}" for p in self.predictors.values()],
-                                                       workdir / "prometheus", scrape_interval)
+            self.prometheus = servers.start_prometheus(
+                [f"127.0.0.1:{p.port}" for p in self.predictors.values()], workdir / "prometheus", scrape_interval
+            )
             self.started.append(self.prometheus)
             self._wait_for_targets()
         except BaseException:
@@ -450,11 +501,22 @@ class CanaryRig:
             time.sleep(0.2)
         raise servers.ServerUnavailable(f"Prometheus never scraped both predictors within {timeout:.0f} s")
 
-    def generator(self, rate: float = 30.0, canary_click: float = 0.1, stable_click: float = 0.1,
-                  share: float = 0.0, **options: Any) -> LoadGenerator:
+    def generator(
+        self,
+        rate: float = 30.0,
+        canary_click: float = 0.1,
+        stable_click: float = 0.1,
+        share: float = 0.0,
+        **options: Any,
+    ) -> LoadGenerator:
         stable, canary = self.variants
-        return LoadGenerator(Target(stable, self.stable.url, stable_click), Target(canary, self.canary.url, canary_click),
-                             rate=rate, canary_share=share, **options)
+        return LoadGenerator(
+            Target(stable, self.stable.url, stable_click),
+            Target(canary, self.canary.url, canary_click),
+            rate=rate,
+            canary_share=share,
+            **options,
+        )
 
     def stop_canary_store(self) -> None:
         """The canary's Redis down: every ranking request needs a vector read, so it answers 503."""
@@ -493,12 +555,16 @@ def answered(url: str, variant: str) -> int:
     total = 0.0
     for family in text_string_to_metric_families(text):
         if family.name == "mmrank_requests":
-            total += sum(s.value for s in family.samples
-                         if s.name == "mmrank_requests_total" and s.labels.get("variant") == variant)
+            total += sum(
+                s.value
+                for s in family.samples
+                if s.name == "mmrank_requests_total" and s.labels.get("variant") == variant
+            )
     return int(total)
 
 
 # --- the router: traffic by what the operator wrote ------------------------------------------
+
 
 def canary_share(status: Mapping[str, Any], canary_variant: str) -> float:
     """The share of requests the serving backend gives `canary_variant`, read from a ranker's
@@ -532,8 +598,13 @@ class Router:
     """Polls a ranker's status and routes the generator by it (as KServe's or the Service's split
     would), recording every change in `timeline`."""
 
-    def __init__(self, read_status: Callable[[], Mapping[str, Any]], generator: LoadGenerator,
-                 canary_variant: str, poll: float = 0.1) -> None:
+    def __init__(
+        self,
+        read_status: Callable[[], Mapping[str, Any]],
+        generator: LoadGenerator,
+        canary_variant: str,
+        poll: float = 0.1,
+    ) -> None:
         self.read_status, self.generator, self.canary_variant, self.poll = read_status, generator, canary_variant, poll
         self.timeline: list[Sample] = []
         self.errors = 0
@@ -543,9 +614,14 @@ class Router:
     def sample(self, status: Mapping[str, Any]) -> Sample:
         canary = status.get("canary") or {}
         ours = canary.get("rankerVersion") == self.canary_variant
-        return Sample(time.monotonic(), (status.get("stable") or {}).get("rankerVersion"),
-                      canary.get("state") if ours else None, canary.get("step") if ours else None,
-                      canary.get("trafficPercent") if ours else None, canary_share(status, self.canary_variant))
+        return Sample(
+            time.monotonic(),
+            (status.get("stable") or {}).get("rankerVersion"),
+            canary.get("state") if ours else None,
+            canary.get("step") if ours else None,
+            canary.get("trafficPercent") if ours else None,
+            canary_share(status, self.canary_variant),
+        )
 
     def _follow(self) -> None:
         while not self._stop.is_set():
@@ -574,6 +650,7 @@ class Router:
 
 # --- the controllers a bare apiserver lacks ---------------------------------------------------
 
+
 def ready_status(kind: str, live: Mapping[str, Any], now: str) -> dict[str, Any] | None:
     """The status a Deployment, Job or InferenceService controller would report once the object's
     current generation is up and ready (None: it already says so)."""
@@ -582,17 +659,28 @@ def ready_status(kind: str, live: Mapping[str, Any], now: str) -> dict[str, Any]
         n = live["spec"].get("replicas", 1)
         if status.get("observedGeneration") == generation and status.get("readyReplicas") == n:
             return None
-        return {"observedGeneration": generation, "replicas": n, "updatedReplicas": n, "readyReplicas": n,
-                "availableReplicas": n}
+        return {
+            "observedGeneration": generation,
+            "replicas": n,
+            "updatedReplicas": n,
+            "readyReplicas": n,
+            "availableReplicas": n,
+        }
     if kind == "Job":
         if status.get("succeeded"):
             return None
-        return {"succeeded": live["spec"].get("completions", 1), "startTime": now, "completionTime": now,
-                "conditions": [{"type": "Complete", "status": "True", "lastProbeTime": now, "lastTransitionTime": now}]}
+        return {
+            "succeeded": live["spec"].get("completions", 1),
+            "startTime": now,
+            "completionTime": now,
+            "conditions": [{"type": "Complete", "status": "True", "lastProbeTime": now, "lastTransitionTime": now}],
+        }
     if status.get("observedGeneration") == generation:
         return None
-    return {"observedGeneration": generation, "conditions": [{"type": "Ready", "status": "True",
-                                                               "lastTransitionTime": now}]}
+    return {
+        "observedGeneration": generation,
+        "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
+    }
 
 
 class Controllers:
@@ -620,8 +708,12 @@ class Controllers:
                     for live in resource.get(namespace=self.namespace).to_dict()["items"]:
                         ready = ready_status(kind, live, now)
                         if ready is not None:
-                            resource.status.patch(name=live["metadata"]["name"], namespace=self.namespace,
-                                                  body={"status": ready}, content_type="application/merge-patch+json")
+                            resource.status.patch(
+                                name=live["metadata"]["name"],
+                                namespace=self.namespace,
+                                body={"status": ready},
+                                content_type="application/merge-patch+json",
+                            )
 
     def __enter__(self) -> Controllers:
         self._thread.start()

@@ -5,6 +5,7 @@ Tests, benchmarks and the quick start use the same launchers. Each `start_*` ret
 `ServerUnavailable` naming what is missing and how `./dev.sh` installs it (never a silent skip).
 Binaries built by `./dev.sh` live in `$MMRANK_BIN_DIR` (default ~/.cache/mmrank/bin).
 """
+
 from __future__ import annotations
 
 import base64
@@ -102,12 +103,18 @@ class Server:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _launch(name: str, argv: Sequence[str], workdir: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+def _launch(
+    name: str, argv: Sequence[str], workdir: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], Path]:
     log_path = workdir / f"{name}.log"
     log = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
     process = subprocess.Popen(
-        list(argv), stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
-        env=env if env is not None else os.environ.copy(), start_new_session=True,
+        list(argv),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=workdir,
+        env=env if env is not None else os.environ.copy(),
+        start_new_session=True,
     )
     log.close()
     return process, log_path
@@ -119,7 +126,8 @@ def wait_until(server: Server, ready: Callable[[], bool], timeout: float, what: 
         if not server.alive():
             raise ServerUnavailable(
                 f"{server.name} exited with code {server.process.returncode} before {what}; "
-                f"log {server.log_path}:\n{server.log_tail()}")
+                f"log {server.log_path}:\n{server.log_tail()}"
+            )
         with contextlib.suppress(Exception):
             if ready():
                 return
@@ -153,6 +161,7 @@ def _workdir(name: str, workdir: Path | None) -> Path:
 
 # --- Triton -----------------------------------------------------------------------------------
 
+
 def triton_paths() -> tuple[Path, Path, Path]:
     """(tritonserver binary, its shared libraries, the backend directory with our stub)."""
     try:
@@ -168,13 +177,19 @@ def triton_paths() -> tuple[Path, Path, Path]:
     if not (backends / "python" / "triton_python_backend_stub").exists():
         raise ServerUnavailable(
             f"Triton's Python backend with the stub for this Python is missing under {backends}: "
-            "run ./dev.sh setup (tools/prepare_triton_backends.py)")
+            "run ./dev.sh setup (tools/prepare_triton_backends.py)"
+        )
     return binary, libs, backends
 
 
-def start_triton(model_repository: Path, workdir: Path | None = None, timeout: float = 120.0,
-                 http_port: int | None = None, grpc_port: int | None = None,
-                 extra_args: Sequence[str] = ()) -> Server:
+def start_triton(
+    model_repository: Path,
+    workdir: Path | None = None,
+    timeout: float = 120.0,
+    http_port: int | None = None,
+    grpc_port: int | None = None,
+    extra_args: Sequence[str] = (),
+) -> Server:
     """Start tritonserver on loopback ports. Python-backend models run with the `python3` first
     on PATH, so this process's interpreter directory goes first (numpy < 2 and torch there)."""
     binary, libs, backends = triton_paths()
@@ -186,31 +201,68 @@ def start_triton(model_repository: Path, workdir: Path | None = None, timeout: f
     env["LD_LIBRARY_PATH"] = f"{libs}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else str(libs)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     argv = [
-        str(binary), f"--model-repository={model_repository}", f"--backend-directory={backends}",
-        f"--http-port={http_port}", f"--grpc-port={grpc_port}", f"--metrics-port={metrics_port}",
-        "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--allow-metrics=true",
-        "--allow-gpu-metrics=false", "--exit-on-error=true", "--strict-readiness=true", *extra_args,
+        str(binary),
+        f"--model-repository={model_repository}",
+        f"--backend-directory={backends}",
+        f"--http-port={http_port}",
+        f"--grpc-port={grpc_port}",
+        f"--metrics-port={metrics_port}",
+        "--http-address=127.0.0.1",
+        "--grpc-address=127.0.0.1",
+        "--allow-metrics=true",
+        "--allow-gpu-metrics=false",
+        "--exit-on-error=true",
+        "--strict-readiness=true",
+        *extra_args,
     ]
     process, log_path = _launch("triton", argv, workdir, env)
-    server = Server("triton", process, log_path, f"127.0.0.1:{http_port}", http_port, workdir,
-                    extra={"grpc_url": f"127.0.0.1:{grpc_port}", "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics",
-                           "model_repository": str(model_repository)})
+    server = Server(
+        "triton",
+        process,
+        log_path,
+        f"127.0.0.1:{http_port}",
+        http_port,
+        workdir,
+        extra={
+            "grpc_url": f"127.0.0.1:{grpc_port}",
+            "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics",
+            "model_repository": str(model_repository),
+        },
+    )
     wait_until(server, lambda: http_ok(f"http://127.0.0.1:{http_port}/v2/health/ready"), timeout, "ready")
     return server
 
 
 # --- Redis ------------------------------------------------------------------------------------
 
-def start_redis(workdir: Path | None = None, port: int | None = None, appendonly: bool = True,
-                timeout: float = 20.0) -> Server:
+
+def start_redis(
+    workdir: Path | None = None, port: int | None = None, appendonly: bool = True, timeout: float = 20.0
+) -> Server:
     """Redis with an append-only file in `workdir`, so a restart on the same workdir and port
     keeps every acknowledged write (what the fault tests rely on)."""
     binary = find_binary("redis-server", "install Debian's redis-server (./dev.sh setup does)")
     workdir = _workdir("redis", workdir)
     port = port or free_port()
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-            "--save", "", "--appendonly", "yes" if appendonly else "no", "--appendfsync", "always",
-            "--protected-mode", "no", "--daemonize", "no"]
+    argv = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(workdir),
+        "--save",
+        "",
+        "--appendonly",
+        "yes" if appendonly else "no",
+        "--appendfsync",
+        "always",
+        "--protected-mode",
+        "no",
+        "--daemonize",
+        "no",
+    ]
     process, log_path = _launch("redis", argv, workdir)
     server = Server("redis", process, log_path, f"redis://127.0.0.1:{port}/0", port, workdir)
 
@@ -225,8 +277,10 @@ def start_redis(workdir: Path | None = None, port: int | None = None, appendonly
 
 # --- Prometheus -------------------------------------------------------------------------------
 
-def start_prometheus(scrape_targets: Sequence[str], workdir: Path | None = None,
-                     scrape_interval: str = "1s", timeout: float = 60.0) -> Server:
+
+def start_prometheus(
+    scrape_targets: Sequence[str], workdir: Path | None = None, scrape_interval: str = "1s", timeout: float = 60.0
+) -> Server:
     """Prometheus scraping `host:port` targets (job `mmrank`) every `scrape_interval`."""
     binary = find_binary("prometheus", "install Debian's prometheus (./dev.sh setup does)")
     workdir = _workdir("prometheus", workdir)
@@ -235,9 +289,15 @@ def start_prometheus(scrape_targets: Sequence[str], workdir: Path | None = None,
     config = workdir / "prometheus.yml"
     config.write_text(
         f"global:\n  scrape_interval: {scrape_interval}\n  evaluation_interval: {scrape_interval}\n"
-        f"scrape_configs:\n  - job_name: mmrank\n    static_configs:\n      - targets: [{targets}]\n")
-    argv = [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle"]
+        f"scrape_configs:\n  - job_name: mmrank\n    static_configs:\n      - targets: [{targets}]\n"
+    )
+    argv = [
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={workdir / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--web.enable-lifecycle",
+    ]
     process, log_path = _launch("prometheus", argv, workdir)
     server = Server("prometheus", process, log_path, f"http://127.0.0.1:{port}", port, workdir)
     wait_until(server, lambda: http_ok(f"{server.url}/-/ready"), timeout, "ready")
@@ -246,15 +306,29 @@ def start_prometheus(scrape_targets: Sequence[str], workdir: Path | None = None,
 
 # --- etcd + kube-apiserver --------------------------------------------------------------------
 
+
 def start_etcd(workdir: Path | None = None, timeout: float = 30.0) -> Server:
     binary = find_binary("etcd", "install Debian's etcd-server (./dev.sh setup does)")
     workdir = _workdir("etcd", workdir)
     port, peer = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = [binary, "--data-dir", str(workdir / "data"), "--listen-client-urls", url,
-            "--advertise-client-urls", url, "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-            "--initial-cluster", f"default=http://127.0.0.1:{peer}", "--log-level", "warn"]
+    argv = [
+        binary,
+        "--data-dir",
+        str(workdir / "data"),
+        "--listen-client-urls",
+        url,
+        "--advertise-client-urls",
+        url,
+        "--listen-peer-urls",
+        f"http://127.0.0.1:{peer}",
+        "--initial-advertise-peer-urls",
+        f"http://127.0.0.1:{peer}",
+        "--initial-cluster",
+        f"default=http://127.0.0.1:{peer}",
+        "--log-level",
+        "warn",
+    ]
     env = os.environ.copy()
     env.setdefault("ETCD_UNSUPPORTED_ARCH", "")
     process, log_path = _launch("etcd", argv, workdir, env)
@@ -270,10 +344,14 @@ def _service_account_keys(workdir: Path) -> tuple[Path, Path]:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     private = workdir / "sa.key"
     public = workdir / "sa.pub"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                          serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        )
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     return private, public
 
 
@@ -284,7 +362,8 @@ def write_kubeconfig(path: Path, server_url: str, token: str) -> Path:
         "users:\n- name: admin\n  user:\n"
         f"    token: {token}\n"
         "contexts:\n- name: mmrank-test\n  context: {cluster: mmrank-test, user: admin, namespace: default}\n"
-        "current-context: mmrank-test\n")
+        "current-context: mmrank-test\n"
+    )
     return path
 
 
@@ -294,8 +373,10 @@ def start_kube_apiserver(workdir: Path | None = None, timeout: float = 120.0) ->
     No controllers run: tests play the Deployment, Job and KServe controllers themselves.
     `extra["kubeconfig"]` is a kubeconfig for the admin token; `extra["token"]` the token.
     """
-    binary = find_binary("kube-apiserver", "run ./dev.sh setup, which builds it from Debian's kubernetes "
-                         "source package (tools/build-kube-apiserver.sh)")
+    binary = find_binary(
+        "kube-apiserver",
+        "run ./dev.sh setup, which builds it from Debian's kubernetes source package (tools/build-kube-apiserver.sh)",
+    )
     workdir = _workdir("apiserver", workdir)
     etcd = start_etcd(workdir / "etcd")
     try:
@@ -304,13 +385,22 @@ def start_kube_apiserver(workdir: Path | None = None, timeout: float = 120.0) ->
         private, public = _service_account_keys(workdir)
         port = free_port()
         argv = [
-            binary, f"--etcd-servers={etcd.url}", "--bind-address=127.0.0.1", f"--secure-port={port}",
-            "--advertise-address=127.0.0.1", f"--cert-dir={workdir / 'certs'}",
-            f"--token-auth-file={workdir / 'tokens.csv'}", "--authorization-mode=RBAC",
-            f"--service-account-key-file={public}", f"--service-account-signing-key-file={private}",
-            "--service-account-issuer=https://kubernetes.default.svc", "--api-audiences=https://kubernetes.default.svc",
-            "--service-cluster-ip-range=10.96.0.0/16", "--allow-privileged=true",
-            "--enable-priority-and-fairness=false", "--v=0",
+            binary,
+            f"--etcd-servers={etcd.url}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={port}",
+            "--advertise-address=127.0.0.1",
+            f"--cert-dir={workdir / 'certs'}",
+            f"--token-auth-file={workdir / 'tokens.csv'}",
+            "--authorization-mode=RBAC",
+            f"--service-account-key-file={public}",
+            f"--service-account-signing-key-file={private}",
+            "--service-account-issuer=https://kubernetes.default.svc",
+            "--api-audiences=https://kubernetes.default.svc",
+            "--service-cluster-ip-range=10.96.0.0/16",
+            "--allow-privileged=true",
+            "--enable-priority-and-fairness=false",
+            "--v=0",
         ]
         process, log_path = _launch("kube-apiserver", argv, workdir)
     except BaseException:
@@ -318,16 +408,25 @@ def start_kube_apiserver(workdir: Path | None = None, timeout: float = 120.0) ->
         raise
     url = f"https://127.0.0.1:{port}"
     kubeconfig = write_kubeconfig(workdir / "kubeconfig", url, token)
-    server = Server("kube-apiserver", process, log_path, url, port, workdir,
-                    extra={"token": token, "kubeconfig": str(kubeconfig), "etcd": etcd})
+    server = Server(
+        "kube-apiserver",
+        process,
+        log_path,
+        url,
+        port,
+        workdir,
+        extra={"token": token, "kubeconfig": str(kubeconfig), "etcd": etcd},
+    )
     server.cleanup.append(etcd.stop)
     import ssl
+
     insecure = ssl.create_default_context()
     insecure.check_hostname = False
     insecure.verify_mode = ssl.CERT_NONE
     try:
-        wait_until(server, lambda: http_ok(f"{url}/readyz", {"Authorization": f"Bearer {token}"}, insecure),
-                   timeout, "ready")
+        wait_until(
+            server, lambda: http_ok(f"{url}/readyz", {"Authorization": f"Bearer {token}"}, insecure), timeout, "ready"
+        )
     except BaseException:
         etcd.stop()
         raise
@@ -335,6 +434,7 @@ def start_kube_apiserver(workdir: Path | None = None, timeout: float = 120.0) ->
 
 
 # --- CRDs for the apiserver we can build -----------------------------------------------------
+
 
 def _drop_empty_string_defaults(node: object) -> object:
     if isinstance(node, dict):
@@ -370,16 +470,16 @@ def shared_dir() -> Path:
     raise ServerUnavailable(f"shared/schemas/kserve not found beside {here}")
 
 
-def install_crds(api_client: object, crds: list[dict[str, Any]], timeout: float = 60.0,
-                 field_manager: str = "mmrank-harness") -> None:
+def install_crds(
+    api_client: object, crds: list[dict[str, Any]], timeout: float = 60.0, field_manager: str = "mmrank-harness"
+) -> None:
     """Server-side apply CRDs and wait until each is Established."""
     from kubernetes import dynamic
 
     client = dynamic.DynamicClient(api_client)
     api = client.resources.get(api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition")
     for crd in crds:
-        api.server_side_apply(body=crd, name=crd["metadata"]["name"], field_manager=field_manager,
-                              force_conflicts=True)
+        api.server_side_apply(body=crd, name=crd["metadata"]["name"], field_manager=field_manager, force_conflicts=True)
     deadline = time.monotonic() + timeout
     for crd in crds:
         name = crd["metadata"]["name"]

@@ -4,4 +4,5 @@ The parts are subpackages: `mmrank.encoders` (phase 1 and the embedder), `mmrank
 (phase 2 and serving) and `mmrank.operator` (the Kubernetes operator). Modules directly under
 `mmrank` are the small common package the parts share: the API models, the store, the shop data.
 """
+
 __version__ = "0.1.0"

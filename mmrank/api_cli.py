@@ -1,4 +1,5 @@
 """`mmrank crd` (the CRD, or the API reference) and `mmrank validate -f FILE`."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,13 +8,22 @@ import sys
 
 def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     crd = subparsers.add_parser("crd", help="Print the MultimodalRanker CRD generated from the models")
-    crd.add_argument("--no-cel", action="store_true",
-                     help="drop CEL x-kubernetes-validations (for Kubernetes < 1.25; the model validators still check them)")
+    crd.add_argument(
+        "--no-cel",
+        action="store_true",
+        help="drop CEL x-kubernetes-validations (for Kubernetes < 1.25; the model validators still check them)",
+    )
     crd.add_argument("--docs", action="store_true", help="print the API reference (docs/api.md) instead")
     crd.set_defaults(handler=_crd)
     validate = subparsers.add_parser("validate", help="Validate MultimodalRanker manifests with the models")
-    validate.add_argument("-f", "--filename", action="append", required=True, metavar="FILE",
-                          help="manifest file (YAML, several documents allowed; - for stdin); repeatable")
+    validate.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="manifest file (YAML, several documents allowed; - for stdin); repeatable",
+    )
     validate.set_defaults(handler=_validate)
 
 

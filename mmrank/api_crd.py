@@ -7,6 +7,7 @@ rules the models declare, or without them (`cel=False`) for apiservers that know
 
 Torch-free and kubernetes-free, like `mmrank.api`: `mmrank crd` and the tests import it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -105,16 +106,37 @@ def openapi_schema(cel: bool = True) -> dict[str, Any]:
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase."},
-    {"name": "Stable", "type": "string", "jsonPath": ".status.stable.rankerVersion",
-     "description": "Ranker version serving stable traffic."},
-    {"name": "Canary", "type": "string", "jsonPath": ".status.canary.rankerVersion",
-     "description": "Ranker version in canary."},
-    {"name": "Traffic", "type": "integer", "jsonPath": ".status.canary.trafficPercent",
-     "description": "Percent of requests on the canary (a multiple of the backend's granularity)."},
-    {"name": "Step", "type": "integer", "jsonPath": ".status.canary.step", "priority": 1,
-     "description": "Index of the canary's current step."},
-    {"name": "Coverage", "type": "number", "jsonPath": ".status.embeddings.coverage",
-     "description": "Catalogue coverage of the target embedding space."},
+    {
+        "name": "Stable",
+        "type": "string",
+        "jsonPath": ".status.stable.rankerVersion",
+        "description": "Ranker version serving stable traffic.",
+    },
+    {
+        "name": "Canary",
+        "type": "string",
+        "jsonPath": ".status.canary.rankerVersion",
+        "description": "Ranker version in canary.",
+    },
+    {
+        "name": "Traffic",
+        "type": "integer",
+        "jsonPath": ".status.canary.trafficPercent",
+        "description": "Percent of requests on the canary (a multiple of the backend's granularity).",
+    },
+    {
+        "name": "Step",
+        "type": "integer",
+        "jsonPath": ".status.canary.step",
+        "priority": 1,
+        "description": "Index of the canary's current step.",
+    },
+    {
+        "name": "Coverage",
+        "type": "number",
+        "jsonPath": ".status.embeddings.coverage",
+        "description": "Catalogue coverage of the target embedding space.",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
@@ -128,15 +150,25 @@ def crd_manifest(cel: bool = True) -> dict[str, Any]:
         "metadata": {"name": api.CRD_NAME},
         "spec": {
             "group": api.GROUP,
-            "names": {"kind": api.KIND, "listKind": f"{api.KIND}List", "plural": api.PLURAL,
-                      "singular": api.SINGULAR, "shortNames": list(api.SHORT_NAMES), "categories": ["mmrank"]},
+            "names": {
+                "kind": api.KIND,
+                "listKind": f"{api.KIND}List",
+                "plural": api.PLURAL,
+                "singular": api.SINGULAR,
+                "shortNames": list(api.SHORT_NAMES),
+                "categories": ["mmrank"],
+            },
             "scope": "Namespaced",
-            "versions": [{
-                "name": api.VERSION, "served": True, "storage": True,
-                "schema": {"openAPIV3Schema": openapi_schema(cel)},
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": copy.deepcopy(PRINTER_COLUMNS),
-            }],
+            "versions": [
+                {
+                    "name": api.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": openapi_schema(cel)},
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": copy.deepcopy(PRINTER_COLUMNS),
+                }
+            ],
         },
     }
 

@@ -2,6 +2,7 @@
 and the CRD schema `mmrank.api_crd` makes of them (`mmrank crd --docs`; a test fails when the
 file is stale).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -29,8 +30,14 @@ def _bounds(node: dict[str, Any]) -> str:
     parts: list[str] = []
     if node.get("exclusiveMinimum") is True:
         parts.append(f"> {node['minimum']}")
-    for key, label in (("minimum", ">="), ("maximum", "<="), ("minLength", "min length"),
-                       ("maxLength", "max length"), ("maxItems", "max items"), ("pattern", "pattern")):
+    for key, label in (
+        ("minimum", ">="),
+        ("maximum", "<="),
+        ("minLength", "min length"),
+        ("maxLength", "max length"),
+        ("maxItems", "max items"),
+        ("pattern", "pattern"),
+    ):
         if key in node and not (key == "minimum" and node.get("exclusiveMinimum") is True):
             value = f"`{node[key]}`" if key == "pattern" else node[key]
             parts.append(f"{label} {value}")
@@ -100,31 +107,51 @@ def api_reference_markdown() -> str:
         for where, holder in ((path or ".", node), (f"{path}[]", node.get("items") or {})):
             for rule in holder.get("x-kubernetes-validations", []):
                 lines.append(f"- `{where}`: {rule['message']} (`{rule['rule']}`)")
-    lines += ["", "Install: `kubectl apply -f crds/mmrank.io_multimodalrankers.yaml` (Kubernetes 1.25 or later, "
-              "which evaluate CEL), or `mmrank crd --no-cel | kubectl apply -f -` on older clusters, which "
-              "refuse `x-kubernetes-validations`. An apiserver prunes unknown fields (silently, unless the client "
-              "asks for strict field validation, which 1.20 cannot); "
-              "`mmrank validate -f FILE` checks a manifest with the models (strict types, unknown fields, "
-              "every rule above) and prints each problem with its field path, exit status 1 when invalid."]
-    lines += ["", "Child objects of a resource named `x` with encoder version `E` (each name at most 63 "
-              "characters): " + ", ".join(f"`{n}`" for n in api.child_names("x", "E").values()) + ".", ""]
+    lines += [
+        "",
+        "Install: `kubectl apply -f crds/mmrank.io_multimodalrankers.yaml` (Kubernetes 1.25 or later, "
+        "which evaluate CEL), or `mmrank crd --no-cel | kubectl apply -f -` on older clusters, which "
+        "refuse `x-kubernetes-validations`. An apiserver prunes unknown fields (silently, unless the client "
+        "asks for strict field validation, which 1.20 cannot); "
+        "`mmrank validate -f FILE` checks a manifest with the models (strict types, unknown fields, "
+        "every rule above) and prints each problem with its field path, exit status 1 when invalid.",
+    ]
+    lines += [
+        "",
+        "Child objects of a resource named `x` with encoder version `E` (each name at most 63 "
+        "characters): " + ", ".join(f"`{n}`" for n in api.child_names("x", "E").values()) + ".",
+        "",
+    ]
     example = example_manifest()
     for section in ("spec", "status"):
-        lines += [f"## {section}", "", "| field | type | required | default | bounds | example | description |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {section}",
+            "",
+            "| field | type | required | default | bounds | example | description |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for path, node, required in _walk(schema["properties"][section], section, True):
             if path == section:
                 continue
             has_fields = "properties" in node or "properties" in (node.get("items") or {})
             example_value = None if has_fields else _lookup(example, path)
-            lines.append(f"| `{path}` | {_type_name(node)} | {'yes' if required else ''} | {_cell(node.get('default'))} "
-                         f"| {_bounds(node)} | {_cell(example_value)} | {node.get('description', '')} |")
+            lines.append(
+                f"| `{path}` | {_type_name(node)} | {'yes' if required else ''} | {_cell(node.get('default'))} "
+                f"| {_bounds(node)} | {_cell(example_value)} | {node.get('description', '')} |"
+            )
         lines.append("")
     import yaml
 
-    lines += ["## A complete example", "", "Every field set to its example (or default) value, as the "
-              "operator would see it with a status written:", "", "```yaml",
-              yaml.safe_dump(example, sort_keys=False, width=100).rstrip(), "```", ""]
+    lines += [
+        "## A complete example",
+        "",
+        "Every field set to its example (or default) value, as the operator would see it with a status written:",
+        "",
+        "```yaml",
+        yaml.safe_dump(example, sort_keys=False, width=100).rstrip(),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -152,6 +179,12 @@ def _example_of(model: type[BaseModel]) -> dict[str, Any]:
 def example_manifest() -> dict[str, Any]:
     """A MultimodalRanker with every field at its example value (docs/api.md shows it)."""
     spec = _example_of(api.RankerSpec)
-    return api.MultimodalRanker.model_validate({
-        "apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "shop", "namespace": "ads"},
-        "spec": spec, "status": _example_of(api.RankerStatus)}).to_manifest()
+    return api.MultimodalRanker.model_validate(
+        {
+            "apiVersion": api.API_VERSION,
+            "kind": api.KIND,
+            "metadata": {"name": "shop", "namespace": "ads"},
+            "spec": spec,
+            "status": _example_of(api.RankerStatus),
+        }
+    ).to_manifest()

@@ -10,6 +10,7 @@ and a non-zero exit, never a traceback: argparse errors are one line (`Parser`),
 handler raises is reported as `mmrank COMMAND: what went wrong` by `main`. `MMRANK_DEBUG=1` lets
 the traceback through, for whoever debugs mmrank itself.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,11 +70,13 @@ def parse_seconds(text: str) -> float:
 
 def _argument_type(name: str, check: Callable[[str], T]) -> Callable[[str], T]:
     """A named argparse type from a checking function (argparse names the type in its messages)."""
+
     def convert(text: str) -> T:
         try:
             return check(text)
         except (ValueError, OSError) as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
+
     convert.__name__ = name
     return convert
 
@@ -87,6 +90,7 @@ def _int_at_least(low: int) -> Callable[[str], int]:
         if value < low:
             raise ValueError(f"{value} is below {low}")
         return value
+
     return check
 
 
@@ -109,6 +113,7 @@ def _float_above(low: float, inclusive: bool) -> Callable[[str], float]:
         if not (value >= low if inclusive else value > low) or value == float("inf"):
             raise ValueError(f"{text} is not a {'non-negative' if inclusive else 'positive'} number")
         return value
+
     return check
 
 
@@ -118,6 +123,7 @@ def _positive(parse: Callable[[str], float]) -> Callable[[str], float]:
         if not value > 0:
             raise ValueError(f"{text!r} is not above zero")
         return value
+
     return check
 
 
@@ -156,8 +162,12 @@ existing_file = _argument_type("file", _existing_file)
 
 
 def add_progress_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="a progress bar on stderr (default: only when stderr is a terminal)")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a progress bar on stderr (default: only when stderr is a terminal)",
+    )
 
 
 def show_progress(args: argparse.Namespace) -> bool:
@@ -168,6 +178,7 @@ def show_progress(args: argparse.Namespace) -> bool:
 
 
 # --- errors -------------------------------------------------------------------------------------
+
 
 def describe(exc: BaseException) -> str:
     """One line saying what went wrong, from any exception (its message, its file, its kind)."""
@@ -186,7 +197,7 @@ def describe(exc: BaseException) -> str:
         if not text.strip() or not isinstance(exc, (CommandError, ValueError, OSError, LookupError)):
             text = f"{type(exc).__name__}: {text}" if text.strip() else type(exc).__name__
     line = " ".join(text.split())
-    return line if len(line) <= MAX_MESSAGE else line[:MAX_MESSAGE - 3] + "..."
+    return line if len(line) <= MAX_MESSAGE else line[: MAX_MESSAGE - 3] + "..."
 
 
 def file_problem(path: object, exc: BaseException) -> str:
@@ -206,6 +217,7 @@ def command_name(argv: Sequence[str]) -> str:
 
 
 # --- the parser ---------------------------------------------------------------------------------
+
 
 def parts_for(argv: Sequence[str]) -> list[str]:
     """The part modules to import for this command line: the one owning its command, or every
@@ -230,14 +242,14 @@ def version() -> str:
         return installed("mmrank")
     except PackageNotFoundError:
         from mmrank import __version__
+
         return __version__
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = Parser(
         prog="mmrank",
-        description="Multimodal CTR ranking on Kubernetes: data, encoder, ranker, embedder, "
-        "predictor and operator.",
+        description="Multimodal CTR ranking on Kubernetes: data, encoder, ranker, embedder, predictor and operator.",
         epilog=f"A failure is one line on stderr; {DEBUG_ENV}=1 shows its traceback.",
     )
     parser.add_argument("--version", action="version", version=f"mmrank {version()}")
@@ -251,8 +263,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             if not _missing_part(exc, module_name):
                 raise
             if len(wanted) == 1:
-                raise CommandError(f"{module_name} is not installed here (this image or environment "
-                                   "holds other parts of mmrank)") from exc
+                raise CommandError(
+                    f"{module_name} is not installed here (this image or environment holds other parts of mmrank)"
+                ) from exc
             absent.append(module_name)
             continue
         module.register_cli(subparsers)

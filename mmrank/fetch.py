@@ -7,6 +7,7 @@ operator mounted under /mnt/pvc) is copied, not linked as KServe's local path do
 destination is written to afterwards (Triton's config.pbtxt) and the claim is not mounted in the
 main container.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,11 @@ def summary(dest: Path) -> str:
 
 
 def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser("fetch", help="Copy a model or catalogue (s3://, gs://, http(s)://, a "
-                                   "mounted path, ...) into a directory, with KServe's storage code")
+    parser = subparsers.add_parser(
+        "fetch",
+        help="Copy a model or catalogue (s3://, gs://, http(s)://, a "
+        "mounted path, ...) into a directory, with KServe's storage code",
+    )
     parser.add_argument("source", help="URI or local path")
     parser.add_argument("dest", type=Path, help="directory to fill")
     parser.set_defaults(handler=_run)

@@ -5,6 +5,7 @@ The files are described in docs/architecture.md ("Shop data") and the process in
 pandas and pyarrow are imported inside the functions that need them, so importing this module
 stays cheap for the operator and the API.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,16 @@ from mmrank.shop_config import ShopConfig, config_for
 if TYPE_CHECKING:
     import pandas as pd
 
-FILES = ("manifest.json", "items.parquet", "images.npy", "searches.parquet", "behaviours.parquet",
-         "impressions.parquet", "splits.json", "truth.npz")
+FILES = (
+    "manifest.json",
+    "items.parquet",
+    "images.npy",
+    "searches.parquet",
+    "behaviours.parquet",
+    "impressions.parquet",
+    "splits.json",
+    "truth.npz",
+)
 
 
 @dataclasses.dataclass
@@ -43,12 +52,13 @@ class Shop:
     images: npt.NDArray[np.uint8]
     splits: dict[str, Any]
     truth: dict[str, npt.NDArray[Any]]
-    _index: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int, int] | None = dataclasses.field(default=None, repr=False)
+    _index: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int, int] | None = dataclasses.field(
+        default=None, repr=False
+    )
 
     @property
     def config(self) -> ShopConfig:
-        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
-                                  for k, v in self.manifest["config"].items()}
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in self.manifest["config"].items()}
         return ShopConfig(**values)
 
     @property
@@ -65,8 +75,12 @@ class Shop:
     def n_users(self) -> int:
         return int(self.manifest["counts"]["users"])
 
-    def history(self, user_ids: Any, before_ts: Any, max_len: int,
-                ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+    def history(
+        self,
+        user_ids: Any,
+        before_ts: Any,
+        max_len: int,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
         """The last `max_len` items each user clicked strictly before `before_ts` (scalar or per user).
 
         Returns (item_ids int64 [B, L], mask bool [B, L]), newest last, left-padded with 0 / False.
@@ -114,8 +128,10 @@ def require_parquet() -> None:
     try:
         import pyarrow.parquet  # noqa: F401
     except ImportError as exc:
-        raise ImportError(f"the shop's Parquet files need a pyarrow that loads with this numpy ({exc}); "
-                          "pyarrow==25.0.1 works with numpy 1.26") from exc
+        raise ImportError(
+            f"the shop's Parquet files need a pyarrow that loads with this numpy ({exc}); "
+            "pyarrow==25.0.1 works with numpy 1.26"
+        ) from exc
 
 
 def load(directory: str | Path, mmap_images: bool = True) -> Shop:
@@ -159,12 +175,19 @@ def concept_vectors(shop: Shop, dim: int = 128, seed: int = 0, noise: float = 0.
         unit_rows: npt.NDArray[np.float64] = v / np.linalg.norm(v, axis=1, keepdims=True)
         return unit_rows
 
-    cat_v, fam_v, col_v, mat_v = unit(cfg.n_categories), unit(cfg.n_families), unit(cfg.n_colours), \
-        unit(cfg.n_materials)
+    cat_v, fam_v, col_v, mat_v = (
+        unit(cfg.n_categories),
+        unit(cfg.n_families),
+        unit(cfg.n_colours),
+        unit(cfg.n_materials),
+    )
     category = shop.items["category"].to_numpy(np.int64)
-    vectors = (np.sqrt(cfg.w_category) * cat_v[category] + np.sqrt(cfg.w_family) * fam_v[category // 4]
-               + np.sqrt(cfg.w_colour) * col_v[shop.items["colour"].to_numpy(np.int64)]
-               + np.sqrt(cfg.w_material) * mat_v[shop.items["material"].to_numpy(np.int64)])
+    vectors = (
+        np.sqrt(cfg.w_category) * cat_v[category]
+        + np.sqrt(cfg.w_family) * fam_v[category // 4]
+        + np.sqrt(cfg.w_colour) * col_v[shop.items["colour"].to_numpy(np.int64)]
+        + np.sqrt(cfg.w_material) * mat_v[shop.items["material"].to_numpy(np.int64)]
+    )
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     if noise > 0:
         vectors = vectors + noise * unit(len(vectors))
@@ -174,6 +197,7 @@ def concept_vectors(shop: Shop, dim: int = 128, seed: int = 0, noise: float = 0.
 
 
 # --- generate, with a cache so every test can ask for a tiny shop cheaply ------------------------
+
 
 def _code_version() -> str:
     digest = hashlib.sha256()
@@ -186,8 +210,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MMRANK_SHOP_CACHE", Path.home() / ".cache" / "mmrank" / "shops"))
 
 
-def generate(size: str, seed: int, out: str | Path, config: dict[str, Any] | None = None,
-             progress: bool = False, cache: bool = True) -> Path:
+def generate(
+    size: str,
+    seed: int,
+    out: str | Path,
+    config: dict[str, Any] | None = None,
+    progress: bool = False,
+    cache: bool = True,
+) -> Path:
     """Make the shop of (size, seed, config overrides) in `out` and return `out`.
 
     A shop is a pure function of its inputs and of the generator's code, so one generated copy is

@@ -5,6 +5,7 @@ an ID embedding can learn) knows nothing about cold items; the similarity of a c
 to the user's history (what a multimodal embedding can give, here from oracle vectors) ranks
 clicks on cold and warm items alike; the hidden interest match is the ceiling of that signal.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -40,9 +41,15 @@ def item_click_rate(shop: Shop, item_ids: npt.ArrayLike, smoothing: float = 10.0
     return picked
 
 
-def history_similarity(shop: Shop, user_ids: npt.NDArray[np.int64], ts: npt.NDArray[np.int64],
-                       item_ids: npt.NDArray[np.int64], max_len: int = 128, dim: int = 32,
-                       chunk: int = 4096) -> npt.NDArray[np.float32]:
+def history_similarity(
+    shop: Shop,
+    user_ids: npt.NDArray[np.int64],
+    ts: npt.NDArray[np.int64],
+    item_ids: npt.NDArray[np.int64],
+    max_len: int = 128,
+    dim: int = 32,
+    chunk: int = 4096,
+) -> npt.NDArray[np.float32]:
     """Mean cosine between the candidate's oracle concept vector and the user's history vectors."""
     vectors = concept_vectors(shop, dim=dim)
     out = np.empty(len(item_ids), dtype=np.float32)
@@ -65,8 +72,9 @@ def test_day_baselines(shop: Shop) -> dict[str, dict[str, float]]:
         "history concept similarity": history_similarity(shop, users, ts, items),
         "hidden interest match": shop.interest_match(users, items),
     }
-    result = {name: {"warm": auc(clicked[~cold], s[~cold]), "cold": auc(clicked[cold], s[cold])}
-              for name, s in scores.items()}
+    result = {
+        name: {"warm": auc(clicked[~cold], s[~cold]), "cold": auc(clicked[cold], s[cold])} for name, s in scores.items()
+    }
     result["click rate"] = {"warm": float(clicked[~cold].mean()), "cold": float(clicked[cold].mean())}
     result["impressions"] = {"warm": float((~cold).sum()), "cold": float(cold.sum())}
     return result

@@ -1,4 +1,5 @@
 """`mmrank shop generate | concept-space | grid | click-plot | baselines`: make, embed, picture, check."""
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +73,10 @@ def _generate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     generate_into(args.out, cfg, args.seed, args.size, progress=show_progress(args))
     counts = json.loads((args.out / "manifest.json").read_text())["counts"]
-    print(f"shop {args.size} seed {args.seed} -> {args.out} in {time.perf_counter() - started:.1f}s: "
-          + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(
+        f"shop {args.size} seed {args.seed} -> {args.out} in {time.perf_counter() - started:.1f}s: "
+        + ", ".join(f"{k} {v}" for k, v in counts.items())
+    )
     return 0
 
 

@@ -3,6 +3,7 @@
 Every number the generator draws from lives in `ShopConfig`, so `--config FILE` can change any of
 them and `manifest.json` records the exact process a shop came from. `docs/data.md` explains each.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,8 +23,10 @@ FAMILIES: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
     ("bottoms", (("jeans", "denims"), ("skirt", "miniskirt"), ("shorts", "trunks"), ("trousers", "pants"))),
     ("toys", (("ball", "football"), ("doll", "figurine"), ("kite", "glider"), ("puzzle", "jigsaw"))),
     ("jewellery", (("ring", "signet"), ("necklace", "pendant"), ("bracelet", "bangle"), ("earring", "stud"))),
-    ("electronics", (("phonecase", "cover"), ("headphones", "earphones"), ("speaker", "soundbar"),
-                     ("charger", "adapter"))),
+    (
+        "electronics",
+        (("phonecase", "cover"), ("headphones", "earphones"), ("speaker", "soundbar"), ("charger", "adapter")),
+    ),
 )
 # Corners of each family's silhouette (0 = round). Members of a family vary it: plain, star-shaped,
 # stretched, with a hole.
@@ -56,8 +59,26 @@ MATERIALS: tuple[tuple[str, tuple[str, ...]], ...] = (
 MATERIAL_PRICE: tuple[float, ...] = (0.3, 0.8, 0.6, 0.5, 0.55, 0.15, 0.45, 0.9)
 
 FILLERS: tuple[str, ...] = (
-    "new", "sale", "hot", "premium", "classic", "gift", "style", "deluxe", "limited", "trendy",
-    "best", "quality", "original", "fashion", "home", "daily", "lightweight", "durable", "2026", "free",
+    "new",
+    "sale",
+    "hot",
+    "premium",
+    "classic",
+    "gift",
+    "style",
+    "deluxe",
+    "limited",
+    "trendy",
+    "best",
+    "quality",
+    "original",
+    "fashion",
+    "home",
+    "daily",
+    "lightweight",
+    "durable",
+    "2026",
+    "free",
 )
 QUERY_FILLERS: tuple[str, ...] = ("cheap", "best", "buy", "for", "women", "men", "kids", "sale")
 
@@ -67,15 +88,15 @@ class ShopConfig:
     """Every knob of the generative process (see docs/data.md for what each one does)."""
 
     # catalogue
-    n_items: int = 600               # all items, including the ones that arrive during the days
-    new_items_per_day: int = 30      # arrivals on every train day and on the test day
-    n_categories: int = 12           # first n of the 40 categories (families of 4)
-    n_colours: int = 6               # at most 10
-    n_materials: int = 4             # at most 8
+    n_items: int = 600  # all items, including the ones that arrive during the days
+    new_items_per_day: int = 30  # arrivals on every train day and on the test day
+    n_categories: int = 12  # first n of the 40 categories (families of 4)
+    n_colours: int = 6  # at most 10
+    n_materials: int = 4  # at most 8
     n_brands: int = 24
     n_price_buckets: int = 10
-    quality_std: float = 1.0         # hidden per-item quality ~ N(0, quality_std)
-    brand_in_family: float = 0.9     # share of items whose brand is one of its family's brands
+    quality_std: float = 1.0  # hidden per-item quality ~ N(0, quality_std)
+    brand_in_family: float = 0.9  # share of items whose brand is one of its family's brands
     # titles
     p_title_category: float = 0.75
     p_title_colour: float = 0.5
@@ -83,32 +104,32 @@ class ShopConfig:
     p_title_misleading: float = 0.15  # a wrong colour or material word
     max_fillers: int = 3
     # images
-    colour_jitter: float = 28.0      # std of per-item RGB offset
+    colour_jitter: float = 28.0  # std of per-item RGB offset
     light_range: tuple[float, float] = (0.7, 1.15)
     texture_strength: float = 1.0
     pixel_noise: float = 10.0
     scale_range: tuple[float, float] = (0.38, 0.62)
     p_image_sibling_shape: float = 0.25  # picture shows the silhouette of another category of the family
-    p_image_plain: float = 0.15      # picture shows no texture (the material is not visible)
+    p_image_plain: float = 0.15  # picture shows no texture (the material is not visible)
     # users and interests
     n_users: int = 100
-    interests_per_user: int = 3      # anchor concepts per user
-    w_category: float = 0.45         # interest match = max over anchors of the weighted overlap
-    w_family: float = 0.2            # (same family, other category)
+    interests_per_user: int = 3  # anchor concepts per user
+    w_category: float = 0.45  # interest match = max over anchors of the weighted overlap
+    w_family: float = 0.2  # (same family, other category)
     w_colour: float = 0.35
     w_material: float = 0.2
     # history before day 0
     mean_history: int = 30
     max_history: int = 100
     history_days: int = 30
-    history_sharpness: float = 6.0   # how strongly past clicks follow interests
+    history_sharpness: float = 6.0  # how strongly past clicks follow interests
     # impressions
     n_train_days: int = 3
-    sessions_per_day: float = 2.0    # Poisson mean per user and day
+    sessions_per_day: float = 2.0  # Poisson mean per user and day
     slate_size: int = 10
     retrieval_sharpness: float = 3.0  # candidates ~ exp(sharpness * match) at concept level
-    retrieval_random: float = 0.3    # share of candidates drawn uniformly
-    cold_share: float = 0.2          # share of test-day impressions on never-impressed items
+    retrieval_random: float = 0.3  # share of candidates drawn uniformly
+    cold_share: float = 0.2  # share of test-day impressions on never-impressed items
     # click model: logit = bias + a*match + b*quality - decay*position + N(0, noise)
     click_bias: float = -4.0
     click_match: float = 4.0
@@ -117,7 +138,7 @@ class ShopConfig:
     click_noise: float = 0.3
     # search logs
     n_searches: int = 2000
-    heldout_share: float = 0.1       # items whose searches form the held-out split
+    heldout_share: float = 0.1  # items whose searches form the held-out split
     p_query_category: float = 0.85
     p_query_colour: float = 0.6
     p_query_material: float = 0.5
@@ -176,13 +197,33 @@ SIZES: dict[str, dict[str, Any]] = {
     # tests: a few seconds
     "tiny": {},
     # docs and benchmarks: minutes on 2 cores
-    "small": dict(n_items=10_000, new_items_per_day=250, n_categories=32, n_colours=10, n_materials=8,
-                  n_brands=200, n_users=2_000, mean_history=150, max_history=1_000, n_train_days=7,
-                  n_searches=50_000),
+    "small": dict(
+        n_items=10_000,
+        new_items_per_day=250,
+        n_categories=32,
+        n_colours=10,
+        n_materials=8,
+        n_brands=200,
+        n_users=2_000,
+        mean_history=150,
+        max_history=1_000,
+        n_train_days=7,
+        n_searches=50_000,
+    ),
     # for a GPU or patience
-    "medium": dict(n_items=100_000, new_items_per_day=2_000, n_categories=40, n_colours=10, n_materials=8,
-                   n_brands=1_000, n_users=20_000, mean_history=300, max_history=1_000, n_train_days=13,
-                   n_searches=500_000),
+    "medium": dict(
+        n_items=100_000,
+        new_items_per_day=2_000,
+        n_categories=40,
+        n_colours=10,
+        n_materials=8,
+        n_brands=1_000,
+        n_users=20_000,
+        mean_history=300,
+        max_history=1_000,
+        n_train_days=13,
+        n_searches=500_000,
+    ),
 }
 
 
@@ -198,8 +239,18 @@ MATRIX_SHOPS: dict[str, tuple[str, dict[str, Any]]] = {
     # (ids know nothing of a cold item's quality, so a large cold share caps the ID model far below
     # the click function); no position effect (the rankers see no position: it would cap every
     # model alike). docs/results.md has the probes that chose these knobs.
-    "strong-id": ("small", dict(n_users=500, n_items=2_000, new_items_per_day=50, click_quality=2.5,
-                                click_match=2.0, click_position_decay=0.0, cold_share=0.05)),
+    "strong-id": (
+        "small",
+        dict(
+            n_users=500,
+            n_items=2_000,
+            new_items_per_day=50,
+            click_quality=2.5,
+            click_match=2.0,
+            click_position_decay=0.0,
+            cold_share=0.05,
+        ),
+    ),
     # half the test day's impressions on items never impressed before
     "high-cold": ("small", dict(n_users=500, cold_share=0.5)),
     # the quick start's shop (`./dev.sh demo`): tiny's catalogue with 1,000 users

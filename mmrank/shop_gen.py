@@ -4,6 +4,7 @@ Each step is a function of the config and its own random stream (spawned from th
 shop is a pure function of (config, seed) and changing one knob does not reshuffle unrelated
 parts. `write_shop` turns the drawn arrays into the files of docs/architecture.md ("Shop data").
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,6 +29,7 @@ STREAMS = ("catalogue", "titles", "images", "users", "history", "impressions", "
 
 # --- vocabulary --------------------------------------------------------------------------------
 
+
 def category_names(cfg: ShopConfig) -> list[str]:
     return [members[c % 4][0] for c in range(cfg.n_categories) for members in [FAMILIES[c // 4][1]]]
 
@@ -36,8 +38,8 @@ def vocab(cfg: ShopConfig, brands: list[str]) -> dict[str, list[str]]:
     return {
         "category": category_names(cfg),
         "family": [FAMILIES[f][0] for f in range(cfg.n_families)],
-        "colour": [c[0] for c in COLOURS[:cfg.n_colours]],
-        "material": [m[0] for m in MATERIALS[:cfg.n_materials]],
+        "colour": [c[0] for c in COLOURS[: cfg.n_colours]],
+        "material": [m[0] for m in MATERIALS[: cfg.n_materials]],
         "brand": brands,
     }
 
@@ -49,11 +51,15 @@ def concept_of(category: np.ndarray, colour: np.ndarray, material: np.ndarray, c
 def concept_attributes(cfg: ShopConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(category, colour, material) of every concept id."""
     concept = np.arange(cfg.n_concepts)
-    return (concept // (cfg.n_colours * cfg.n_materials), (concept // cfg.n_materials) % cfg.n_colours,
-            concept % cfg.n_materials)
+    return (
+        concept // (cfg.n_colours * cfg.n_materials),
+        (concept // cfg.n_materials) % cfg.n_colours,
+        concept % cfg.n_materials,
+    )
 
 
 # --- catalogue ---------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Catalogue:
@@ -73,8 +79,32 @@ class Catalogue:
 
 
 def brand_names(n: int, rng: np.random.Generator) -> list[str]:
-    syllables = ("ka", "lo", "mi", "ra", "ve", "zu", "no", "ti", "sa", "be", "do", "fi", "gu", "pe",
-                 "xo", "ly", "qua", "ro", "ne", "ta", "shi", "mor", "len", "dax")
+    syllables = (
+        "ka",
+        "lo",
+        "mi",
+        "ra",
+        "ve",
+        "zu",
+        "no",
+        "ti",
+        "sa",
+        "be",
+        "do",
+        "fi",
+        "gu",
+        "pe",
+        "xo",
+        "ly",
+        "qua",
+        "ro",
+        "ne",
+        "ta",
+        "shi",
+        "mor",
+        "len",
+        "dax",
+    )
     names: list[str] = []
     seen: set[str] = set()
     while len(names) < n:
@@ -104,7 +134,7 @@ def draw_catalogue(cfg: ShopConfig, rng: np.random.Generator) -> Catalogue:
     quality = rng.normal(0, cfg.quality_std, n)
     day_added = np.full(n, -1, dtype=np.int64)
     arrivals = np.repeat(np.arange(cfg.n_train_days + 1), cfg.new_items_per_day)
-    day_added[cfg.n_initial_items:] = arrivals
+    day_added[cfg.n_initial_items :] = arrivals
     return Catalogue(category, colour, material, brand, price.astype(np.int64), quality, day_added, names)
 
 
@@ -121,7 +151,7 @@ def draw_titles(cat: Catalogue, cfg: ShopConfig, rng: np.random.Generator) -> li
     for i in range(n):
         p = picks[i]
         fill = [FILLERS[(p[4] + 7 * j) % len(FILLERS)] for j in range(n_fill[i])]
-        words = fill[:n_fill[i] // 2] + [cat.brand_names[cat.brand[i]]]
+        words = fill[: n_fill[i] // 2] + [cat.brand_names[cat.brand[i]]]
         if say_col[i]:
             syn = COLOURS[cat.colour[i]][2]
             words.append(syn[p[1] % len(syn)])
@@ -131,7 +161,7 @@ def draw_titles(cat: Catalogue, cfg: ShopConfig, rng: np.random.Generator) -> li
         if say_cat[i]:
             syn = FAMILIES[cat.category[i] // 4][1][cat.category[i] % 4]
             words.append(syn[p[3] % len(syn)])
-        words += fill[n_fill[i] // 2:]
+        words += fill[n_fill[i] // 2 :]
         if mislead[i]:
             if p[5] % 2 == 0 and cfg.n_colours > 1:
                 wrong = (cat.colour[i] + 1 + p[6] % (cfg.n_colours - 1)) % cfg.n_colours
@@ -147,8 +177,9 @@ def draw_titles(cat: Catalogue, cfg: ShopConfig, rng: np.random.Generator) -> li
     return titles
 
 
-def draw_images(cat: Catalogue, cfg: ShopConfig, rng: np.random.Generator,
-                progress: Callable[[int], None] | None = None) -> np.ndarray:
+def draw_images(
+    cat: Catalogue, cfg: ShopConfig, rng: np.random.Generator, progress: Callable[[int], None] | None = None
+) -> np.ndarray:
     """Pictures in chunks. Some show a sibling category's silhouette or no texture, so the
     picture alone leaves the concept in doubt (the title often settles it)."""
     from mmrank.shop_images import render
@@ -176,6 +207,7 @@ def shown_attributes(cat: Catalogue, cfg: ShopConfig, rng: np.random.Generator) 
 
 # --- users and interests -----------------------------------------------------------------------
 
+
 def draw_users(cfg: ShopConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Anchor concepts [U, K] and their strengths [U, K] (the first anchor is the strongest)."""
     anchors = rng.integers(0, cfg.n_concepts, (cfg.n_users, cfg.interests_per_user)).astype(np.int32)
@@ -192,8 +224,12 @@ def concept_similarity(a: np.ndarray, b: np.ndarray, cfg: ShopConfig) -> np.ndar
     """
     cat, col, mat = concept_attributes(cfg)
     ca, cb = cat[a], cat[b]
-    score = (cfg.w_category * (ca == cb) + cfg.w_family * ((ca // 4 == cb // 4) & (ca != cb))
-             + cfg.w_colour * (col[a] == col[b]) + cfg.w_material * (mat[a] == mat[b]))
+    score = (
+        cfg.w_category * (ca == cb)
+        + cfg.w_family * ((ca // 4 == cb // 4) & (ca != cb))
+        + cfg.w_colour * (col[a] == col[b])
+        + cfg.w_material * (mat[a] == mat[b])
+    )
     return score / (cfg.w_category + cfg.w_colour + cfg.w_material)
 
 
@@ -214,8 +250,7 @@ class ConceptPool:
     the pool), then an item inside the concept (uniformly, or ~ item weights).
     """
 
-    def __init__(self, items: np.ndarray, concept: np.ndarray, n_concepts: int,
-                 item_weights: np.ndarray | None = None):
+    def __init__(self, items: np.ndarray, concept: np.ndarray, n_concepts: int, item_weights: np.ndarray | None = None):
         order = np.argsort(concept[items], kind="stable")
         self.items = items[order]
         self.counts = np.bincount(concept[self.items], minlength=n_concepts)
@@ -226,8 +261,9 @@ class ConceptPool:
     def __len__(self) -> int:
         return len(self.items)
 
-    def draw(self, match: np.ndarray, n_per_row: np.ndarray, sharpness: float, uniform_share: float,
-             rng: np.random.Generator) -> np.ndarray:
+    def draw(
+        self, match: np.ndarray, n_per_row: np.ndarray, sharpness: float, uniform_share: float, rng: np.random.Generator
+    ) -> np.ndarray:
         """Items for each row of `match` ([B, n_concepts]), n_per_row[b] of them, flattened."""
         logits = sharpness * (match - match.max(axis=1, keepdims=True))
         weights = np.exp(logits) * self.counts[None, :]
@@ -238,8 +274,11 @@ class ConceptPool:
         concept = np.minimum(_rowwise_search(cdf, rows, u), cdf.shape[1] - 1)
         lo, hi = self.cum[self.starts[concept]], self.cum[self.starts[concept] + self.counts[concept]]
         target = lo + rng.uniform(size=len(rows)) * (hi - lo)
-        picked = np.clip(np.searchsorted(self.cum, target, side="right") - 1,
-                         self.starts[concept], self.starts[concept] + self.counts[concept] - 1)
+        picked = np.clip(
+            np.searchsorted(self.cum, target, side="right") - 1,
+            self.starts[concept],
+            self.starts[concept] + self.counts[concept] - 1,
+        )
         items = self.items[picked]
         uniform = rng.uniform(size=len(rows)) < uniform_share
         items[uniform] = self.items[rng.integers(0, len(self.items), int(uniform.sum()))]
@@ -255,14 +294,17 @@ def _rowwise_search(cdf: np.ndarray, rows: np.ndarray, u: np.ndarray) -> np.ndar
 
 # --- behaviour before day 0 --------------------------------------------------------------------
 
-def draw_history(cat: Catalogue, concept: np.ndarray, match: np.ndarray, cfg: ShopConfig,
-                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+
+def draw_history(
+    cat: Catalogue, concept: np.ndarray, match: np.ndarray, cfg: ShopConfig, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """Clicks before day 0: items ~ exp(sharpness * match) by concept and ~ exp(b * quality) inside."""
     sigma = 0.8
-    lengths = np.exp(rng.normal(np.log(cfg.mean_history) - sigma ** 2 / 2, sigma, cfg.n_users))
+    lengths = np.exp(rng.normal(np.log(cfg.mean_history) - sigma**2 / 2, sigma, cfg.n_users))
     lengths = np.clip(np.rint(lengths), 1, cfg.max_history).astype(np.int64)
-    pool = ConceptPool(np.flatnonzero(cat.day_added < 0), concept, cfg.n_concepts,
-                       np.exp(cfg.click_quality * cat.quality))
+    pool = ConceptPool(
+        np.flatnonzero(cat.day_added < 0), concept, cfg.n_concepts, np.exp(cfg.click_quality * cat.quality)
+    )
     items = []
     for start in range(0, cfg.n_users, 512):
         rows = slice(start, min(start + 512, cfg.n_users))
@@ -275,10 +317,10 @@ def draw_history(cat: Catalogue, concept: np.ndarray, match: np.ndarray, cfg: Sh
 
 # --- impressions and clicks --------------------------------------------------------------------
 
+
 def click_logit(match: np.ndarray, quality: np.ndarray, position: np.ndarray, cfg: ShopConfig) -> np.ndarray:
     """The known click function, without its noise: a*match + b*quality - decay*position + bias."""
-    return (cfg.click_bias + cfg.click_match * match + cfg.click_quality * quality
-            - cfg.click_position_decay * position)
+    return cfg.click_bias + cfg.click_match * match + cfg.click_quality * quality - cfg.click_position_decay * position
 
 
 def _sessions(day: int, cfg: ShopConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -288,9 +330,14 @@ def _sessions(day: int, cfg: ShopConfig, rng: np.random.Generator) -> tuple[np.n
     return users, ts
 
 
-def draw_impressions(cat: Catalogue, concept: np.ndarray, match: np.ndarray, cfg: ShopConfig,
-                     rng: np.random.Generator,
-                     progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+def draw_impressions(
+    cat: Catalogue,
+    concept: np.ndarray,
+    match: np.ndarray,
+    cfg: ShopConfig,
+    rng: np.random.Generator,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
     """Slates of candidates per session, and clicks from `click_logit` plus noise, day by day.
 
     Train-day candidates come from the items on sale that day. On the test day each slot is, with
@@ -305,12 +352,15 @@ def draw_impressions(cat: Catalogue, concept: np.ndarray, match: np.ndarray, cfg
         on_sale = cat.day_added <= day
         slot_users = np.repeat(users, k)
         if day < cfg.test_day:
-            pools = [(ConceptPool(np.flatnonzero(on_sale), concept, cfg.n_concepts),
-                      np.ones(len(slot_users), dtype=bool))]
+            pools = [
+                (ConceptPool(np.flatnonzero(on_sale), concept, cfg.n_concepts), np.ones(len(slot_users), dtype=bool))
+            ]
         else:
             cold_slot = rng.uniform(size=len(slot_users)) < cfg.cold_share
-            pools = [(ConceptPool(np.flatnonzero(on_sale & ~impressed), concept, cfg.n_concepts), cold_slot),
-                     (ConceptPool(np.flatnonzero(impressed), concept, cfg.n_concepts), ~cold_slot)]
+            pools = [
+                (ConceptPool(np.flatnonzero(on_sale & ~impressed), concept, cfg.n_concepts), cold_slot),
+                (ConceptPool(np.flatnonzero(impressed), concept, cfg.n_concepts), ~cold_slot),
+            ]
         items = np.empty(len(slot_users), dtype=np.int64)
         for pool, slots in pools:
             if slots.any():
@@ -337,8 +387,9 @@ def draw_impressions(cat: Catalogue, concept: np.ndarray, match: np.ndarray, cfg
     return {key: v[order] for key, v in res.items()}
 
 
-def _draw_for(pool: ConceptPool, slot_users: np.ndarray, match: np.ndarray, cfg: ShopConfig,
-              rng: np.random.Generator) -> np.ndarray:
+def _draw_for(
+    pool: ConceptPool, slot_users: np.ndarray, match: np.ndarray, cfg: ShopConfig, rng: np.random.Generator
+) -> np.ndarray:
     """One draw per slot, grouped by user so each user's interest row is used once."""
     order = np.argsort(slot_users, kind="stable")
     users, counts = np.unique(slot_users[order], return_counts=True)
@@ -346,13 +397,13 @@ def _draw_for(pool: ConceptPool, slot_users: np.ndarray, match: np.ndarray, cfg:
     parts = []
     for lo in range(0, len(users), 512):
         batch = slice(lo, lo + 512)
-        parts.append(pool.draw(match[users[batch]], counts[batch], cfg.retrieval_sharpness,
-                               cfg.retrieval_random, rng))
+        parts.append(pool.draw(match[users[batch]], counts[batch], cfg.retrieval_sharpness, cfg.retrieval_random, rng))
     drawn[order] = np.concatenate(parts) if parts else drawn[:0]
     return drawn
 
 
 # --- search logs -------------------------------------------------------------------------------
+
 
 def item_sets(cat: Catalogue, cfg: ShopConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(pretrain_items, heldout_items): items on sale before the test day, split at random."""
@@ -361,8 +412,9 @@ def item_sets(cat: Catalogue, cfg: ShopConfig, rng: np.random.Generator) -> tupl
     return before[~held], before[held]
 
 
-def draw_searches(cat: Catalogue, concept: np.ndarray, sets: dict[str, np.ndarray], cfg: ShopConfig,
-                  rng: np.random.Generator) -> dict[str, Any]:
+def draw_searches(
+    cat: Catalogue, concept: np.ndarray, sets: dict[str, np.ndarray], cfg: ShopConfig, rng: np.random.Generator
+) -> dict[str, Any]:
     """Query (attribute words, sometimes a picture of another item of the concept) -> bought item,
     plus items of the same category clicked but not bought (hard negatives)."""
     split = np.where(rng.uniform(size=cfg.n_searches) < cfg.heldout_share, "heldout", "train")
@@ -380,12 +432,19 @@ def draw_searches(cat: Catalogue, concept: np.ndarray, sets: dict[str, np.ndarra
         for r, negs in zip(rows, _hard_negatives(bought[rows], items, cat, concept, cfg, rng), strict=False):
             clicked[r] = negs
     texts = _query_texts(cat, bought, cfg, rng)
-    return {"query_id": np.arange(cfg.n_searches, dtype=np.int64), "query_text": texts,
-            "query_image_item": image, "bought_item": bought, "clicked_items": clicked, "split": split}
+    return {
+        "query_id": np.arange(cfg.n_searches, dtype=np.int64),
+        "query_text": texts,
+        "query_image_item": image,
+        "bought_item": bought,
+        "clicked_items": clicked,
+        "split": split,
+    }
 
 
-def _same_concept_other(bought: np.ndarray, items: np.ndarray, concept: np.ndarray, rng: np.random.Generator,
-                        p: float) -> np.ndarray:
+def _same_concept_other(
+    bought: np.ndarray, items: np.ndarray, concept: np.ndarray, rng: np.random.Generator, p: float
+) -> np.ndarray:
     order = np.argsort(concept[items], kind="stable")
     grouped = items[order]
     keys = concept[grouped]
@@ -396,8 +455,14 @@ def _same_concept_other(bought: np.ndarray, items: np.ndarray, concept: np.ndarr
     return np.where(ok, pick, -1)
 
 
-def _hard_negatives(bought: np.ndarray, items: np.ndarray, cat: Catalogue, concept: np.ndarray,
-                    cfg: ShopConfig, rng: np.random.Generator) -> list[list[int]]:
+def _hard_negatives(
+    bought: np.ndarray,
+    items: np.ndarray,
+    cat: Catalogue,
+    concept: np.ndarray,
+    cfg: ShopConfig,
+    rng: np.random.Generator,
+) -> list[list[int]]:
     order = np.argsort(cat.category[items], kind="stable")
     grouped = items[order]
     keys = cat.category[grouped]
@@ -437,6 +502,7 @@ def _query_texts(cat: Catalogue, bought: np.ndarray, cfg: ShopConfig, rng: np.ra
 
 # --- the whole shop ----------------------------------------------------------------------------
 
+
 def streams(seed: int) -> dict[str, np.random.Generator]:
     children = np.random.SeedSequence(seed).spawn(len(STREAMS))
     return {name: np.random.default_rng(child) for name, child in zip(STREAMS, children, strict=False)}
@@ -453,6 +519,7 @@ def generate_into(out: Path, cfg: ShopConfig, seed: int, size: str = "custom", p
     rngs = streams(seed)
     steps = 1 + -(-cfg.n_items // IMAGE_CHUNK) + 1 + (cfg.n_train_days + 1) + 2
     with tqdm(total=steps, desc=f"shop {size}", unit="step", disable=not progress) as bar:
+
         def tick(_: int = 1) -> None:
             bar.update(1)
 
@@ -476,8 +543,9 @@ def generate_into(out: Path, cfg: ShopConfig, seed: int, size: str = "custom", p
         searches = draw_searches(cat, concept, {"train": pretrain, "heldout": heldout}, cfg, search_rng)
         tick()
         bar.set_postfix_str("writing")
-        write_shop(out, cfg, seed, size, cat, concept, images, history, imps, searches,
-                   pretrain, heldout, anchors, strength)
+        write_shop(
+            out, cfg, seed, size, cat, concept, images, history, imps, searches, pretrain, heldout, anchors, strength
+        )
         tick()
     return out
 
@@ -491,10 +559,22 @@ def _behaviours(history: dict[str, np.ndarray], imps: dict[str, np.ndarray]) -> 
     return {"user_id": users[order], "item_id": items[order], "day": (ts[order] - T0) // DAY, "ts": ts[order]}
 
 
-def write_shop(out: Path, cfg: ShopConfig, seed: int, size: str, cat: Catalogue, concept: np.ndarray,
-               images: np.ndarray, history: dict[str, np.ndarray], imps: dict[str, np.ndarray],
-               searches: dict[str, Any], pretrain: np.ndarray, heldout: np.ndarray,
-               anchors: np.ndarray, strength: np.ndarray) -> None:
+def write_shop(
+    out: Path,
+    cfg: ShopConfig,
+    seed: int,
+    size: str,
+    cat: Catalogue,
+    concept: np.ndarray,
+    images: np.ndarray,
+    history: dict[str, np.ndarray],
+    imps: dict[str, np.ndarray],
+    searches: dict[str, Any],
+    pretrain: np.ndarray,
+    heldout: np.ndarray,
+    anchors: np.ndarray,
+    strength: np.ndarray,
+) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -504,43 +584,104 @@ def write_shop(out: Path, cfg: ShopConfig, seed: int, size: str, cat: Catalogue,
     def table(columns: dict[str, tuple[Any, pa.DataType]]) -> pa.Table:
         return pa.table({k: pa.array(v, type=t) for k, (v, t) in columns.items()})
 
-    pq.write_table(table({
-        "item_id": (np.arange(cat.n), i64), "category": (cat.category, i32), "colour": (cat.colour, i32),
-        "material": (cat.material, i32), "concept": (concept, i32), "brand": (cat.brand, i32),
-        "price_bucket": (cat.price_bucket, i32), "title": (cat.titles, pa.string()),
-        "day_added": (cat.day_added, i32)}), out / "items.parquet")
+    pq.write_table(
+        table(
+            {
+                "item_id": (np.arange(cat.n), i64),
+                "category": (cat.category, i32),
+                "colour": (cat.colour, i32),
+                "material": (cat.material, i32),
+                "concept": (concept, i32),
+                "brand": (cat.brand, i32),
+                "price_bucket": (cat.price_bucket, i32),
+                "title": (cat.titles, pa.string()),
+                "day_added": (cat.day_added, i32),
+            }
+        ),
+        out / "items.parquet",
+    )
     np.save(out / "images.npy", images)
-    pq.write_table(table({
-        "query_id": (searches["query_id"], i64), "query_text": (searches["query_text"], pa.string()),
-        "query_image_item": (searches["query_image_item"], i64), "bought_item": (searches["bought_item"], i64),
-        "clicked_items": (searches["clicked_items"], pa.list_(i64)),
-        "split": (searches["split"].tolist(), pa.string())}), out / "searches.parquet")
+    pq.write_table(
+        table(
+            {
+                "query_id": (searches["query_id"], i64),
+                "query_text": (searches["query_text"], pa.string()),
+                "query_image_item": (searches["query_image_item"], i64),
+                "bought_item": (searches["bought_item"], i64),
+                "clicked_items": (searches["clicked_items"], pa.list_(i64)),
+                "split": (searches["split"].tolist(), pa.string()),
+            }
+        ),
+        out / "searches.parquet",
+    )
     beh = _behaviours(history, imps)
-    pq.write_table(table({"user_id": (beh["user_id"], i64), "item_id": (beh["item_id"], i64),
-                          "day": (beh["day"], i32), "ts": (beh["ts"], i64)}), out / "behaviours.parquet")
+    pq.write_table(
+        table(
+            {
+                "user_id": (beh["user_id"], i64),
+                "item_id": (beh["item_id"], i64),
+                "day": (beh["day"], i32),
+                "ts": (beh["ts"], i64),
+            }
+        ),
+        out / "behaviours.parquet",
+    )
     split = np.where(imps["day"] < cfg.test_day, "train", "test")
-    pq.write_table(table({
-        "user_id": (imps["user_id"], i64), "item_id": (imps["item_id"], i64), "day": (imps["day"], i32),
-        "ts": (imps["ts"], i64), "position": (imps["position"], i32), "clicked": (imps["clicked"], pa.int8()),
-        "split": (split.tolist(), pa.string()), "cold": (imps["cold"], pa.bool_())}), out / "impressions.parquet")
+    pq.write_table(
+        table(
+            {
+                "user_id": (imps["user_id"], i64),
+                "item_id": (imps["item_id"], i64),
+                "day": (imps["day"], i32),
+                "ts": (imps["ts"], i64),
+                "position": (imps["position"], i32),
+                "clicked": (imps["clicked"], pa.int8()),
+                "split": (split.tolist(), pa.string()),
+                "cold": (imps["cold"], pa.bool_()),
+            }
+        ),
+        out / "impressions.parquet",
+    )
     test = imps["day"] == cfg.test_day
     splits = {
-        "train_days": list(range(cfg.n_train_days)), "test_day": cfg.test_day,
+        "train_days": list(range(cfg.n_train_days)),
+        "test_day": cfg.test_day,
         "cold_items": sorted(set(imps["item_id"][test & imps["cold"]].tolist())),
-        "pretrain_items": pretrain.tolist(), "heldout_items": heldout.tolist(),
+        "pretrain_items": pretrain.tolist(),
+        "heldout_items": heldout.tolist(),
     }
     (out / "splits.json").write_text(json.dumps(splits) + "\n")
-    save_npz(out / "truth.npz", {"quality": cat.quality.astype(np.float32), "user_anchors": anchors,
-                                 "user_strength": strength})
-    files = ["items.parquet", "images.npy", "searches.parquet", "behaviours.parquet", "impressions.parquet",
-             "splits.json", "truth.npz"]
+    save_npz(
+        out / "truth.npz",
+        {"quality": cat.quality.astype(np.float32), "user_anchors": anchors, "user_strength": strength},
+    )
+    files = [
+        "items.parquet",
+        "images.npy",
+        "searches.parquet",
+        "behaviours.parquet",
+        "impressions.parquet",
+        "splits.json",
+        "truth.npz",
+    ]
     manifest = {
-        "format": FORMAT, "size": size, "seed": seed, "config": cfg.to_dict(),
-        "counts": {"items": cat.n, "users": cfg.n_users, "concepts": cfg.n_concepts,
-                   "searches": cfg.n_searches, "behaviours": int(len(beh["ts"])),
-                   "impressions": int(len(imps["ts"])), "train_impressions": int((~test).sum()),
-                   "test_impressions": int(test.sum()), "cold_test_impressions": int((test & imps["cold"]).sum()),
-                   "cold_items": len(splits["cold_items"]), "clicks": int(imps["clicked"].sum())},
+        "format": FORMAT,
+        "size": size,
+        "seed": seed,
+        "config": cfg.to_dict(),
+        "counts": {
+            "items": cat.n,
+            "users": cfg.n_users,
+            "concepts": cfg.n_concepts,
+            "searches": cfg.n_searches,
+            "behaviours": int(len(beh["ts"])),
+            "impressions": int(len(imps["ts"])),
+            "train_impressions": int((~test).sum()),
+            "test_impressions": int(test.sum()),
+            "cold_test_impressions": int((test & imps["cold"]).sum()),
+            "cold_items": len(splits["cold_items"]),
+            "clicks": int(imps["clicked"].sum()),
+        },
         "vocab": vocab(cfg, cat.brand_names),
         "files": {name: sha256(out / name) for name in files},
     }

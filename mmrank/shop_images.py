@@ -5,6 +5,7 @@ rotation, lighting, colour jitter, background and noise are random per item, so 
 leaves some doubt about the concept: similar colours blur under jitter and light, textures are
 small, related categories share a silhouette.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,7 +15,16 @@ from mmrank.shop_config import COLOURS, ShopConfig
 SIZE = 64
 # (corners, aspect) of each family's silhouette; corners 0 = round.
 FAMILY_SHAPES: tuple[tuple[int, float], ...] = (
-    (4, 1.0), (3, 1.0), (6, 1.0), (0, 1.0), (5, 1.0), (8, 1.0), (7, 1.0), (0, 1.8), (4, 1.8), (3, 1.8),
+    (4, 1.0),
+    (3, 1.0),
+    (6, 1.0),
+    (0, 1.0),
+    (5, 1.0),
+    (8, 1.0),
+    (7, 1.0),
+    (0, 1.8),
+    (4, 1.8),
+    (3, 1.8),
 )
 
 
@@ -41,8 +51,7 @@ def _radius(phi: np.ndarray, corners: np.ndarray, star: np.ndarray) -> np.ndarra
     return radius * (1.0 - star[:, None, None] * 0.5 * (1.0 - np.cos(k_star * phi)))
 
 
-def _texture(material: int, u: np.ndarray, v: np.ndarray, r_rel: np.ndarray,
-             rng: np.random.Generator) -> np.ndarray:
+def _texture(material: int, u: np.ndarray, v: np.ndarray, r_rel: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Brightness modulation in [-1, 1]-ish for one material over a batch of local coordinates."""
     n = u.shape[0]
     if material < 0:  # texture not visible in this picture
@@ -69,8 +78,9 @@ def _texture(material: int, u: np.ndarray, v: np.ndarray, r_rel: np.ndarray,
     return 0.35 * np.sin(6.0 * (u + v)) + 0.25 * np.sin(3.0 * (u - v))  # silk: soft sheen
 
 
-def render(category: np.ndarray, colour: np.ndarray, material: np.ndarray, cfg: ShopConfig,
-           rng: np.random.Generator) -> np.ndarray:
+def render(
+    category: np.ndarray, colour: np.ndarray, material: np.ndarray, cfg: ShopConfig, rng: np.random.Generator
+) -> np.ndarray:
     """uint8 [n, 64, 64, 3] pictures of items with the given attribute ids (material -1: plain)."""
     n = len(category)
     axis = (np.arange(SIZE) + 0.5) / SIZE * 2 - 1

@@ -2,6 +2,7 @@
 
 matplotlib is imported inside the functions (the Agg backend: no display needed).
 """
+
 from __future__ import annotations
 
 import textwrap
@@ -30,9 +31,11 @@ def item_grid(shop: Shop, out: str | Path, rows: int = 4, cols: int = 6, seed: i
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title("\n".join(textwrap.wrap(row["title"], 20)[:2]), fontsize=7)
-        concept = f"{voc['colour'][row['colour']]} {voc['material'][row['material']]} {voc['category'][row['category']]}"
+        concept = (
+            f"{voc['colour'][row['colour']]} {voc['material'][row['material']]} {voc['category'][row['category']]}"
+        )
         ax.set_xlabel(concept, fontsize=6, color="grey")
-    for ax in np.ravel(axes)[len(picks):]:
+    for ax in np.ravel(axes)[len(picks) :]:
         ax.axis("off")
     fig.tight_layout(pad=0.3)
     out = Path(out)
@@ -80,14 +83,14 @@ def click_rate_plot(shop: Shop, out: str | Path) -> Path:
     seen = curve["count"] > 0
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=90)
     ax.plot(curve["centre"][seen], curve["rate"][seen], "o-", label="observed click rate")
-    ax.plot(curve["centre"][seen], curve["expected"][seen], "--", color="grey",
-            label="click function (no noise), mean")
+    ax.plot(curve["centre"][seen], curve["expected"][seen], "--", color="grey", label="click function (no noise), mean")
     for x, y, n in zip(curve["centre"][seen], curve["rate"][seen], curve["count"][seen], strict=False):
         ax.annotate(f"{n}", (x, y), textcoords="offset points", xytext=(0, 6), fontsize=6, ha="center")
     ax.set_xlabel("interest match(user, item concept)")
     ax.set_ylabel("click rate")
-    ax.set_title(f"{shop.manifest['size']} shop, seed {shop.manifest['seed']}: "
-                 f"{len(shop.impressions):,} impressions", fontsize=9)
+    ax.set_title(
+        f"{shop.manifest['size']} shop, seed {shop.manifest['seed']}: {len(shop.impressions):,} impressions", fontsize=9
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     out = Path(out)

@@ -3,6 +3,7 @@
 The ranker trains on a space directory; the store holds the same space online. A space is
 `embeddings.npy` (float32 `[n_items, dim]`, row = item id) plus `space.json`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,9 @@ class EmbeddingSpace:
         return float(self.present.mean()) if len(self.present) else 0.0
 
 
-def save_space(directory: str | Path, version: str, vectors: npt.NDArray[Any],
-               present: npt.NDArray[Any] | None = None) -> Path:
+def save_space(
+    directory: str | Path, version: str, vectors: npt.NDArray[Any], present: npt.NDArray[Any] | None = None
+) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     vectors = np.asarray(vectors, dtype=np.float32)
@@ -40,8 +42,7 @@ def save_space(directory: str | Path, version: str, vectors: npt.NDArray[Any],
     present = np.ones(len(vectors), dtype=bool) if present is None else np.asarray(present, dtype=bool)
     np.save(directory / "embeddings.npy", vectors)
     np.save(directory / "present.npy", present)
-    meta = {"version": version, "dim": int(vectors.shape[1]), "items": int(present.sum()),
-            "created": time.time()}
+    meta = {"version": version, "dim": int(vectors.shape[1]), "items": int(present.sum()), "created": time.time()}
     (directory / "space.json").write_text(json.dumps(meta, indent=2) + "\n")
     return directory
 

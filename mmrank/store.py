@@ -36,6 +36,7 @@ too (`Scope.item_stream`, ...), so producers that only import the common package
 embedder; `ITEM_STREAM`, `DEAD_LETTER_STREAM` and `EMBEDDER_GROUP` are those of `DEFAULT_SCOPE`,
 the scope of local runs. This module must not import torch.
 """
+
 from __future__ import annotations
 
 import abc
@@ -81,11 +82,15 @@ class Scope:
 
     def __post_init__(self) -> None:
         if not _NAMESPACE.match(self.namespace):
-            raise ValueError(f"scope namespace {self.namespace!r} is not a Kubernetes namespace name "
-                             "(lower-case letters, digits and '-', at most 63)")
+            raise ValueError(
+                f"scope namespace {self.namespace!r} is not a Kubernetes namespace name "
+                "(lower-case letters, digits and '-', at most 63)"
+            )
         if not _NAME.match(self.name):
-            raise ValueError(f"scope name {self.name!r} is not a Kubernetes object name "
-                             "(lower-case letters, digits, '-' and '.', at most 253)")
+            raise ValueError(
+                f"scope name {self.name!r} is not a Kubernetes object name "
+                "(lower-case letters, digits, '-' and '.', at most 253)"
+            )
 
     @classmethod
     def parse(cls, text: str) -> Scope:
@@ -193,6 +198,7 @@ class SpaceInfo:
 
 # --- pure codecs --------------------------------------------------------------------------------
 
+
 def coverage(items: int, catalogue_size: int) -> float:
     return min(1.0, items / catalogue_size) if catalogue_size > 0 else 0.0
 
@@ -284,15 +290,23 @@ def _space_meta(space: str, dim: int, dtype: str) -> dict[str, Any]:
 
 def _same_layout(existing: dict[str, Any], dim: int, dtype: str) -> None:
     if int(existing["dim"]) != dim or existing["dtype"] != dtype:
-        raise ValueError(f"space {existing['version']!r} exists with dim={existing['dim']} "
-                         f"dtype={existing['dtype']}, not dim={dim} dtype={dtype}")
+        raise ValueError(
+            f"space {existing['version']!r} exists with dim={existing['dim']} "
+            f"dtype={existing['dtype']}, not dim={dim} dtype={dtype}"
+        )
 
 
-def _info(meta: dict[str, Any], items: int, catalogue_size: int,
-          backfill: dict[str, BackfillShard]) -> SpaceInfo:
-    return SpaceInfo(version=meta["version"], dim=int(meta["dim"]), dtype=meta["dtype"], items=items,
-                     created=float(meta["created"]), catalogue_size=catalogue_size,
-                     coverage=coverage(items, catalogue_size), backfill=backfill)
+def _info(meta: dict[str, Any], items: int, catalogue_size: int, backfill: dict[str, BackfillShard]) -> SpaceInfo:
+    return SpaceInfo(
+        version=meta["version"],
+        dim=int(meta["dim"]),
+        dtype=meta["dtype"],
+        items=items,
+        created=float(meta["created"]),
+        catalogue_size=catalogue_size,
+        coverage=coverage(items, catalogue_size),
+        backfill=backfill,
+    )
 
 
 def _shard(raw: bytes | str) -> BackfillShard:
@@ -306,6 +320,7 @@ def _shard_json(done: int, total: int) -> str:
 
 # --- the interface ------------------------------------------------------------------------------
 
+
 class EmbeddingStore(abc.ABC):
     """Batch get and put of vectors per space, space metadata, backfill progress, user histories,
     all of one ranker (`scope`)."""
@@ -317,8 +332,9 @@ class EmbeddingStore(abc.ABC):
         """Idempotent; a second call with another dim or dtype raises ValueError."""
 
     @abc.abstractmethod
-    def put(self, space: str, item_ids: ItemIds, vectors: npt.ArrayLike,
-            event_times: EventTimes | None = None) -> Found:
+    def put(
+        self, space: str, item_ids: ItemIds, vectors: npt.ArrayLike, event_times: EventTimes | None = None
+    ) -> Found:
         """Write vectors computed from events at `event_times` (None: now); returns bool [n],
         False where the stored vector comes from a later event and was kept. Atomic per row;
         putting an item again never counts it twice."""
@@ -378,6 +394,7 @@ class EmbeddingStore(abc.ABC):
 
 # --- Redis --------------------------------------------------------------------------------------
 
+
 class RedisStore(EmbeddingStore):
     """Production back end; `client` is a `redis.Redis` (decode_responses must be False)."""
 
@@ -424,8 +441,15 @@ class RedisStore(EmbeddingStore):
 
     def space_keys(self, space: str) -> list[str]:
         """Every key of one space (what `delete_space` removes)."""
-        return [self.meta_key(space), self.vectors_key(space), self.event_times_key(space), self.catalogue_key(space),
-                self.backfill_key(space), self.versions_key(space), self.changes_key(space)]
+        return [
+            self.meta_key(space),
+            self.vectors_key(space),
+            self.event_times_key(space),
+            self.catalogue_key(space),
+            self.backfill_key(space),
+            self.versions_key(space),
+            self.changes_key(space),
+        ]
 
     def _load_meta(self, space: str, cached: bool = True) -> dict[str, Any]:
         if cached and space in self._meta:
@@ -449,8 +473,9 @@ class RedisStore(EmbeddingStore):
         _same_layout(self._load_meta(space, cached=False), dim, dtype)
         return self.space_info(space)
 
-    def put(self, space: str, item_ids: ItemIds, vectors: npt.ArrayLike,
-            event_times: EventTimes | None = None) -> Found:
+    def put(
+        self, space: str, item_ids: ItemIds, vectors: npt.ArrayLike, event_times: EventTimes | None = None
+    ) -> Found:
         ids = item_id_list(item_ids)
         times = event_time_list(event_times, len(ids))
         if not ids:
@@ -461,8 +486,15 @@ class RedisStore(EmbeddingStore):
         args: list[Any] = [CHANGE_LOG_LIMIT]
         for item, blob, event_time in zip(ids, blobs, times, strict=True):
             args += (item, blob, repr(event_time))
-        written = self._put_versioned(keys=[self.vectors_key(space), self.versions_key(space),
-                                            self.changes_key(space), self.event_times_key(space)], args=args)
+        written = self._put_versioned(
+            keys=[
+                self.vectors_key(space),
+                self.versions_key(space),
+                self.changes_key(space),
+                self.event_times_key(space),
+            ],
+            args=args,
+        )
         return np.array(written, dtype=bool)
 
     def get(self, space: str, item_ids: ItemIds) -> tuple[Vectors, Found]:
@@ -611,8 +643,7 @@ def _lmdb_env(path: Path, map_size: int) -> Any:
     with _ENVS_LOCK:
         if key not in _ENVS:
             path.mkdir(parents=True, exist_ok=True)
-            _ENVS[key] = lmdb.open(key, map_size=map_size, max_dbs=256, subdir=True, lock=True,
-                                   max_readers=512)
+            _ENVS[key] = lmdb.open(key, map_size=map_size, max_dbs=256, subdir=True, lock=True, max_readers=512)
         return _ENVS[key]
 
 
@@ -701,8 +732,9 @@ class FileStore(EmbeddingStore):
         self._event_times_db(space)
         return self.space_info(space)
 
-    def put(self, space: str, item_ids: ItemIds, vectors: npt.ArrayLike,
-            event_times: EventTimes | None = None) -> Found:
+    def put(
+        self, space: str, item_ids: ItemIds, vectors: npt.ArrayLike, event_times: EventTimes | None = None
+    ) -> Found:
         ids = item_id_list(item_ids)
         times = event_time_list(event_times, len(ids))
         if not ids:
@@ -753,8 +785,9 @@ class FileStore(EmbeddingStore):
             items = int(txn.stat(db)["entries"])
             catalogue = int(txn.get(self._name("catalogue", space), b"0", db=self.meta_db))
             prefix = self._backfill_prefix(space)
-            backfill = {key[len(prefix):].decode(): _shard(value)
-                        for key, value in _prefixed(txn, self.meta_db, prefix)}
+            backfill = {
+                key[len(prefix) :].decode(): _shard(value) for key, value in _prefixed(txn, self.meta_db, prefix)
+            }
         finally:
             txn.abort()
         return _info(meta, items, catalogue, dict(sorted(backfill.items())))
@@ -762,7 +795,7 @@ class FileStore(EmbeddingStore):
     def spaces(self) -> list[str]:
         prefix = self._name("space", "")
         with self.env.begin() as txn:
-            return sorted(key[len(prefix):].decode() for key, _ in _prefixed(txn, self.meta_db, prefix))
+            return sorted(key[len(prefix) :].decode() for key, _ in _prefixed(txn, self.meta_db, prefix))
 
     def delete_space(self, space: str) -> None:
         with self.env.begin() as txn:

@@ -16,6 +16,7 @@ request, errors included), `mmrank_request_duration_seconds` (latency, errors in
 predictor observes them: see issue 15), and the click feedback `mmrank_clicks_total` /
 `mmrank_impressions_total`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,14 +62,21 @@ class Analysis:
         """`status.canary.lastAnalysis` (the `AnalysisResult` model). A number without data is an
         explicit null, so a merge patch clears what the previous analysis had measured."""
         result = api.AnalysisResult(
-            time=time, requests=max(0, self.requests), error_rate=_finite(self.error_rate),
-            latency_p99_ms=_finite(self.latency_p99_ms), click_rate_ratio=_finite(self.click_rate_ratio),
-            passed=self.verdict == "Passed", verdict=self.verdict, failed_checks=list(self.failed_checks),
-            message=self.message[:4096])
+            time=time,
+            requests=max(0, self.requests),
+            error_rate=_finite(self.error_rate),
+            latency_p99_ms=_finite(self.latency_p99_ms),
+            click_rate_ratio=_finite(self.click_rate_ratio),
+            passed=self.verdict == "Passed",
+            verdict=self.verdict,
+            failed_checks=list(self.failed_checks),
+            message=self.message[:4096],
+        )
         return result.model_dump(mode="json", by_alias=True)
 
 
 # --- PromQL -----------------------------------------------------------------------------------
+
 
 def label_value(value: str) -> str:
     """A PromQL double-quoted string literal (Go escaping: backslash, quote, control characters)."""
@@ -76,8 +84,9 @@ def label_value(value: str) -> str:
     return '"' + escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t") + '"'
 
 
-def queries(canary_variant: str, stable_variant: str, window_seconds: int,
-            scope: Mapping[str, str] | None = None) -> dict[str, str]:
+def queries(
+    canary_variant: str, stable_variant: str, window_seconds: int, scope: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """PromQL per measured number, each over the last `window_seconds`.
 
     `scope`: extra label matchers on every series (e.g. `namespace` and `mmrank_io_ranker`, the
@@ -104,21 +113,23 @@ def queries(canary_variant: str, stable_variant: str, window_seconds: int,
         return f"sum(rate({metric}{{variant={variant}{extra}}}[{w}]))"
 
     def click_rate(variant: str) -> str:
-        return f"((({total('mmrank_clicks_total', variant)}) or vector(0)) / " \
-               f"{total('mmrank_impressions_total', variant)})"
+        return (
+            f"((({total('mmrank_clicks_total', variant)}) or vector(0)) / {total('mmrank_impressions_total', variant)})"
+        )
 
     return {
         "requests": f"sum(increase(mmrank_requests_total{{variant={canary}}}[{w}]))",
         "stable_requests": f"sum(increase(mmrank_requests_total{{variant={stable}}}[{w}]))",
         "error_rate": f"(({total('mmrank_requests_total', canary, server_errors)}) or vector(0)) / "
-                      f"{total('mmrank_requests_total', canary)}",
+        f"{total('mmrank_requests_total', canary)}",
         "latency_p99_ms": "1000 * histogram_quantile(0.99, sum by (le) "
-                          f"(rate(mmrank_request_duration_seconds_bucket{{variant={canary}}}[{w}])))",
+        f"(rate(mmrank_request_duration_seconds_bucket{{variant={canary}}}[{w}])))",
         "click_rate_ratio": f"{click_rate(canary)} / {click_rate(stable)}",
     }
 
 
 # --- the judgement ----------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class _Check:
@@ -145,31 +156,47 @@ def checks(measured: Measurement, spec: api.AnalysisSpec) -> list[_Check]:
     return [
         _Check(ERROR_RATE, _finite(measured.error_rate), spec.max_error_rate, True, spec.max_error_rate < 1.0),
         _Check(LATENCY_P99, _finite(measured.latency_p99_ms), spec.max_latency_p99_ms, True, True, " ms"),
-        _Check(CLICK_RATE_RATIO, _finite(measured.click_rate_ratio), spec.min_click_rate_ratio, False,
-               spec.min_click_rate_ratio > 0.0),
+        _Check(
+            CLICK_RATE_RATIO,
+            _finite(measured.click_rate_ratio),
+            spec.min_click_rate_ratio,
+            False,
+            spec.min_click_rate_ratio > 0.0,
+        ),
     ]
 
 
 def judge(measured: Measurement, spec: api.AnalysisSpec) -> Analysis:
     """Passed, Failed or Inconclusive, with every failing check and its number in the message."""
-    numbers: dict[str, Any] = {"requests": measured.requests, "error_rate": _finite(measured.error_rate),
-               "latency_p99_ms": _finite(measured.latency_p99_ms),
-               "click_rate_ratio": _finite(measured.click_rate_ratio)}
+    numbers: dict[str, Any] = {
+        "requests": measured.requests,
+        "error_rate": _finite(measured.error_rate),
+        "latency_p99_ms": _finite(measured.latency_p99_ms),
+        "click_rate_ratio": _finite(measured.click_rate_ratio),
+    }
     if measured.requests < spec.min_requests:
-        return Analysis("Inconclusive", **numbers,
-                        message=f"{measured.requests} canary requests in the window, fewer than minRequests "
-                        f"{spec.min_requests}: waiting for traffic")
+        return Analysis(
+            "Inconclusive",
+            **numbers,
+            message=f"{measured.requests} canary requests in the window, fewer than minRequests "
+            f"{spec.min_requests}: waiting for traffic",
+        )
     enabled = [c for c in checks(measured, spec) if c.enabled]
     missing = [c.name for c in enabled if c.value is None]
     failing = [c for c in enabled if c.value is not None and c.failed()]
     no_data = f"no data for {', '.join(missing)}" if missing else ""
     if failing:
         message = "; ".join(c.describe() for c in failing)
-        return Analysis("Failed", **numbers, failed_checks=tuple(c.name for c in failing),
-                        message=f"{message} ({measured.requests} requests)" + (f"; {no_data}" if no_data else ""))
+        return Analysis(
+            "Failed",
+            **numbers,
+            failed_checks=tuple(c.name for c in failing),
+            message=f"{message} ({measured.requests} requests)" + (f"; {no_data}" if no_data else ""),
+        )
     if missing:
-        return Analysis("Inconclusive", **numbers, message=f"{no_data} over {measured.requests} canary "
-                        "requests: waiting")
+        return Analysis(
+            "Inconclusive", **numbers, message=f"{no_data} over {measured.requests} canary requests: waiting"
+        )
     passed = ", ".join(c.describe() for c in enabled)
     return Analysis("Passed", **numbers, message=f"all checks passed over {measured.requests} requests: {passed}")
 
@@ -183,6 +210,7 @@ def _number(value: float | None) -> str:
 
 
 # --- Prometheus ---------------------------------------------------------------------------------
+
 
 class PrometheusUnavailable(RuntimeError):
     """Prometheus did not answer a query, or answered with an error: the analysis waits."""
@@ -207,25 +235,44 @@ class PrometheusAnalyser:
     def close(self) -> None:
         self._client.close()
 
-    def analyse(self, prometheus_url: str, canary_variant: str, stable_variant: str, window_seconds: int,
-                spec: api.AnalysisSpec, scope: Mapping[str, str] | None = None) -> Analysis:
+    def analyse(
+        self,
+        prometheus_url: str,
+        canary_variant: str,
+        stable_variant: str,
+        window_seconds: int,
+        spec: api.AnalysisSpec,
+        scope: Mapping[str, str] | None = None,
+    ) -> Analysis:
         try:
             measured = self.measure(prometheus_url, canary_variant, stable_variant, window_seconds, spec, scope)
         except PrometheusUnavailable as exc:
             return Analysis("Inconclusive", message=str(exc))
         return judge(measured, spec)
 
-    def measure(self, prometheus_url: str, canary_variant: str, stable_variant: str, window_seconds: int,
-                spec: api.AnalysisSpec, scope: Mapping[str, str] | None = None) -> Measurement:
+    def measure(
+        self,
+        prometheus_url: str,
+        canary_variant: str,
+        stable_variant: str,
+        window_seconds: int,
+        spec: api.AnalysisSpec,
+        scope: Mapping[str, str] | None = None,
+    ) -> Measurement:
         promql = queries(canary_variant, stable_variant, window_seconds, scope)
         requests = self.query(prometheus_url, promql["requests"])
         count = round(requests) if requests is not None else 0
         if count < spec.min_requests:
             return Measurement(requests=count)
         wanted = {c.name for c in checks(Measurement(count), spec) if c.enabled}
-        values = {key: self.query(prometheus_url, promql[key]) if name in wanted else None
-                  for key, name in (("error_rate", ERROR_RATE), ("latency_p99_ms", LATENCY_P99),
-                                    ("click_rate_ratio", CLICK_RATE_RATIO))}
+        values = {
+            key: self.query(prometheus_url, promql[key]) if name in wanted else None
+            for key, name in (
+                ("error_rate", ERROR_RATE),
+                ("latency_p99_ms", LATENCY_P99),
+                ("click_rate_ratio", CLICK_RATE_RATIO),
+            )
+        }
         stable = self.query(prometheus_url, promql["stable_requests"])
         return Measurement(requests=count, stable_requests=round(stable) if stable is not None else 0, **values)
 
@@ -239,8 +286,9 @@ class PrometheusAnalyser:
         try:
             response = self._client.get(url, params={"query": promql})
         except httpx.HTTPError as exc:
-            raise PrometheusUnavailable(f"Prometheus at {prometheus_url} unreachable: {type(exc).__name__}: "
-                                        f"{exc}") from None
+            raise PrometheusUnavailable(
+                f"Prometheus at {prometheus_url} unreachable: {type(exc).__name__}: {exc}"
+            ) from None
         return query_value(response.status_code, response.content, prometheus_url)
 
 
@@ -251,13 +299,16 @@ def query_value(status_code: int, body: bytes, prometheus_url: str = "Prometheus
     try:
         answer = json.loads(body)
     except ValueError:
-        raise PrometheusUnavailable(f"Prometheus at {prometheus_url} answered HTTP {status_code} that is not "
-                                    f"JSON: {body[:200]!r}") from None
+        raise PrometheusUnavailable(
+            f"Prometheus at {prometheus_url} answered HTTP {status_code} that is not JSON: {body[:200]!r}"
+        ) from None
     if not isinstance(answer, dict) or answer.get("status") != "success":
         error = answer.get("error") if isinstance(answer, dict) else None
         kind = answer.get("errorType") if isinstance(answer, dict) else None
-        raise PrometheusUnavailable(f"Prometheus at {prometheus_url} answered HTTP {status_code}: "
-                                    f"{kind or 'error'}: {error or str(answer)[:200]}")
+        raise PrometheusUnavailable(
+            f"Prometheus at {prometheus_url} answered HTTP {status_code}: "
+            f"{kind or 'error'}: {error or str(answer)[:200]}"
+        )
     data = answer.get("data") or {}
     result = data.get("result")
     samples: list[Any]
@@ -266,11 +317,13 @@ def query_value(status_code: int, body: bytes, prometheus_url: str = "Prometheus
     elif data.get("resultType") == "vector":
         samples = [s.get("value") for s in result or []]
     else:
-        raise PrometheusUnavailable(f"Prometheus at {prometheus_url} answered a {data.get('resultType')} "
-                                    "where one number was expected")
+        raise PrometheusUnavailable(
+            f"Prometheus at {prometheus_url} answered a {data.get('resultType')} where one number was expected"
+        )
     if not samples:
         return None
     if len(samples) > 1:
-        raise PrometheusUnavailable(f"Prometheus at {prometheus_url} answered {len(samples)} series where one "
-                                    "was expected")
+        raise PrometheusUnavailable(
+            f"Prometheus at {prometheus_url} answered {len(samples)} series where one was expected"
+        )
     return _finite(float(samples[0][1]))

@@ -2,6 +2,7 @@
 
 kopf and the kubernetes client are imported inside the handlers, so `mmrank --help` stays quick.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,41 +21,82 @@ if TYPE_CHECKING:
 def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     operator = subparsers.add_parser("operator", help="Run the MultimodalRanker operator (kopf)")
     commands = operator.add_subparsers(dest="operator_command", metavar="COMMAND", required=True)
-    run = commands.add_parser("run", help="Reconcile MultimodalRankers in a namespace or the whole cluster",
-                              description="Reconcile MultimodalRankers. Uses the in-cluster service account, "
-                              "or KUBECONFIG outside a cluster.")
-    run.add_argument("--namespace", "-n", action="append", default=[],
-                     help="namespace to watch (repeatable; default: every namespace)")
+    run = commands.add_parser(
+        "run",
+        help="Reconcile MultimodalRankers in a namespace or the whole cluster",
+        description="Reconcile MultimodalRankers. Uses the in-cluster service account, "
+        "or KUBECONFIG outside a cluster.",
+    )
+    run.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        help="namespace to watch (repeatable; default: every namespace)",
+    )
     peers = run.add_mutually_exclusive_group()
-    peers.add_argument("--standalone", action="store_true",
-                       help="no peering with other operator replicas (a single replica, tests)")
-    peers.add_argument("--peering", metavar="NAME", default=None,
-                       help="kopf peering object shared by the replicas (ClusterKopfPeering, or a KopfPeering "
-                       "per --namespace; created if missing): one replica reconciles, the others stand by")
-    run.add_argument("--priority", type=int, default=None,
-                     help="peering priority; default: seniority (minus the start time in ns), so the oldest "
-                     "replica leads and any priority >= 0 outranks every replica")
-    run.add_argument("--peering-lifetime", type=positive_int, default=15, metavar="SECONDS",
-                     help="how long peers trust this replica's last keep-alive; a killed leader is replaced "
-                     "within about this (default 15)")
-    run.add_argument("--interval", type=positive_duration, default=os.environ.get("MMRANK_OPERATOR_INTERVAL", "30"),
-                     help="seconds, or a duration (30s, 1m30s), between level-triggered reconciles of each "
-                     "ranker (default 30; env MMRANK_OPERATOR_INTERVAL)")
+    peers.add_argument(
+        "--standalone", action="store_true", help="no peering with other operator replicas (a single replica, tests)"
+    )
+    peers.add_argument(
+        "--peering",
+        metavar="NAME",
+        default=None,
+        help="kopf peering object shared by the replicas (ClusterKopfPeering, or a KopfPeering "
+        "per --namespace; created if missing): one replica reconciles, the others stand by",
+    )
+    run.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="peering priority; default: seniority (minus the start time in ns), so the oldest "
+        "replica leads and any priority >= 0 outranks every replica",
+    )
+    run.add_argument(
+        "--peering-lifetime",
+        type=positive_int,
+        default=15,
+        metavar="SECONDS",
+        help="how long peers trust this replica's last keep-alive; a killed leader is replaced "
+        "within about this (default 15)",
+    )
+    run.add_argument(
+        "--interval",
+        type=positive_duration,
+        default=os.environ.get("MMRANK_OPERATOR_INTERVAL", "30"),
+        help="seconds, or a duration (30s, 1m30s), between level-triggered reconciles of each "
+        "ranker (default 30; env MMRANK_OPERATOR_INTERVAL)",
+    )
     run.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
-    run.add_argument("--readiness", default=None,
-                     help="readiness endpoint, e.g. http://0.0.0.0:8081/readyz: 200 once logged in and taking part "
-                     "in the peering (standalone: once the apiserver answers)")
-    run.add_argument("--metrics-port", type=port, default=os.environ.get("MMRANK_METRICS_PORT", "0"),
-                     help="serve Prometheus metrics on this port at /metrics (the chart uses 9090; default 0: "
-                     "off; env MMRANK_METRICS_PORT)")
+    run.add_argument(
+        "--readiness",
+        default=None,
+        help="readiness endpoint, e.g. http://0.0.0.0:8081/readyz: 200 once logged in and taking part "
+        "in the peering (standalone: once the apiserver answers)",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=port,
+        default=os.environ.get("MMRANK_METRICS_PORT", "0"),
+        help="serve Prometheus metrics on this port at /metrics (the chart uses 9090; default 0: "
+        "off; env MMRANK_METRICS_PORT)",
+    )
     run.add_argument("--verbose", action="store_true")
     run.set_defaults(handler=_run)
 
-    render = subparsers.add_parser("render", help="Print the children the operator would create, as YAML, "
-                                   "without a cluster (what `helm template` is to a chart)")
+    render = subparsers.add_parser(
+        "render",
+        help="Print the children the operator would create, as YAML, "
+        "without a cluster (what `helm template` is to a chart)",
+    )
     render.add_argument("-f", "--filename", required=True, help="MultimodalRanker manifest (`-` reads stdin)")
-    render.add_argument("--coverage", action="append", default=[], metavar="SPACE=FRACTION",
-                        help="store coverage of a space (default 0: a fresh store), e.g. --coverage e1=0.5")
+    render.add_argument(
+        "--coverage",
+        action="append",
+        default=[],
+        metavar="SPACE=FRACTION",
+        help="store coverage of a space (default 0: a fresh store), e.g. --coverage e1=0.5",
+    )
     render.add_argument("--status", action="store_true", help="also print the status the operator would write")
     render.set_defaults(handler=_render)
 
@@ -70,8 +112,9 @@ def check_cluster_access(timeout: float = 10.0) -> None:
         try:
             config.load_kube_config()
         except Exception as exc:  # noqa: BLE001 - missing, unreadable or malformed kubeconfig alike
-            raise CommandError(f"no Kubernetes credentials (not in a pod, and the kubeconfig: "
-                               f"{describe(exc)})") from exc
+            raise CommandError(
+                f"no Kubernetes credentials (not in a pod, and the kubeconfig: {describe(exc)})"
+            ) from exc
     try:
         client.VersionApi().get_code(_request_timeout=timeout)
     except Exception as exc:  # noqa: BLE001 - refused, TLS, DNS, timeout: the apiserver is not there for us
@@ -94,7 +137,7 @@ def _run(args: argparse.Namespace) -> int:
     import urllib3
 
     urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-    kopf.configure(verbose=args.verbose, log_prefix=True)     # each line names its object
+    kopf.configure(verbose=args.verbose, log_prefix=True)  # each line names its object
     registry = handler_registry(args)
     if args.metrics_port:
         from mmrank.operator import metrics
@@ -105,8 +148,9 @@ def _run(args: argparse.Namespace) -> int:
             raise CommandError(f"cannot serve metrics on port {args.metrics_port}: {describe(exc)}") from exc
     from mmrank.operator import peering
 
-    peering.config = peering.Config(name=args.peering, namespaces=args.namespace, identity=peering.own_identity(),
-                                    readiness=args.readiness)
+    peering.config = peering.Config(
+        name=args.peering, namespaces=args.namespace, identity=peering.own_identity(), readiness=args.readiness
+    )
     settings = kopf.OperatorSettings()
     settings.peering.lifetime = args.peering_lifetime
     priority = None
@@ -116,10 +160,17 @@ def _run(args: argparse.Namespace) -> int:
         except LookupError as exc:
             raise CommandError(str(exc)) from exc
         priority = args.priority if args.priority is not None else peering.seniority(time.time_ns())
-    kopf.run(standalone=True if args.standalone else None, peering_name=args.peering, priority=priority,
-             identity=peering.config.identity,  # type: ignore[arg-type]  # kopf's Identity: a NewType of str it does not export
-             registry=registry, settings=settings, namespaces=args.namespace,
-             clusterwide=not args.namespace, liveness_endpoint=args.liveness)
+    kopf.run(
+        standalone=True if args.standalone else None,
+        peering_name=args.peering,
+        priority=priority,
+        identity=peering.config.identity,  # type: ignore[arg-type]  # kopf's Identity: a NewType of str it does not export
+        registry=registry,
+        settings=settings,
+        namespaces=args.namespace,
+        clusterwide=not args.namespace,
+        liveness_endpoint=args.liveness,
+    )
     return 0
 
 
@@ -137,7 +188,9 @@ def parse_coverage(values: list[str]) -> dict[str, float]:
     return out
 
 
-def render_documents(documents: list[Any], coverage: dict[str, float], with_status: bool = False) -> list[dict[str, Any]]:
+def render_documents(
+    documents: list[Any], coverage: dict[str, float], with_status: bool = False
+) -> list[dict[str, Any]]:
     """Children (and optionally the status) for each MultimodalRanker document, offline: the
     encoders count as ready and the store reports `coverage` (0 for spaces not named)."""
     from mmrank.operator import children as build
@@ -148,17 +201,21 @@ def render_documents(documents: list[Any], coverage: dict[str, float], with_stat
     for document in documents:
         if not isinstance(document, dict) or document.get("kind") != "MultimodalRanker":
             continue
-        body = {**document, "metadata": {"namespace": "default", "uid": "<uid>", "generation": 1,
-                                         **document.get("metadata", {})}}
+        body = {
+            **document,
+            "metadata": {"namespace": "default", "uid": "<uid>", "generation": 1, **document.get("metadata", {})},
+        }
         ranker = reconcile.parse(body)
         versions = [ranker.spec.encoder.version]
-        observed = core.Observed(now=reconcile.now(), spaces=store.spaces("", None, versions),
-                                 encoders_ready={v: True for v in versions})
+        observed = core.Observed(
+            now=reconcile.now(), spaces=store.spaces("", None, versions), encoders_ready={v: True for v in versions}
+        )
         want = core.desired(ranker, observed)
         out.extend(want.children)
         if with_status:
-            out.append({"kind": "MultimodalRankerStatus", "name": ranker.metadata.name,
-                        "status": build.plain(want.status)})
+            out.append(
+                {"kind": "MultimodalRankerStatus", "name": ranker.metadata.name, "status": build.plain(want.status)}
+            )
     return out
 
 
@@ -177,8 +234,12 @@ def _render(args: argparse.Namespace) -> int:
     try:
         documents = render_documents(manifests, coverage, args.status)
     except ValidationError as exc:
-        found = [problem for document in manifests if isinstance(document, dict)
-                 and document.get("kind") == "MultimodalRanker" for problem in api.problems(document)]
+        found = [
+            problem
+            for document in manifests
+            if isinstance(document, dict) and document.get("kind") == "MultimodalRanker"
+            for problem in api.problems(document)
+        ]
         raise CommandError(f"{args.filename}: invalid MultimodalRanker: {'; '.join(found) or describe(exc)}") from None
     sys.stdout.write(to_yaml(documents))
     return 0

@@ -17,6 +17,7 @@ operator remembers (stable, canary, history, request, the spaces' records), the 
 again from the fresh status, because its decisions were made on a stale one; when only
 observations changed, the operator's own changes are applied on top of the fresh status.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,12 +36,12 @@ HISTORY_KEYS = ("stable", "canary", "history", "request", "embeddings")
 class Refusal:
     """One write the apiserver (or the store) refused."""
 
-    action: str          # apply, delete
+    action: str  # apply, delete
     kind: str
     name: str
-    code: int            # HTTP status; 0 when no answer came (connection, timeout)
-    reason: str          # the apiserver's message, shortened
-    transient: bool      # 409, 429, 5xx, no answer: the next reconcile may succeed as is
+    code: int  # HTTP status; 0 when no answer came (connection, timeout)
+    reason: str  # the apiserver's message, shortened
+    transient: bool  # 409, 429, 5xx, no answer: the next reconcile may succeed as is
 
     def text(self) -> str:
         code = f"{self.code}" if self.code else "no answer"
@@ -52,13 +53,17 @@ def applied_condition(refusals: Sequence[Refusal]) -> dict[str, str]:
         return condition("ChildrenApplied", True, "AllApplied", "every child is applied as the spec says")
     permanent = [r for r in refusals if not r.transient]
     reason = "ChildRefused" if permanent else "ChildRetrying"
-    hint = ("; fix the spec (or the operator's permissions) for the refused children, the others are applied"
-            if permanent else "; retried on the next reconcile")
+    hint = (
+        "; fix the spec (or the operator's permissions) for the refused children, the others are applied"
+        if permanent
+        else "; retried on the next reconcile"
+    )
     return condition("ChildrenApplied", False, reason, "; ".join(r.text() for r in refusals)[:3000] + hint)
 
 
-def with_refusals(status: Mapping[str, Any], previous: Mapping[str, Any], refusals: Sequence[Refusal], now: str,
-                  generation: int) -> tuple[dict[str, Any], list[Decision]]:
+def with_refusals(
+    status: Mapping[str, Any], previous: Mapping[str, Any], refusals: Sequence[Refusal], now: str, generation: int
+) -> tuple[dict[str, Any], list[Decision]]:
     """The status the core computed, told what the apply refused; and the Warning to post, once
     per new set of refusals.
 
@@ -76,10 +81,13 @@ def with_refusals(status: Mapping[str, Any], previous: Mapping[str, Any], refusa
     out = {**status, "conditions": [*conditions, stamped(applied)]}
     if refusals:
         permanent = any(not r.transient for r in refusals)
-        out["phase"] = "Failed" if permanent else ("Progressing" if status.get("phase") == "Ready" else status.get("phase"))
+        out["phase"] = (
+            "Failed" if permanent else ("Progressing" if status.get("phase") == "Ready" else status.get("phase"))
+        )
     decisions = []
-    before: Mapping[str, Any] = next((c for c in previous.get("conditions") or [] if c.get("type") == "ChildrenApplied"),
-                                     {})
+    before: Mapping[str, Any] = next(
+        (c for c in previous.get("conditions") or [] if c.get("type") == "ChildrenApplied"), {}
+    )
     if refusals and before.get("message") != applied["message"]:
         decisions.append(Decision(applied["reason"], applied["message"][:1000], "Warning"))
     elif not refusals and before.get("status") == "False":
@@ -106,4 +114,3 @@ def reapply(base: Mapping[str, Any], ours: Mapping[str, Any], fresh: Mapping[str
         return None
     mine = {k for k in set(base) | set(ours) if plain(base.get(k)) != plain(ours.get(k))}
     return {**{k: v for k, v in fresh.items()}, **{k: ours.get(k) for k in mine}}
-

@@ -9,6 +9,7 @@ Nothing is registered at import: `register(registry, interval)` puts the handler
 registry with the interval it is given (`mmrank operator run --interval`), and kopf runs that
 registry.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,7 +22,7 @@ import kopf
 from mmrank import api
 from mmrank.operator import metrics, observe, peering, reconcile
 
-DEFAULT_INTERVAL = 30.0   # seconds between level-triggered reconciles of each ranker
+DEFAULT_INTERVAL = 30.0  # seconds between level-triggered reconciles of each ranker
 BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 FINALIZER = "mmrank.io/finalizer"
 
@@ -52,8 +53,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="mmrank.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="mmrank.io", key="last-handled-configuration")
-    settings.posting.loggers = False          # Events are our decisions, not kopf's log lines
+        prefix="mmrank.io", key="last-handled-configuration"
+    )
+    settings.posting.loggers = False  # Events are our decisions, not kopf's log lines
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
     settings.queueing.error_delays = BACKOFF
@@ -75,8 +77,9 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
-def run_reconcile(body: kopf.Body, retry: int, logger: logging.Logger | logging.LoggerAdapter[Any],
-                  timer: bool = False) -> str:
+def run_reconcile(
+    body: kopf.Body, retry: int, logger: logging.Logger | logging.LoggerAdapter[Any], timer: bool = False
+) -> str:
     """Transient errors retry with backoff; others are reported once and left to the next
     change of the spec (or the next timer tick), never retried in a loop."""
     uid = body.metadata.uid or body.metadata.name or ""
@@ -84,8 +87,13 @@ def run_reconcile(body: kopf.Body, retry: int, logger: logging.Logger | logging.
         started = time.perf_counter()
         try:
             # Context.store is None only before startup() has run; no handler runs before it.
-            outcome = reconcile.reconcile(Context.kube, Context.store, body, Context.analyser,  # type: ignore[arg-type]  # Context.store is set by startup()
-                                          Context.freshness)
+            outcome = reconcile.reconcile(
+                Context.kube,
+                Context.store,  # type: ignore[arg-type]  # Context.store is set by startup()
+                body,
+                Context.analyser,
+                Context.freshness,
+            )
         except Exception as exc:
             from mmrank.operator.kube import is_transient
 
@@ -98,8 +106,13 @@ def run_reconcile(body: kopf.Body, retry: int, logger: logging.Logger | logging.
                 return "Failed"
             kopf.event(body, type="Warning", reason="ReconcileFailed", message=message)
             raise kopf.PermanentError(message) from exc
-    metrics.observe_reconcile(body, time.perf_counter() - started, outcome.phase,
-                              [d.reason for d in outcome.decisions], getattr(outcome, "refusals", ()))
+    metrics.observe_reconcile(
+        body,
+        time.perf_counter() - started,
+        outcome.phase,
+        [d.reason for d in outcome.decisions],
+        getattr(outcome, "refusals", ()),
+    )
     for decision in outcome.decisions:
         kopf.event(body, type=decision.type, reason=decision.reason, message=decision.message)
         logger.info(f"{decision.reason}: {decision.message}")
@@ -128,13 +141,16 @@ def on_delete(body: kopf.Body, retry: int, logger: logging.Logger | logging.Logg
         # Context.store is None only before startup() has run; no handler runs before it.
         message = teardown.clean_store(kube, Context.store, namespace, name, body.spec)  # type: ignore[arg-type]  # Context.store is set by startup()
     except Exception as exc:
-        problem = f"the store could not be cleaned (retrying; to give up, remove the finalizer {FINALIZER}: " \
-                  f"docs/operator.md): {type(exc).__name__}: {exc}"[:1000]
+        problem = (
+            f"the store could not be cleaned (retrying; to give up, remove the finalizer {FINALIZER}: "
+            f"docs/operator.md): {type(exc).__name__}: {exc}"[:1000]
+        )
         reason = "SecretNotAllowed" if isinstance(exc, observe.SecretRefused) else "StoreUnreachable"
         if teardown.changed(body.status, reason, problem):  # one Event per new problem, not per retry
             kopf.event(body, type="Warning", reason="StoreCleanupFailed", message=problem)
-            conditions = teardown.cleanup_condition(body.status, False, reason, problem, reconcile.now(),
-                                                    int(body.metadata.get("generation") or 0))
+            conditions = teardown.cleanup_condition(
+                body.status, False, reason, problem, reconcile.now(), int(body.metadata.get("generation") or 0)
+            )
             kube.patch_status(namespace, name, {"conditions": conditions})
         raise kopf.TemporaryError(problem, delay=delay(retry)) from exc
     kopf.event(body, type="Normal", reason="StoreCleaned", message=message)
@@ -153,9 +169,16 @@ def register(registry: kopf.OperatorRegistry, interval: float = DEFAULT_INTERVAL
     kopf.on.update(*resource, field="spec", registry=registry)(on_change)
     kopf.on.resume(*resource, registry=registry)(on_change)
     # kopf passes `retry` to every handler (its execution.py); only its TimerFn protocol omits it.
-    kopf.timer(*resource, interval=interval, initial_delay=interval, idle=None, errors=kopf.ErrorsMode.TEMPORARY,
-               backoff=BACKOFF[1], registry=registry)(on_timer)  # type: ignore[arg-type]  # kopf's TimerFn omits `retry`
+    kopf.timer(
+        *resource,
+        interval=interval,
+        initial_delay=interval,
+        idle=None,
+        errors=kopf.ErrorsMode.TEMPORARY,
+        backoff=BACKOFF[1],
+        registry=registry,
+    )(on_timer)  # type: ignore[arg-type]  # kopf's TimerFn omits `retry`
     kopf.on.delete(*resource, registry=registry)(on_delete)
-    kopf.on.startup(registry=registry)(peering.serve_readiness)   # --readiness (peering.config)
+    kopf.on.startup(registry=registry)(peering.serve_readiness)  # --readiness (peering.config)
     kopf.on.cleanup(registry=registry)(peering.stop_readiness)
     return registry

@@ -5,6 +5,7 @@ Apply is skipped when the live object already carries the hash of the desired ch
 desired field already holds its value, so a level-triggered reconcile of an unchanged resource
 writes nothing (not even managedFields time stamps).
 """
+
 from __future__ import annotations
 
 import base64
@@ -23,8 +24,12 @@ from mmrank.operator.faults import Refusal
 
 FIELD_MANAGER = "mmrank-operator"
 CHILD_KINDS: tuple[tuple[str, str], ...] = (
-    ("v1", "ConfigMap"), ("v1", "Service"), ("apps/v1", "Deployment"), ("batch/v1", "Job"),
-    ("serving.kserve.io/v1beta1", "InferenceService"), ("policy/v1", "PodDisruptionBudget"),
+    ("v1", "ConfigMap"),
+    ("v1", "Service"),
+    ("apps/v1", "Deployment"),
+    ("batch/v1", "Job"),
+    ("serving.kserve.io/v1beta1", "InferenceService"),
+    ("policy/v1", "PodDisruptionBudget"),
 )
 # Where a cluster does not serve a child kind's version yet, the version it does serve
 # (PodDisruptionBudget is policy/v1 from Kubernetes 1.21; `lower` writes the older one).
@@ -67,8 +72,12 @@ def stamped(child: dict[str, Any]) -> dict[str, Any]:
     """The child with the hash of its own content in an annotation (the apply-skip key)."""
     meta = dict(child["metadata"])
     annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k != build.APPLIED_HASH}
-    bare = {**child, "metadata": {**meta, "annotations": annotations} if annotations else
-            {k: v for k, v in meta.items() if k != "annotations"}}
+    bare = {
+        **child,
+        "metadata": {**meta, "annotations": annotations}
+        if annotations
+        else {k: v for k, v in meta.items() if k != "annotations"},
+    }
     annotations = {**annotations, build.APPLIED_HASH: build.digest(bare)}
     return {**child, "metadata": {**meta, "annotations": annotations}}
 
@@ -78,7 +87,11 @@ def contains(live: Any, want: Any) -> bool:
     if isinstance(want, Mapping):
         return isinstance(live, Mapping) and all(k in live and contains(live[k], v) for k, v in want.items())
     if isinstance(want, list):
-        return isinstance(live, list) and len(live) == len(want) and all(contains(a, b) for a, b in zip(live, want, strict=False))
+        return (
+            isinstance(live, list)
+            and len(live) == len(want)
+            and all(contains(a, b) for a, b in zip(live, want, strict=False))
+        )
     return live == want or str(live) == str(want)
 
 
@@ -86,8 +99,9 @@ def up_to_date(live: Mapping[str, Any] | None, want: Mapping[str, Any]) -> bool:
     if live is None:
         return False
     hash_live = ((live.get("metadata") or {}).get("annotations") or {}).get(build.APPLIED_HASH)
-    return hash_live == want["metadata"]["annotations"][build.APPLIED_HASH] and \
-        contains({k: v for k, v in live.items() if k != "status"}, want)
+    return hash_live == want["metadata"]["annotations"][build.APPLIED_HASH] and contains(
+        {k: v for k, v in live.items() if k != "status"}, want
+    )
 
 
 def lower(child: dict[str, Any], server: tuple[int, int]) -> tuple[dict[str, Any], str | None]:
@@ -101,13 +115,22 @@ def lower(child: dict[str, Any], server: tuple[int, int]) -> tuple[dict[str, Any
         spec = {k: v for k, v in child["spec"].items() if k != "completionMode"}
         shards = int(spec.get("completions") or 1)
         pod = spec["template"]["spec"]
-        containers = [{**c, "args": [a.replace("$(JOB_COMPLETION_INDEX)/" + str(shards), "0/1") for a in c.get("args", [])]}
-                      for c in pod["containers"]]
-        spec = {**spec, "completions": 1, "parallelism": 1, "backoffLimit": 6,
-                "template": {**spec["template"], "spec": {**pod, "containers": containers}}}
-        return {**child, "spec": spec}, (f"Kubernetes {server[0]}.{server[1]} has no Indexed Jobs: the backfill "
-                                         f"runs as one pod (shard 0/1) instead of {shards} shards; sharding needs "
-                                         "Kubernetes >= 1.22")
+        containers = [
+            {**c, "args": [a.replace("$(JOB_COMPLETION_INDEX)/" + str(shards), "0/1") for a in c.get("args", [])]}
+            for c in pod["containers"]
+        ]
+        spec = {
+            **spec,
+            "completions": 1,
+            "parallelism": 1,
+            "backoffLimit": 6,
+            "template": {**spec["template"], "spec": {**pod, "containers": containers}},
+        }
+        return {**child, "spec": spec}, (
+            f"Kubernetes {server[0]}.{server[1]} has no Indexed Jobs: the backfill "
+            f"runs as one pod (shard 0/1) instead of {shards} shards; sharding needs "
+            "Kubernetes >= 1.22"
+        )
     if (child["apiVersion"], child["kind"]) in OLDER_VERSIONS and server < (1, 21):
         return {**child, "apiVersion": OLDER_VERSIONS[(child["apiVersion"], child["kind"])]}, None
     return child, None
@@ -157,7 +180,7 @@ class Kube:
                 resource = self.resource(api_version, kind)
             except ResourceNotFoundError:
                 if (api_version, kind) not in OLDER_VERSIONS:
-                    continue      # a cluster without KServe has no InferenceServices, and so none of ours
+                    continue  # a cluster without KServe has no InferenceServices, and so none of ours
                 api_version = OLDER_VERSIONS[(api_version, kind)]
                 resource = self.resource(api_version, kind)
             items = resource.get(namespace=namespace, label_selector=selector).to_dict()
@@ -176,39 +199,54 @@ class Kube:
         except ResourceNotFoundError:
             return set()
         except ApiException as exc:
-            if exc.status in (403, 404):      # not allowed to look (an older chart): apply the spec's replicas
+            if exc.status in (403, 404):  # not allowed to look (an older chart): apply the spec's replicas
                 return set()
             raise
-        return {(h.get("spec") or {}).get("scaleTargetRef", {}).get("name", "") for h in hpas.get("items") or []
-                if (h.get("spec") or {}).get("scaleTargetRef", {}).get("kind") == "Deployment"}
+        return {
+            (h.get("spec") or {}).get("scaleTargetRef", {}).get("name", "")
+            for h in hpas.get("items") or []
+            if (h.get("spec") or {}).get("scaleTargetRef", {}).get("kind") == "Deployment"
+        }
 
     def apply(self, child: dict[str, Any]) -> dict[str, Any]:
         meta = child["metadata"]
         try:
             resource = self.resource(child["apiVersion"], child["kind"])
         except ResourceNotFoundError as exc:
-            hint = (": install KServe, or set spec.ranker.serving: Kubernetes" if child["kind"] == "InferenceService"
-                    else "")
+            hint = (
+                ": install KServe, or set spec.ranker.serving: Kubernetes"
+                if child["kind"] == "InferenceService"
+                else ""
+            )
             raise NoSuchKind(f"this cluster serves no {child['apiVersion']} {child['kind']}{hint}") from exc
-        applied: dict[str, Any] = resource.server_side_apply(body=child, name=meta["name"], namespace=meta["namespace"],
-                                                             field_manager=FIELD_MANAGER, force_conflicts=True).to_dict()
+        applied: dict[str, Any] = resource.server_side_apply(
+            body=child,
+            name=meta["name"],
+            namespace=meta["namespace"],
+            field_manager=FIELD_MANAGER,
+            force_conflicts=True,
+        ).to_dict()
         return applied
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str, propagation: str = "Background") -> None:
         """`Foreground`: the object stays (with a deletionTimestamp) until its dependents are gone."""
         try:
-            self.resource(api_version, kind).delete(name=name, namespace=namespace,
-                                                    body={"propagationPolicy": propagation})
+            self.resource(api_version, kind).delete(
+                name=name, namespace=namespace, body={"propagationPolicy": propagation}
+            )
         except ApiException as exc:
             if exc.status != 404:
                 raise
 
-    def patch_status(self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None = None) -> None:
+    def patch_status(
+        self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None = None
+    ) -> None:
         body: dict[str, Any] = {"status": status}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
-        self.rankers().status.patch(body=body, name=name, namespace=namespace,
-                                    content_type="application/merge-patch+json")
+        self.rankers().status.patch(
+            body=body, name=name, namespace=namespace, content_type="application/merge-patch+json"
+        )
 
     def get_ranker(self, namespace: str, name: str) -> dict[str, Any]:
         """The resource as the apiserver holds it now (a fresh read after a 409)."""
@@ -227,7 +265,9 @@ class Kube:
                 return None
             raise
         if not secret_allows((secret.get("metadata") or {}).get("annotations"), ranker):
-            raise SecretRefused(f"Secret {namespace}/{name} does not allow ranker {ranker} to use it: annotate it "
-                                f"{ALLOWED_RANKERS}={ranker} (or a comma-separated list, or *)")
+            raise SecretRefused(
+                f"Secret {namespace}/{name} does not allow ranker {ranker} to use it: annotate it "
+                f"{ALLOWED_RANKERS}={ranker} (or a comma-separated list, or *)"
+            )
         value = (secret.get("data") or {}).get(key)
         return base64.b64decode(value).decode() if value else None

@@ -10,6 +10,7 @@ Pure functions decide the label values (`error_labels`, `canary_decision`, `phas
 `ranker_series`); `observe_*` and `forget` write them into prometheus_client's default registry
 (which also carries the process' CPU and memory). The handlers call only those.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,42 +25,80 @@ from mmrank import api
 
 RESULTS = ("ok", "retried", "failed")
 # Canary decision per history reason (rollout.py, core.py); "wait" is an inconclusive analysis.
-DECISIONS = {"CanaryStarted": "start", "StepPassed": "advance", "AnalysisFailed": "fail",
-             "AwaitingPromotion": "await_promotion", "Promoted": "promote", "PromotionComplete": "complete",
-             "RolledBack": "rollback", "Aborted": "abort", "Retried": "retry", "Superseded": "supersede",
-             "PromoteRefused": "refused", "AbortRefused": "refused", "RetryRefused": "refused"}
+DECISIONS = {
+    "CanaryStarted": "start",
+    "StepPassed": "advance",
+    "AnalysisFailed": "fail",
+    "AwaitingPromotion": "await_promotion",
+    "Promoted": "promote",
+    "PromotionComplete": "complete",
+    "RolledBack": "rollback",
+    "Aborted": "abort",
+    "Retried": "retry",
+    "Superseded": "supersede",
+    "PromoteRefused": "refused",
+    "AbortRefused": "refused",
+    "RetryRefused": "refused",
+}
 WAIT = "wait"
 CONDITION_STATUSES = ("True", "False", "Unknown")
 ANALYSIS_CHECKS = ("requests", "errorRate", "latencyP99Ms", "clickRateRatio")
 
-RECONCILES = Counter("mmrank_operator_reconciles", "Reconciles of a MultimodalRanker, by result: ok, retried "
-                     "(a transient error, retried with backoff), failed (reported, not retried)", ["result"])
-ERRORS = Counter("mmrank_operator_errors", "Reconcile errors, by the kind of object the failing API call was "
-                 "about (or the exception's kind) and the reason", ["kind", "reason"])
-DURATION = Histogram("mmrank_operator_reconcile_duration_seconds", "Seconds one reconcile took (gather, "
-                     "decide, apply, status), errors included",
-                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+RECONCILES = Counter(
+    "mmrank_operator_reconciles",
+    "Reconciles of a MultimodalRanker, by result: ok, retried "
+    "(a transient error, retried with backoff), failed (reported, not retried)",
+    ["result"],
+)
+ERRORS = Counter(
+    "mmrank_operator_errors",
+    "Reconcile errors, by the kind of object the failing API call was about (or the exception's kind) and the reason",
+    ["kind", "reason"],
+)
+DURATION = Histogram(
+    "mmrank_operator_reconcile_duration_seconds",
+    "Seconds one reconcile took (gather, decide, apply, status), errors included",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 RANKERS = Gauge("mmrank_operator_rankers", "MultimodalRankers this operator reconciles, by phase", ["phase"])
-CANARY = Counter("mmrank_operator_canary_decisions", "Canary decisions: start, advance, wait (inconclusive "
-                 "analysis), fail (a failed check below failureLimit), await_promotion, promote, complete, "
-                 "rollback, abort, retry, supersede, refused", ["decision"])
+CANARY = Counter(
+    "mmrank_operator_canary_decisions",
+    "Canary decisions: start, advance, wait (inconclusive "
+    "analysis), fail (a failed check below failureLimit), await_promotion, promote, complete, "
+    "rollback, abort, retry, supersede, refused",
+    ["decision"],
+)
 PER_RANKER = ["ranker_namespace", "ranker"]
-COVERAGE = Gauge("mmrank_operator_space_coverage", "Coverage of each embedding space of a ranker, as its status "
-                 "says; serving=\"true\" for the space the stable ranker reads", [*PER_RANKER, "space", "serving"])
+COVERAGE = Gauge(
+    "mmrank_operator_space_coverage",
+    "Coverage of each embedding space of a ranker, as its status "
+    'says; serving="true" for the space the stable ranker reads',
+    [*PER_RANKER, "space", "serving"],
+)
 MIN_COVERAGE = Gauge("mmrank_operator_min_coverage", "spec.embeddings.minCoverage of a ranker", PER_RANKER)
-BACKFILL = Gauge("mmrank_operator_backfill_progress", "Completed / total backfill shards of a space",
-                 [*PER_RANKER, "space"])
-TRAFFIC = Gauge("mmrank_operator_canary_traffic_percent", "Share of requests the canary ranker gets now "
-                "(0 without a canary in progress)", PER_RANKER)
-ANALYSIS = Gauge("mmrank_operator_canary_last_analysis", "The numbers of the last canary analysis (status.canary."
-                 "lastAnalysis, else the newest in status.history): requests, errorRate, latencyP99Ms, "
-                 "clickRateRatio (canary CTR / stable CTR)",
-                 [*PER_RANKER, "canary", "check"])
-CONDITION = Gauge("mmrank_operator_ranker_condition", "1 for the status of each condition of a ranker "
-                  "(EncoderReady, EmbeddingsSynced, RankerReady, CanaryHealthy, Ready), else 0",
-                  [*PER_RANKER, "condition", "status"])
+BACKFILL = Gauge(
+    "mmrank_operator_backfill_progress", "Completed / total backfill shards of a space", [*PER_RANKER, "space"]
+)
+TRAFFIC = Gauge(
+    "mmrank_operator_canary_traffic_percent",
+    "Share of requests the canary ranker gets now (0 without a canary in progress)",
+    PER_RANKER,
+)
+ANALYSIS = Gauge(
+    "mmrank_operator_canary_last_analysis",
+    "The numbers of the last canary analysis (status.canary."
+    "lastAnalysis, else the newest in status.history): requests, errorRate, latencyP99Ms, "
+    "clickRateRatio (canary CTR / stable CTR)",
+    [*PER_RANKER, "canary", "check"],
+)
+CONDITION = Gauge(
+    "mmrank_operator_ranker_condition",
+    "1 for the status of each condition of a ranker "
+    "(EncoderReady, EmbeddingsSynced, RankerReady, CanaryHealthy, Ready), else 0",
+    [*PER_RANKER, "condition", "status"],
+)
 
-for _result in RESULTS:          # every known series exists from the start: a rate, not "no data"
+for _result in RESULTS:  # every known series exists from the start: a rate, not "no data"
     RECONCILES.labels(result=_result)
 for _phase in api.PHASES:
     RANKERS.labels(phase=_phase).set(0)
@@ -68,6 +107,7 @@ for _decision in {*DECISIONS.values(), WAIT}:
 
 
 # --- pure decisions -------------------------------------------------------------------------------
+
 
 def error_labels(exc: BaseException) -> tuple[str, str]:
     """(kind, reason) of a reconcile error: for an API error, the kind of object the apiserver names
@@ -91,9 +131,20 @@ def error_labels(exc: BaseException) -> tuple[str, str]:
 
 
 # Kubernetes' StatusReason for the HTTP codes an apiserver refuses a write with.
-STATUS_REASONS = {0: "NoAnswer", 400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
-                  409: "Conflict", 410: "Gone", 422: "Invalid", 429: "TooManyRequests", 500: "InternalError",
-                  503: "ServiceUnavailable", 504: "Timeout"}
+STATUS_REASONS = {
+    0: "NoAnswer",
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    409: "Conflict",
+    410: "Gone",
+    422: "Invalid",
+    429: "TooManyRequests",
+    500: "InternalError",
+    503: "ServiceUnavailable",
+    504: "Timeout",
+}
 
 
 class Refused(Protocol):
@@ -136,9 +187,9 @@ class RankerSeries:
 
     min_coverage: float
     traffic_percent: int
-    coverage: dict[tuple[str, str], float]     # (space, serving) -> coverage
-    backfill: dict[str, float]                 # space -> progress
-    conditions: dict[tuple[str, str], float]   # (condition, status) -> 0 or 1
+    coverage: dict[tuple[str, str], float]  # (space, serving) -> coverage
+    backfill: dict[str, float]  # space -> progress
+    conditions: dict[tuple[str, str], float]  # (condition, status) -> 0 or 1
     analysis: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)  # (canary, check) -> value
 
 
@@ -163,14 +214,18 @@ def ranker_series(body: Mapping[str, Any]) -> RankerSeries:
             conditions[(str(condition.get("type")), value)] = 1.0 if condition.get("status") == value else 0.0
     last, analysed = canary.get("lastAnalysis") or {}, canary.get("rankerVersion")
     judged = [h for h in status.get("history") or [] if h.get("analysis")]
-    if not last and judged:     # a finished rollout leaves no status.canary; its analyses are in history
+    if not last and judged:  # a finished rollout leaves no status.canary; its analyses are in history
         last, analysed = judged[-1]["analysis"], judged[-1].get("rankerVersion")
-    analysis = {(str(analysed), check): float(last[check])
-                for check in ANALYSIS_CHECKS if isinstance(last.get(check), int | float)}
+    analysis = {
+        (str(analysed), check): float(last[check])
+        for check in ANALYSIS_CHECKS
+        if isinstance(last.get(check), int | float)
+    }
     return RankerSeries(min_coverage, traffic, coverage, backfill, conditions, analysis)
 
 
 # --- the registry ----------------------------------------------------------------------------------
+
 
 class _State:
     """What was last exported per ranker, so retired spaces and deleted rankers leave no series."""
@@ -187,11 +242,13 @@ def _ranker_key(body: Mapping[str, Any]) -> tuple[str, str]:
 
 def _export(key: tuple[str, str], series: RankerSeries) -> None:
     wanted: list[tuple[Gauge, tuple[str, ...], float]] = [
-        (MIN_COVERAGE, key, series.min_coverage), (TRAFFIC, key, float(series.traffic_percent)),
+        (MIN_COVERAGE, key, series.min_coverage),
+        (TRAFFIC, key, float(series.traffic_percent)),
         *((COVERAGE, (*key, space, serving), value) for (space, serving), value in series.coverage.items()),
         *((BACKFILL, (*key, space), value) for space, value in series.backfill.items()),
         *((CONDITION, (*key, kind, status), value) for (kind, status), value in series.conditions.items()),
-        *((ANALYSIS, (*key, canary, check), value) for (canary, check), value in series.analysis.items())]
+        *((ANALYSIS, (*key, canary, check), value) for (canary, check), value in series.analysis.items()),
+    ]
     keep = {(id(gauge), values) for gauge, values, _ in wanted}
     for gauge, values in _State.labels.get(key, []):
         if (id(gauge), values) not in keep:
@@ -206,8 +263,9 @@ def _set_phases() -> None:
         RANKERS.labels(phase=phase).set(count)
 
 
-def observe_reconcile(body: Mapping[str, Any], seconds: float, phase: str, reasons: Iterable[str],
-                      refusals: Sequence[Refused] = ()) -> None:
+def observe_reconcile(
+    body: Mapping[str, Any], seconds: float, phase: str, reasons: Iterable[str], refusals: Sequence[Refused] = ()
+) -> None:
     """A reconcile that returned: its duration and refused writes, the ranker's phase and gauges,
     its canary decisions."""
     RECONCILES.labels(result=reconcile_result(refusals)).inc()

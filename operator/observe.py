@@ -3,6 +3,7 @@
 The `from_*` functions are pure (raw child objects in, small values out). The store is behind
 `CoverageObserver`, so tests can feed coverage values and the operator reads the real store.
 """
+
 from __future__ import annotations
 
 import threading
@@ -30,8 +31,11 @@ def _generation_seen(obj: Mapping[str, Any]) -> bool:
 def deployment_ready(obj: Mapping[str, Any]) -> bool:
     status = obj.get("status") or {}
     want = int((obj.get("spec") or {}).get("replicas", 1))
-    return _generation_seen(obj) and int(status.get("readyReplicas") or 0) >= want and \
-        int(status.get("updatedReplicas", want) or 0) >= want
+    return (
+        _generation_seen(obj)
+        and int(status.get("readyReplicas") or 0) >= want
+        and int(status.get("updatedReplicas", want) or 0) >= want
+    )
 
 
 def job_state(obj: Mapping[str, Any]) -> JobState:
@@ -41,8 +45,14 @@ def job_state(obj: Mapping[str, Any]) -> JobState:
     completions = int((obj.get("spec") or {}).get("completions") or 1)
     succeeded = int(status.get("succeeded") or 0)
     finished = failed or conditions.get("Complete") == "True" or succeeded >= completions
-    why = next((f"{c.get('reason') or 'Failed'}: {c.get('message') or ''}".rstrip(": ")
-                for c in status.get("conditions") or [] if c.get("type") == "Failed" and c.get("status") == "True"), "")
+    why = next(
+        (
+            f"{c.get('reason') or 'Failed'}: {c.get('message') or ''}".rstrip(": ")
+            for c in status.get("conditions") or []
+            if c.get("type") == "Failed" and c.get("status") == "True"
+        ),
+        "",
+    )
     return JobState(completions=completions, succeeded=succeeded, finished=finished, failed=failed, reason=why)
 
 
@@ -62,8 +72,11 @@ def served_ranker(obj: Mapping[str, Any]) -> ServedRanker | None:
     canary = labels.get(build.CANARY_LABEL)
     canary_version = None
     if canary:
-        predictor = ((obj.get("spec") or {}).get("canary") or [{}])[0].get("predictor") or \
-            (obj.get("spec") or {}).get("predictor") or {}
+        predictor = (
+            ((obj.get("spec") or {}).get("canary") or [{}])[0].get("predictor")
+            or (obj.get("spec") or {}).get("predictor")
+            or {}
+        )
         encoder = (predictor.get("labels") or {}).get(build.ENCODER_VERSION, version.encoder)
         canary_version = Version(canary, encoder)
     ready = _generation_seen(obj) and _conditions(obj).get("Ready") == "True"
@@ -85,8 +98,13 @@ def served_by_deployments(objects: Sequence[Mapping[str, Any]]) -> ServedRanker 
 
 def child_ref(obj: Mapping[str, Any]) -> ChildRef:
     labels = obj["metadata"].get("labels") or {}
-    return ChildRef(obj["kind"], obj["metadata"]["name"], obj.get("apiVersion", ""), labels.get(build.ENCODER_VERSION),
-                    labels.get(build.COMPONENT, ""))
+    return ChildRef(
+        obj["kind"],
+        obj["metadata"]["name"],
+        obj.get("apiVersion", ""),
+        labels.get(build.ENCODER_VERSION),
+        labels.get(build.COMPONENT, ""),
+    )
 
 
 def from_children(objects: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
@@ -114,6 +132,7 @@ def from_children(objects: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 # --- the store ----------------------------------------------------------------------------------
+
 
 class SecretRefused(PermissionError):
     """The Secret a ranker names has not consented to be used by it."""
@@ -169,8 +188,9 @@ class CoverageObserver(Protocol):
 
     def delete_space(self, url: str, password: str | None, version: str, *, scope: str) -> None: ...
 
-    def delete_ranker(self, url: str, password: str | None, *, scope: str, stream: str | None,
-                      group: str) -> ScopeDeleted:
+    def delete_ranker(
+        self, url: str, password: str | None, *, scope: str, stream: str | None, group: str
+    ) -> ScopeDeleted:
         """Every key of the ranker; its consumer group leaves `stream` when that is a stream
         named in the spec (shared with other rankers, so not deleted)."""
 
@@ -205,15 +225,20 @@ class StoreCoverage:
                 out[version] = SpaceState(coverage=0.0)
                 continue
             rows = backfilled_rows({k: (v.done, v.total) for k, v in info.backfill.items()}, int(info.catalogue_size))
-            out[version] = SpaceState(coverage=catalogue_coverage(rows, int(info.catalogue_size)), items=int(info.items),
-                                      backfill_done=rows, backfill_total=int(info.catalogue_size))
+            out[version] = SpaceState(
+                coverage=catalogue_coverage(rows, int(info.catalogue_size)),
+                items=int(info.items),
+                backfill_done=rows,
+                backfill_total=int(info.catalogue_size),
+            )
         return out
 
     def delete_space(self, url: str, password: str | None, version: str, *, scope: str) -> None:
         self._store(url, password, scope).delete_space(version)
 
-    def delete_ranker(self, url: str, password: str | None, *, scope: str, stream: str | None,
-                      group: str) -> ScopeDeleted:
+    def delete_ranker(
+        self, url: str, password: str | None, *, scope: str, stream: str | None, group: str
+    ) -> ScopeDeleted:
         store = self._store(url, password, scope)
         if stream and not store.scope.owns(stream) and hasattr(store, "leave_stream"):
             store.leave_stream(stream, store.scope.consumer_group(group))
@@ -229,15 +254,17 @@ class FixedCoverage:
         self.deleted: list[str] = []
         self.deleted_rankers: list[str] = []
 
-    def spaces(self, url: str, password: str | None, versions: Sequence[str], *,
-               scope: str = "") -> dict[str, SpaceState]:
+    def spaces(
+        self, url: str, password: str | None, versions: Sequence[str], *, scope: str = ""
+    ) -> dict[str, SpaceState]:
         return {v: SpaceState(coverage=self.coverage.get(v, 0.0)) for v in versions if v not in self.deleted}
 
     def delete_space(self, url: str, password: str | None, version: str, *, scope: str = "") -> None:
         self.deleted.append(version)
 
-    def delete_ranker(self, url: str, password: str | None, *, scope: str, stream: str | None,
-                      group: str) -> ScopeDeleted:
+    def delete_ranker(
+        self, url: str, password: str | None, *, scope: str, stream: str | None, group: str
+    ) -> ScopeDeleted:
         from mmrank.store import ScopeDeleted
 
         self.deleted_rankers.append(scope)
@@ -248,17 +275,21 @@ class FixedCoverage:
 
 # --- freshness from Prometheus ------------------------------------------------------------------
 
+
 def freshness_query(namespace: str, name: str, space: str, window_seconds: int = 300) -> str:
     """p99 seconds from an item event to its vector in `space`, over the ranker's embedder pods.
     Needs the pod labels as target labels, as the usual `kubernetes_sd` scrape config makes them
     (labelmap of `__meta_kubernetes_pod_label_(.+)`, and `namespace`), which the in-cluster
     Prometheus of `mmrank cluster` and docs/operator.md use."""
+
     def quoted(value: str) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    selector = (f"namespace={quoted(namespace)},mmrank_io_ranker={quoted(name)},space={quoted(space)}")
-    return ("histogram_quantile(0.99, sum by (le) (rate("
-            f"mmrank_embedding_freshness_seconds_bucket{{{selector}}}[{window_seconds}s])))")
+    selector = f"namespace={quoted(namespace)},mmrank_io_ranker={quoted(name)},space={quoted(space)}"
+    return (
+        "histogram_quantile(0.99, sum by (le) (rate("
+        f"mmrank_embedding_freshness_seconds_bucket{{{selector}}}[{window_seconds}s])))"
+    )
 
 
 class FreshnessObserver:
@@ -270,8 +301,7 @@ class FreshnessObserver:
         self.min_age_seconds = min_age_seconds
         self._seen: dict[tuple[str, str, str], tuple[float, float | None]] = {}
 
-    def p99(self, prometheus_url: str, namespace: str, name: str, space: str,
-            previous: float | None) -> float | None:
+    def p99(self, prometheus_url: str, namespace: str, name: str, space: str, previous: float | None) -> float | None:
         key = (namespace, name, space)
         now = time.monotonic()
         cached = self._seen.get(key)

@@ -13,6 +13,7 @@ standby takes over within about `--peering-lifetime` seconds.
 kopf watches the peering object but does not create it; without it a mandatory peering waits
 paused for ever, so `ensure_objects` creates it before the operator starts.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,10 +34,10 @@ READY_TIMEOUT = 5.0
 class Config:
     """What `mmrank operator run` asked for; read by the startup handler below."""
 
-    name: str | None = None              # the peering object; None: standalone (no peers)
-    namespaces: Sequence[str] = ()       # empty: cluster-wide (ClusterKopfPeering)
+    name: str | None = None  # the peering object; None: standalone (no peers)
+    namespaces: Sequence[str] = ()  # empty: cluster-wide (ClusterKopfPeering)
     identity: str = ""
-    readiness: str | None = None         # e.g. http://0.0.0.0:8081/readyz
+    readiness: str | None = None  # e.g. http://0.0.0.0:8081/readyz
 
 
 config = Config()
@@ -82,8 +83,11 @@ def ensure_objects(name: str, namespaces: Sequence[str]) -> list[str]:
     objects = client.CustomObjectsApi()
     created = []
     for plural, namespace in peering_objects(name, namespaces):
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "KopfPeering" if namespace else "ClusterKopfPeering",
-                "metadata": {"name": name, **({"namespace": namespace} if namespace else {})}}
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "KopfPeering" if namespace else "ClusterKopfPeering",
+            "metadata": {"name": name, **({"namespace": namespace} if namespace else {})},
+        }
         try:
             if namespace:
                 objects.create_namespaced_custom_object(GROUP, VERSION, namespace, plural, body)
@@ -93,8 +97,10 @@ def ensure_objects(name: str, namespaces: Sequence[str]) -> list[str]:
             if exc.status == 409:
                 continue
             if exc.status == 404 and "could not find the requested resource" in str(exc.body):
-                raise LookupError(f"the cluster does not serve {plural}.{GROUP}: install the chart's CRDs "
-                                  f"(crds.peering: true) or kopf's peering.yaml") from exc
+                raise LookupError(
+                    f"the cluster does not serve {plural}.{GROUP}: install the chart's CRDs "
+                    f"(crds.peering: true) or kopf's peering.yaml"
+                ) from exc
             raise
         created.append(f"{plural}/{name}" + (f" in {namespace}" if namespace else ""))
     return created
@@ -111,19 +117,22 @@ def ready(conf: Config, now: datetime.datetime) -> tuple[bool, str]:
     objects = client.CustomObjectsApi()
     if conf.name is None:
         for watched in conf.namespaces:
-            objects.list_namespaced_custom_object(api.GROUP, api.VERSION, watched, api.PLURAL, limit=1,
-                                                  _request_timeout=READY_TIMEOUT)
+            objects.list_namespaced_custom_object(
+                api.GROUP, api.VERSION, watched, api.PLURAL, limit=1, _request_timeout=READY_TIMEOUT
+            )
         if not conf.namespaces:
-            objects.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL, limit=1,
-                                               _request_timeout=READY_TIMEOUT)
+            objects.list_cluster_custom_object(
+                api.GROUP, api.VERSION, api.PLURAL, limit=1, _request_timeout=READY_TIMEOUT
+            )
         return True, "the apiserver answers (standalone)"
     for plural, namespace in peering_objects(conf.name, conf.namespaces):
         if namespace:
-            got = objects.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, conf.name,
-                                                       _request_timeout=READY_TIMEOUT)
+            got = objects.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, conf.name, _request_timeout=READY_TIMEOUT
+            )
         else:
             got = objects.get_cluster_custom_object(GROUP, VERSION, plural, conf.name, _request_timeout=READY_TIMEOUT)
-        body = cast(dict[str, Any], got)     # the client returns the object's JSON as a dict
+        body = cast(dict[str, Any], got)  # the client returns the object's JSON as a dict
         if not record_alive(body.get("status"), conf.identity, now):
             where = f"{plural}/{conf.name}" + (f" in {namespace}" if namespace else "")
             return False, f"no live keep-alive of {conf.identity} in {where} yet"
@@ -154,7 +163,7 @@ async def serve_readiness(logger: Any, **_: Any) -> None:
     parts = urllib.parse.urlsplit(config.readiness)
     app = web.Application()
     app.add_routes([web.get(parts.path or "/", _readyz)])
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0, access_log=None)   # a probe every 10 s
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0, access_log=None)  # a probe every 10 s
     await runner.setup()
     await web.TCPSite(runner, parts.hostname or "0.0.0.0", parts.port or 8081).start()  # noqa: S104 - a pod's probe port
     _runner = runner

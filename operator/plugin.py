@@ -17,6 +17,7 @@ equivalent:
 A request the rollout cannot take (promote with no canary waiting, a second promote, retry of a
 canary that was not rolled back) is refused here with the reason, and nothing is written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,7 @@ class PluginError(Exception):
 
 # --- pure: what a request may do, and the readable status ------------------------------------------
 
+
 def refusal(action: str, status: Mapping[str, Any]) -> str | None:
     """Why `action` cannot be taken now (None: it can)."""
     canary = status.get("canary") or {}
@@ -46,16 +48,20 @@ def refusal(action: str, status: Mapping[str, Any]) -> str | None:
     version = canary.get("rankerVersion")
     if status.get("request"):
         pending = status["request"]
-        return (f"a {pending.get('action', '?').lower()} requested at {pending.get('requestedAt', '?')} is still "
-                "waiting for the operator; nothing was changed")
+        return (
+            f"a {pending.get('action', '?').lower()} requested at {pending.get('requestedAt', '?')} is still "
+            "waiting for the operator; nothing was changed"
+        )
     if not canary or state is None:
         stable = (status.get("stable") or {}).get("rankerVersion", "-")
         return f"no canary rollout in progress (ranker {stable} serves all traffic); nothing to {action}"
     if action == "Promote" and state != "AwaitingPromotion":
         if state == "Progressing":
             steps = canary.get("steps") or []
-            return (f"canary {version} is at step {int(canary.get('step', 0)) + 1} of {len(steps)}; it can be "
-                    "promoted once every step has passed (phase AwaitingPromotion, promotion: Manual), or aborted")
+            return (
+                f"canary {version} is at step {int(canary.get('step', 0)) + 1} of {len(steps)}; it can be "
+                "promoted once every step has passed (phase AwaitingPromotion, promotion: Manual), or aborted"
+            )
         if state == "Promoted":
             return f"canary {version} is already promoted"
         return f"canary {version} was rolled back; `kubectl mmrank retry` starts it again"
@@ -76,12 +82,14 @@ def _number(value: Any, fmt: str) -> str:
 
 
 def _analysis_line(analysis: Mapping[str, Any]) -> str:
-    return (f"{analysis.get('verdict') or ('Passed' if analysis.get('passed') else 'Failed')} at "
-            f"{analysis.get('time', '?')}: requests {analysis.get('requests', 0)}, "
-            f"error rate {_number(analysis.get('errorRate'), '.4f')}, "
-            f"p99 {_number(analysis.get('latencyP99Ms'), '.1f')} ms, "
-            f"click-rate ratio {_number(analysis.get('clickRateRatio'), '.3f')}"
-            + (f" — {analysis['message']}" if analysis.get("message") else ""))
+    return (
+        f"{analysis.get('verdict') or ('Passed' if analysis.get('passed') else 'Failed')} at "
+        f"{analysis.get('time', '?')}: requests {analysis.get('requests', 0)}, "
+        f"error rate {_number(analysis.get('errorRate'), '.4f')}, "
+        f"p99 {_number(analysis.get('latencyP99Ms'), '.1f')} ms, "
+        f"click-rate ratio {_number(analysis.get('clickRateRatio'), '.3f')}"
+        + (f" — {analysis['message']}" if analysis.get("message") else "")
+    )
 
 
 def render_status(obj: Mapping[str, Any]) -> str:
@@ -91,9 +99,11 @@ def render_status(obj: Mapping[str, Any]) -> str:
     analysis_spec = rollout.get("analysis") or {}
     stable = status.get("stable") or {}
     canary = status.get("canary") or {}
-    lines = [f"Name:       {meta.get('namespace', 'default')}/{meta.get('name', '?')}",
-             f"Phase:      {status.get('phase', '-')}",
-             f"Stable:     {stable.get('rankerVersion', '-')} on space {stable.get('encoderVersion', '-')}"]
+    lines = [
+        f"Name:       {meta.get('namespace', 'default')}/{meta.get('name', '?')}",
+        f"Phase:      {status.get('phase', '-')}",
+        f"Stable:     {stable.get('rankerVersion', '-')} on space {stable.get('encoderVersion', '-')}",
+    ]
     if canary:
         steps = canary.get("steps") or []
         current = int(canary.get("step", 0))
@@ -101,38 +111,47 @@ def render_status(obj: Mapping[str, Any]) -> str:
         for i, share in enumerate(steps):
             mark = "*" if i == current and canary.get("state") == "Progressing" else ("✓" if i < current else " ")
             marks.append(f"{mark}{share}%")
-        lines += [f"Canary:     {canary.get('rankerVersion')} on space {canary.get('encoderVersion')} "
-                  f"({canary.get('state')})",
-                  f"Traffic:    {canary.get('trafficPercent', 0)} % canary / {100 - int(canary.get('trafficPercent', 0))} "
-                  f"% stable (granularity {canary.get('granularityPercent', 1)} %)",
-                  f"Steps:      {' → '.join(marks) or '-'} → 100% ({rollout.get('promotion', 'Automatic')} promotion, "
-                  f"every {rollout.get('interval', '5m')})",
-                  f"Checks:     failed {canary.get('failedChecks', 0)} of {analysis_spec.get('failureLimit', 2)} "
-                  f"allowed; error rate ≤ {analysis_spec.get('maxErrorRate', 0.01)}, p99 ≤ "
-                  f"{analysis_spec.get('maxLatencyP99Ms', 100)} ms, click-rate ratio ≥ "
-                  f"{analysis_spec.get('minClickRateRatio', 0.95)}, ≥ {analysis_spec.get('minRequests', 500)} requests"]
+        lines += [
+            f"Canary:     {canary.get('rankerVersion')} on space {canary.get('encoderVersion')} "
+            f"({canary.get('state')})",
+            f"Traffic:    {canary.get('trafficPercent', 0)} % canary / {100 - int(canary.get('trafficPercent', 0))} "
+            f"% stable (granularity {canary.get('granularityPercent', 1)} %)",
+            f"Steps:      {' → '.join(marks) or '-'} → 100% ({rollout.get('promotion', 'Automatic')} promotion, "
+            f"every {rollout.get('interval', '5m')})",
+            f"Checks:     failed {canary.get('failedChecks', 0)} of {analysis_spec.get('failureLimit', 2)} "
+            f"allowed; error rate ≤ {analysis_spec.get('maxErrorRate', 0.01)}, p99 ≤ "
+            f"{analysis_spec.get('maxLatencyP99Ms', 100)} ms, click-rate ratio ≥ "
+            f"{analysis_spec.get('minClickRateRatio', 0.95)}, ≥ {analysis_spec.get('minRequests', 500)} requests",
+        ]
         if canary.get("lastAnalysis"):
             lines.append(f"Analysis:   {_analysis_line(canary['lastAnalysis'])}")
     else:
         lines.append("Canary:     -")
     if status.get("request"):
         req = status["request"]
-        lines.append(f"Pending:    {req.get('action')} requested at {req.get('requestedAt')} by {req.get('requestedBy') or '-'}")
+        lines.append(
+            f"Pending:    {req.get('action')} requested at {req.get('requestedAt')} by {req.get('requestedBy') or '-'}"
+        )
     conditions = status.get("conditions") or []
     if conditions:
         lines.append("Conditions:")
-        lines += [f"  {c.get('type'):<17}{c.get('status'):<8}{c.get('reason', '')}: {c.get('message', '')}"
-                  for c in conditions]
+        lines += [
+            f"  {c.get('type'):<17}{c.get('status'):<8}{c.get('reason', '')}: {c.get('message', '')}"
+            for c in conditions
+        ]
     history = status.get("history") or []
     if history:
         lines.append("History:")
         for entry in history:
-            lines.append(f"  {entry.get('time')}  {entry.get('reason'):<18} {entry.get('trafficPercent', 0):>3} %  "
-                         f"{entry.get('message', '')}")
+            lines.append(
+                f"  {entry.get('time')}  {entry.get('reason'):<18} {entry.get('trafficPercent', 0):>3} %  "
+                f"{entry.get('message', '')}"
+            )
     return "\n".join(lines) + "\n"
 
 
 # --- I/O -------------------------------------------------------------------------------------------
+
 
 def _client(args: argparse.Namespace) -> tuple[Any, str]:
     from kubernetes import config
@@ -192,8 +211,9 @@ def ask(args: argparse.Namespace) -> int:
     from kubernetes.client.exceptions import ApiException
 
     try:
-        rankers.status.patch(body=body, name=args.name, namespace=namespace,
-                             content_type="application/merge-patch+json")
+        rankers.status.patch(
+            body=body, name=args.name, namespace=namespace, content_type="application/merge-patch+json"
+        )
     except ApiException as exc:
         if exc.status == 409:
             raise PluginError("the resource changed while the request was written; run the command again") from exc
@@ -227,17 +247,21 @@ def show(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubectl mmrank", description="Read and steer MultimodalRanker canaries.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command, help_text in (("status", "the rollout: steps, traffic, last analysis, history"),
-                               ("promote", "promote a canary waiting in AwaitingPromotion"),
-                               ("abort", "roll the canary back now: all traffic to stable"),
-                               ("retry", "start a rolled-back canary again from the first step")):
+    for command, help_text in (
+        ("status", "the rollout: steps, traffic, last analysis, history"),
+        ("promote", "promote a canary waiting in AwaitingPromotion"),
+        ("abort", "roll the canary back now: all traffic to stable"),
+        ("retry", "start a rolled-back canary again from the first step"),
+    ):
         p = sub.add_parser(command, help=help_text)
         p.add_argument("name", help="MultimodalRanker name")
         p.add_argument("-n", "--namespace", help="namespace (default: the context's)")
         p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config)")
         p.add_argument("--context", default=None, help="kubeconfig context")
         if command != "status":
-            p.add_argument("--wait", action="store_true", help="wait until the operator has acted and print what it did")
+            p.add_argument(
+                "--wait", action="store_true", help="wait until the operator has acted and print what it did"
+            )
             p.add_argument("--timeout", type=float, default=120.0, help="seconds --wait waits")
             p.add_argument("--requested-by", default=None, help="name recorded in the history (default: $USER)")
         p.set_defaults(handler=show if command == "status" else ask)

@@ -10,6 +10,7 @@ guarded by the resourceVersion read, and a conflict is resolved by `faults.reapp
 cluster or the store answers raises out of `reconcile`; `Outcome.retry` says a transient failure
 wants the next reconcile soon.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,7 +35,7 @@ class Outcome:
     deleted: list[tuple[str, str]]
     phase: str
     refusals: list[faults.Refusal] = dataclasses.field(default_factory=list)
-    retry: bool = False          # something transient failed: the next reconcile should come soon
+    retry: bool = False  # something transient failed: the next reconcile should come soon
 
 
 def now() -> str:
@@ -77,8 +78,13 @@ def store_password(kube: Kube, ranker: api.MultimodalRanker) -> StorePassword:
         return StorePassword(problem=exc)
 
 
-def gather(kube: Kube, store: observe.CoverageObserver, ranker: api.MultimodalRanker,
-           status: Mapping[str, Any], password: StorePassword) -> tuple[core.Observed, list[dict[str, Any]]]:
+def gather(
+    kube: Kube,
+    store: observe.CoverageObserver,
+    ranker: api.MultimodalRanker,
+    status: Mapping[str, Any],
+    password: StorePassword,
+) -> tuple[core.Observed, list[dict[str, Any]]]:
     meta = ranker.metadata
     namespace = meta.namespace or "default"
     objects = kube.list_children(namespace, meta.name, meta.uid or "")
@@ -98,8 +104,15 @@ def gather(kube: Kube, store: observe.CoverageObserver, ranker: api.MultimodalRa
     except Exception as exc:  # noqa: BLE001 - an unreachable store is an observation, not a crash
         error = f"{type(exc).__name__}: {exc}"[:300]
         spaces = {v: core.SpaceState(coverage=None) for v in versions}
-    observed = core.Observed(now=now(), status=status, spaces=spaces, store_error=error, store_error_reason=reason,
-                             indexed_jobs=kube.server_version() >= (1, 22), **observe.from_children(objects))
+    observed = core.Observed(
+        now=now(),
+        status=status,
+        spaces=spaces,
+        store_error=error,
+        store_error_reason=reason,
+        indexed_jobs=kube.server_version() >= (1, 22),
+        **observe.from_children(objects),
+    )
     return observed, objects
 
 
@@ -109,36 +122,54 @@ def analyse_if_due(analyser: Analyser | None, ranker: api.MultimodalRanker, obse
     rollout = roll.Rollout.from_status(observed.status.get("canary"))
     stable = core.stable_of(observed.status)
     spec = ranker.spec
-    if (analyser is None or rollout is None or stable is None or rollout.identity != build.ranker_identity(spec.ranker)
-            or not roll.analysis_due(core.plan_of(spec), rollout, observed.now)):
+    if (
+        analyser is None
+        or rollout is None
+        or stable is None
+        or rollout.identity != build.ranker_identity(spec.ranker)
+        or not roll.analysis_due(core.plan_of(spec), rollout, observed.now)
+    ):
         return observed
     window = api.duration_seconds(spec.rollout.interval)
-    analysis = analyser.analyse(spec.rollout.prometheus_url, rollout.ranker_version, stable.ranker, window,
-                                spec.rollout.analysis)
+    analysis = analyser.analyse(
+        spec.rollout.prometheus_url, rollout.ranker_version, stable.ranker, window, spec.rollout.analysis
+    )
     return dataclasses.replace(observed, analysis=analysis)
 
 
 class Analyser(Protocol):
-    def analyse(self, prometheus_url: str, canary_variant: str, stable_variant: str, window_seconds: int,
-                spec: api.AnalysisSpec) -> Analysis: ...
+    def analyse(
+        self, prometheus_url: str, canary_variant: str, stable_variant: str, window_seconds: int, spec: api.AnalysisSpec
+    ) -> Analysis: ...
 
 
-def with_freshness(freshness: observe.FreshnessObserver | None, ranker: api.MultimodalRanker,
-                   observed: core.Observed) -> core.Observed:
-    previous = ((observed.status.get("embeddings") or {}).get("freshnessP99Seconds"))
+def with_freshness(
+    freshness: observe.FreshnessObserver | None, ranker: api.MultimodalRanker, observed: core.Observed
+) -> core.Observed:
+    previous = (observed.status.get("embeddings") or {}).get("freshnessP99Seconds")
     if freshness is None:
         return dataclasses.replace(observed, freshness_p99=previous)
     meta = ranker.metadata
-    value = freshness.p99(ranker.spec.rollout.prometheus_url, meta.namespace or "default", meta.name,
-                          ranker.spec.encoder.version, previous)
+    value = freshness.p99(
+        ranker.spec.rollout.prometheus_url,
+        meta.namespace or "default",
+        meta.name,
+        ranker.spec.encoder.version,
+        previous,
+    )
     return dataclasses.replace(observed, freshness_p99=value)
 
 
-STATUS_TRIES = 3     # reconciles of one call when other writers keep changing the status under it
+STATUS_TRIES = 3  # reconciles of one call when other writers keep changing the status under it
 
 
-def reconcile(kube: Kube, store: observe.CoverageObserver, body: Mapping[str, Any],
-              analyser: Analyser | None = None, freshness: observe.FreshnessObserver | None = None) -> Outcome:
+def reconcile(
+    kube: Kube,
+    store: observe.CoverageObserver,
+    body: Mapping[str, Any],
+    analyser: Analyser | None = None,
+    freshness: observe.FreshnessObserver | None = None,
+) -> Outcome:
     """One reconcile; never raises on what the cluster or the store answers (see `faults`).
 
     When another writer changed the status history after this reconcile read it (a second
@@ -153,17 +184,30 @@ def reconcile(kube: Kube, store: observe.CoverageObserver, body: Mapping[str, An
         deleted += outcome.deleted
         done += [d for d in outcome.decisions if d.reason in ("Created", "Deleted")]
         if fresh is None:
-            return dataclasses.replace(outcome, decisions=[*done, *[d for d in outcome.decisions
-                                                                     if d.reason not in ("Created", "Deleted")]],
-                                       applied=applied, deleted=deleted)
+            return dataclasses.replace(
+                outcome,
+                decisions=[*done, *[d for d in outcome.decisions if d.reason not in ("Created", "Deleted")]],
+                applied=applied,
+                deleted=deleted,
+            )
         body = fresh
     message = f"the status kept changing under {STATUS_TRIES} reconciles (another writer); retried on the next"
-    return Outcome([*done, core.Decision("StatusConflict", message, "Warning")], applied, deleted,
-                   str((body.get("status") or {}).get("phase") or ""), retry=True)
+    return Outcome(
+        [*done, core.Decision("StatusConflict", message, "Warning")],
+        applied,
+        deleted,
+        str((body.get("status") or {}).get("phase") or ""),
+        retry=True,
+    )
 
 
-def _reconcile_once(kube: Kube, store: observe.CoverageObserver, body: Mapping[str, Any], analyser: Analyser | None,
-                    freshness: observe.FreshnessObserver | None) -> tuple[Outcome, Mapping[str, Any] | None]:
+def _reconcile_once(
+    kube: Kube,
+    store: observe.CoverageObserver,
+    body: Mapping[str, Any],
+    analyser: Analyser | None,
+    freshness: observe.FreshnessObserver | None,
+) -> tuple[Outcome, Mapping[str, Any] | None]:
     """One pass; the fresh resource instead of None when its status write lost a race that
     needs the reconcile redone (see `faults.reapply`)."""
     status = dict(body.get("status") or {})
@@ -178,8 +222,9 @@ def _reconcile_once(kube: Kube, store: observe.CoverageObserver, body: Mapping[s
         autoscaled = kube.autoscaled_deployments(ranker.metadata.namespace or "default")
     except Exception as exc:  # noqa: BLE001 - nothing observed, nothing decided: say so, try again later
         message = f"could not read the cluster: {type(exc).__name__}: {str(exc)[:300]}"
-        return Outcome([core.Decision("ObservationFailed", message, "Warning")], [], [],
-                       str(status.get("phase") or ""), retry=True), None
+        return Outcome(
+            [core.Decision("ObservationFailed", message, "Warning")], [], [], str(status.get("phase") or ""), retry=True
+        ), None
     observed = analyse_if_due(analyser, ranker, observed)
     observed = with_freshness(freshness, ranker, observed)
     want = core.desired(ranker, observed)
@@ -218,17 +263,20 @@ def _reconcile_once(kube: Kube, store: observe.CoverageObserver, body: Mapping[s
             refusals.append(refusal("delete", "Space", version, exc))
             kept_spaces.append(version)
     generation = int(ranker.metadata.generation or 0)
-    final, refused = faults.with_refusals(_with_spaces(want.status, status, kept_spaces), status, refusals,
-                                          observed.now, generation)
+    final, refused = faults.with_refusals(
+        _with_spaces(want.status, status, kept_spaces), status, refusals, observed.now, generation
+    )
     decisions = [_created(k, notes.get(k)) for k in applied if k not in live]
     decisions += [core.Decision("Deleted", f"{kind} {name}") for kind, name in deleted]
     decisions += _phase_decisions(want, final, status) + refused
-    outcome = Outcome(decisions, applied, deleted, final["phase"], refusals=refusals,
-                      retry=any(r.transient for r in refusals))
+    outcome = Outcome(
+        decisions, applied, deleted, final["phase"], refusals=refusals, retry=any(r.transient for r in refusals)
+    )
     fresh = _write_status(kube, ranker.metadata, status, final)
     if isinstance(fresh, str):
-        return dataclasses.replace(outcome, retry=True, decisions=[
-            *decisions, core.Decision("StatusNotWritten", fresh, "Warning")]), None
+        return dataclasses.replace(
+            outcome, retry=True, decisions=[*decisions, core.Decision("StatusNotWritten", fresh, "Warning")]
+        ), None
     return outcome, fresh
 
 
@@ -250,13 +298,19 @@ def _phase_decisions(want: core.Desired, final: Mapping[str, Any], before: Mappi
     if before.get("phase") != final["phase"]:
         ready: Mapping[str, Any] = next((c for c in final["conditions"] if c["type"] == "Ready"), {})
         kind = "Warning" if final["phase"] == "Failed" else "Normal"
-        out.append(core.Decision(final["phase"], f"phase {before.get('phase') or '-'} -> {final['phase']}: "
-                                 f"{ready.get('message', '')}"[:1000], kind))
+        out.append(
+            core.Decision(
+                final["phase"],
+                f"phase {before.get('phase') or '-'} -> {final['phase']}: {ready.get('message', '')}"[:1000],
+                kind,
+            )
+        )
     return out
 
 
-def _write_status(kube: Kube, meta: api.ObjectMeta, before: Mapping[str, Any],
-                  after: Mapping[str, Any]) -> Mapping[str, Any] | str | None:
+def _write_status(
+    kube: Kube, meta: api.ObjectMeta, before: Mapping[str, Any], after: Mapping[str, Any]
+) -> Mapping[str, Any] | str | None:
     """Write the status, guarded by the resourceVersion the reconcile read, so no other writer's
     change is lost. On 409: read again; `faults.reapply` says whether our change goes on top of
     theirs (written, guarded again) or the reconcile must be redone (the fresh resource is
@@ -289,16 +343,21 @@ def _write_status(kube: Kube, meta: api.ObjectMeta, before: Mapping[str, Any],
 AUTOSCALABLE = ("encoder", "embedder")
 
 
-def keep_autoscaled_replicas(child: dict[str, Any], live: Mapping[str, Any] | None,
-                             autoscaled: set[str]) -> dict[str, Any]:
+def keep_autoscaled_replicas(
+    child: dict[str, Any], live: Mapping[str, Any] | None, autoscaled: set[str]
+) -> dict[str, Any]:
     """An encoder or embedder Deployment a HorizontalPodAutoscaler targets keeps the replicas it
     has: the operator applies the live value instead of the spec's, so it never undoes a scaling.
     (Leaving the field out would not do: Kubernetes < 1.22 then resets it to 1, because a /scale
     write takes no ownership of it.) Ranker Deployments are not: their replica ratio is the
     canary split."""
     labels = child["metadata"].get("labels") or {}
-    if (child["kind"] != "Deployment" or child["metadata"]["name"] not in autoscaled
-            or labels.get(build.COMPONENT) not in AUTOSCALABLE or live is None):
+    if (
+        child["kind"] != "Deployment"
+        or child["metadata"]["name"] not in autoscaled
+        or labels.get(build.COMPONENT) not in AUTOSCALABLE
+        or live is None
+    ):
         return child
     replicas = (live.get("spec") or {}).get("replicas")
     if replicas is None:
@@ -312,18 +371,26 @@ def _created(child: tuple[str, str], note: str | None) -> core.Decision:
     return core.Decision("Created", f"{text} ({note})", "Warning") if note else core.Decision("Created", text)
 
 
-def _invalid(kube: Kube, body: Mapping[str, Any], status: dict[str, Any],
-             problems: list[str]) -> tuple[Outcome, Mapping[str, Any] | None]:
+def _invalid(
+    kube: Kube, body: Mapping[str, Any], status: dict[str, Any], problems: list[str]
+) -> tuple[Outcome, Mapping[str, Any] | None]:
     meta = body.get("metadata") or {}
     new = core.invalid_status(status, problems, now(), int(meta.get("generation") or 0))
     decisions = []
     if _changed(status, new):
         decisions.append(core.Decision("InvalidSpec", "; ".join(problems)[:1000], "Warning"))
-    fresh = _write_status(kube, api.ObjectMeta(name=meta["name"], namespace=meta.get("namespace"),
-                                               resource_version=meta.get("resourceVersion")), status, new)
+    fresh = _write_status(
+        kube,
+        api.ObjectMeta(
+            name=meta["name"], namespace=meta.get("namespace"), resource_version=meta.get("resourceVersion")
+        ),
+        status,
+        new,
+    )
     if isinstance(fresh, str):
-        return Outcome([*decisions, core.Decision("StatusNotWritten", fresh, "Warning")], [], [], "Failed",
-                       retry=True), None
+        return Outcome(
+            [*decisions, core.Decision("StatusNotWritten", fresh, "Warning")], [], [], "Failed", retry=True
+        ), None
     return Outcome(decisions, [], [], "Failed"), fresh
 
 

@@ -18,6 +18,7 @@ A failed check never advances; an inconclusive one (too few requests, no data, P
 unreachable) waits for the next window and never passes. The canary's traffic is always the
 current step's share, so the stable ranker keeps at least `100 - step` percent.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -70,20 +71,26 @@ class Rollout:
 
     ranker_version: str
     encoder_version: str
-    identity: str                       # what is being canaried (hash of the ranker spec)
+    identity: str  # what is being canaried (hash of the ranker spec)
     state: State = "Progressing"
     step: int = 0
     traffic_percent: int = 0
     failed_checks: int = 0
     step_started_at: str = ""
     last_analysis: Mapping[str, Any] | None = None
-    last_request: Mapping[str, Any] | None = None   # the request handled last (replays are ignored)
+    last_request: Mapping[str, Any] | None = None  # the request handled last (replays are ignored)
 
     def as_status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"rankerVersion": self.ranker_version, "encoderVersion": self.encoder_version,
-                               "identity": self.identity, "state": self.state, "step": self.step,
-                               "trafficPercent": self.traffic_percent, "failedChecks": self.failed_checks,
-                               "stepStartedAt": self.step_started_at}
+        out: dict[str, Any] = {
+            "rankerVersion": self.ranker_version,
+            "encoderVersion": self.encoder_version,
+            "identity": self.identity,
+            "state": self.state,
+            "step": self.step,
+            "trafficPercent": self.traffic_percent,
+            "failedChecks": self.failed_checks,
+            "stepStartedAt": self.step_started_at,
+        }
         if self.last_analysis is not None:
             out["lastAnalysis"] = dict(self.last_analysis)
         if self.last_request is not None:
@@ -92,15 +99,24 @@ class Rollout:
 
     @classmethod
     def from_status(cls, value: Mapping[str, Any] | None) -> Rollout | None:
-        if not value or not value.get("rankerVersion") or value.get("state") not in (
-                "Progressing", "AwaitingPromotion", "Promoted", "RolledBack"):
+        if (
+            not value
+            or not value.get("rankerVersion")
+            or value.get("state") not in ("Progressing", "AwaitingPromotion", "Promoted", "RolledBack")
+        ):
             return None
-        return cls(ranker_version=value["rankerVersion"], encoder_version=value.get("encoderVersion", ""),
-                   identity=value.get("identity", ""), state=value["state"], step=int(value.get("step") or 0),
-                   traffic_percent=int(value.get("trafficPercent") or 0),
-                   failed_checks=int(value.get("failedChecks") or 0),
-                   step_started_at=value.get("stepStartedAt") or "",
-                   last_analysis=value.get("lastAnalysis"), last_request=value.get("lastRequest"))
+        return cls(
+            ranker_version=value["rankerVersion"],
+            encoder_version=value.get("encoderVersion", ""),
+            identity=value.get("identity", ""),
+            state=value["state"],
+            step=int(value.get("step") or 0),
+            traffic_percent=int(value.get("trafficPercent") or 0),
+            failed_checks=int(value.get("failedChecks") or 0),
+            step_started_at=value.get("stepStartedAt") or "",
+            last_analysis=value.get("lastAnalysis"),
+            last_request=value.get("lastRequest"),
+        )
 
     @property
     def active(self) -> bool:
@@ -129,9 +145,14 @@ class Record:
     analysis: Mapping[str, Any] | None = None
 
     def as_status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"time": self.time, "reason": self.reason, "message": self.message,
-                               "rankerVersion": self.ranker_version, "step": self.step,
-                               "trafficPercent": self.traffic_percent}
+        out: dict[str, Any] = {
+            "time": self.time,
+            "reason": self.reason,
+            "message": self.message,
+            "rankerVersion": self.ranker_version,
+            "step": self.step,
+            "trafficPercent": self.traffic_percent,
+        }
         if self.analysis is not None:
             out["analysis"] = dict(self.analysis)
         return out
@@ -147,6 +168,7 @@ class Step:
 
 # --- time ---------------------------------------------------------------------------------------
 
+
 def parse_time(value: str) -> datetime.datetime:
     return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
@@ -156,6 +178,7 @@ def seconds_between(start: str, end: str) -> float:
 
 
 # --- pure helpers -------------------------------------------------------------------------------
+
 
 def traffic_of(plan: Plan, rollout: Rollout) -> int:
     """The canary's share in a state: the current step, the last step while awaiting a person,
@@ -173,9 +196,18 @@ def start(plan: Plan, ranker_version: str, encoder_version: str, identity: str, 
     """A new rollout at the first step."""
     rollout = Rollout(ranker_version, encoder_version, identity, "Progressing", 0, 0, 0, now)
     rollout = dataclasses.replace(rollout, traffic_percent=traffic_of(plan, rollout))
-    return Step(rollout, (_record(rollout, now, "CanaryStarted",
-                                  f"canary {ranker_version} on space {encoder_version} starts at "
-                                  f"{rollout.traffic_percent} % (step 1 of {len(plan.steps)})"),))
+    return Step(
+        rollout,
+        (
+            _record(
+                rollout,
+                now,
+                "CanaryStarted",
+                f"canary {ranker_version} on space {encoder_version} starts at "
+                f"{rollout.traffic_percent} % (step 1 of {len(plan.steps)})",
+            ),
+        ),
+    )
 
 
 def analysis_due(plan: Plan, rollout: Rollout | None, now: str) -> bool:
@@ -202,17 +234,29 @@ def next_step(plan: Plan, rollout: Rollout, observation: Observation) -> Step:
 
 def answer_without_rollout(request: Request, now: str, ranker_version: str) -> Record:
     """A request for a resource with no rollout: answered, nothing changes."""
-    return Record(now, f"{request.action}Refused",
-                  f"{request.action.lower()} refused: no canary rollout in progress "
-                  f"(ranker {ranker_version} serves all traffic)", ranker_version, 0, 0, "Warning")
+    return Record(
+        now,
+        f"{request.action}Refused",
+        f"{request.action.lower()} refused: no canary rollout in progress (ranker {ranker_version} serves all traffic)",
+        ranker_version,
+        0,
+        0,
+        "Warning",
+    )
 
 
 # --- transitions --------------------------------------------------------------------------------
 
-def _record(rollout: Rollout, now: str, reason: str, message: str, kind: Literal["Normal", "Warning"] = "Normal",
-            analysis: Mapping[str, Any] | None = None) -> Record:
-    return Record(now, reason, message, rollout.ranker_version, rollout.step, rollout.traffic_percent, kind,
-                  analysis)
+
+def _record(
+    rollout: Rollout,
+    now: str,
+    reason: str,
+    message: str,
+    kind: Literal["Normal", "Warning"] = "Normal",
+    analysis: Mapping[str, Any] | None = None,
+) -> Record:
+    return Record(now, reason, message, rollout.ranker_version, rollout.step, rollout.traffic_percent, kind, analysis)
 
 
 def _moved(plan: Plan, rollout: Rollout, **changes: Any) -> Rollout:
@@ -225,29 +269,83 @@ def _on_request(plan: Plan, rollout: Rollout, request: Request, now: str) -> Ste
     who = f" by {request.requested_by}" if request.requested_by else ""
     if request.action == "Abort":
         if not rollout.active:
-            return Step(handled, (_record(rollout, now, "AbortRefused", f"abort refused: canary "
-                                          f"{rollout.ranker_version} is already {rollout.state}", "Warning"),))
+            return Step(
+                handled,
+                (
+                    _record(
+                        rollout,
+                        now,
+                        "AbortRefused",
+                        f"abort refused: canary {rollout.ranker_version} is already {rollout.state}",
+                        "Warning",
+                    ),
+                ),
+            )
         after = _moved(plan, handled, state="RolledBack")
-        return Step(after, (_record(after, now, "Aborted", f"aborted{who} at step {rollout.step + 1} "
-                                    f"({rollout.traffic_percent} %): all traffic back on stable", "Warning"),))
+        return Step(
+            after,
+            (
+                _record(
+                    after,
+                    now,
+                    "Aborted",
+                    f"aborted{who} at step {rollout.step + 1} "
+                    f"({rollout.traffic_percent} %): all traffic back on stable",
+                    "Warning",
+                ),
+            ),
+        )
     if request.action == "Retry":
         if rollout.state != "RolledBack":
-            return Step(handled, (_record(rollout, now, "RetryRefused", f"retry refused: canary "
-                                          f"{rollout.ranker_version} is {rollout.state}, not RolledBack",
-                                          "Warning"),))
+            return Step(
+                handled,
+                (
+                    _record(
+                        rollout,
+                        now,
+                        "RetryRefused",
+                        f"retry refused: canary {rollout.ranker_version} is {rollout.state}, not RolledBack",
+                        "Warning",
+                    ),
+                ),
+            )
         after = _moved(plan, handled, state="Progressing", step=0, failed_checks=0, step_started_at=now)
-        return Step(after, (_record(after, now, "Retried", f"retried{who}: canary {rollout.ranker_version} "
-                                    f"starts again at {after.traffic_percent} %"),))
+        return Step(
+            after,
+            (
+                _record(
+                    after,
+                    now,
+                    "Retried",
+                    f"retried{who}: canary {rollout.ranker_version} starts again at {after.traffic_percent} %",
+                ),
+            ),
+        )
     if rollout.state != "AwaitingPromotion":
-        why = ("it is already promoted" if rollout.state == "Promoted" else
-               "it was rolled back (retry starts it again)" if rollout.state == "RolledBack" else
-               f"it is at step {rollout.step + 1} of {len(plan.steps)}; promotion is possible once every "
-               "step has passed (AwaitingPromotion), or abort it")
-        return Step(handled, (_record(rollout, now, "PromoteRefused",
-                                      f"promote refused: canary {rollout.ranker_version}: {why}", "Warning"),))
+        why = (
+            "it is already promoted"
+            if rollout.state == "Promoted"
+            else "it was rolled back (retry starts it again)"
+            if rollout.state == "RolledBack"
+            else f"it is at step {rollout.step + 1} of {len(plan.steps)}; promotion is possible once every "
+            "step has passed (AwaitingPromotion), or abort it"
+        )
+        return Step(
+            handled,
+            (
+                _record(
+                    rollout,
+                    now,
+                    "PromoteRefused",
+                    f"promote refused: canary {rollout.ranker_version}: {why}",
+                    "Warning",
+                ),
+            ),
+        )
     after = _moved(plan, handled, state="Promoted")
-    return Step(after, (_record(after, now, "Promoted", f"promoted{who}: canary {rollout.ranker_version} "
-                                "takes all traffic"),))
+    return Step(
+        after, (_record(after, now, "Promoted", f"promoted{who}: canary {rollout.ranker_version} takes all traffic"),)
+    )
 
 
 def _on_analysis(plan: Plan, rollout: Rollout, analysis: Analysis, now: str) -> Step:
@@ -260,28 +358,81 @@ def _on_analysis(plan: Plan, rollout: Rollout, analysis: Analysis, now: str) -> 
         failed = rollout.failed_checks + 1
         if failed >= plan.failure_limit:
             after = _moved(plan, measured, failed_checks=failed, state="RolledBack")
-            return Step(after, (_record(after, now, "RolledBack", f"{where}: check failed ({analysis.message}); "
-                                        f"{failed} of {plan.failure_limit} failed: all traffic back on stable",
-                                        "Warning", result),))
+            return Step(
+                after,
+                (
+                    _record(
+                        after,
+                        now,
+                        "RolledBack",
+                        f"{where}: check failed ({analysis.message}); "
+                        f"{failed} of {plan.failure_limit} failed: all traffic back on stable",
+                        "Warning",
+                        result,
+                    ),
+                ),
+            )
         after = dataclasses.replace(measured, failed_checks=failed, step_started_at=now)
-        return Step(after, (_record(after, now, "AnalysisFailed", f"{where}: check failed ({analysis.message}); "
-                                    f"{failed} of {plan.failure_limit} allowed failures", "Warning", result),))
+        return Step(
+            after,
+            (
+                _record(
+                    after,
+                    now,
+                    "AnalysisFailed",
+                    f"{where}: check failed ({analysis.message}); {failed} of {plan.failure_limit} allowed failures",
+                    "Warning",
+                    result,
+                ),
+            ),
+        )
     if rollout.state == "AwaitingPromotion":
         return Step(dataclasses.replace(measured, step_started_at=now))
     if rollout.step + 1 < len(plan.steps):
         after = _moved(plan, measured, step=rollout.step + 1, step_started_at=now)
-        return Step(after, (_record(after, now, "StepPassed", f"{where} passed ({analysis.message}); "
-                                    f"canary now at {after.traffic_percent} %", analysis=result),))
+        return Step(
+            after,
+            (
+                _record(
+                    after,
+                    now,
+                    "StepPassed",
+                    f"{where} passed ({analysis.message}); canary now at {after.traffic_percent} %",
+                    analysis=result,
+                ),
+            ),
+        )
     if plan.promotion == "Manual":
         after = _moved(plan, measured, state="AwaitingPromotion", step_started_at=now)
-        return Step(after, (_record(after, now, "AwaitingPromotion", f"{where} passed ({analysis.message}); "
-                                    "waiting for `kubectl mmrank promote`", analysis=result),))
+        return Step(
+            after,
+            (
+                _record(
+                    after,
+                    now,
+                    "AwaitingPromotion",
+                    f"{where} passed ({analysis.message}); waiting for `kubectl mmrank promote`",
+                    analysis=result,
+                ),
+            ),
+        )
     after = _moved(plan, measured, state="Promoted")
-    return Step(after, (_record(after, now, "Promoted", f"{where} passed ({analysis.message}); "
-                                f"canary {rollout.ranker_version} takes all traffic", analysis=result),))
+    return Step(
+        after,
+        (
+            _record(
+                after,
+                now,
+                "Promoted",
+                f"{where} passed ({analysis.message}); canary {rollout.ranker_version} takes all traffic",
+                analysis=result,
+            ),
+        ),
+    )
 
 
 # --- backends' granularity ----------------------------------------------------------------------
+
 
 def replica_split(percent: int, replicas: int) -> tuple[int, int]:
     """(canary pods, stable pods) for a share on the plain-Kubernetes backend: the split is by

@@ -12,6 +12,7 @@ An unreachable store (or a Secret that no longer allows the ranker) is a Warning
 condition `StoreCleanup` False on the ranker, retried with backoff; docs/operator.md says how to
 force the delete and what then remains.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,8 @@ class StoreRef:
     names its store)."""
 
     url: str
-    secret: tuple[str, str] | None   # (Secret name, key) of the password
-    stream: str | None               # an item stream named in the spec (else the ranker's own)
+    secret: tuple[str, str] | None  # (Secret name, key) of the password
+    stream: str | None  # an item stream named in the spec (else the ranker's own)
     group: str
 
 
@@ -42,8 +43,12 @@ def store_ref(spec: Mapping[str, Any]) -> StoreRef | None:
         return None
     ref = store.get("passwordSecretRef") or {}
     events = embeddings.get("itemEvents") or {}
-    return StoreRef(url=str(store["url"]), secret=(ref["name"], ref.get("key") or "password") if ref.get("name") else None,
-                    stream=events.get("stream") or None, group=events.get("consumerGroup") or "embedder")
+    return StoreRef(
+        url=str(store["url"]),
+        secret=(ref["name"], ref.get("key") or "password") if ref.get("name") else None,
+        stream=events.get("stream") or None,
+        group=events.get("consumerGroup") or "embedder",
+    )
 
 
 def deleting(obj: Mapping[str, Any]) -> bool:
@@ -71,8 +76,9 @@ def changed(status: Mapping[str, Any], reason: str, message: str) -> bool:
     return now is None or (now.get("status"), now.get("reason"), now.get("message")) != ("False", reason, message)
 
 
-def cleanup_condition(status: Mapping[str, Any], ok: bool, reason: str, message: str, now: str,
-                      generation: int) -> list[dict[str, Any]]:
+def cleanup_condition(
+    status: Mapping[str, Any], ok: bool, reason: str, message: str, now: str, generation: int
+) -> list[dict[str, Any]]:
     """The status conditions with `StoreCleanup` set (the others as they are)."""
     previous = list(status.get("conditions") or [])
     stamped = core.stamp_conditions([core.condition(CONDITION, ok, reason, message)], previous, now, generation)
@@ -84,13 +90,17 @@ def delete_children(kube: Any, namespace: str, name: str, uid: str) -> list[dict
     remaining = kube.list_children(namespace, name, uid)
     for child in remaining:
         if not deleting(child):
-            kube.delete(child["apiVersion"], child["kind"], child["metadata"]["namespace"], child["metadata"]["name"],
-                        propagation="Foreground")
+            kube.delete(
+                child["apiVersion"],
+                child["kind"],
+                child["metadata"]["namespace"],
+                child["metadata"]["name"],
+                propagation="Foreground",
+            )
     return list(remaining)
 
 
-def clean_store(kube: Any, store: observe.CoverageObserver, namespace: str, name: str,
-                spec: Mapping[str, Any]) -> str:
+def clean_store(kube: Any, store: observe.CoverageObserver, namespace: str, name: str, spec: Mapping[str, Any]) -> str:
     """Delete the ranker's keys; the Event's message. Raises when the store cannot be cleaned."""
     ref = store_ref(spec)
     scope = build.scope_of(namespace, name)

@@ -1,6 +1,7 @@
 """What the two front ends (the REST guard, predictors/http_guard.py, and the gRPC servicer,
 predictors/grpc_service.py) share: the `max_concurrency` slots a ranking takes, and the answer
 each failure gets (`classify`)."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -34,8 +35,9 @@ class Admission:
         self._step(-1)
 
     def refusal(self) -> str:
-        return (f"overloaded: {self.inflight} requests in flight, at most {self.model.limits.max_concurrency}; "
-                "retry later")
+        return (
+            f"overloaded: {self.inflight} requests in flight, at most {self.model.limits.max_concurrency}; retry later"
+        )
 
     def _step(self, step: int) -> None:
         self.inflight += step

@@ -9,6 +9,7 @@
 The encoder version is what keeps ranker and embeddings in sync: a ranker only ever scores
 embeddings from the space it was trained on.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,13 +49,24 @@ class ArtifactMeta(TypedDict, total=False):
     training: dict[str, Any]
 
 
-ITEM_FEATURES: ItemFeatures = {"file": "item_features.npy", "dtype": "int64", "columns": ["category", "brand"],
-                               "rows": "item id", "unknown": -1}
+ITEM_FEATURES: ItemFeatures = {
+    "file": "item_features.npy",
+    "dtype": "int64",
+    "columns": ["category", "brand"],
+    "rows": "item id",
+    "unknown": -1,
+}
 
 
-def save_ranker(directory: str | Path, model: Ranker, encoder_version: str, item_features: npt.ArrayLike,
-                version: str | None = None, metrics: dict[str, Any] | None = None,
-                training: dict[str, Any] | None = None) -> ArtifactMeta:
+def save_ranker(
+    directory: str | Path,
+    model: Ranker,
+    encoder_version: str,
+    item_features: npt.ArrayLike,
+    version: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+) -> ArtifactMeta:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config
@@ -96,17 +108,35 @@ def load_ranker(directory: str | Path) -> tuple[Ranker, ArtifactMeta]:
     return model, meta
 
 
-def write_random_ranker(directory: str | Path, encoder_version: str, dim: int = 128,
-                        variant: str = "simtier-make", item_features: npt.ArrayLike | None = None,
-                        n_users: int = 100, history_length: int = 50, seed: int = 0,
-                        version: str | None = None) -> ArtifactMeta:
+def write_random_ranker(
+    directory: str | Path,
+    encoder_version: str,
+    dim: int = 128,
+    variant: str = "simtier-make",
+    item_features: npt.ArrayLike | None = None,
+    n_users: int = 100,
+    history_length: int = 50,
+    seed: int = 0,
+    version: str | None = None,
+) -> ArtifactMeta:
     """An untrained ranker artifact of the right shape: for serving tests that need a ranker
     pinned to a space without spending seconds on training."""
     features = np.zeros((0, 2), np.int64) if item_features is None else np.asarray(item_features, np.int64)
     torch.manual_seed(seed)
-    config = RankerConfig(variant=variant, n_users=n_users, n_items=max(len(features), 1),
-                          n_categories=int(features[:, 0].max(initial=0)) + 1,
-                          n_brands=int(features[:, 1].max(initial=0)) + 1,
-                          mm_dim=dim, history_length=history_length)
-    return save_ranker(directory, Ranker(config), encoder_version, features, version=version,
-                       training={"untrained": True, "seed": seed})
+    config = RankerConfig(
+        variant=variant,
+        n_users=n_users,
+        n_items=max(len(features), 1),
+        n_categories=int(features[:, 0].max(initial=0)) + 1,
+        n_brands=int(features[:, 1].max(initial=0)) + 1,
+        mm_dim=dim,
+        history_length=history_length,
+    )
+    return save_ranker(
+        directory,
+        Ranker(config),
+        encoder_version,
+        features,
+        version=version,
+        training={"untrained": True, "seed": seed},
+    )

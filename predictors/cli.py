@@ -1,4 +1,5 @@
 """Subcommands of the predictor part: `ranker` (train, eval, table) and `predictor` (serve)."""
+
 from __future__ import annotations
 
 import argparse

@@ -6,6 +6,7 @@ variant passes it on through the ranker's feedback stream (`Scope.feedback_strea
 mmrank:{<namespace>/<name>}:feedback), where every variant reads in its own consumer group and
 counts only its own. The stream is the ranker's own, so another ranker's variants never count it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,11 +44,20 @@ class Feedback:
         if lax:
             return {"counted": False, "variant": variant}  # the serving variant's consumers count it
         if client is None:
-            raise BadRequest("request_id", f"served by variant {variant}, this is {self.variant}, and the "
-                             "embedded store has no feedback stream to pass it on", status=409, reason="other_variant")
+            raise BadRequest(
+                "request_id",
+                f"served by variant {variant}, this is {self.variant}, and the "
+                "embedded store has no feedback stream to pass it on",
+                status=409,
+                reason="other_variant",
+            )
         stream = self.store.scope.feedback_stream
-        client.xadd(stream, {"request_id": feedback.request_id, "impressions": feedback.impressions,
-                             "clicks": feedback.clicks}, maxlen=1_000_000, approximate=True)
+        client.xadd(
+            stream,
+            {"request_id": feedback.request_id, "impressions": feedback.impressions, "clicks": feedback.clicks},
+            maxlen=1_000_000,
+            approximate=True,
+        )
         return {"counted": False, "relayed": stream, "variant": variant}
 
     def consume(self, stop: threading.Event) -> None:

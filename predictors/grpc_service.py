@@ -1,6 +1,7 @@
 """gRPC: KServe's `GRPCInferenceService` servicer and server, with the REST side's slots and
 metrics (`ModelInfer` takes a slot from the same `Admission` and is counted like a REST answer),
 bound to `--host`."""
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,15 @@ from mmrank.predictors.ranking_metrics import record
 
 log = logging.getLogger("mmrank.predictor")
 
-GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 408: "DEADLINE_EXCEEDED", 409: "FAILED_PRECONDITION",
-              413: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE", 500: "INTERNAL"}
+GRPC_CODES = {
+    400: "INVALID_ARGUMENT",
+    404: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED",
+    409: "FAILED_PRECONDITION",
+    413: "RESOURCE_EXHAUSTED",
+    503: "UNAVAILABLE",
+    500: "INTERNAL",
+}
 
 
 def grpc_code(status: int) -> str:
@@ -62,6 +70,7 @@ class RankingServicer(InferenceServicer):  # type: ignore[misc]  # KServe ships 
             return pb.ModelInferResponse()
         return response
 
+
 class RankingGRPCServer(GRPCServer):  # type: ignore[misc]  # KServe ships no annotations: GRPCServer is Any here
     """KServe's gRPC server on `host`, with the ranking servicer and the body limit."""
 
@@ -73,18 +82,28 @@ class RankingGRPCServer(GRPCServer):  # type: ignore[misc]  # KServe ships no an
         limit = self.admission.model.limits.max_body_bytes
         # No SO_REUSEPORT: a second server on the port (another variant) must fail to bind, not
         # silently share the port's traffic.
-        self._server = aio.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                                  interceptors=(ExceptionToStatusInterceptor(),),
-                                  options=[("grpc.max_receive_message_length", limit),
-                                           ("grpc.max_send_message_length", 64 << 20), ("grpc.so_reuseport", 0)])
+        self._server = aio.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            interceptors=(ExceptionToStatusInterceptor(),),
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", 64 << 20),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            RankingServicer(self._data_plane, self._model_repository_extension, self.admission), self._server)
+            RankingServicer(self._data_plane, self._model_repository_extension, self.admission), self._server
+        )
         address = f"[{self.host}]:{self._port}" if ":" in self.host else f"{self.host}:{self._port}"
         try:
             self._server.add_insecure_port(address)
         except RuntimeError as exc:
-            log.error("gRPC is OFF: cannot listen on %s (%s); REST serves on (--grpc-port 0 turns gRPC off, "
-                      "another port moves it)", address, exc)
+            log.error(
+                "gRPC is OFF: cannot listen on %s (%s); REST serves on (--grpc-port 0 turns gRPC off, "
+                "another port moves it)",
+                address,
+                exc,
+            )
             self._server = None
             return
         log.info("gRPC (GRPCInferenceService) on %s", address)

@@ -9,6 +9,7 @@ Every other route goes on to KServe's app; `POST /v1/feedback` after the same bo
 deadline. `add_routes` registers, on KServe's app, the feedback route and the model-ready routes
 that say why a model is not ready.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -36,9 +37,9 @@ def ranking_route(path: str, method: str) -> tuple[str, str] | None:
     if method != "POST":
         return None
     if path.startswith("/v1/models/") and path.endswith(":predict"):
-        return "v1", path[len("/v1/models/"):-len(":predict")]
+        return "v1", path[len("/v1/models/") : -len(":predict")]
     if path.startswith("/v2/models/") and path.endswith("/infer"):
-        name = path[len("/v2/models/"):-len("/infer")]
+        name = path[len("/v2/models/") : -len("/infer")]
         return "v2", name.split("/versions/")[0]
     return None
 
@@ -94,8 +95,9 @@ class Guard:
         if status is not None:
             record(self.model.version, route[0], status, reason, time.perf_counter() - started)
 
-    async def _ranking(self, scope: MutableMapping[str, Any], receive: Receive, send: Send, protocol: str,
-                       name: str) -> tuple[int | None, str | None]:
+    async def _ranking(
+        self, scope: MutableMapping[str, Any], receive: Receive, send: Send, protocol: str, name: str
+    ) -> tuple[int | None, str | None]:
         """(status, reason) of the answer sent; (None, None) when the client left first."""
         model, limits = self.model, self.model.limits
         body, refused = await read_body(scope, receive, limits)
@@ -112,8 +114,9 @@ class Guard:
                 raise ModelNotFound(name)
             if not model.serving:
                 raise ModelNotReady(name, model.state.reason)
-            call = decode_v1(body, limits) if protocol == "v1" else \
-                decode_v2(body, header(scope, HEADER_LENGTH), limits)
+            call = (
+                decode_v1(body, limits) if protocol == "v1" else decode_v2(body, header(scope, HEADER_LENGTH), limits)
+            )
             answer, _ = await model(call)
         except Exception as exc:  # noqa: BLE001 - each kind has its status (classify)
             status, reason, message = classify(exc)
@@ -145,8 +148,9 @@ def header(scope: MutableMapping[str, Any], name: str) -> str | None:
     return None
 
 
-async def read_body(scope: MutableMapping[str, Any], receive: Receive,
-                    limits: Limits) -> tuple[bytes | None, tuple[int, str] | None]:
+async def read_body(
+    scope: MutableMapping[str, Any], receive: Receive, limits: Limits
+) -> tuple[bytes | None, tuple[int, str] | None]:
     """(body, None), or (None, (status, message)) when refused: 413 beyond `max_body_bytes`
     (before reading when Content-Length says so), 408 when it is not all in within
     `body_timeout_seconds`; (None, None) when the client disconnected."""
@@ -187,8 +191,9 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _json(send: Send, status: int, content: dict[str, Any], headers: dict[str, str] | None = None,
-                close: bool = False) -> None:
+async def _json(
+    send: Send, status: int, content: dict[str, Any], headers: dict[str, str] | None = None, close: bool = False
+) -> None:
     """A JSON answer; `close` ends the connection (the rest of an unread body must not be taken
     for the next request)."""
     body = orjson.dumps(content)
@@ -203,6 +208,7 @@ async def _json(send: Send, status: int, content: dict[str, Any], headers: dict[
 def add_routes(app: Any, model: RankerModel) -> None:
     """Registered before KServe's own routes, so the model-ready routes here (same paths, same
     answers, plus the reason when not ready) take precedence."""
+
     async def v1_model_ready(model_name: str) -> JSONResponse:
         return _ready_answer(model, model_name, {"name": model_name, "ready": True})
 
@@ -224,8 +230,11 @@ def add_routes(app: Any, model: RankerModel) -> None:
         except BadRequest as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
         except Exception as exc:  # noqa: BLE001 - the stream is in the store; it may be down
-            return JSONResponse({"error": f"feedback stream unavailable: {type(exc).__name__}: {exc}"},
-                                status_code=503, headers={"retry-after": "1"})
+            return JSONResponse(
+                {"error": f"feedback stream unavailable: {type(exc).__name__}: {exc}"},
+                status_code=503,
+                headers={"retry-after": "1"},
+            )
         return JSONResponse(answer, status_code=200 if answer["counted"] else 202)
 
     async def server_ready() -> JSONResponse:
@@ -246,5 +255,4 @@ def _ready_answer(model: RankerModel, name: str, ok: dict[str, Any]) -> JSONResp
         return JSONResponse({"error": f"Model with name {name} does not exist."}, status_code=404)
     if model.serving:
         return JSONResponse(ok)
-    return JSONResponse({"error": str(ModelNotReady(name, model.state.reason)), **model.status()},
-                        status_code=503)
+    return JSONResponse({"error": str(ModelNotReady(name, model.state.reason)), **model.status()}, status_code=503)

@@ -16,6 +16,7 @@ when the log began anew (space deleted and re-created: another epoch), when this
 behind the kept part of the log (seq <= floor), or when more items changed than one sync reads.
 Spaces without a log (written by a store that keeps none) are read through, never cached.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -86,7 +87,7 @@ class SpaceCache:
         if 0 <= item < DENSE_IDS:
             if item >= len(self.dense):
                 grown = np.full(min(DENSE_IDS, max(item + 1, 2 * len(self.dense), 1024)), -1, dtype=np.int32)
-                grown[:len(self.dense)] = self.dense
+                grown[: len(self.dense)] = self.dense
                 self.dense = grown
             self.dense[item] = slot
         elif slot < 0:
@@ -153,14 +154,12 @@ class ItemVectorCache:
         self.stats = CacheStats()
         self._lock = threading.Lock()
 
-    def sync(self, store: RedisStore, space: str, history_user: int | None,
-             window: int) -> tuple[Ids | None, LogState]:
+    def sync(self, store: RedisStore, space: str, history_user: int | None, window: int) -> tuple[Ids | None, LogState]:
         """One round trip: the version log since this process's last applied version, and the
         newest `window` history ids of `history_user` when given."""
         return read_log(store, space, history_user, window, self._seen(space))
 
-    def vectors(self, store: RedisStore, space: str, dim: int, log: LogState,
-                ids: Ids) -> tuple[Vectors, Found, int]:
+    def vectors(self, store: RedisStore, space: str, dim: int, log: LogState, ids: Ids) -> tuple[Vectors, Found, int]:
         """(float32 [n, dim], found bool [n], rows served from the cache) for `ids`, after
         applying `log`; the store is read only for what the cache does not hold."""
         return self._read(store, space, dim, log, ids)
@@ -170,8 +169,7 @@ class ItemVectorCache:
             cached = self.spaces.get(space)
             return None if cached is None or cached.epoch is None else cached.seen
 
-    def _read(self, store: RedisStore, space: str, dim: int, log: LogState,
-              ids: Ids) -> tuple[Vectors, Found, int]:
+    def _read(self, store: RedisStore, space: str, dim: int, log: LogState, ids: Ids) -> tuple[Vectors, Found, int]:
         with self._lock:
             cached = self.spaces.get(space)
             if cached is None or cached.rows.shape[1] != dim:
@@ -214,8 +212,9 @@ def history_ids(raw: list[bytes]) -> Ids:
     return np.fromstring(b" ".join(raw), dtype=np.int64, sep=" ")
 
 
-def read_log(store: RedisStore, space: str, history_user: int | None, window: int,
-             seen: int | None) -> tuple[Ids | None, LogState]:
+def read_log(
+    store: RedisStore, space: str, history_user: int | None, window: int, seen: int | None
+) -> tuple[Ids | None, LogState]:
     """One MULTI: LRANGE of the user's history (when asked), HMGET of the space's versions, and
     the items written after `seen` (none asked when the cache holds nothing of the space yet)."""
     client = store.client

@@ -11,6 +11,7 @@ on the validation day: `train.select_make_epochs`), the ID model (it reads no em
 the first shop, or given) embedding every shop's catalogue: the shops share the generator's
 vocabulary, so one encoder serves them all, as one production encoder serves a growing catalogue.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,6 +33,7 @@ SPACES = ("oracle", "scl")
 
 # --- pure decisions ------------------------------------------------------------------------------
 
+
 def ordering_misses(gauc: dict[str, float]) -> list[str]:
     """The adjacent pairs of ID < Vector < SimTier < SimTier+MAKE that a cell's mean GAUC breaks,
     e.g. ["SimTier+MAKE ≤ SimTier"]; [] when the order holds."""
@@ -47,8 +49,11 @@ def cold_ratio(overall_lift: float, cold_lift: float) -> float:
 def paired_lifts(runs: list[dict[str, Any]], variant: str, subset: str) -> list[float]:
     """GAUC lift of `variant` over ID in points (× 100), one per seed, paired by seed."""
     base = {r["seed"]: r["metrics"][subset]["gauc"] for r in runs if r["variant"] == "id"}
-    return [100.0 * (r["metrics"][subset]["gauc"] - base[r["seed"]])
-            for r in runs if r["variant"] == variant and r["seed"] in base]
+    return [
+        100.0 * (r["metrics"][subset]["gauc"] - base[r["seed"]])
+        for r in runs
+        if r["variant"] == variant and r["seed"] in base
+    ]
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -59,6 +64,7 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 # --- the work ------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class ShopSpec:
     name: str
@@ -66,8 +72,14 @@ class ShopSpec:
     overrides: dict[str, Any]
 
 
-def prepare(workdir: Path, shops: list[ShopSpec], spaces: Iterable[str], scl_checkpoint: str | None,
-            scl_steps: int, log: Callable[[str], None]) -> dict[str, Any]:
+def prepare(
+    workdir: Path,
+    shops: list[ShopSpec],
+    spaces: Iterable[str],
+    scl_checkpoint: str | None,
+    scl_steps: int,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     """Generate each shop, its click-function AUC, and the SCL space of each (the encoder trained
     once, on the first shop, unless a checkpoint is given). -> {shop: {"dir", "spaces", "truth"}}."""
     from mmrank import shop as shop_module
@@ -76,22 +88,57 @@ def prepare(workdir: Path, shops: list[ShopSpec], spaces: Iterable[str], scl_che
     for spec in shops:
         directory = workdir / "shops" / spec.name
         shop_module.generate(spec.size, 0, directory, config=spec.overrides)
-        prepared[spec.name] = {"dir": str(directory), "spaces": {"oracle": None},
-                               "truth": click_function_auc(shop_module.load(directory))}
+        prepared[spec.name] = {
+            "dir": str(directory),
+            "spaces": {"oracle": None},
+            "truth": click_function_auc(shop_module.load(directory)),
+        }
         log(f"shop {spec.name}: {json.dumps(prepared[spec.name]['truth'])}")
     if "scl" in spaces:
         checkpoint = scl_checkpoint
         if checkpoint is None:
             checkpoint = str(workdir / "scl-encoder")
             if not (Path(checkpoint) / "encoder.pt").exists():
-                _mmrank(["encoders", "train", "--data", prepared[shops[0].name]["dir"], "--objective", "scl",
-                         "--out", checkpoint, "--steps", str(scl_steps), "--batch-size", "64", "--seed", "0",
-                         "--threads", "1", "--no-progress"], log)
+                _mmrank(
+                    [
+                        "encoders",
+                        "train",
+                        "--data",
+                        prepared[shops[0].name]["dir"],
+                        "--objective",
+                        "scl",
+                        "--out",
+                        checkpoint,
+                        "--steps",
+                        str(scl_steps),
+                        "--batch-size",
+                        "64",
+                        "--seed",
+                        "0",
+                        "--threads",
+                        "1",
+                        "--no-progress",
+                    ],
+                    log,
+                )
         for spec in shops:
             out = workdir / "spaces" / f"{spec.name}-scl"
             if not (out / "embeddings.npy").exists():
-                _mmrank(["encoders", "embed", "--data", prepared[spec.name]["dir"], "--checkpoint", checkpoint,
-                         "--out", str(out), "--version", "scl"], log)
+                _mmrank(
+                    [
+                        "encoders",
+                        "embed",
+                        "--data",
+                        prepared[spec.name]["dir"],
+                        "--checkpoint",
+                        checkpoint,
+                        "--out",
+                        str(out),
+                        "--version",
+                        "scl",
+                    ],
+                    log,
+                )
             prepared[spec.name]["spaces"]["scl"] = str(out)
     return prepared
 
@@ -114,34 +161,66 @@ def click_function_auc(shop: Any) -> dict[str, float]:
     imps = shop.impressions
     test = imps[imps["split"] == "test"]
     users, items = test["user_id"].to_numpy(), test["item_id"].to_numpy()
-    logit = click_logit(shop.interest_match(users, items), shop.truth["quality"][items],
-                        test["position"].to_numpy(), shop.config)
+    logit = click_logit(
+        shop.interest_match(users, items), shop.truth["quality"][items], test["position"].to_numpy(), shop.config
+    )
     clicked, cold = test["clicked"].to_numpy(), test["cold"].to_numpy(bool)
-    return {"auc": round(auc(clicked, logit), 4), "cold_auc": round(auc(clicked[cold], logit[cold]), 4),
-            "cold_share": round(float(np.mean(cold)), 3), "train_impressions": int((imps["split"] == "train").sum())}
+    return {
+        "auc": round(auc(clicked, logit), 4),
+        "cold_auc": round(auc(clicked[cold], logit[cold]), 4),
+        "cold_share": round(float(np.mean(cold)), 3),
+        "train_impressions": int((imps["split"] == "train").sum()),
+    }
 
 
-def run_matrix(prepared: dict[str, Any], spaces: list[str], seeds: list[int], settings: Any,
-               history_length: int = 50, jobs: int = 1,
-               log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+def run_matrix(
+    prepared: dict[str, Any],
+    spaces: list[str],
+    seeds: list[int],
+    settings: Any,
+    history_length: int = 50,
+    jobs: int = 1,
+    log: Callable[[str], None] = lambda line: None,
+) -> dict[str, Any]:
     """Phase 1: MAKE's epochs per cell (seed 0, validation day). Phase 2: every (shop, seed).
     -> {"cells": {cell: {"make_epochs", "make_validation_gauc"}}, "runs": [...], "truth": {...}}."""
     cells = [(shop, space) for shop in prepared for space in spaces]
-    selection_tasks = [(prepared[shop]["dir"], prepared[shop]["spaces"][space], history_length,
-                        dataclasses.replace(settings, seed=seeds[0])) for shop, space in cells]
+    selection_tasks = [
+        (
+            prepared[shop]["dir"],
+            prepared[shop]["spaces"][space],
+            history_length,
+            dataclasses.replace(settings, seed=seeds[0]),
+        )
+        for shop, space in cells
+    ]
     chosen = dict(zip(cells, _map(_select_task, selection_tasks, jobs), strict=True))
     for (shop, space), (epochs, curve) in chosen.items():
         log(f"{shop} / {space}: MAKE {epochs} epoch(s) (validation-day GAUC by epoch {curve})")
-    train_tasks = [(prepared[shop]["dir"], {space: (prepared[shop]["spaces"][space], chosen[(shop, space)][0])
-                                            for space in spaces}, history_length,
-                    dataclasses.replace(settings, seed=seed), shop) for shop in prepared for seed in seeds]
+    train_tasks = [
+        (
+            prepared[shop]["dir"],
+            {space: (prepared[shop]["spaces"][space], chosen[(shop, space)][0]) for space in spaces},
+            history_length,
+            dataclasses.replace(settings, seed=seed),
+            shop,
+        )
+        for shop in prepared
+        for seed in seeds
+    ]
     runs = [run for part in _map(_train_task, train_tasks, jobs) for run in part]
     for run in runs:
-        log(f"{run['shop']:<10} {run['space']:<6} seed {run['seed']} {NAMES[run['variant']]:<13} "
-            f"GAUC {run['metrics']['overall']['gauc']:.4f} cold {run['metrics']['cold']['gauc']:.4f}")
-    return {"cells": {f"{shop}/{space}": {"make_epochs": e, "make_validation_gauc": c}
-                      for (shop, space), (e, c) in chosen.items()},
-            "runs": runs, "truth": {shop: prepared[shop]["truth"] for shop in prepared}}
+        log(
+            f"{run['shop']:<10} {run['space']:<6} seed {run['seed']} {NAMES[run['variant']]:<13} "
+            f"GAUC {run['metrics']['overall']['gauc']:.4f} cold {run['metrics']['cold']['gauc']:.4f}"
+        )
+    return {
+        "cells": {
+            f"{shop}/{space}": {"make_epochs": e, "make_validation_gauc": c} for (shop, space), (e, c) in chosen.items()
+        },
+        "runs": runs,
+        "truth": {shop: prepared[shop]["truth"] for shop in prepared},
+    }
 
 
 def _map(fn: Callable[..., Any], tasks: list[tuple], jobs: int) -> list[Any]:
@@ -168,8 +247,9 @@ def _select_task(shop_dir: str, space_dir: str | None, history_length: int, sett
     return train.select_make_epochs(model, train_data, catalogue, settings)
 
 
-def _train_task(shop_dir: str, spaces: dict[str, tuple[str | None, int]], history_length: int, settings: Any,
-                shop_name: str) -> list[dict[str, Any]]:
+def _train_task(
+    shop_dir: str, spaces: dict[str, tuple[str | None, int]], history_length: int, settings: Any, shop_name: str
+) -> list[dict[str, Any]]:
     import torch
 
     from mmrank.predictors import train
@@ -180,16 +260,23 @@ def _train_task(shop_dir: str, spaces: dict[str, tuple[str | None, int]], histor
     for space, (space_dir, make_epochs) in spaces.items():
         train_data, test_data, catalogue, vocab = train.load_data(shop_dir, history_length, space_dir)
         for variant in VARIANT_ORDER:
-            if variant == "id" and id_run is not None:      # reads no embeddings: same model in every space
+            if variant == "id" and id_run is not None:  # reads no embeddings: same model in every space
                 runs.append({**id_run, "space": space})
                 continue
             started = time.perf_counter()
             run_settings = dataclasses.replace(settings, make_epochs=make_epochs)
-            model, report = train.train_ranker(train_data, catalogue, _config(variant, catalogue, vocab, history_length),
-                                               run_settings)
-            run = {"shop": shop_name, "space": space, "variant": variant, "seed": settings.seed,
-                   "metrics": train.evaluate(model, test_data, catalogue), "training": report,
-                   "seconds": round(time.perf_counter() - started, 2)}
+            model, report = train.train_ranker(
+                train_data, catalogue, _config(variant, catalogue, vocab, history_length), run_settings
+            )
+            run = {
+                "shop": shop_name,
+                "space": space,
+                "variant": variant,
+                "seed": settings.seed,
+                "metrics": train.evaluate(model, test_data, catalogue),
+                "training": report,
+                "seconds": round(time.perf_counter() - started, 2),
+            }
             if variant == "id":
                 id_run = run
             runs.append(run)
@@ -204,6 +291,7 @@ def _config(variant: str, catalogue: Any, vocab: dict[str, int], history_length:
 
 # --- the table and the picture -------------------------------------------------------------------
 
+
 def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per cell: mean GAUC per variant, lifts over ID (points, mean ± sd over seeds),
     cold lifts, the ordering's misses and the cold ratio of SimTier+MAKE."""
@@ -212,41 +300,64 @@ def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
     for run in result["runs"]:
         by_cell.setdefault((run["shop"], run["space"]), []).append(run)
     for (shop, space), runs in by_cell.items():
-        gauc = {v: statistics.fmean(r["metrics"]["overall"]["gauc"] for r in runs if r["variant"] == v)
-                for v in VARIANT_ORDER if any(r["variant"] == v for r in runs)}
+        gauc = {
+            v: statistics.fmean(r["metrics"]["overall"]["gauc"] for r in runs if r["variant"] == v)
+            for v in VARIANT_ORDER
+            if any(r["variant"] == v for r in runs)
+        }
         id_auc = statistics.fmean(r["metrics"]["overall"]["auc"] for r in runs if r["variant"] == "id")
         lifts = {v: mean_sd(paired_lifts(runs, v, "overall")) for v in VARIANT_ORDER[1:]}
         cold = {v: mean_sd(paired_lifts(runs, v, "cold")) for v in VARIANT_ORDER[1:]}
         cell = result.get("cells", {}).get(f"{shop}/{space}", {})
-        rows.append({"shop": shop, "space": space, "gauc": gauc, "id_auc": id_auc, "lift": lifts, "cold_lift": cold,
-                     "misses": ordering_misses(gauc),
-                     "cold_ratio": cold_ratio(lifts["simtier-make"][0], cold["simtier-make"][0]),
-                     "make_epochs": cell.get("make_epochs"), "seeds": sorted({r["seed"] for r in runs}),
-                     "truth": result.get("truth", {}).get(shop, {})})
+        rows.append(
+            {
+                "shop": shop,
+                "space": space,
+                "gauc": gauc,
+                "id_auc": id_auc,
+                "lift": lifts,
+                "cold_lift": cold,
+                "misses": ordering_misses(gauc),
+                "cold_ratio": cold_ratio(lifts["simtier-make"][0], cold["simtier-make"][0]),
+                "make_epochs": cell.get("make_epochs"),
+                "seeds": sorted({r["seed"] for r in runs}),
+                "truth": result.get("truth", {}).get(shop, {}),
+            }
+        )
     return rows
 
 
 def render(result: dict[str, Any], command: str, picture: str | None = None) -> str:
     rows = summary(result)
     seeds = sorted({s for row in rows for s in row["seeds"]})
-    lines = [f"`{command}` — seeds {', '.join(map(str, seeds))}; GAUC lift over ID in points (× 100), "
-             "mean ± sample std over seeds, paired by seed; cold = test impressions of items never impressed in "
-             "the training days.", "",
-             "| shop | space | click fn AUC | ID AUC | ID GAUC | Vector | SimTier | SimTier+MAKE | "
-             "cold: Vector | cold: SimTier | cold: SimTier+MAKE | cold ÷ overall (S+M) | MAKE epochs | "
-             "ID < Vector < SimTier < S+M |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"`{command}` — seeds {', '.join(map(str, seeds))}; GAUC lift over ID in points (× 100), "
+        "mean ± sample std over seeds, paired by seed; cold = test impressions of items never impressed in "
+        "the training days.",
+        "",
+        "| shop | space | click fn AUC | ID AUC | ID GAUC | Vector | SimTier | SimTier+MAKE | "
+        "cold: Vector | cold: SimTier | cold: SimTier+MAKE | cold ÷ overall (S+M) | MAKE epochs | "
+        "ID < Vector < SimTier < S+M |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for row in rows:
+
         def fmt(pair: tuple[float, float]) -> str:
             return f"{pair[0]:+.2f} ± {pair[1]:.2f}"
+
         ratio = row["cold_ratio"]
         ratio_text = "n/a" if ratio != ratio else f"{ratio:.1f}×" + ("" if ratio >= 2 else " (< 2×)")
         truth = row["truth"]
         lines.append(
             f"| {row['shop']} | {row['space']} | {truth.get('auc', float('nan')):.3f} | {row['id_auc']:.3f} | "
-            f"{row['gauc']['id']:.4f} | " + " | ".join(fmt(row["lift"][v]) for v in VARIANT_ORDER[1:]) + " | "
+            f"{row['gauc']['id']:.4f} | "
+            + " | ".join(fmt(row["lift"][v]) for v in VARIANT_ORDER[1:])
+            + " | "
             + " | ".join(fmt(row["cold_lift"][v]) for v in VARIANT_ORDER[1:])
             + f" | {ratio_text} | {row['make_epochs'] if row['make_epochs'] is not None else '—'} | "
-            + ("holds" if not row["misses"] else "**misses: " + "; ".join(row["misses"]) + "**") + " |")
+            + ("holds" if not row["misses"] else "**misses: " + "; ".join(row["misses"]) + "**")
+            + " |"
+        )
     if picture:
         lines += ["", f"![GAUC lift over ID by shop and space, cold beside overall]({picture})"]
     return "\n".join(lines) + "\n"

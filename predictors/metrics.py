@@ -4,6 +4,7 @@ GAUC is the paper's headline metric: the AUC of each user's impressions, weighte
 number of impressions. A user whose impressions are all clicks or all non-clicks has no AUC and
 is skipped (weight and all), as in the DIN paper's definition.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,14 +50,21 @@ def ctr_metrics(users: np.ndarray, labels: np.ndarray, logits: np.ndarray) -> di
     """AUC, GAUC and log-loss of one set of impressions, from the model's logits."""
     logits = np.asarray(logits, dtype=np.float64)
     probabilities = 1.0 / (1.0 + np.exp(-logits))
-    return {"auc": auc(labels, logits), "gauc": gauc(users, labels, logits),
-            "logloss": log_loss(labels, probabilities), "impressions": int(len(labels)),
-            "clicks": int(np.asarray(labels).sum())}
+    return {
+        "auc": auc(labels, logits),
+        "gauc": gauc(users, labels, logits),
+        "logloss": log_loss(labels, probabilities),
+        "impressions": int(len(labels)),
+        "clicks": int(np.asarray(labels).sum()),
+    }
 
 
-def overall_and_cold(users: np.ndarray, labels: np.ndarray, logits: np.ndarray,
-                     cold: np.ndarray) -> dict[str, dict[str, float]]:
+def overall_and_cold(
+    users: np.ndarray, labels: np.ndarray, logits: np.ndarray, cold: np.ndarray
+) -> dict[str, dict[str, float]]:
     """Metrics on all test impressions and on those of cold items (never impressed in training)."""
     cold = np.asarray(cold, dtype=bool)
-    return {"overall": ctr_metrics(users, labels, logits),
-            "cold": ctr_metrics(users[cold], labels[cold], np.asarray(logits)[cold])}
+    return {
+        "overall": ctr_metrics(users, labels, logits),
+        "cold": ctr_metrics(users[cold], labels[cold], np.asarray(logits)[cold]),
+    }

@@ -8,6 +8,7 @@ names the field. The binary tensor extension (`Inference-Header-Content-Length`,
 `binary_data_size`, `binary_data_output`) is the one Triton's and KServe's clients send.
 Answers are encoded by KServe's own `InferResponse`, so the bytes are the ones its clients read.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,7 +33,14 @@ from mmrank.predictors.requests import (
 )
 
 HEADER_LENGTH = "inference-header-content-length"
-_REQUEST_KEYS = {"id", "parameters", "inputs", "outputs", "model_name", "model_version"}  # KServe's client sends the last two
+_REQUEST_KEYS = {
+    "id",
+    "parameters",
+    "inputs",
+    "outputs",
+    "model_name",
+    "model_version",
+}  # KServe's client sends the last two
 _INPUT_KEYS = {"name", "datatype", "shape", "parameters", "data"}
 
 
@@ -102,8 +110,9 @@ def _json_length(header: str | None, body_length: int) -> int:
     if header is None:
         return body_length
     if not header.isdigit() or not 0 < int(header) <= body_length:
-        raise BadRequest("Inference-Header-Content-Length", f"{header!r} is not a length within the "
-                         f"{body_length}-byte body")
+        raise BadRequest(
+            "Inference-Header-Content-Length", f"{header!r} is not a length within the {body_length}-byte body"
+        )
     return int(header)
 
 
@@ -160,9 +169,11 @@ def _tensor(tensor: Any, index: int, body: bytes, offset: int) -> tuple[str, Ids
     if size is None:
         raise BadRequest(f"{field}.data", "missing (or give parameters.binary_data_size)")
     if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(body) - offset:
-        raise BadRequest(f"{field}.parameters.binary_data_size", f"{size!r} is not within the "
-                         f"{len(body) - offset} bytes left in the body")
-    chunk = body[offset:offset + size]
+        raise BadRequest(
+            f"{field}.parameters.binary_data_size",
+            f"{size!r} is not within the {len(body) - offset} bytes left in the body",
+        )
+    chunk = body[offset : offset + size]
     return name, v2_tensor(name, datatype, shape, lambda: _from_binary(chunk, datatype, shape)), offset + size
 
 
@@ -177,19 +188,35 @@ def v1_answer(call: RankingCall, scored: list[Scored], version: str, space: str)
     """`{"predictions": [...]}`: for `instances`, one object per instance; for one ranking
     request alone, its scores (the body this service answered before `instances`)."""
     if call.instances:
-        return {"predictions": [{"scores": s.scores.tolist(), "request_id": s.request_id,
-                                 "embedding_misses": {"candidates": s.cand_misses, "history": s.hist_misses}}
-                                for s in scored],
-                "ranker_version": version, "space": space}
+        return {
+            "predictions": [
+                {
+                    "scores": s.scores.tolist(),
+                    "request_id": s.request_id,
+                    "embedding_misses": {"candidates": s.cand_misses, "history": s.hist_misses},
+                }
+                for s in scored
+            ],
+            "ranker_version": version,
+            "space": space,
+        }
     s = scored[0]
-    return {"predictions": s.scores.tolist(), "ranker_version": version, "space": space,
-            "request_id": s.request_id,
-            "embedding_misses": {"candidates": s.cand_misses, "history": s.hist_misses}}
+    return {
+        "predictions": s.scores.tolist(),
+        "ranker_version": version,
+        "space": space,
+        "request_id": s.request_id,
+        "embedding_misses": {"candidates": s.cand_misses, "history": s.hist_misses},
+    }
 
 
 def v2_parameters(scored: Scored, version: str, space: str) -> dict[str, Any]:
-    return {"ranker_version": version, "space": space, "request_id": scored.request_id,
-            "embedding_misses": scored.cand_misses + scored.hist_misses}
+    return {
+        "ranker_version": version,
+        "space": space,
+        "request_id": scored.request_id,
+        "embedding_misses": scored.cand_misses + scored.hist_misses,
+    }
 
 
 def v2_answer(call: RankingCall, scored: Scored, model_name: str, version: str, space: str) -> Any:
@@ -198,16 +225,23 @@ def v2_answer(call: RankingCall, scored: Scored, model_name: str, version: str, 
     from kserve.protocol.infer_type import InferOutput, InferResponse
 
     output = InferOutput("scores", [len(scored.scores)], "FP32", data=scored.scores.tolist())
-    return InferResponse(call.caller_id or scored.request_id, model_name, [output], model_version=version,
-                         parameters=v2_parameters(scored, version, space), use_binary_outputs=call.binary_output)
+    return InferResponse(
+        call.caller_id or scored.request_id,
+        model_name,
+        [output],
+        model_version=version,
+        parameters=v2_parameters(scored, version, space),
+        use_binary_outputs=call.binary_output,
+    )
 
 
 def encode_v1(answer: dict[str, Any]) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     return orjson.dumps(answer), [(b"content-type", b"application/json")]
 
 
-def encode_v2(call: RankingCall, scored: Scored, model_name: str, version: str,
-              space: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+def encode_v2(
+    call: RankingCall, scored: Scored, model_name: str, version: str, space: str
+) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """The v2 REST answer, byte for byte what KServe's `InferResponse.to_rest` writes, without
     its round trip of the scores through a Python list: JSON, or with `binary_data_output` the
     JSON then the float32 scores and `Inference-Header-Content-Length`."""
@@ -217,11 +251,19 @@ def encode_v2(call: RankingCall, scored: Scored, model_name: str, version: str,
         output["parameters"] = {"binary_data_size": raw.nbytes}
     else:
         output["data"] = raw
-    head = orjson.dumps({"id": call.caller_id or scored.request_id, "model_name": model_name,
-                         "model_version": version, "outputs": [output],
-                         "parameters": v2_parameters(scored, version, space)},
-                        option=orjson.OPT_SERIALIZE_NUMPY)
+    head = orjson.dumps(
+        {
+            "id": call.caller_id or scored.request_id,
+            "model_name": model_name,
+            "model_version": version,
+            "outputs": [output],
+            "parameters": v2_parameters(scored, version, space),
+        },
+        option=orjson.OPT_SERIALIZE_NUMPY,
+    )
     if not call.binary_output:
         return head, [(b"content-type", b"application/json")]
-    return head + raw.tobytes(), [(b"content-type", b"application/octet-stream"),
-                                  (HEADER_LENGTH.encode(), str(len(head)).encode())]
+    return head + raw.tobytes(), [
+        (b"content-type", b"application/octet-stream"),
+        (HEADER_LENGTH.encode(), str(len(head)).encode()),
+    ]

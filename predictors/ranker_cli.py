@@ -1,4 +1,5 @@
 """Subcommands: `mmrank ranker train | eval | table | matrix`. Torch is imported inside the handlers."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,15 +32,27 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--out", required=True, help="artifact directory (ranker.json, weights.pt, item_features.npy)")
     train.add_argument("--version", help="ranker version recorded in ranker.json (default: variant-space)")
     _training_args(train)
-    train.add_argument("--make-vector-input", action="store_true",
-                       help="ablation: MAKE's attention-pooled vector also enters the ID model's first layer")
-    train.add_argument("--no-make-tiers", action="store_true",
-                       help="ablation: MAKE's module without its own SimTier weights (issue 6's MAKE)")
-    train.add_argument("--make-finetune-lr", type=non_negative_float, default=0.0,
-                       help="keep training MAKE during the ID epoch at this Adam rate (default 0: frozen)")
+    train.add_argument(
+        "--make-vector-input",
+        action="store_true",
+        help="ablation: MAKE's attention-pooled vector also enters the ID model's first layer",
+    )
+    train.add_argument(
+        "--no-make-tiers",
+        action="store_true",
+        help="ablation: MAKE's module without its own SimTier weights (issue 6's MAKE)",
+    )
+    train.add_argument(
+        "--make-finetune-lr",
+        type=non_negative_float,
+        default=0.0,
+        help="keep training MAKE during the ID epoch at this Adam rate (default 0: frozen)",
+    )
     train.set_defaults(handler=_train)
 
-    evaluate = sub.add_parser("eval", help="AUC, GAUC and log-loss of an artifact on the test day, overall and cold items")
+    evaluate = sub.add_parser(
+        "eval", help="AUC, GAUC and log-loss of an artifact on the test day, overall and cold items"
+    )
     evaluate.add_argument("--model", required=True, type=existing_dir, help="artifact directory")
     _data_args(evaluate)
     evaluate.set_defaults(handler=_eval)
@@ -49,26 +62,40 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     table.add_argument("--seeds", type=positive_int, default=3)
     table.add_argument("--make-epochs-list", default="1,2,4", help="MAKE pre-training epochs compared")
     table.add_argument("--jobs", type=positive_int, default=1, help="seeds trained in parallel worker processes")
-    table.add_argument("--from-json", type=existing_file,
-                       help="render the runs a previous --json wrote instead of training")
+    table.add_argument(
+        "--from-json", type=existing_file, help="render the runs a previous --json wrote instead of training"
+    )
     table.add_argument("--json", help="also write every run's figures here")
     table.add_argument("--results", help="replace the ranker section of this markdown file (docs/results.md)")
     _training_args(table, with_make_epochs=False)
     table.set_defaults(handler=_table)
 
-    matrix = sub.add_parser("matrix", help="ID / Vector / SimTier / SimTier+MAKE over shop configurations x "
-                            "embedding spaces x seeds: one table and one picture")
+    matrix = sub.add_parser(
+        "matrix",
+        help="ID / Vector / SimTier / SimTier+MAKE over shop configurations x "
+        "embedding spaces x seeds: one table and one picture",
+    )
     matrix.add_argument("--workdir", required=True, help="shops, spaces and the SCL encoder go here (reused)")
-    matrix.add_argument("--shops", default=",".join(MATRIX_DEFAULT),
-                        help="named shop configurations (mmrank.shop_config.MATRIX_SHOPS), comma-separated")
+    matrix.add_argument(
+        "--shops",
+        default=",".join(MATRIX_DEFAULT),
+        help="named shop configurations (mmrank.shop_config.MATRIX_SHOPS), comma-separated",
+    )
     matrix.add_argument("--spaces", default="oracle,scl", help="oracle and/or scl, comma-separated")
     matrix.add_argument("--seeds", type=positive_int, default=3)
     matrix.add_argument("--jobs", type=positive_int, default=1, help="worker processes (one torch thread each)")
-    matrix.add_argument("--scl-checkpoint", type=existing_dir,
-                        help="SCL encoder checkpoint for the scl space (default: train one on the first shop)")
+    matrix.add_argument(
+        "--scl-checkpoint",
+        type=existing_dir,
+        help="SCL encoder checkpoint for the scl space (default: train one on the first shop)",
+    )
     matrix.add_argument("--scl-steps", type=positive_int, default=300, help="steps when training that encoder")
-    matrix.add_argument("--max-make-epochs", type=positive_int, default=3,
-                        help="MAKE's epochs are chosen on the validation day among 1..this")
+    matrix.add_argument(
+        "--max-make-epochs",
+        type=positive_int,
+        default=3,
+        help="MAKE's epochs are chosen on the validation day among 1..this",
+    )
     matrix.add_argument("--history-length", type=positive_int, default=50)
     matrix.add_argument("--batch-size", type=positive_int, default=256)
     matrix.add_argument("--json", help="also write every run's figures here")
@@ -80,9 +107,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def _data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=existing_dir, help="shop directory (mmrank shop generate --out)")
-    parser.add_argument("--embeddings", type=existing_dir,
-                        help="space directory (mmrank encoders embed / mmrank shop concept-space); "
-                        "default: the shop's oracle concept vectors")
+    parser.add_argument(
+        "--embeddings",
+        type=existing_dir,
+        help="space directory (mmrank encoders embed / mmrank shop concept-space); "
+        "default: the shop's oracle concept vectors",
+    )
 
 
 def _training_args(parser: argparse.ArgumentParser, with_make_epochs: bool = True) -> None:
@@ -90,12 +120,21 @@ def _training_args(parser: argparse.ArgumentParser, with_make_epochs: bool = Tru
     parser.add_argument("--history-length", type=positive_int, default=50)
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--tier-width", type=positive_float, default=0.1)
-    parser.add_argument("--threads", type=non_negative_int, default=1,
-                        help="torch threads (1 is fastest on a shared machine; 0: torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=non_negative_int,
+        default=1,
+        help="torch threads (1 is fastest on a shared machine; 0: torch's default)",
+    )
     if with_make_epochs:
-        parser.add_argument("--make-epochs", type=_make_epochs, default=0, metavar="N|auto",
-                            help="MAKE pre-training epochs (simtier-make); auto (default): chosen on the last "
-                            "training day as validation, among 1..--max-make-epochs")
+        parser.add_argument(
+            "--make-epochs",
+            type=_make_epochs,
+            default=0,
+            metavar="N|auto",
+            help="MAKE pre-training epochs (simtier-make); auto (default): chosen on the last "
+            "training day as validation, among 1..--max-make-epochs",
+        )
         parser.add_argument("--max-make-epochs", type=positive_int, default=4)
 
 
@@ -116,10 +155,14 @@ def _settings(args: argparse.Namespace, seed: int | None = None, make_epochs: in
 
     if args.threads:
         import torch
+
         torch.set_num_threads(args.threads)
-    return TrainSettings(seed=args.seed if seed is None else seed, batch_size=args.batch_size,
-                         make_epochs=getattr(args, "make_epochs", 0) if make_epochs is None else make_epochs,
-                         max_make_epochs=getattr(args, "max_make_epochs", 4))
+    return TrainSettings(
+        seed=args.seed if seed is None else seed,
+        batch_size=args.batch_size,
+        make_epochs=getattr(args, "make_epochs", 0) if make_epochs is None else make_epochs,
+        max_make_epochs=getattr(args, "max_make_epochs", 4),
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -127,31 +170,57 @@ def _train(args: argparse.Namespace) -> int:
     from mmrank.predictors.model import RankerConfig
 
     train_data, test_data, catalogue, vocab = train.load_data(args.data, args.history_length, args.embeddings)
-    config = RankerConfig(variant=args.variant, mm_dim=catalogue.vectors.shape[1],
-                          history_length=args.history_length, tier_width=args.tier_width,
-                          make_vector=args.make_vector_input, make_simtier=not args.no_make_tiers, **vocab)
+    config = RankerConfig(
+        variant=args.variant,
+        mm_dim=catalogue.vectors.shape[1],
+        history_length=args.history_length,
+        tier_width=args.tier_width,
+        make_vector=args.make_vector_input,
+        make_simtier=not args.no_make_tiers,
+        **vocab,
+    )
     settings = dataclasses.replace(_settings(args), make_finetune_lr=args.make_finetune_lr)
     model, report = train.train_ranker(train_data, catalogue, config, settings)
     metrics = train.evaluate(model, test_data, catalogue)
-    meta = artifact.save_ranker(args.out, model, catalogue.encoder_version, catalogue.item_features,
-                                version=args.version, metrics=metrics,
-                                training={**report, "data": str(Path(args.data).resolve())})
-    print(json.dumps({"out": args.out, "version": meta["version"], "encoder_version": meta["encoder_version"],
-                      "metrics": metrics, "training": report}, indent=2))
+    meta = artifact.save_ranker(
+        args.out,
+        model,
+        catalogue.encoder_version,
+        catalogue.item_features,
+        version=args.version,
+        metrics=metrics,
+        training={**report, "data": str(Path(args.data).resolve())},
+    )
+    print(
+        json.dumps(
+            {
+                "out": args.out,
+                "version": meta["version"],
+                "encoder_version": meta["encoder_version"],
+                "metrics": metrics,
+                "training": report,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     if not (Path(args.model) / "ranker.json").is_file():
-        raise CommandError(f"{args.model}: no ranker artifact (ranker.json missing; `mmrank ranker train --out DIR` "
-                           "writes one)")
+        raise CommandError(
+            f"{args.model}: no ranker artifact (ranker.json missing; `mmrank ranker train --out DIR` writes one)"
+        )
     from mmrank.predictors import artifact, train
 
     model, meta = artifact.load_ranker(args.model)
     _, test_data, catalogue, _ = train.load_data(args.data, meta["history_length"], args.embeddings)
     if catalogue.encoder_version != meta["encoder_version"]:
-        print(f"ranker {meta['version']} was trained on space {meta['encoder_version']!r}, "
-              f"not {catalogue.encoder_version!r}: its scores would mean nothing", file=sys.stderr)
+        print(
+            f"ranker {meta['version']} was trained on space {meta['encoder_version']!r}, "
+            f"not {catalogue.encoder_version!r}: its scores would mean nothing",
+            file=sys.stderr,
+        )
         return 2
     print(json.dumps({"version": meta["version"], "metrics": train.evaluate(model, test_data, catalogue)}, indent=2))
     return 0
@@ -182,18 +251,24 @@ def _table_runs(args: argparse.Namespace) -> list[dict]:
     try:
         make_epochs = tuple(int(e) for e in args.make_epochs_list.split(","))
     except ValueError:
-        raise CommandError(f"--make-epochs-list wants whole numbers separated by commas, "
-                           f"got {args.make_epochs_list!r}") from None
+        raise CommandError(
+            f"--make-epochs-list wants whole numbers separated by commas, got {args.make_epochs_list!r}"
+        ) from None
     if any(e < 1 for e in make_epochs):
         raise CommandError(f"--make-epochs-list: each is at least 1 epoch, got {args.make_epochs_list!r}")
-    common = dict(make_epochs=make_epochs, settings=_settings(args), history_length=args.history_length,
-                  tier_width=args.tier_width)
+    common = dict(
+        make_epochs=make_epochs,
+        settings=_settings(args),
+        history_length=args.history_length,
+        tier_width=args.tier_width,
+    )
     seeds = range(args.seed, args.seed + args.seeds)
     if args.jobs > 1:
         runs = table.run_table_parallel(args.data, args.embeddings, seeds, args.jobs, args.threads, **common)
     else:
-        runs = table.run_table(args.data, args.embeddings, seeds,
-                               log=lambda line: print(line, file=sys.stderr, flush=True), **common)
+        runs = table.run_table(
+            args.data, args.embeddings, seeds, log=lambda line: print(line, file=sys.stderr, flush=True), **common
+        )
     return runs
 
 
@@ -226,6 +301,7 @@ def _matrix(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CommandError(f"--from-json {args.from_json}: not JSON ({exc})") from None
     else:
+
         def log(line: str) -> None:
             print(line, file=sys.stderr, flush=True)
 
@@ -236,8 +312,15 @@ def _matrix(args: argparse.Namespace) -> int:
         from mmrank.predictors.train import TrainSettings
 
         settings = TrainSettings(batch_size=args.batch_size, make_epochs=0, max_make_epochs=args.max_make_epochs)
-        result = matrix.run_matrix(prepared, spaces, list(range(args.seeds)), settings,
-                                   history_length=args.history_length, jobs=args.jobs, log=log)
+        result = matrix.run_matrix(
+            prepared,
+            spaces,
+            list(range(args.seeds)),
+            settings,
+            history_length=args.history_length,
+            jobs=args.jobs,
+            log=log,
+        )
         result["command"] = _matrix_command(args)
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
@@ -256,8 +339,13 @@ def _matrix(args: argparse.Namespace) -> int:
 
 
 def _matrix_command(args: argparse.Namespace) -> str:
-    parts = ["mmrank ranker matrix", f"--shops {args.shops}", f"--spaces {args.spaces}", f"--seeds {args.seeds}",
-             f"--max-make-epochs {args.max_make_epochs}"]
+    parts = [
+        "mmrank ranker matrix",
+        f"--shops {args.shops}",
+        f"--spaces {args.spaces}",
+        f"--seeds {args.seeds}",
+        f"--max-make-epochs {args.max_make_epochs}",
+    ]
     if args.scl_checkpoint:
         parts.append("--scl-checkpoint CKPT")
     else:

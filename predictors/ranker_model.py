@@ -12,6 +12,7 @@ ranker was trained on is reachable and covers at least `min_coverage` of the cat
 background thread re-checks it and logs every change; the model-ready routes say why
 (predictors/http_guard.py).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -55,6 +56,7 @@ log = logging.getLogger("mmrank.predictor")
 
 # --- pure decisions -----------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Readiness:
     ready: bool
@@ -62,8 +64,14 @@ class Readiness:
     coverage: float | None = None
 
 
-def readiness(space: str, dim: int, min_coverage: float, info: SpaceInfo | None, error: str | None,
-              expected_space: str | None = None) -> Readiness:
+def readiness(
+    space: str,
+    dim: int,
+    min_coverage: float,
+    info: SpaceInfo | None,
+    error: str | None,
+    expected_space: str | None = None,
+) -> Readiness:
     """May the ranker trained on `space` serve? `info` is the store's SpaceInfo, `error` why it
     could not be read. Never ready when deployed for another space, on a space of another width,
     or below the minimum coverage."""
@@ -74,8 +82,12 @@ def readiness(space: str, dim: int, min_coverage: float, info: SpaceInfo | None,
     if info.dim != dim:
         return Readiness(False, f"space {space} has dim {info.dim}, the ranker was trained on {dim}", info.coverage)
     if info.coverage < min_coverage:
-        return Readiness(False, f"space {space} coverage {info.coverage:.4f} is below the minimum "
-                         f"{min_coverage:.4f} ({info.items} of {info.catalogue_size} items)", info.coverage)
+        return Readiness(
+            False,
+            f"space {space} coverage {info.coverage:.4f} is below the minimum "
+            f"{min_coverage:.4f} ({info.items} of {info.catalogue_size} items)",
+            info.coverage,
+        )
     return Readiness(True, f"space {space} coverage {info.coverage:.4f} >= {min_coverage:.4f}", info.coverage)
 
 
@@ -95,16 +107,27 @@ def newest(history: Ids, length: int) -> Ids:
 
 # --- the model ----------------------------------------------------------------------------------
 
+
 class RankerModel(Model):  # type: ignore[misc]  # KServe ships no annotations: its Model is Any here
     """A ranker artifact served against the embedding store; knows nothing about HTTP."""
 
     ready: bool  # kserve.Model's: False until `load` has run
 
-    def __init__(self, name: str, model_dir: str | Path, store_url: str, limits: Limits = Limits(),  # noqa: B008 (frozen dataclass: one shared default is safe)
-                 min_coverage: float = 0.99, recheck_seconds: float = 5.0, feedback_stream: bool = True,
-                 expected_space: str | None = None, version: str | None = None,
-                 history_length: int | None = None, item_cache_size: int = 200_000,
-                 scope: Scope = DEFAULT_SCOPE) -> None:
+    def __init__(
+        self,
+        name: str,
+        model_dir: str | Path,
+        store_url: str,
+        limits: Limits = Limits(),  # noqa: B008 (frozen dataclass: one shared default is safe)
+        min_coverage: float = 0.99,
+        recheck_seconds: float = 5.0,
+        feedback_stream: bool = True,
+        expected_space: str | None = None,
+        version: str | None = None,
+        history_length: int | None = None,
+        item_cache_size: int = 200_000,
+        scope: Scope = DEFAULT_SCOPE,
+    ) -> None:
         super().__init__(name)
         self.model_dir = Path(model_dir)
         self.store_url = store_url
@@ -158,17 +181,27 @@ class RankerModel(Model):  # type: ignore[misc]  # KServe ships no annotations: 
         self.store = open_store(self.store_url, self.scope)
         if not isinstance(self.store, RedisStore) or not hasattr(self.store, "changes_key"):
             self.item_cache = None  # the embedded store is a local memory map; no version log: no cache
-        log.info("loaded ranker %s (artifact %s, %s) from %s, trained on space %s; history window %d; store %s "
-                 "%s (reply parser: %s; item vector cache: %s)", self.version, self.meta.get("version"),
-                 self.meta.get("variant"), self.model_dir, self.space, self.window, redacted(self.store_url), self.store.scope,
-                 "hiredis" if redis.utils.HIREDIS_AVAILABLE else "python",
-                 f"{self.item_cache.capacity} items" if self.item_cache else "off")
+        log.info(
+            "loaded ranker %s (artifact %s, %s) from %s, trained on space %s; history window %d; store %s "
+            "%s (reply parser: %s; item vector cache: %s)",
+            self.version,
+            self.meta.get("version"),
+            self.meta.get("variant"),
+            self.model_dir,
+            self.space,
+            self.window,
+            redacted(self.store_url),
+            self.store.scope,
+            "hiredis" if redis.utils.HIREDIS_AVAILABLE else "python",
+            f"{self.item_cache.capacity} items" if self.item_cache else "off",
+        )
         self.check()
         threading.Thread(target=self._recheck_loop, name="mmrank-readiness", daemon=True).start()
         self.feedback = Feedback(self.store, self.version, retry_seconds=self.recheck_seconds)
         if self.feedback_stream and hasattr(self.store, "client"):
-            threading.Thread(target=self.feedback.consume, args=(self._stop,), name="mmrank-feedback",
-                             daemon=True).start()
+            threading.Thread(
+                target=self.feedback.consume, args=(self._stop,), name="mmrank-feedback", daemon=True
+            ).start()
         self.ready = True
         return self.ready
 
@@ -196,8 +229,9 @@ class RankerModel(Model):  # type: ignore[misc]  # KServe ships no annotations: 
             error = f"space {self.space} is not in the store"
         except Exception as exc:  # noqa: BLE001 - any failure to read means 'unreachable'
             error = f"store unreachable: {type(exc).__name__}: {exc}"
-        self._set_state(readiness(self.space, int(self.meta["dim"]), self.min_coverage, info, error,
-                                  self.expected_space))
+        self._set_state(
+            readiness(self.space, int(self.meta["dim"]), self.min_coverage, info, error, self.expected_space)
+        )
         return self.state
 
     def _set_state(self, state: Readiness) -> None:
@@ -207,7 +241,8 @@ class RankerModel(Model):  # type: ignore[misc]  # KServe ships no annotations: 
             COVERAGE.labels(self.version, self.space).set(state.coverage)
         if previous.ready != state.ready or (not state.ready and previous.reason != state.reason):
             (log.info if state.ready else log.warning)(
-                "ranker %s %s: %s", self.version, "ready" if state.ready else "NOT ready", state.reason)
+                "ranker %s %s: %s", self.version, "ready" if state.ready else "NOT ready", state.reason
+            )
 
     def _recheck_loop(self) -> None:
         while not self._stop.wait(self.recheck_seconds):
@@ -217,11 +252,18 @@ class RankerModel(Model):  # type: ignore[misc]  # KServe ships no annotations: 
         import redis.utils
 
         cache = self.item_cache
-        return {"name": self.name, "ready": self.serving, "reason": self.state.reason,
-                "ranker_version": self.version, "variant": self.meta.get("variant"), "space": self.space,
-                "coverage": self.state.coverage, "min_coverage": self.min_coverage,
-                "redis_parser": "hiredis" if redis.utils.HIREDIS_AVAILABLE else "python",
-                "item_cache": dataclasses.asdict(cache.stats) | {"capacity": cache.capacity} if cache else None}
+        return {
+            "name": self.name,
+            "ready": self.serving,
+            "reason": self.state.reason,
+            "ranker_version": self.version,
+            "variant": self.meta.get("variant"),
+            "space": self.space,
+            "coverage": self.state.coverage,
+            "min_coverage": self.min_coverage,
+            "redis_parser": "hiredis" if redis.utils.HIREDIS_AVAILABLE else "python",
+            "item_cache": dataclasses.asdict(cache.stats) | {"capacity": cache.capacity} if cache else None,
+        }
 
     # KServe hooks -----------------------------------------------------------------------------
     def validate(self, payload: Any) -> Any:
@@ -240,14 +282,20 @@ class RankerModel(Model):  # type: ignore[misc]  # KServe ships no annotations: 
                 if tensor.name in tensors:
                     raise BadRequest(f"inputs.{tensor.name}", "given more than once")
                 tensors[tensor.name] = v2_tensor(tensor.name, tensor.datatype, tensor.shape, tensor.as_numpy)
-            return RankingCall("grpc", [parse_v2(tensors, self.limits)], caller_id=payload.id or None,
-                               binary_output=payload.use_binary_outputs)
+            return RankingCall(
+                "grpc",
+                [parse_v2(tensors, self.limits)],
+                caller_id=payload.id or None,
+                binary_output=payload.use_binary_outputs,
+            )
         if isinstance(payload, bytes | bytearray | str):
             payload = _json_body(payload)
         rankings, instances = parse_v1_body(payload, self.limits)
         return RankingCall("v1", rankings, instances=instances, encode=False)
 
-    async def predict(self, payload: RankingCall, headers: dict[str, str] | None = None) -> tuple[RankingCall, list[Scored]]:
+    async def predict(
+        self, payload: RankingCall, headers: dict[str, str] | None = None
+    ) -> tuple[RankingCall, list[Scored]]:
         try:
             scored = await asyncio.to_thread(self.rank_all, payload.rankings)
         except StoreUnavailable as exc:
@@ -291,11 +339,19 @@ class RankerModel(Model):  # type: ignore[misc]  # KServe ships no annotations: 
         hist_category = fill_features(history, np.full(n_hist, UNKNOWN), self.features, 0)
         hist_brand = fill_features(history, np.full(n_hist, UNKNOWN), self.features, 1)
         logits = self.ranker.score_candidates(
-            ranking.user_id, t(history), torch.ones(n_hist, dtype=torch.bool), t(vectors[:n_hist]),
-            t(hist_found), t(ranking.cand_ids), t(vectors[n_hist:]), t(cand_found),
+            ranking.user_id,
+            t(history),
+            torch.ones(n_hist, dtype=torch.bool),
+            t(vectors[:n_hist]),
+            t(hist_found),
+            t(ranking.cand_ids),
+            t(vectors[n_hist:]),
+            t(cand_found),
             cand_category=t(fill_features(ranking.cand_ids, ranking.cand_category, self.features, 0)),
             cand_brand=t(fill_features(ranking.cand_ids, ranking.cand_brand, self.features, 1)),
-            history_category=t(hist_category), history_brand=t(hist_brand))
+            history_category=t(hist_category),
+            history_brand=t(hist_brand),
+        )
         scores = torch.sigmoid(logits).numpy().astype(np.float32, copy=False)
         return Scored(new_request_id(variant), scores, cand_misses, hist_misses, n_hist)
 
@@ -305,13 +361,15 @@ class RankerModel(Model):  # type: ignore[misc]  # KServe ships no annotations: 
         vectors the cache lacks), else history and vectors straight from the store."""
         cache = self.item_cache
         if cache is None:
-            history = ranking.history if ranking.history is not None \
-                else self.store.get_history(ranking.user_id, window)
+            history = (
+                ranking.history if ranking.history is not None else self.store.get_history(ranking.user_id, window)
+            )
             history = newest(np.asarray(history, dtype=np.int64), window)
             vectors, found = self.store.get(space, np.concatenate([history, ranking.cand_ids]))
             return history, vectors, found
-        stored_history, version_log = cache.sync(self.store, space, None if ranking.history is not None
-                                                 else ranking.user_id, window)
+        stored_history, version_log = cache.sync(
+            self.store, space, None if ranking.history is not None else ranking.user_id, window
+        )
         requested = ranking.history if ranking.history is not None else stored_history
         assert requested is not None  # the sync read the user's history: the request sent none
         history = newest(requested, window)

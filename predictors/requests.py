@@ -7,6 +7,7 @@ named tensors (`parse_v2`). Every check here is a pure function that raises `Bad
 field it is about, so the server answers 4xx with a message and never 500 on bad input.
 This module imports neither torch nor kserve: the CLI and the schema test load it cheaply.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,7 +76,8 @@ class User(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     id: Annotated[int, Field(ge=0, le=2**62)]
     history: list[ItemId] | None = Field(
-        None, description="clicked item ids, oldest first; absent: read from the store by user id")
+        None, description="clicked item ids, oldest first; absent: read from the store by user id"
+    )
 
 
 class RankRequest(BaseModel):
@@ -84,7 +86,8 @@ class RankRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, title="mmrank v1 ranking request")
     user: User
     candidates: list[Annotated[Candidate, BeforeValidator(_candidate_from_id)]] = Field(
-        min_length=1, description="items to score, each an item id or an object; one score each, in this order")
+        min_length=1, description="items to score, each an item id or an object; one score each, in this order"
+    )
 
 
 Ids = npt.NDArray[np.int64]  # [n]
@@ -153,11 +156,15 @@ def check_limits(ranking: Ranking, limits: Limits, field: str = "candidates") ->
     if duplicate is not None:
         raise BadRequest(field, f"item {duplicate} is listed more than once", reason="duplicate_candidates")
     if len(ranking.cand_ids) > limits.max_candidates:
-        raise BadRequest("candidates", f"{len(ranking.cand_ids)} candidates, at most {limits.max_candidates} "
-                         "per request", reason="too_many_candidates")
+        raise BadRequest(
+            "candidates",
+            f"{len(ranking.cand_ids)} candidates, at most {limits.max_candidates} per request",
+            reason="too_many_candidates",
+        )
     if ranking.history is not None and len(ranking.history) > limits.max_history:
-        raise BadRequest("user.history", f"{len(ranking.history)} items, at most {limits.max_history}",
-                         reason="history_too_long")
+        raise BadRequest(
+            "user.history", f"{len(ranking.history)} items, at most {limits.max_history}", reason="history_too_long"
+        )
     return ranking
 
 
@@ -190,8 +197,9 @@ def _plain_v1(body: Mapping[str, Any], limits: Limits) -> Ranking | None:
     if cand_ids is None or not len(cand_ids) or (history is not None and history_ids is None):
         return None
     unknown = np.full(len(cand_ids), UNKNOWN, dtype=np.int64)
-    return Ranking(user_id=user_id, history=history_ids, cand_ids=cand_ids, cand_category=unknown,
-                   cand_brand=unknown.copy())
+    return Ranking(
+        user_id=user_id, history=history_ids, cand_ids=cand_ids, cand_category=unknown, cand_brand=unknown.copy()
+    )
 
 
 def parse_v1_body(body: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[list[Ranking], bool]:
@@ -208,8 +216,11 @@ def parse_v1_body(body: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[list[Rank
     if not isinstance(instances, list) or not instances:
         raise BadRequest("instances", "expected a non-empty list of ranking requests")
     if len(instances) > limits.max_instances:
-        raise BadRequest("instances", f"{len(instances)} instances, at most {limits.max_instances} per request",
-                         reason="too_many_instances")
+        raise BadRequest(
+            "instances",
+            f"{len(instances)} instances, at most {limits.max_instances} per request",
+            reason="too_many_instances",
+        )
     return [parse_v1(instance, limits, at=f"instances[{i}]") for i, instance in enumerate(instances)], True
 
 
@@ -233,12 +244,16 @@ def _parse_v1(body: Any, limits: Limits) -> Ranking:
         return check_limits(common, limits)
     count = body.get("candidates")
     if isinstance(count, list) and len(count) > limits.max_candidates:
-        raise BadRequest("candidates", f"{len(count)} candidates, at most {limits.max_candidates} per request",
-                         reason="too_many_candidates")
+        raise BadRequest(
+            "candidates",
+            f"{len(count)} candidates, at most {limits.max_candidates} per request",
+            reason="too_many_candidates",
+        )
     history = body.get("user", {}).get("history") if isinstance(body.get("user"), Mapping) else None
     if isinstance(history, list) and len(history) > limits.max_history:
-        raise BadRequest("user.history", f"{len(history)} items, at most {limits.max_history}",
-                         reason="history_too_long")
+        raise BadRequest(
+            "user.history", f"{len(history)} items, at most {limits.max_history}", reason="history_too_long"
+        )
     try:
         request = RankRequest.model_validate(body)
     except ValidationError as exc:
@@ -264,16 +279,23 @@ V2_INPUTS = {
     "brand": "INT64 [C], optional: -1 where unknown",
 }
 V2_OUTPUTS = {"scores": "FP32 [C]: click probability of each candidate, in the order sent"}
-INT_TYPES = {"INT64": "<i8", "INT32": "<i4", "INT16": "<i2", "INT8": "i1",
-             "UINT64": "<u8", "UINT32": "<u4", "UINT16": "<u2", "UINT8": "u1"}
+INT_TYPES = {
+    "INT64": "<i8",
+    "INT32": "<i4",
+    "INT16": "<i2",
+    "INT8": "i1",
+    "UINT64": "<u8",
+    "UINT32": "<u4",
+    "UINT16": "<u2",
+    "UINT8": "u1",
+}
 INT64_MAX = 2**63 - 1
 
 
 def v2_metadata() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(inputs, outputs) of the model metadata: every tensor's name, datatype and shape (-1:
     any length); which inputs are optional is in the docs and the error messages."""
-    inputs = [{"name": name, "datatype": "INT64", "shape": [1] if name == "user_id" else [-1]}
-              for name in V2_INPUTS]
+    inputs = [{"name": name, "datatype": "INT64", "shape": [1] if name == "user_id" else [-1]} for name in V2_INPUTS]
     return inputs, [{"name": "scores", "datatype": "FP32", "shape": [-1]}]
 
 
@@ -335,8 +357,11 @@ def parse_v2(tensors: Mapping[str, Ids], limits: Limits = DEFAULT_LIMITS) -> Ran
         raise BadRequest("inputs.user_id", "expected one non-negative id, shape [1]")
     cands = tensors["candidates"]
     if len(cands) > limits.max_candidates:
-        raise BadRequest("inputs.candidates", f"{len(cands)} candidates, at most {limits.max_candidates} "
-                         "per request", reason="too_many_candidates")
+        raise BadRequest(
+            "inputs.candidates",
+            f"{len(cands)} candidates, at most {limits.max_candidates} per request",
+            reason="too_many_candidates",
+        )
     ranking = Ranking(
         user_id=int(user[0]),
         history=tensors.get("history"),
@@ -355,12 +380,14 @@ def parse_v2(tensors: Mapping[str, Ids], limits: Limits = DEFAULT_LIMITS) -> Ran
             if len(values) and (values.min() < UNKNOWN or values.max() > 2**31 - 1):
                 raise BadRequest(f"inputs.{name}", "ids must be in [-1, 2^31 - 1] (-1: unknown)")
     if ranking.history is not None and len(ranking.history) > limits.max_history:
-        raise BadRequest("inputs.history", f"{len(ranking.history)} items, at most {limits.max_history}",
-                         reason="history_too_long")
+        raise BadRequest(
+            "inputs.history", f"{len(ranking.history)} items, at most {limits.max_history}", reason="history_too_long"
+        )
     return check_limits(ranking, limits, field="inputs.candidates")
 
 
 # --- answers, request ids -----------------------------------------------------------------------
+
 
 def new_request_id(variant: str) -> str:
     """`<variant>.<32 hex>`: feedback posted by request id names the variant that served it, so
@@ -405,8 +432,9 @@ def v1_request_schema(limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     schema = RankRequest.model_json_schema()
     candidates = schema["properties"]["candidates"]
     candidates["maxItems"] = limits.max_candidates
-    candidates["items"] = {"anyOf": [candidates["items"], {"type": "integer", "minimum": 0,
-                                                           "description": "an item id alone"}]}
+    candidates["items"] = {
+        "anyOf": [candidates["items"], {"type": "integer", "minimum": 0, "description": "an item id alone"}]
+    }
     history = schema["$defs"]["User"]["properties"]["history"]
     next(a for a in history["anyOf"] if a.get("type") == "array")["maxItems"] = limits.max_history
     return schema

@@ -23,6 +23,7 @@ package is imported (`kserve.model_server`, `parse_known_args`, for those argume
 its flags (`--http_port`, `--workers`, ...) share no name or prefix with `mmrank predictor
 serve`'s, so it finds none of ours and keeps its defaults (tests/test_predictor_requests.py).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -47,26 +48,39 @@ class RankingServer(ModelServer):  # type: ignore[misc]  # KServe ships no type 
     """KServe's ModelServer, one process: its REST app behind `Guard`, its gRPC servicer with the
     same slots, both on `host` (KServe binds 0.0.0.0 and [::])."""
 
-    def __init__(self, model: RankerModel, host: str, http_port: int, grpc_port: int,
-                 workers_threads: int | None) -> None:
+    def __init__(
+        self, model: RankerModel, host: str, http_port: int, grpc_port: int, workers_threads: int | None
+    ) -> None:
         # KServe's own gRPC server stays off (enable_grpc): `start` runs the ranking one on grpc_port.
-        super().__init__(http_port=http_port, grpc_port=grpc_port, enable_grpc=False,
-                         max_asyncio_workers=workers_threads, enable_latency_logging=False)
+        super().__init__(
+            http_port=http_port,
+            grpc_port=grpc_port,
+            enable_grpc=False,
+            max_asyncio_workers=workers_threads,
+            enable_latency_logging=False,
+        )
         self.model, self.host = model, host
 
     def start(self, models: list[Any]) -> None:
         self._register_and_check_atleast_one_model_is_ready(models)
         admission = Admission(self.model)
-        rest = RESTServer(FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension,
-                          self.http_port, grace_period=self.grace_period, event_loop=self.event_loop,
-                          timeout_keep_alive=self.timeout_keep_alive)
+        rest = RESTServer(
+            FASTAPI_APP_IMPORT_STRING,
+            self.dataplane,
+            self.model_repository_extension,
+            self.http_port,
+            grace_period=self.grace_period,
+            event_loop=self.event_loop,
+            timeout_keep_alive=self.timeout_keep_alive,
+        )
         rest.config.host = self.host
         rest.create_application()
         kserve_app.add_middleware(Guard, model=self.model, admission=admission)  # outermost: before KServe's timing
         self.servers.append(rest._server.serve())
         if self.grpc_port:
-            self._grpc_server = RankingGRPCServer(self.host, self.grpc_port, self.dataplane,
-                                                  self.model_repository_extension, admission)
+            self._grpc_server = RankingGRPCServer(
+                self.host, self.grpc_port, self.dataplane, self.model_repository_extension, admission
+            )
             self.servers.append(self._grpc_server.start(self.max_threads))
         self.register_signal_handler()
 
@@ -79,8 +93,14 @@ class RankingServer(ModelServer):  # type: ignore[misc]  # KServe ships no type 
             runner.run(run())
 
 
-def serve(model: RankerModel, http_port: int, grpc_port: int = 8081, host: str = "0.0.0.0",
-          workers_threads: int | None = None, access_log: bool = False) -> None:
+def serve(
+    model: RankerModel,
+    http_port: int,
+    grpc_port: int = 8081,
+    host: str = "0.0.0.0",
+    workers_threads: int | None = None,
+    access_log: bool = False,
+) -> None:
     """Load the model and run KServe's ModelServer, REST on `http_port` and gRPC on `grpc_port`
     (0: no gRPC), both bound to `host`, until SIGTERM. Per-request access and timing log lines are
     off unless `access_log`: metrics carry that, at a fraction of the cost."""

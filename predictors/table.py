@@ -3,6 +3,7 @@
 One MAKE pre-training per seed serves every MAKE row: its state is saved after 1, 2 and 4
 epochs and each snapshot gets its own one-epoch ID model, all from the same seed.
 """
+
 from __future__ import annotations
 
 import re
@@ -19,9 +20,16 @@ BEGIN, END = "<!-- ranker-table:begin -->", "<!-- ranker-table:end -->"
 SECTION = "## CTR ranker: ID / Vector / SimTier / SimTier+MAKE (issue 6)"
 
 
-def run_table(data_dir: str, space_dir: str | None, seeds: Iterable[int], make_epochs: tuple[int, ...],
-              settings: Any, history_length: int = 50, tier_width: float = 0.1,
-              log: Callable[[str], None] = lambda line: None) -> list[dict[str, Any]]:
+def run_table(
+    data_dir: str,
+    space_dir: str | None,
+    seeds: Iterable[int],
+    make_epochs: tuple[int, ...],
+    settings: Any,
+    history_length: int = 50,
+    tier_width: float = 0.1,
+    log: Callable[[str], None] = lambda line: None,
+) -> list[dict[str, Any]]:
     """Train and evaluate every (variant, seed); -> one dict per run with its metrics."""
     import dataclasses
 
@@ -29,22 +37,30 @@ def run_table(data_dir: str, space_dir: str | None, seeds: Iterable[int], make_e
     from mmrank.predictors.model import Ranker, RankerConfig
 
     train_data, test_data, catalogue, vocab = train.load_data(data_dir, history_length, space_dir)
-    log(f"{len(train_data)} training and {len(test_data)} test impressions "
-        f"({int(test_data.cold.sum())} on cold items), space {catalogue.encoder_version}")
+    log(
+        f"{len(train_data)} training and {len(test_data)} test impressions "
+        f"({int(test_data.cold.sum())} on cold items), space {catalogue.encoder_version}"
+    )
 
     def config(variant: str) -> RankerConfig:
-        return RankerConfig(variant=variant, mm_dim=catalogue.vectors.shape[1], history_length=history_length,
-                            tier_width=tier_width, **vocab)
+        return RankerConfig(
+            variant=variant,
+            mm_dim=catalogue.vectors.shape[1],
+            history_length=history_length,
+            tier_width=tier_width,
+            **vocab,
+        )
 
     runs = []
 
     def record(variant: str, seed: int, model: Any, report: dict, epochs: int | None = None) -> None:
         metrics = train.evaluate(model, test_data, catalogue)
-        runs.append({"variant": variant, "make_epochs": epochs, "seed": seed, "metrics": metrics,
-                     "training": report})
-        log(f"seed {seed} {label(variant, epochs):<22} GAUC {metrics['overall']['gauc']:.4f} "
+        runs.append({"variant": variant, "make_epochs": epochs, "seed": seed, "metrics": metrics, "training": report})
+        log(
+            f"seed {seed} {label(variant, epochs):<22} GAUC {metrics['overall']['gauc']:.4f} "
             f"AUC {metrics['overall']['auc']:.4f} cold GAUC {metrics['cold']['gauc']:.4f} "
-            f"({report.get('id_seconds', 0) + report.get('make_seconds', 0):.1f}s)")
+            f"({report.get('id_seconds', 0) + report.get('make_seconds', 0):.1f}s)"
+        )
 
     for seed in seeds:
         run_settings = dataclasses.replace(settings, seed=seed)
@@ -53,21 +69,30 @@ def run_table(data_dir: str, space_dir: str | None, seeds: Iterable[int], make_e
             record(variant, seed, model, report)
         started = time.perf_counter()
         holder = Ranker(config("simtier-make"))
-        snapshots = train.pretrain_make(holder, train_data, catalogue,
-                                        dataclasses.replace(run_settings, make_epochs=max(make_epochs)),
-                                        snapshots=make_epochs)
+        snapshots = train.pretrain_make(
+            holder,
+            train_data,
+            catalogue,
+            dataclasses.replace(run_settings, make_epochs=max(make_epochs)),
+            snapshots=make_epochs,
+        )
         make_seconds = time.perf_counter() - started
         for epochs in make_epochs:
-            model, report = train.train_ranker(train_data, catalogue, config("simtier-make"),
-                                               dataclasses.replace(run_settings, make_epochs=epochs),
-                                               make_state=snapshots[epochs])
+            model, report = train.train_ranker(
+                train_data,
+                catalogue,
+                config("simtier-make"),
+                dataclasses.replace(run_settings, make_epochs=epochs),
+                make_state=snapshots[epochs],
+            )
             report["make_seconds"] = round(make_seconds * epochs / max(make_epochs), 2)
             record("simtier-make", seed, model, report, epochs)
     return runs
 
 
-def run_table_parallel(data_dir: str, space_dir: str | None, seeds: Iterable[int], jobs: int,
-                       threads: int = 1, **kwargs: Any) -> list[dict[str, Any]]:
+def run_table_parallel(
+    data_dir: str, space_dir: str | None, seeds: Iterable[int], jobs: int, threads: int = 1, **kwargs: Any
+) -> list[dict[str, Any]]:
     """`run_table` with one worker process per seed (at most `jobs` at once), each on `threads`
     torch threads: the seeds are independent, and one thread per process wastes least on a
     shared machine. Results come back in seed order."""
@@ -82,7 +107,9 @@ def run_table_parallel(data_dir: str, space_dir: str | None, seeds: Iterable[int
         return [run for future in futures for run in future.result()]
 
 
-def _one_seed(data_dir: str, space_dir: str | None, seed: int, threads: int, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+def _one_seed(
+    data_dir: str, space_dir: str | None, seed: int, threads: int, kwargs: dict[str, Any]
+) -> list[dict[str, Any]]:
     import sys
 
     import torch
@@ -110,8 +137,7 @@ def grouped(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return groups
 
 
-def lift(runs: list[dict[str, Any]], row: str, subset: str, metric: str,
-         relative: bool = True) -> tuple[float, float]:
+def lift(runs: list[dict[str, Any]], row: str, subset: str, metric: str, relative: bool = True) -> tuple[float, float]:
     """Lift of `row` over ID paired by seed, mean and spread over seeds: relative in %, or
     absolute in points (x 100) when not `relative`."""
     groups = grouped(runs)
@@ -124,21 +150,35 @@ def render(runs: list[dict[str, Any]], command: str = "mmrank ranker table") -> 
     """The markdown table (metrics as mean ± spread over seeds) and the lifts over ID."""
     groups = grouped(runs)
     seeds = sorted({r["seed"] for r in runs})
-    columns = [("overall", "auc", "AUC"), ("overall", "gauc", "GAUC"), ("overall", "logloss", "log-loss"),
-               ("cold", "auc", "cold AUC"), ("cold", "gauc", "cold GAUC"), ("cold", "logloss", "cold log-loss")]
-    lines = [f"`{command}` — mean ± sample std over seeds {', '.join(map(str, seeds))}; cold = test "
-             "impressions of items never impressed in the training days.", "",
-             "| model | " + " | ".join(c[2] for c in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
+    columns = [
+        ("overall", "auc", "AUC"),
+        ("overall", "gauc", "GAUC"),
+        ("overall", "logloss", "log-loss"),
+        ("cold", "auc", "cold AUC"),
+        ("cold", "gauc", "cold GAUC"),
+        ("cold", "logloss", "cold log-loss"),
+    ]
+    lines = [
+        f"`{command}` — mean ± sample std over seeds {', '.join(map(str, seeds))}; cold = test "
+        "impressions of items never impressed in the training days.",
+        "",
+        "| model | " + " | ".join(c[2] for c in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
     for row, group in groups.items():
         cells = []
         for subset, metric, _ in columns:
             mean, spread = summarise([r["metrics"][subset][metric] for r in group])
             cells.append(f"{mean:.4f} ± {spread:.4f}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    lines += ["", "Lift over ID, paired by seed (mean ± std): relative in %, and in absolute points "
-              "(× 100) in brackets; beside it the paper's offline figures:", "",
-              "| model | GAUC | AUC | cold GAUC | cold AUC | cold / overall GAUC lift |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "Lift over ID, paired by seed (mean ± std): relative in %, and in absolute points "
+        "(× 100) in brackets; beside it the paper's offline figures:",
+        "",
+        "| model | GAUC | AUC | cold GAUC | cold AUC | cold / overall GAUC lift |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for row in groups:
         if row == "ID":
             continue
@@ -149,8 +189,10 @@ def render(runs: list[dict[str, Any]], command: str = "mmrank ranker table") -> 
         g, cg = lift(runs, row, "overall", "gauc"), lift(runs, row, "cold", "gauc")
         ratio = f"{cg[0] / g[0]:.1f}×" if abs(g[0]) > 1e-9 else "n/a"
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {ratio} |")
-    lines.append(f"| paper: SimTier+MAKE (Taobao) | +{PAPER_LIFT['gauc']:.2f} % | +{PAPER_LIFT['auc']:.2f} % | "
-                 "— | — | ≈ 2× online (new ads CTR +6.9 % vs all +3.5 %) |")
+    lines.append(
+        f"| paper: SimTier+MAKE (Taobao) | +{PAPER_LIFT['gauc']:.2f} % | +{PAPER_LIFT['auc']:.2f} % | "
+        "— | — | ≈ 2× online (new ads CTR +6.9 % vs all +3.5 %) |"
+    )
     return "\n".join(lines) + "\n"
 
 

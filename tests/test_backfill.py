@@ -1,4 +1,5 @@
 """Backfill of a new space through the real Triton (the exported item encoder) into the real stores."""
+
 from __future__ import annotations
 
 import asyncio
@@ -44,8 +45,9 @@ def write_catalogue(directory: Path, n: int, seed: int = 0) -> tuple[np.ndarray,
     pixels = rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
     titles = [f"{rng.choice(['red', 'blue', 'green'])} cotton shirt {i}" for i in range(n)]
     order = rng.permutation(n)
-    pq.write_table(pa.table({"item_id": order.astype(np.int64), "title": [titles[i] for i in order]}),
-                   directory / "items.parquet")
+    pq.write_table(
+        pa.table({"item_id": order.astype(np.int64), "title": [titles[i] for i in order]}), directory / "items.parquet"
+    )
     np.save(directory / "images.npy", pixels)
     return pixels, titles
 
@@ -58,8 +60,9 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[servers.S
     from mmrank.encoders.model import EncoderConfig, ItemEncoder
 
     torch.manual_seed(2)
-    encoder = ItemEncoder(EncoderConfig(image_channels=(8, 16), text_width=32, text_layers=1, text_heads=2,
-                                        vocab_size=512)).eval()
+    encoder = ItemEncoder(
+        EncoderConfig(image_channels=(8, 16), text_width=32, text_layers=1, text_heads=2, vocab_size=512)
+    ).eval()
     repo = tmp_path_factory.mktemp("repo")
     export_repository(encoder, repo, model_name="enc", max_batch_size=64, max_queue_delay_us=1000)
     server = servers.start_triton(repo, tmp_path_factory.mktemp("triton"))
@@ -76,6 +79,7 @@ def inferred_items(server: servers.Server, model: str = "enc") -> int:
 
 
 # --- pure parts -------------------------------------------------------------------------------
+
 
 def test_shards_cover_every_row_exactly_once() -> None:
     for n in (0, 1, 7, 480, 1001):
@@ -107,8 +111,10 @@ def test_windows_split_rows_into_batches_in_flight() -> None:
 
 # --- with the real servers --------------------------------------------------------------------
 
-def test_two_shards_fill_a_new_space_to_full_coverage(triton: tuple[servers.Server, Any],
-                                                      redis_server: servers.Server, tmp_path: Path) -> None:
+
+def test_two_shards_fill_a_new_space_to_full_coverage(
+    triton: tuple[servers.Server, Any], redis_server: servers.Server, tmp_path: Path
+) -> None:
     from mmrank.encoders.model import encode_items
 
     server, encoder = triton
@@ -116,9 +122,25 @@ def test_two_shards_fill_a_new_space_to_full_coverage(triton: tuple[servers.Serv
     store = open_store(redis_server.url)
     catalogue = ShopCatalogue(tmp_path / "shop")
     target = EncoderTarget("e2", str(server.extra["grpc_url"]), "enc")
-    results = [asyncio.run(backfill(BackfillConfig("e2", target, redis_server.url, str(tmp_path / "shop"), shard=i,
-                                                   shards=2, batch_size=32, in_flight=3), store, catalogue))
-               for i in range(2)]
+    results = [
+        asyncio.run(
+            backfill(
+                BackfillConfig(
+                    "e2",
+                    target,
+                    redis_server.url,
+                    str(tmp_path / "shop"),
+                    shard=i,
+                    shards=2,
+                    batch_size=32,
+                    in_flight=3,
+                ),
+                store,
+                catalogue,
+            )
+        )
+        for i in range(2)
+    ]
     info = store.space_info("e2")
     assert (info.items, info.catalogue_size, info.coverage) == (N_ITEMS, N_ITEMS, 1.0)
     assert {k: (v.done, v.total) for k, v in info.backfill.items()} == {"0/2": (240, 240), "1/2": (240, 240)}
@@ -130,7 +152,8 @@ def test_two_shards_fill_a_new_space_to_full_coverage(triton: tuple[servers.Serv
 
 
 def test_a_backfill_fills_the_space_and_catalogue_size_of_its_own_ranker_only(
-        triton: tuple[servers.Server, Any], redis_server: servers.Server, tmp_path: Path) -> None:
+    triton: tuple[servers.Server, Any], redis_server: servers.Server, tmp_path: Path
+) -> None:
     """`mmrank backfill run` as the operator's Job runs it (MMRANK_SCOPE in its environment), on a
     Redis where another ranker already has a space of the same name with another catalogue."""
     from mmrank.store import Scope
@@ -141,11 +164,27 @@ def test_a_backfill_fills_the_space_and_catalogue_size_of_its_own_ranker_only(
     neighbour.create_space("e1", 128)
     neighbour.put("e1", [0, 1, 2], np.eye(3, 128, dtype=np.float32))
     neighbour.set_catalogue_size("e1", 7)
-    argv = [sys.executable, "-m", "mmrank", "backfill", "run", "--space", "e1", "--shard", "0/1",
-            "--encoder", f"{server.extra['grpc_url']}/enc", "--store", redis_server.url,
-            "--catalogue", str(tmp_path / "shop"), "--no-progress"]
-    done = subprocess.run(argv, env={**os.environ, "MMRANK_SCOPE": "ads/shop"}, capture_output=True, text=True,
-                          timeout=300)
+    argv = [
+        sys.executable,
+        "-m",
+        "mmrank",
+        "backfill",
+        "run",
+        "--space",
+        "e1",
+        "--shard",
+        "0/1",
+        "--encoder",
+        f"{server.extra['grpc_url']}/enc",
+        "--store",
+        redis_server.url,
+        "--catalogue",
+        str(tmp_path / "shop"),
+        "--no-progress",
+    ]
+    done = subprocess.run(
+        argv, env={**os.environ, "MMRANK_SCOPE": "ads/shop"}, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     info = open_store(redis_server.url, Scope("ads", "shop")).space_info("e1")
     assert (info.items, info.catalogue_size, info.coverage) == (40, 40, 1.0)
@@ -157,7 +196,8 @@ def test_a_backfill_fills_the_space_and_catalogue_size_of_its_own_ranker_only(
 
 
 def test_backfill_killed_half_way_resumes_to_full_coverage_without_counting_work_twice(
-        triton: tuple[servers.Server, Any], tmp_path: Path) -> None:
+    triton: tuple[servers.Server, Any], tmp_path: Path
+) -> None:
     from mmrank import shop
 
     server, _ = triton
@@ -165,9 +205,28 @@ def test_backfill_killed_half_way_resumes_to_full_coverage_without_counting_work
     n_items = len(ShopCatalogue(tmp_path / "shop"))
     url = f"file://{tmp_path / 'store'}"
     batch, in_flight = 8, 1  # small windows: a kill half way is easy to hit even on a fast machine
-    argv = [sys.executable, "-m", "mmrank", "backfill", "run", "--space", "e3", "--shard", "0/1",
-            "--encoder", f"{server.extra['grpc_url']}/enc", "--store", url, "--catalogue", str(tmp_path / "shop"),
-            "--batch-size", str(batch), "--in-flight", str(in_flight), "--progress"]
+    argv = [
+        sys.executable,
+        "-m",
+        "mmrank",
+        "backfill",
+        "run",
+        "--space",
+        "e3",
+        "--shard",
+        "0/1",
+        "--encoder",
+        f"{server.extra['grpc_url']}/enc",
+        "--store",
+        url,
+        "--catalogue",
+        str(tmp_path / "shop"),
+        "--batch-size",
+        str(batch),
+        "--in-flight",
+        str(in_flight),
+        "--progress",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     before = inferred_items(server)
     first = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -198,7 +257,12 @@ def test_backfill_killed_half_way_resumes_to_full_coverage_without_counting_work
     result = json.loads(second.stdout.strip().splitlines()[-1])
     assert result["resumed_from"] == checkpoint
     assert result["embedded"] == n_items - checkpoint
-    assert (result["done"], result["total"], result["space_items"], result["coverage"]) == (n_items, n_items, n_items, 1.0)
+    assert (result["done"], result["total"], result["space_items"], result["coverage"]) == (
+        n_items,
+        n_items,
+        n_items,
+        1.0,
+    )
     info = store.space_info("e3")
     assert (info.items, info.coverage, info.backfill["0/1"].done) == (n_items, 1.0, n_items)
     # Triton's own count: the whole catalogue once, plus at most the two windows the kill lost

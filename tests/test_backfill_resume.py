@@ -2,6 +2,7 @@
 
 A changed parallelism is a new Job with another shard count N; its shards find no checkpoint of
 their own, and must still skip what the old shards stored (and never skip what they did not)."""
+
 from __future__ import annotations
 
 import itertools
@@ -21,8 +22,8 @@ def test_a_new_shard_skips_the_prefix_the_old_sharding_stored() -> None:
 
 def test_its_own_checkpoint_and_another_catalogue_size() -> None:
     assert resume_from({"1/4": (7, 25)}, 100, 1, 4) == 7
-    assert resume_from({"1/4": (7, 30)}, 100, 1, 4) == 0            # recorded for another catalogue
-    assert resume_from({"0/1": (100, 100)}, 100, 3, 4) == 25         # the one-pod path stored everything
+    assert resume_from({"1/4": (7, 30)}, 100, 1, 4) == 0  # recorded for another catalogue
+    assert resume_from({"0/1": (100, 100)}, 100, 3, 4) == 25  # the one-pod path stored everything
     assert resume_from({}, 100, 0, 1) == 0
     assert resume_from({"garbage": (5, 5)}, 100, 0, 1) == 0
 
@@ -40,4 +41,4 @@ def test_resume_never_skips_a_row_that_was_not_stored(old_n: int, new_n: int) ->
             skip = resume_from(old, n, shard, new_n)
             assert 0 <= skip <= stop - start
             assert set(range(start, start + skip)) <= stored
-            assert start + skip == stop or start + skip not in stored    # and skips all it may
+            assert start + skip == stop or start + skip not in stored  # and skips all it may

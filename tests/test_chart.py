@@ -2,6 +2,7 @@
 values schema against a corpus of bad values, the restricted Pod Security Standard on every pod it
 renders, RBAC for every child, and install / upgrade (a changed CRD schema reaches the cluster) /
 uninstall (the CRD and the rankers stay unless asked) against the real kube-apiserver."""
+
 from __future__ import annotations
 
 import copy
@@ -26,8 +27,12 @@ CRD_KINDS = {"multimodalrankers.mmrank.io", "clusterkopfpeerings.kopf.dev", "kop
 
 
 def helm(helm_binary: str, *args: str, kubeconfig: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HELM_CACHE_HOME": "/tmp/mmrank-helm/cache", "HELM_CONFIG_HOME": "/tmp/mmrank-helm/config",
-           "HELM_DATA_HOME": "/tmp/mmrank-helm/data"}
+    env = {
+        **os.environ,
+        "HELM_CACHE_HOME": "/tmp/mmrank-helm/cache",
+        "HELM_CONFIG_HOME": "/tmp/mmrank-helm/config",
+        "HELM_DATA_HOME": "/tmp/mmrank-helm/data",
+    }
     extra = [f"--kubeconfig={kubeconfig}"] if kubeconfig else []
     return subprocess.run([helm_binary, *args, *extra], capture_output=True, text=True, timeout=120, env=env)
 
@@ -69,8 +74,17 @@ def test_chart_lints_and_renders_valid_manifests(helm_binary, values):
     settings = yaml.safe_load((CHART / values).read_text()) or {}
     per_namespace = {"Role", "RoleBinding"} if settings.get("watchNamespaces") else set()
     policy = {"NetworkPolicy"} if (settings.get("networkPolicy") or {}).get("enabled") else set()
-    assert {d["kind"] for d in docs} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment",
-                                         "Service", "Pod", "CustomResourceDefinition", *per_namespace, *policy}
+    assert {d["kind"] for d in docs} == {
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Service",
+        "Pod",
+        "CustomResourceDefinition",
+        *per_namespace,
+        *policy,
+    }
     assert {d["metadata"]["name"] for d in docs if d["kind"] == "CustomResourceDefinition"} == CRD_KINDS
     for doc in docs:
         kubernetes_validate.validate(doc, "1.33", strict=True)
@@ -80,7 +94,7 @@ def test_chart_lints_and_renders_valid_manifests(helm_binary, values):
 def test_every_pod_the_chart_renders_meets_the_restricted_profile(helm_binary, values):
     docs = render(helm_binary, "-f", str(CHART / values))
     pods = [d for d in docs if d["kind"] in ("Deployment", "Pod")]
-    assert {d["kind"] for d in pods} == {"Deployment", "Pod"}          # the operator and the `helm test` pod
+    assert {d["kind"] for d in pods} == {"Deployment", "Pod"}  # the operator and the `helm test` pod
     for doc in pods:
         assert object_violations(doc) == [], doc["metadata"]["name"]
         spec = doc["spec"]["template"]["spec"] if doc["kind"] == "Deployment" else doc["spec"]
@@ -130,15 +144,16 @@ def test_watch_namespaces_become_operator_arguments(helm_binary):
 
 def test_the_crd_is_a_template_with_cel_from_kubernetes_1_25(helm_binary):
     """`helm template` and `helm upgrade` carry the generated CRD; below 1.25 the copy without CEL."""
-    copies = CHART / "files" / "crds"             # tests/test_api_crd.py keeps them equal to `mmrank crd [--no-cel]`
+    copies = CHART / "files" / "crds"  # tests/test_api_crd.py keeps them equal to `mmrank crd [--no-cel]`
     with_cel = yaml.safe_load((copies / "mmrank.io_multimodalrankers.yaml").read_text())
     without = yaml.safe_load((copies / "mmrank.io_multimodalrankers.no-cel.yaml").read_text())
-    assert "x-kubernetes-validations" in yaml.safe_dump(with_cel) and "x-kubernetes-validations" not in \
-        yaml.safe_dump(without)
+    assert "x-kubernetes-validations" in yaml.safe_dump(with_cel) and "x-kubernetes-validations" not in yaml.safe_dump(
+        without
+    )
     for version, cel in (("1.33.0", True), ("1.25.0", True), ("1.24.9", False), ("1.20.0", False)):
         crds = [d for d in render(helm_binary, "--kube-version", version) if d["kind"] == "CustomResourceDefinition"]
         crd = next(d for d in crds if d["metadata"]["name"] == api.CRD_NAME)
-        assert crd["spec"] == (with_cel if cel else without)["spec"], version     # 1.0 == 1: YAML numbers alike
+        assert crd["spec"] == (with_cel if cel else without)["spec"], version  # 1.0 == 1: YAML numbers alike
         assert crd["metadata"]["annotations"]["mmrank.io/cel"] == str(cel).lower()
         for each in crds:
             assert each["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
@@ -146,8 +161,11 @@ def test_the_crd_is_a_template_with_cel_from_kubernetes_1_25(helm_binary):
     assert "helm.sh/resource-policy" not in crd["metadata"].get("annotations", {})
     kinds = {d["kind"] for d in render(helm_binary, "--set", "crds.install=false")}
     assert "CustomResourceDefinition" not in kinds
-    names = {d["metadata"]["name"] for d in render(helm_binary, "--set", "crds.peering=false")
-             if d["kind"] == "CustomResourceDefinition"}
+    names = {
+        d["metadata"]["name"]
+        for d in render(helm_binary, "--set", "crds.peering=false")
+        if d["kind"] == "CustomResourceDefinition"
+    }
     assert names == {api.CRD_NAME}
 
 
@@ -157,11 +175,14 @@ def test_kube_version_admits_1_20_and_refuses_older(helm_binary):
     assert refused.returncode != 0 and "kubeVersion" in refused.stderr + refused.stdout
 
 
-@pytest.mark.parametrize(("toggle", "kind"), [
-    ("metrics.serviceMonitor.enabled=true", "ServiceMonitor"),
-    ("metrics.podMonitor.enabled=true", "PodMonitor"),
-    ("networkPolicy.enabled=true", "NetworkPolicy"),
-])
+@pytest.mark.parametrize(
+    ("toggle", "kind"),
+    [
+        ("metrics.serviceMonitor.enabled=true", "ServiceMonitor"),
+        ("metrics.podMonitor.enabled=true", "PodMonitor"),
+        ("networkPolicy.enabled=true", "NetworkPolicy"),
+    ],
+)
 def test_optional_objects_render_only_when_enabled(helm_binary, toggle, kind):
     import kubernetes_validate
 
@@ -191,10 +212,21 @@ def test_network_policy_admits_the_given_peers_egress_rules_and_the_helm_test(he
     import kubernetes_validate
 
     values = tmp_path / "values.yaml"
-    values.write_text(yaml.safe_dump({"networkPolicy": {
-        "enabled": True,
-        "ingressFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
-        "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 6379, "protocol": "TCP"}]}]}}))
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "networkPolicy": {
+                    "enabled": True,
+                    "ingressFrom": [
+                        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+                    ],
+                    "egress": [
+                        {"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 6379, "protocol": "TCP"}]}
+                    ],
+                }
+            }
+        )
+    )
     docs = render(helm_binary, "-f", str(values))
     policy = one(docs, "NetworkPolicy")
     kubernetes_validate.validate(policy, "1.33", strict=True)
@@ -216,7 +248,7 @@ def test_helm_test_pod_asks_the_health_endpoint_through_the_service(helm_binary)
     assert f"http://{service['metadata']['name']}.mmrank-system.svc:8080/healthz" in script
     assert pod["spec"]["automountServiceAccountToken"] is False
     selector = service["spec"]["selector"]
-    assert not set(selector.items()) <= set(pod["metadata"]["labels"].items())   # the test pod is no endpoint
+    assert not set(selector.items()) <= set(pod["metadata"]["labels"].items())  # the test pod is no endpoint
 
 
 def test_notes_point_at_what_exists(helm_binary):
@@ -225,8 +257,9 @@ def test_notes_point_at_what_exists(helm_binary):
     notes = result.stdout.split("NOTES:", 1)[1]
     assert "helm test mmrank -n mmrank-system" in notes and "kubectl explain multimodalranker.spec" in notes
     home = yaml.safe_load((CHART / "Chart.yaml").read_text())["home"]
-    for path in [line.split(f"{home}/raw/main/", 1)[1].split()[0] for line in notes.splitlines()
-                 if f"{home}/raw/main/" in line]:
+    for path in [
+        line.split(f"{home}/raw/main/", 1)[1].split()[0] for line in notes.splitlines() if f"{home}/raw/main/" in line
+    ]:
         assert (ROOT / path).is_file(), path
     assert "clusterkopfpeering mmrank-mmrank-operator" in notes and "evaluates no CEL" not in notes
 
@@ -276,10 +309,12 @@ def test_values_schema_rejects_bad_values_at_install(helm_binary, setting, where
 
 def test_values_schema_rejects_a_bad_values_file(helm_binary, tmp_path):
     """What `--set` cannot say: a quantity as a map, a toleration with an unknown field, a list for a map."""
-    for values, where in (({"resources": {"limits": {"memory": {"size": "1Gi"}}}}, "/resources/limits/memory"),
-                          ({"tolerations": [{"key": "a", "operatr": "Exists"}]}, "additional properties 'operatr'"),
-                          ({"podAnnotations": ["a"]}, "/podAnnotations"),
-                          ({"networkPolicy": {"ingressFrom": [{"podSelectr": {}}]}}, "additional properties 'podSelectr'")):
+    for values, where in (
+        ({"resources": {"limits": {"memory": {"size": "1Gi"}}}}, "/resources/limits/memory"),
+        ({"tolerations": [{"key": "a", "operatr": "Exists"}]}, "additional properties 'operatr'"),
+        ({"podAnnotations": ["a"]}, "/podAnnotations"),
+        ({"networkPolicy": {"ingressFrom": [{"podSelectr": {}}]}}, "additional properties 'podSelectr'"),
+    ):
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump(values))
         result = helm(helm_binary, "template", "mmrank", str(CHART), "-f", str(path))
@@ -289,27 +324,47 @@ def test_values_schema_rejects_a_bad_values_file(helm_binary, tmp_path):
 def test_cluster_role_covers_every_child_the_operator_applies(helm_binary, tmp_path):
     import sys
 
-    rendered = subprocess.run([sys.executable, "-m", "mmrank", "render", "-f", str(ROOT / "examples" / "production.yaml"),
-                               "--coverage", "e1=1.0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    rendered = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmrank",
+            "render",
+            "-f",
+            str(ROOT / "examples" / "production.yaml"),
+            "--coverage",
+            "e1=1.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert rendered.returncode == 0, rendered.stderr
     children = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
     assert children
     role = one(render(helm_binary), "ClusterRole")
-    granted = {(group, resource): set(rule["verbs"]) for rule in role["rules"]
-               for group in rule["apiGroups"] for resource in rule["resources"]}
+    granted = {
+        (group, resource): set(rule["verbs"])
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
     for child in children:
         group = child["apiVersion"].rpartition("/")[0]
         resource = child["kind"].lower() + "s"
         verbs = granted.get((group, resource), set())
         assert {"get", "list", "watch", "create", "patch", "delete"} <= verbs, (
-            f"the operator applies {child['kind']} ({group or 'core'}/{resource}) but the ClusterRole grants {verbs}")
+            f"the operator applies {child['kind']} ({group or 'core'}/{resource}) but the ClusterRole grants {verbs}"
+        )
     from mmrank.operator.kube import CHILD_KINDS  # what the operator lists and deletes when a ranker goes
 
     for api_version, kind in CHILD_KINDS:
         group, resource = api_version.rpartition("/")[0], kind.lower() + "s"
         verbs = granted.get((group, resource), set())
         assert {"get", "list", "watch", "create", "patch", "delete"} <= verbs, (
-            f"CHILD_KINDS holds {kind} ({group or 'core'}/{resource}) but the ClusterRole grants {verbs}")
+            f"CHILD_KINDS holds {kind} ({group or 'core'}/{resource}) but the ClusterRole grants {verbs}"
+        )
     assert "update" in granted[("mmrank.io", "multimodalrankers/finalizers")]
     assert {"patch"} <= granted[("mmrank.io", "multimodalrankers/status")]
     assert {"get", "list", "watch", "create", "patch"} <= granted[("kopf.dev", "clusterkopfpeerings")]
@@ -331,13 +386,26 @@ def test_watched_namespaces_get_roles_and_the_cluster_role_keeps_only_cluster_re
 
 # --- against the real kube-apiserver (1.20) --------------------------------------------------------
 
+
 @pytest.mark.apiserver
 def test_rendered_chart_applies_to_the_real_apiserver(helm_binary, kube):
     kube.kubectl("create", "namespace", "mmrank-system", check=False)
-    manifests = helm(helm_binary, "template", "mmrank", str(CHART), "--namespace", "mmrank-system", "--skip-tests",
-                     "--set", "crds.install=false", "-f", str(CHART / "values-prod.yaml")).stdout
-    applied = kube.kubectl("apply", "--server-side", "--field-manager=helm-test", "-f", "-", input=manifests,
-                           check=False)
+    manifests = helm(
+        helm_binary,
+        "template",
+        "mmrank",
+        str(CHART),
+        "--namespace",
+        "mmrank-system",
+        "--skip-tests",
+        "--set",
+        "crds.install=false",
+        "-f",
+        str(CHART / "values-prod.yaml"),
+    ).stdout
+    applied = kube.kubectl(
+        "apply", "--server-side", "--field-manager=helm-test", "-f", "-", input=manifests, check=False
+    )
     assert applied.returncode == 0, applied.stderr
     again = kube.kubectl("apply", "--server-side", "--field-manager=helm-test", "-f", "-", input=manifests)
     assert "serverside-applied" in again.stdout
@@ -353,23 +421,35 @@ def test_with_watched_namespaces_the_operator_may_touch_nothing_elsewhere(helm_b
     for namespace in ("rbac-system", "rbac-watched", "rbac-other"):
         kube.kubectl("create", "namespace", namespace, check=False)
     servers.install_crds(kube.api_client, peering_crds(helm_binary))
-    manifests = helm(helm_binary, "template", "mmrank", str(CHART), "--namespace", "rbac-system", "--skip-tests",
-                     "--set", "crds.install=false", "--set", "watchNamespaces={rbac-watched}").stdout
-    applied = kube.kubectl("apply", "--server-side", "--field-manager=helm-test", "-f", "-", input=manifests,
-                           check=False)
+    manifests = helm(
+        helm_binary,
+        "template",
+        "mmrank",
+        str(CHART),
+        "--namespace",
+        "rbac-system",
+        "--skip-tests",
+        "--set",
+        "crds.install=false",
+        "--set",
+        "watchNamespaces={rbac-watched}",
+    ).stdout
+    applied = kube.kubectl(
+        "apply", "--server-side", "--field-manager=helm-test", "-f", "-", input=manifests, check=False
+    )
     assert applied.returncode == 0, applied.stderr
     names = {d["metadata"]["name"] for d in yaml.safe_load_all(manifests) if d and d["kind"] == "ServiceAccount"}
     account = f"system:serviceaccount:rbac-system:{names.pop()}"
 
     def can(verb: str, resource: str, namespace: str, *extra: str) -> bool:
-        result = kube.kubectl("auth", "can-i", verb, resource, "-n", namespace, f"--as={account}", *extra,
-                              check=False)
+        result = kube.kubectl("auth", "can-i", verb, resource, "-n", namespace, f"--as={account}", *extra, check=False)
         return result.stdout.strip() == "yes"
 
     assert can("get", "secrets", "rbac-watched") and can("create", "deployments", "rbac-watched")
     assert can("create", "events", "rbac-watched") and not can("create", "events", "rbac-other")
-    assert can("patch", "kopfpeerings.kopf.dev", "rbac-watched") and not can("patch", "kopfpeerings.kopf.dev",
-                                                                            "rbac-other")
+    assert can("patch", "kopfpeerings.kopf.dev", "rbac-watched") and not can(
+        "patch", "kopfpeerings.kopf.dev", "rbac-other"
+    )
     assert not can("get", "secrets", "rbac-other") and not can("create", "deployments", "rbac-other")
     assert not can("get", "secrets", "rbac-system")
     assert can("list", "customresourcedefinitions.apiextensions.k8s.io", "rbac-other")
@@ -384,8 +464,19 @@ def install(helm_binary: str, kube: Any, verb: str, chart: Path, *args: str) -> 
     """`helm install|upgrade` as the docs say on this 1.20 apiserver (client-side apply). The CRD may
     exist already, created by another test or by chart 0.1.x from its crds/ folder:
     --take-ownership adopts it (the documented upgrade from 0.1.x)."""
-    result = helm(helm_binary, verb, "mmrank", str(chart), "--namespace", "mmrank-system", "--create-namespace",
-                  "--server-side=false", "--take-ownership", *args, kubeconfig=kube.kubeconfig)
+    result = helm(
+        helm_binary,
+        verb,
+        "mmrank",
+        str(chart),
+        "--namespace",
+        "mmrank-system",
+        "--create-namespace",
+        "--server-side=false",
+        "--take-ownership",
+        *args,
+        kubeconfig=kube.kubeconfig,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -407,15 +498,16 @@ def chart_release(helm_binary, kube):
 @pytest.mark.parametrize("values", ["values.yaml", *ENVIRONMENTS])
 def test_each_environment_installs_on_the_real_apiserver(helm_binary, kube, chart_release, values):
     settings = yaml.safe_load((CHART / values).read_text()) or {}
-    for namespace in settings.get("watchNamespaces") or []:          # the Roles go there: they must exist
+    for namespace in settings.get("watchNamespaces") or []:  # the Roles go there: they must exist
         kube.kubectl("create", "namespace", namespace, check=False)
     installed = install(helm_binary, kube, "install", CHART, "-f", str(CHART / values))
-    assert "evaluates no CEL" in installed.stdout                                  # NOTES on 1.20
-    deployment = yaml.safe_load(kube.kubectl("get", "deployment", "-n", "mmrank-system", "mmrank-mmrank-operator",
-                                             "-o", "yaml").stdout)
+    assert "evaluates no CEL" in installed.stdout  # NOTES on 1.20
+    deployment = yaml.safe_load(
+        kube.kubectl("get", "deployment", "-n", "mmrank-system", "mmrank-mmrank-operator", "-o", "yaml").stdout
+    )
     assert deployment["spec"]["replicas"] == settings.get("replicaCount", 2)
     crd = live_crd(kube)
-    assert crd is not None and crd["metadata"]["annotations"]["mmrank.io/cel"] == "false"   # 1.20: no CEL
+    assert crd is not None and crd["metadata"]["annotations"]["mmrank.io/cel"] == "false"  # 1.20: no CEL
     assert "x-kubernetes-validations" not in yaml.safe_dump(crd["spec"])
     for name in CRD_KINDS:
         assert live_crd(kube, name) is not None, name
@@ -423,7 +515,7 @@ def test_each_environment_installs_on_the_real_apiserver(helm_binary, kube, char
     uninstall(helm_binary, kube)
     gone = kube.kubectl("get", "deployment", "-n", "mmrank-system", "mmrank-mmrank-operator", check=False)
     assert gone.returncode != 0
-    assert live_crd(kube) is not None                                              # crds.keep
+    assert live_crd(kube) is not None  # crds.keep
 
 
 def changed_chart(tmp_path: Path) -> Path:
@@ -440,7 +532,8 @@ def changed_chart(tmp_path: Path) -> Path:
 
 @pytest.mark.apiserver
 def test_upgrade_applies_a_changed_crd_and_uninstall_keeps_crd_and_rankers_unless_asked(
-        helm_binary, kube, chart_release, tmp_path):
+    helm_binary, kube, chart_release, tmp_path
+):
     from kubernetes import client, dynamic
 
     install(helm_binary, kube, "install", CHART)
@@ -453,7 +546,7 @@ def test_upgrade_applies_a_changed_crd_and_uninstall_keeps_crd_and_rankers_unles
     with_owner["spec"]["owner"] = "ads-ranking"
     rankers.create(body=ranker, namespace="chart-rankers")
     pruned = rankers.create(body=with_owner, namespace="chart-rankers").to_dict()
-    assert "owner" not in pruned["spec"]                  # today's schema does not know the field
+    assert "owner" not in pruned["spec"]  # today's schema does not know the field
 
     install(helm_binary, kube, "upgrade", changed_chart(tmp_path))
     live = live_crd(kube)
@@ -461,16 +554,19 @@ def test_upgrade_applies_a_changed_crd_and_uninstall_keeps_crd_and_rankers_unles
     assert "owner" in live["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     with_owner["metadata"]["name"] = "owned-after-upgrade"
     stored = rankers.create(body=with_owner, namespace="chart-rankers").to_dict()
-    assert stored["spec"]["owner"] == "ads-ranking"       # the new schema is the one the apiserver enforces
+    assert stored["spec"]["owner"] == "ads-ranking"  # the new schema is the one the apiserver enforces
 
-    install(helm_binary, kube, "upgrade", CHART)           # and back: the field leaves the schema again
+    install(helm_binary, kube, "upgrade", CHART)  # and back: the field leaves the schema again
     live = live_crd(kube)
     assert "owner" not in live["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
 
     uninstall(helm_binary, kube)
     assert live_crd(kube) is not None
     assert {r["metadata"]["name"] for r in rankers.get(namespace="chart-rankers").to_dict()["items"]} == {
-        "kept", "owned", "owned-after-upgrade"}
+        "kept",
+        "owned",
+        "owned-after-upgrade",
+    }
 
     # Asked: crds.keep=false, then uninstall deletes the CRDs (and with them every ranker). Rankers
     # other tests left behind with the operator's finalizer and no operator to remove it would hold
@@ -479,8 +575,12 @@ def test_upgrade_applies_a_changed_crd_and_uninstall_keeps_crd_and_rankers_unles
     install(helm_binary, kube, "upgrade", CHART, "--set", "crds.keep=false")
     for item in rankers.get().to_dict()["items"]:
         if item["metadata"].get("finalizers"):
-            rankers.patch(name=item["metadata"]["name"], namespace=item["metadata"]["namespace"],
-                          body={"metadata": {"finalizers": None}}, content_type="application/merge-patch+json")
+            rankers.patch(
+                name=item["metadata"]["name"],
+                namespace=item["metadata"]["namespace"],
+                body={"metadata": {"finalizers": None}},
+                content_type="application/merge-patch+json",
+            )
     uninstall(helm_binary, kube)
     extensions = client.ApiextensionsV1Api(kube.api_client)
     deadline = time.monotonic() + 60

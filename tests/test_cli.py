@@ -3,6 +3,7 @@ malformed files or a server that is not there, says what is wrong in one line on
 non-zero. Each case is a real `python -m mmrank` process; they run in parallel (a few at a time) so
 the corpus stays under a minute. Also: `--version`, Go durations (the CRD's interval pattern on the
 real apiserver against the parser), progress bars only on a terminal."""
+
 from __future__ import annotations
 
 import fcntl
@@ -31,8 +32,15 @@ CLOSED = "127.0.0.1:1"  # nothing listens on port 1: connections are refused at 
 
 
 def mmrank(*args: str, env: dict[str, str] | None = None, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mmrank", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, input=stdin, env={**os.environ, "KUBECONFIG": "/nonexistent", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "mmrank", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        input=stdin,
+        env={**os.environ, "KUBECONFIG": "/nonexistent", **(env or {})},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +78,18 @@ def make_files(root: Path) -> dict[str, Path]:
     made["list_json"].write_text("[1, 2]")
     made["unknown_knob"].write_text("no_such_knob: 3\n")
     made["kubeconfig_garbage"].write_text("kube: [what\n")
-    made["kubeconfig_down"].write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": {"server": f"https://{CLOSED}"}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
-        "users": [{"name": "u", "user": {"token": "t"}}]}))
+    made["kubeconfig_down"].write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "c",
+                "clusters": [{"name": "c", "cluster": {"server": f"https://{CLOSED}"}}],
+                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+            }
+        )
+    )
     shop = mmrank("shop", "generate", "--size", "tiny", "--out", str(made["shop"]))
     assert shop.returncode == 0, f"the tiny shop the corpus needs was not generated: {shop.stderr}"
     return made
@@ -116,55 +131,215 @@ def corpus(f: dict[str, Path], taken: int) -> list[tuple[str, list[str], dict[st
         ("train zero steps", ["encoders", "train", "--data", shop, "--out", directory, "--steps", "0"], {}),
         ("train negative lr", ["encoders", "train", "--data", shop, "--out", directory, "--lr", "-0.1"], {}),
         ("train unknown objective", ["encoders", "train", "--data", shop, "--out", directory, "--objective", "x"], {}),
-        ("train backbone not JSON", ["encoders", "train", "--data", shop, "--out", directory + "/t",
-                                     "--text-tower", "hf", "--text-backbone", "{bert"], {}),
+        (
+            "train backbone not JSON",
+            [
+                "encoders",
+                "train",
+                "--data",
+                shop,
+                "--out",
+                directory + "/t",
+                "--text-tower",
+                "hf",
+                "--text-backbone",
+                "{bert",
+            ],
+            {},
+        ),
         ("eval data not a shop", ["encoders", "eval", "--data", directory, "--checkpoint", directory], {}),
         ("eval checkpoint missing", ["encoders", "eval", "--data", shop, "--checkpoint", missing], {}),
         ("export checkpoint empty", ["encoders", "export", "--checkpoint", directory, "--repo", directory + "/r"], {}),
-        ("export checkpoint malformed", ["encoders", "export", "--checkpoint", s["checkpoint"],
-                                         "--repo", directory + "/r"], {}),
-        ("export unknown backend", ["encoders", "export", "--checkpoint", directory, "--repo", directory,
-                                    "--backend", "tf"], {}),
-        ("embed checkpoint empty", ["encoders", "embed", "--data", shop, "--checkpoint", directory,
-                                    "--out", directory + "/e", "--version", "e1"], {}),
+        (
+            "export checkpoint malformed",
+            ["encoders", "export", "--checkpoint", s["checkpoint"], "--repo", directory + "/r"],
+            {},
+        ),
+        (
+            "export unknown backend",
+            ["encoders", "export", "--checkpoint", directory, "--repo", directory, "--backend", "tf"],
+            {},
+        ),
+        (
+            "embed checkpoint empty",
+            [
+                "encoders",
+                "embed",
+                "--data",
+                shop,
+                "--checkpoint",
+                directory,
+                "--out",
+                directory + "/e",
+                "--version",
+                "e1",
+            ],
+            {},
+        ),
         # embedder and backfill
         ("embedder without a store", ["embedder", "run", "--encoder", f"e1={CLOSED}"], {"MMRANK_STORE_URL": ""}),
         ("embedder encoder malformed", ["embedder", "run", "--store", f"redis://{CLOSED}", "--encoder", "e1"], {}),
         ("embedder duration malformed", ["embedder", "run", "--max-wait", "soon"], {}),
         ("embedder zero claim-idle", ["embedder", "run", "--claim-idle", "0s"], {}),
         ("embedder port out of range", ["embedder", "run", "--http-port", "70000"], {}),
-        ("backfill without encoder", ["backfill", "run", "--space", "e1", "--catalogue", shop], {
-            "MMRANK_ENCODER_URL": "", "MMRANK_STORE_URL": ""}),
-        ("backfill shard out of range", ["backfill", "run", "--space", "e1", "--catalogue", shop, "--encoder", CLOSED,
-                                         "--store", f"redis://{CLOSED}", "--shard", "3/2"], {}),
-        ("backfill shard malformed", ["backfill", "run", "--space", "e1", "--catalogue", shop, "--encoder", CLOSED,
-                                      "--store", f"redis://{CLOSED}", "--shard", "x"], {}),
-        ("backfill catalogue missing", ["backfill", "run", "--space", "e1", "--catalogue", missing,
-                                        "--encoder", CLOSED, "--store", f"redis://{CLOSED}"], {}),
-        ("backfill catalogue not a shop", ["backfill", "run", "--space", "e1", "--catalogue", directory,
-                                           "--encoder", CLOSED, "--store", "file://" + directory + "/store"], {}),
-        ("backfill encoder unreachable", ["backfill", "run", "--space", "e1", "--catalogue", shop,
-                                          "--encoder", CLOSED, "--store", "file://" + directory + "/store"], {}),
+        (
+            "backfill without encoder",
+            ["backfill", "run", "--space", "e1", "--catalogue", shop],
+            {"MMRANK_ENCODER_URL": "", "MMRANK_STORE_URL": ""},
+        ),
+        (
+            "backfill shard out of range",
+            [
+                "backfill",
+                "run",
+                "--space",
+                "e1",
+                "--catalogue",
+                shop,
+                "--encoder",
+                CLOSED,
+                "--store",
+                f"redis://{CLOSED}",
+                "--shard",
+                "3/2",
+            ],
+            {},
+        ),
+        (
+            "backfill shard malformed",
+            [
+                "backfill",
+                "run",
+                "--space",
+                "e1",
+                "--catalogue",
+                shop,
+                "--encoder",
+                CLOSED,
+                "--store",
+                f"redis://{CLOSED}",
+                "--shard",
+                "x",
+            ],
+            {},
+        ),
+        (
+            "backfill catalogue missing",
+            [
+                "backfill",
+                "run",
+                "--space",
+                "e1",
+                "--catalogue",
+                missing,
+                "--encoder",
+                CLOSED,
+                "--store",
+                f"redis://{CLOSED}",
+            ],
+            {},
+        ),
+        (
+            "backfill catalogue not a shop",
+            [
+                "backfill",
+                "run",
+                "--space",
+                "e1",
+                "--catalogue",
+                directory,
+                "--encoder",
+                CLOSED,
+                "--store",
+                "file://" + directory + "/store",
+            ],
+            {},
+        ),
+        (
+            "backfill encoder unreachable",
+            [
+                "backfill",
+                "run",
+                "--space",
+                "e1",
+                "--catalogue",
+                shop,
+                "--encoder",
+                CLOSED,
+                "--store",
+                "file://" + directory + "/store",
+            ],
+            {},
+        ),
         ("backfill zero batch", ["backfill", "run", "--space", "e1", "--catalogue", shop, "--batch-size", "0"], {}),
         # ranker and predictor
         ("ranker train data missing", ["ranker", "train", "--data", missing, "--out", directory], {}),
         ("ranker train unknown variant", ["ranker", "train", "--data", shop, "--out", directory, "--variant", "x"], {}),
-        ("ranker train embeddings missing", ["ranker", "train", "--data", shop, "--out", directory,
-                                             "--embeddings", missing], {}),
-        ("ranker train zero history", ["ranker", "train", "--data", shop, "--out", directory,
-                                       "--history-length", "0"], {}),
+        (
+            "ranker train embeddings missing",
+            ["ranker", "train", "--data", shop, "--out", directory, "--embeddings", missing],
+            {},
+        ),
+        (
+            "ranker train zero history",
+            ["ranker", "train", "--data", shop, "--out", directory, "--history-length", "0"],
+            {},
+        ),
         ("ranker eval model empty", ["ranker", "eval", "--model", directory, "--data", shop], {}),
         ("ranker table epochs malformed", ["ranker", "table", "--data", shop, "--make-epochs-list", "1,x"], {}),
         ("ranker table json malformed", ["ranker", "table", "--data", shop, "--from-json", s["bad_json"]], {}),
         ("predictor without store", ["predictor", "serve", "--model-dir", directory], {"MMRANK_STORE_URL": ""}),
         ("predictor no artifact", ["predictor", "serve", "--model-dir", directory, "--store", f"redis://{CLOSED}"], {}),
-        ("predictor port taken", ["predictor", "serve", "--host", "127.0.0.1", "--http-port", str(taken),
-                                  "--model-dir", directory, "--store", f"redis://{CLOSED}"], {}),
-        ("predictor gRPC port taken", ["predictor", "serve", "--host", "127.0.0.1", "--grpc-port", str(taken),
-                                       "--http-port", "0", "--model-dir", directory,
-                                       "--store", f"redis://{CLOSED}"], {}),
-        ("embedder port taken", ["embedder", "run", "--http-host", "127.0.0.1", "--http-port", str(taken),
-                                 "--store", f"redis://{CLOSED}", "--encoder", f"e1={CLOSED}"], {}),
+        (
+            "predictor port taken",
+            [
+                "predictor",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--http-port",
+                str(taken),
+                "--model-dir",
+                directory,
+                "--store",
+                f"redis://{CLOSED}",
+            ],
+            {},
+        ),
+        (
+            "predictor gRPC port taken",
+            [
+                "predictor",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--grpc-port",
+                str(taken),
+                "--http-port",
+                "0",
+                "--model-dir",
+                directory,
+                "--store",
+                f"redis://{CLOSED}",
+            ],
+            {},
+        ),
+        (
+            "embedder port taken",
+            [
+                "embedder",
+                "run",
+                "--http-host",
+                "127.0.0.1",
+                "--http-port",
+                str(taken),
+                "--store",
+                f"redis://{CLOSED}",
+                "--encoder",
+                f"e1={CLOSED}",
+            ],
+            {},
+        ),
         ("predictor coverage above 1", ["predictor", "serve", "--min-coverage", "1.5"], {}),
         ("predictor port from env malformed", ["predictor", "serve", "--model-dir", directory], {"PORT": "http"}),
         ("predictor recheck malformed", ["predictor", "serve", "--recheck-seconds", "5 minutes"], {}),
@@ -232,17 +407,26 @@ def test_every_subcommand_turns_bad_input_into_one_line_on_stderr(files: dict[st
         named = lines[0].startswith(("mmrank", "error: cannot fetch")) if lines else False  # fetch: as before
         says = SAYS.get(why, "") in result.stderr
         if result.returncode == 0 or len(lines) != 1 or "Traceback" in result.stderr or not named or not says:
-            failures.append(f"{why}: mmrank {' '.join(argv)} -> exit {result.returncode}, "
-                            f"stderr {result.stderr[-600:]!r}")
+            failures.append(
+                f"{why}: mmrank {' '.join(argv)} -> exit {result.returncode}, stderr {result.stderr[-600:]!r}"
+            )
     assert not failures, f"{len(failures)} of {len(cases)} cases:\n" + "\n".join(failures)
-    commands = {tuple(argv[:2]) if argv[:1] in (["shop"], ["encoders"], ["ranker"]) else tuple(argv[:1])
-                for _, argv, _ in cases}
+    commands = {
+        tuple(argv[:2]) if argv[:1] in (["shop"], ["encoders"], ["ranker"]) else tuple(argv[:1]) for _, argv, _ in cases
+    }
     assert len(commands) >= 20  # every subcommand the parser knows has cases
 
 
-@pytest.mark.parametrize(("which", "says"), [("missing", "No such file"), ("dir", "Is a directory"),
-                                              ("bad_yaml", "cannot read a YAML manifest"), ("binary", "not UTF-8 text"),
-                                              ("empty", "no manifest in it")])
+@pytest.mark.parametrize(
+    ("which", "says"),
+    [
+        ("missing", "No such file"),
+        ("dir", "Is a directory"),
+        ("bad_yaml", "cannot read a YAML manifest"),
+        ("binary", "not UTF-8 text"),
+        ("empty", "no manifest in it"),
+    ],
+)
 def test_validate_reports_a_file_it_cannot_read_in_its_report(files: dict[str, Path], which: str, says: str) -> None:
     """`validate` is a linter: its report on stdout is its answer, for a file it cannot read too
     (tests/test_api_models.py holds it to that); still exit 1 and never a traceback."""
@@ -266,13 +450,17 @@ def test_the_local_node_commands_say_so_where_only_mmrank_is_installed(tmp_path:
     (tmp_path / "mmrank").mkdir()
     for source in (ROOT / "mmrank").glob("*.py"):
         (tmp_path / "mmrank" / source.name).write_bytes(source.read_bytes())
-    code = (f"import sys; sys.path.insert(0, {str(tmp_path)!r}); from mmrank.cli import main; "
-            "sys.exit(main(sys.argv[1:]))")
-    result = subprocess.run([sys.executable, "-I", "-S", "-c", code, *command], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=60)
+    code = (
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r}); from mmrank.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code, *command], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 1
-    assert result.stderr == (f"mmrank {' '.join(command[:2])}: harness.cluster_cli is not installed here "
-                             "(this image or environment holds other parts of mmrank)\n")
+    assert result.stderr == (
+        f"mmrank {' '.join(command[:2])}: harness.cluster_cli is not installed here "
+        "(this image or environment holds other parts of mmrank)\n"
+    )
 
 
 def test_argument_errors_exit_2_and_name_the_argument() -> None:
@@ -285,8 +473,9 @@ def test_argument_errors_exit_2_and_name_the_argument() -> None:
 def test_version() -> None:
     result = mmrank("--version")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"mmrank {cli.version()}" and re.fullmatch(r"mmrank \d+\.\d+\.\d+\S*\n",
-                                                                               result.stdout)
+    assert result.stdout.strip() == f"mmrank {cli.version()}" and re.fullmatch(
+        r"mmrank \d+\.\d+\.\d+\S*\n", result.stdout
+    )
 
 
 def test_mmrank_debug_shows_the_traceback(tmp_path: Path) -> None:
@@ -312,9 +501,22 @@ def test_describe_makes_one_line_of_any_error() -> None:
 
 # --- durations ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("2m30s", 150), ("1h30m", 5400), ("1h", 3600),
-                                               ("30", 30), ("0.05", 0.05), ("500ms", 0.5), ("1.5h", 5400),
-                                               ("1h2m3s", 3723), ("0", 0)])
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90s", 90),
+        ("2m30s", 150),
+        ("1h30m", 5400),
+        ("1h", 3600),
+        ("30", 30),
+        ("0.05", 0.05),
+        ("500ms", 0.5),
+        ("1.5h", 5400),
+        ("1h2m3s", 3723),
+        ("0", 0),
+    ],
+)
 def test_cli_durations_take_seconds_or_go_durations(text: str, seconds: float) -> None:
     assert cli.parse_seconds(text) == pytest.approx(seconds)
 
@@ -325,8 +527,19 @@ def test_cli_durations_refuse_what_is_not_one(text: str) -> None:
         cli.parse_seconds(text)
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("5m", 300), ("1h", 3600), ("1h30m", 5400),
-                                               ("2m30s", 150), ("90m", 5400), ("1h5s", 3605), ("1h2m3s", 3723)])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("30s", 30),
+        ("5m", 300),
+        ("1h", 3600),
+        ("1h30m", 5400),
+        ("2m30s", 150),
+        ("90m", 5400),
+        ("1h5s", 3605),
+        ("1h2m3s", 3723),
+    ],
+)
 def test_rollout_interval_takes_go_durations(text: str, seconds: int) -> None:
     assert api.duration_seconds(text) == seconds
     manifest = yaml.safe_load(MINIMAL.read_text())
@@ -369,8 +582,31 @@ def test_the_crd_pattern_accepts_exactly_what_the_parser_accepts(text: str) -> N
 
 _PATTERN = _crd_interval_pattern()
 
-INTERVALS = ["30s", "5m", "1h", "1h30m", "2m30s", "90m", "1h5s", "1h2m3s", "100000s",
-             "0s", "1h0m", "30", "1m1h", "1h30", "05s", "1.5h", "500ms", "1d", "", "soon", " 5m", "5m ", "1H"]
+INTERVALS = [
+    "30s",
+    "5m",
+    "1h",
+    "1h30m",
+    "2m30s",
+    "90m",
+    "1h5s",
+    "1h2m3s",
+    "100000s",
+    "0s",
+    "1h0m",
+    "30",
+    "1m1h",
+    "1h30",
+    "05s",
+    "1.5h",
+    "500ms",
+    "1d",
+    "",
+    "soon",
+    " 5m",
+    "5m ",
+    "1H",
+]
 
 
 @pytest.mark.apiserver
@@ -402,29 +638,35 @@ def test_the_apiserver_admits_exactly_the_intervals_the_operator_reads(kube) -> 
         except ValueError:
             parsed = False
         if admitted != parsed:
-            disagreements.append(f"{interval!r}: apiserver {'admits' if admitted else 'refuses'}, "
-                                 f"duration_seconds {'reads' if parsed else 'refuses'} it")
+            disagreements.append(
+                f"{interval!r}: apiserver {'admits' if admitted else 'refuses'}, "
+                f"duration_seconds {'reads' if parsed else 'refuses'} it"
+            )
     assert not disagreements, disagreements
     assert admitted_ones == INTERVALS[:9]  # the well-formed ones come first in the list
 
 
 # --- progress -----------------------------------------------------------------------------------
 
+
 def test_progress_on_a_terminal_and_none_in_logs(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "mmrank", "shop", "generate", "--size", "tiny"]
-    logged = subprocess.run([*argv, "--out", str(tmp_path / "logged")], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+    logged = subprocess.run(
+        [*argv, "--out", str(tmp_path / "logged")], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert logged.returncode == 0, logged.stderr
     assert logged.stderr == "" and logged.stdout.startswith("shop tiny seed 0 ->")
 
-    forced = subprocess.run([*argv, "--out", str(tmp_path / "forced"), "--progress"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    forced = subprocess.run(
+        [*argv, "--out", str(tmp_path / "forced"), "--progress"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert forced.returncode == 0 and "100%" in forced.stderr, forced.stderr
 
     controller, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a fresh pty is 0 columns wide
-    shown = subprocess.Popen([*argv, "--out", str(tmp_path / "shown")], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=terminal)
+    shown = subprocess.Popen(
+        [*argv, "--out", str(tmp_path / "shown")], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=terminal
+    )
     os.close(terminal)
     screen = b""
     while True:  # read as it comes, so the bar never blocks on a full terminal
@@ -438,5 +680,7 @@ def test_progress_on_a_terminal_and_none_in_logs(tmp_path: Path) -> None:
     os.close(controller)
     assert shown.wait(timeout=120) == 0
     assert b"shop tiny" in screen and b"100%" in screen, screen[-400:]
-    assert json.loads((tmp_path / "shown" / "manifest.json").read_text())["counts"] == \
-        json.loads((tmp_path / "logged" / "manifest.json").read_text())["counts"]
+    assert (
+        json.loads((tmp_path / "shown" / "manifest.json").read_text())["counts"]
+        == json.loads((tmp_path / "logged" / "manifest.json").read_text())["counts"]
+    )

@@ -14,6 +14,7 @@ load and evaluate. With MMRANK_DASHBOARD_PNG=1 the panels are drawn from those s
 docs/img/dashboard.png (tools/plot_dashboard.py), beside the series (dashboard-data.json);
 otherwise into the test's folder.
 """
+
 from __future__ import annotations
 
 import base64
@@ -54,6 +55,7 @@ CATALOGUE = 64
 
 # --- the files alone ----------------------------------------------------------------------------
 
+
 def panel_queries(dashboard: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(panel title, legend, PromQL) of every target of every panel."""
     return [(p["title"], t.get("legendFormat", ""), t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
@@ -72,16 +74,33 @@ def test_promtool_checks_the_rules_file() -> None:
 
 
 def test_the_prometheus_rule_and_the_dashboard_configmap_carry_the_files(helm_binary: str) -> None:
-    rendered = subprocess.run([helm_binary, "template", "m", str(CHART), "--set", "prometheusRule.enabled=true",
-                               "--set", "dashboards.enabled=true", "--set", "prometheusRule.labels.release=kps"],
-                              capture_output=True, text=True, timeout=120)
+    rendered = subprocess.run(
+        [
+            helm_binary,
+            "template",
+            "m",
+            str(CHART),
+            "--set",
+            "prometheusRule.enabled=true",
+            "--set",
+            "dashboards.enabled=true",
+            "--set",
+            "prometheusRule.labels.release=kps",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert rendered.returncode == 0, rendered.stderr
     docs = {d["kind"]: d for d in yaml.safe_load_all(rendered.stdout) if d}
     rule = docs["PrometheusRule"]
     assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["metadata"]["labels"]["release"] == "kps"
     assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
-    configmap = next(d for d in yaml.safe_load_all(rendered.stdout) if d and d["kind"] == "ConfigMap"
-                     and d["metadata"]["name"].endswith("-dashboards"))
+    configmap = next(
+        d
+        for d in yaml.safe_load_all(rendered.stdout)
+        if d and d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboards")
+    )
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(configmap["data"]["mmrank.json"]) == json.loads(DASHBOARD.read_text())
     off = subprocess.run([helm_binary, "template", "m", str(CHART)], capture_output=True, text=True, timeout=120)
@@ -89,11 +108,20 @@ def test_the_prometheus_rule_and_the_dashboard_configmap_carry_the_files(helm_bi
 
 
 def test_every_panel_names_only_metrics_the_code_exports() -> None:
+    import ast
+
     exported = set()
     for source in ("operator/metrics.py", "predictors/ranking_metrics.py", "encoders/embedder_metrics.py"):
-        text = (ROOT / source).read_text()
-        exported |= {part.split('"')[1] for part in text.split("Counter(")[1:] + text.split("Gauge(")[1:]
-                     + text.split("Histogram(")[1:] if part.startswith('"')}
+        tree = ast.parse((ROOT / source).read_text())
+        exported |= {
+            node.args[0].value
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call)
+            and getattr(node.func, "id", getattr(node.func, "attr", None)) in ("Counter", "Gauge", "Histogram")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        }
+    assert len(exported) > 10, exported
     import re
 
     expressions = [q for _, _, q in panel_queries(json.loads(DASHBOARD.read_text()))]
@@ -105,6 +133,7 @@ def test_every_panel_names_only_metrics_the_code_exports() -> None:
 
 
 # --- the running system -------------------------------------------------------------------------
+
 
 def png(seed: int) -> str:
     from PIL import Image
@@ -122,8 +151,10 @@ def write_catalogue(directory: Path, n: int) -> Path:
 
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(3)
-    pq.write_table(pa.table({"item_id": np.arange(n, dtype=np.int64), "title": [f"blue shirt {i}" for i in range(n)]}),
-                   directory / "items.parquet")
+    pq.write_table(
+        pa.table({"item_id": np.arange(n, dtype=np.int64), "title": [f"blue shirt {i}" for i in range(n)]}),
+        directory / "items.parquet",
+    )
     np.save(directory / "images.npy", rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8))
     return directory
 
@@ -135,19 +166,27 @@ def start_triton(workdir: Path) -> servers.Server:
     from mmrank.encoders.model import EncoderConfig, ItemEncoder
 
     torch.manual_seed(0)
-    encoder = ItemEncoder(EncoderConfig(dim=16, image_channels=(8, 16), text_width=32, text_layers=1, text_heads=2,
-                                        vocab_size=512)).eval()
+    encoder = ItemEncoder(
+        EncoderConfig(dim=16, image_channels=(8, 16), text_width=32, text_layers=1, text_heads=2, vocab_size=512)
+    ).eval()
     export_repository(encoder, workdir / "repo", model_name="enc", max_batch_size=32, max_queue_delay_us=1000)
     return servers.start_triton(workdir / "repo", workdir / "triton")
 
 
-def start_process(name: str, argv: list[str], workdir: Path, ready_url: str, env: dict[str, str] | None = None,
-                  timeout: float = 120.0) -> servers.Server:
+def start_process(
+    name: str, argv: list[str], workdir: Path, ready_url: str, env: dict[str, str] | None = None, timeout: float = 120.0
+) -> servers.Server:
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}.log"
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True,
-                                   env={**os.environ, **(env or {})})
+        process = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
     server = servers.Server(name, process, log_path, ready_url.rsplit("/", 1)[0], 0, workdir)
     servers.wait_until(server, lambda: servers.http_ok(ready_url), timeout, "answering")
     return server
@@ -158,19 +197,34 @@ def pod(namespace: str, template: dict[str, Any], port: int) -> dict[str, Any]:
     (the processes of this test share one address)."""
     annotations = {**template["metadata"].get("annotations", {}), "prometheus.io/port": str(port)}
     component = template["metadata"]["labels"].get("app.kubernetes.io/component", "operator")
-    return {"metadata": {"namespace": namespace, "name": f"{component}-{uuid.uuid4().hex[:5]}",
-                         "labels": template["metadata"]["labels"], "annotations": annotations},
-            "status": {"podIP": "127.0.0.1", "phase": "Running"}}
+    return {
+        "metadata": {
+            "namespace": namespace,
+            "name": f"{component}-{uuid.uuid4().hex[:5]}",
+            "labels": template["metadata"]["labels"],
+            "annotations": annotations,
+        },
+        "status": {"podIP": "127.0.0.1", "phase": "Running"},
+    }
 
 
 def manifest(namespace: str, store_url: str, prometheus_url: str, ranker: str) -> dict[str, Any]:
-    return {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": RANKER, "namespace": namespace},
-            "spec": {"encoder": {"version": "e1", "modelUri": "s3://models/encoder/e1"},
-                     "ranker": {"version": ranker, "modelUri": f"s3://models/ranker/{ranker}", "encoderVersion": "e1"},
-                     "embeddings": {"store": {"url": store_url}, "minCoverage": 0.99},
-                     "rollout": {"steps": [50], "interval": "3s", "prometheusUrl": prometheus_url,
-                                 "analysis": {"maxErrorRate": 0.5, "maxLatencyP99Ms": 5000, "minClickRateRatio": 0.3,
-                                              "minRequests": 5}}}}
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": RANKER, "namespace": namespace},
+        "spec": {
+            "encoder": {"version": "e1", "modelUri": "s3://models/encoder/e1"},
+            "ranker": {"version": ranker, "modelUri": f"s3://models/ranker/{ranker}", "encoderVersion": "e1"},
+            "embeddings": {"store": {"url": store_url}, "minCoverage": 0.99},
+            "rollout": {
+                "steps": [50],
+                "interval": "3s",
+                "prometheusUrl": prometheus_url,
+                "analysis": {"maxErrorRate": 0.5, "maxLatencyP99Ms": 5000, "minClickRateRatio": 0.3, "minRequests": 5},
+            },
+        },
+    }
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 90.0) -> Any:
@@ -200,9 +254,11 @@ class System:
             except BaseException as exc:  # noqa: BLE001 - reported below, with the others
                 results[key] = exc
 
-        threads = [threading.Thread(target=run, args=("rig", lambda: CanaryRig(workdir / "rig", "r1", "r2"))),
-                   threading.Thread(target=run, args=("triton", lambda: start_triton(workdir))),
-                   threading.Thread(target=run, args=("redis", lambda: servers.start_redis(workdir / "redis")))]
+        threads = [
+            threading.Thread(target=run, args=("rig", lambda: CanaryRig(workdir / "rig", "r1", "r2"))),
+            threading.Thread(target=run, args=("triton", lambda: start_triton(workdir))),
+            threading.Thread(target=run, args=("redis", lambda: servers.start_redis(workdir / "redis"))),
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -219,34 +275,90 @@ class System:
         self.rig, self.triton, self.redis = results["rig"], results["triton"], results["redis"]
         self.prometheus = self.rig.prometheus
         self.kube, self.kubeconfig = kube, kubeconfig
-        self.scope = f"{self.namespace}/{RANKER}"   # the store keys of the ranker (MMRANK_SCOPE, as in its pods)
+        self.scope = f"{self.namespace}/{RANKER}"  # the store keys of the ranker (MMRANK_SCOPE, as in its pods)
 
     def backfill(self) -> None:
         """The space e1 of the ranker, filled by the real backfill (its progress is in the store)."""
         catalogue = write_catalogue(self.workdir / "catalogue", CATALOGUE)
-        done = subprocess.run([sys.executable, "-m", "mmrank", "backfill", "run", "--space", "e1", "--shard", "0/1",
-                               "--encoder", f"{self.triton.extra['grpc_url']}/enc",
-                               "--store", self.redis.url, "--catalogue", str(catalogue), "--no-progress"],
-                              capture_output=True, text=True, timeout=120, cwd=self.workdir,
-                              env={**os.environ, "MMRANK_SCOPE": self.scope})
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mmrank",
+                "backfill",
+                "run",
+                "--space",
+                "e1",
+                "--shard",
+                "0/1",
+                "--encoder",
+                f"{self.triton.extra['grpc_url']}/enc",
+                "--store",
+                self.redis.url,
+                "--catalogue",
+                str(catalogue),
+                "--no-progress",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=self.workdir,
+            env={**os.environ, "MMRANK_SCOPE": self.scope},
+        )
         assert done.returncode == 0, done.stdout + done.stderr
 
     def start_embedder(self) -> None:
         port = servers.free_port()
-        self.embedder = start_process("embedder", [
-            sys.executable, "-m", "mmrank", "embedder", "run", "--encoder",
-            f"e1={self.triton.extra['grpc_url']}/enc", "--store", self.redis.url,
-            "--http-host", "127.0.0.1", "--http-port", str(port), "--max-wait", "0.02"],
-            self.workdir / "embedder", f"http://127.0.0.1:{port}/readyz", env={"MMRANK_SCOPE": self.scope})
+        self.embedder = start_process(
+            "embedder",
+            [
+                sys.executable,
+                "-m",
+                "mmrank",
+                "embedder",
+                "run",
+                "--encoder",
+                f"e1={self.triton.extra['grpc_url']}/enc",
+                "--store",
+                self.redis.url,
+                "--http-host",
+                "127.0.0.1",
+                "--http-port",
+                str(port),
+                "--max-wait",
+                "0.02",
+            ],
+            self.workdir / "embedder",
+            f"http://127.0.0.1:{port}/readyz",
+            env={"MMRANK_SCOPE": self.scope},
+        )
         self.embedder.port = port
         self.started.append(self.embedder)
 
     def start_operator(self) -> None:
         port = servers.free_port()
-        self.operator = start_process("operator", [
-            sys.executable, "-m", "mmrank", "operator", "run", "--standalone", "--namespace", self.namespace,
-            "--namespace", self.blocked, "--interval", "1", "--metrics-port", str(port)],
-            self.workdir / "operator", f"http://127.0.0.1:{port}/metrics", env={"KUBECONFIG": self.kubeconfig})
+        self.operator = start_process(
+            "operator",
+            [
+                sys.executable,
+                "-m",
+                "mmrank",
+                "operator",
+                "run",
+                "--standalone",
+                "--namespace",
+                self.namespace,
+                "--namespace",
+                self.blocked,
+                "--interval",
+                "1",
+                "--metrics-port",
+                str(port),
+            ],
+            self.workdir / "operator",
+            f"http://127.0.0.1:{port}/metrics",
+            env={"KUBECONFIG": self.kubeconfig},
+        )
         self.operator.port = port
         self.started.append(self.operator)
 
@@ -257,16 +369,25 @@ class System:
 
         body = manifest(self.namespace, self.redis.url, self.prometheus.url, "r1")
         ranker = reconcile.parse({**body, "metadata": {**body["metadata"], "uid": "u"}})
-        pods = [pod(self.namespace, children.build_embedder_deployment(ranker, ["e1"])["spec"]["template"],
-                    self.embedder.port)]
+        pods = [
+            pod(
+                self.namespace,
+                children.build_embedder_deployment(ranker, ["e1"])["spec"]["template"],
+                self.embedder.port,
+            )
+        ]
         triton_port = int(self.triton.extra["metrics_url"].split(":")[-1].split("/")[0])
         pods.append(pod(self.namespace, children.build_encoder_deployment(ranker)["spec"]["template"], triton_port))
         for variant, predictor in self.rig.predictors.items():
             served = ranker.spec.ranker.model_copy(update={"version": variant})
             template = children.build_ranker_deployment(ranker, served, 1, "stable")["spec"]["template"]
             pods.append(pod(self.namespace, template, predictor.port))
-        operator_pod = {"metadata": {"labels": {"app.kubernetes.io/name": "mmrank-operator"}, "annotations": {
-            "prometheus.io/scrape": "true", "prometheus.io/path": "/metrics"}}}
+        operator_pod = {
+            "metadata": {
+                "labels": {"app.kubernetes.io/name": "mmrank-operator"},
+                "annotations": {"prometheus.io/scrape": "true", "prometheus.io/path": "/metrics"},
+            }
+        }
         pods.append(pod("mmrank-system", operator_pod, self.operator.port))
         sd_file = self.prometheus.workdir / "pods.json"
         sd_file.write_text(json.dumps(pod_sd.target_groups(pods)))
@@ -276,8 +397,11 @@ class System:
         (self.prometheus.workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         reloaded = httpx.post(f"{self.prometheus.url}/-/reload", timeout=10)
         assert reloaded.status_code == 200, reloaded.text
-        wait_for("every pod scraped", lambda: self.instant('count(up{job="kubernetes-pods"} == 1)') == [len(pods)],
-                 timeout=30)
+        wait_for(
+            "every pod scraped",
+            lambda: self.instant('count(up{job="kubernetes-pods"} == 1)') == [len(pods)],
+            timeout=30,
+        )
 
     def instant(self, promql: str) -> list[float]:
         answer = httpx.get(f"{self.prometheus.url}/api/v1/query", params={"query": promql}, timeout=10).json()
@@ -289,8 +413,11 @@ class System:
         item = first
         while not stop.wait(every):
             with contextlib.suppress(httpx.HTTPError):
-                httpx.post(f"http://127.0.0.1:{self.embedder.port}/items", timeout=10,
-                           json={"item_id": item, "title": f"red dress {item}", "image": png(item)})
+                httpx.post(
+                    f"http://127.0.0.1:{self.embedder.port}/items",
+                    timeout=10,
+                    json={"item_id": item, "title": f"red dress {item}", "image": png(item)},
+                )
             item += 1
 
     def stop(self) -> None:
@@ -343,12 +470,13 @@ def drive(system: System) -> tuple[float, float]:
     def status() -> dict[str, Any]:
         return rankers.get(name=RANKER, namespace=system.namespace).to_dict().get("status") or {}
 
-    rankers.create(body=manifest(system.namespace, system.redis.url, system.prometheus.url, "r1"),
-                   namespace=system.namespace)
+    rankers.create(
+        body=manifest(system.namespace, system.redis.url, system.prometheus.url, "r1"), namespace=system.namespace
+    )
     generator = system.rig.generator(rate=30, canary_click=0.1, stable_click=0.1, concurrency=4, timeout=5.0)
     stop_posting = threading.Event()
     poster = threading.Thread(target=system.post_items, args=(1000, stop_posting), daemon=True)
-    with generator, Router(status, generator, "r2"):    # r2 gets the share the operator gives it
+    with generator, Router(status, generator, "r2"):  # r2 gets the share the operator gives it
         generator.start(seconds=120)
         poster.start()
         for bad in ({"item_id": 1, "title": " ", "image": png(0)}, {"item_id": "x", "title": "t", "image": png(0)}):
@@ -357,25 +485,44 @@ def drive(system: System) -> tuple[float, float]:
         wait_for("r1 stable", lambda: (status().get("stable") or {}).get("rankerVersion") == "r1")
         quotas = client.resources.get(api_version="v1", kind="ResourceQuota")
         nothing = {"count/configmaps": "0", "count/deployments.apps": "0"}
-        quotas.create(namespace=system.blocked, body={"apiVersion": "v1", "kind": "ResourceQuota",
-                                                      "metadata": {"name": "nothing"}, "spec": {"hard": nothing}})
+        quotas.create(
+            namespace=system.blocked,
+            body={
+                "apiVersion": "v1",
+                "kind": "ResourceQuota",
+                "metadata": {"name": "nothing"},
+                "spec": {"hard": nothing},
+            },
+        )
         # The quota controller's part (none runs here): admission enforces only a quota with usage.
-        quotas.status.patch(name="nothing", namespace=system.blocked, content_type="application/merge-patch+json",
-                            body={"status": {"hard": nothing, "used": nothing}})
-        rankers.create(body=manifest(system.blocked, system.redis.url, system.prometheus.url, "r1"),
-                       namespace=system.blocked)
-        rankers.patch(name=RANKER, namespace=system.namespace, content_type="application/merge-patch+json",
-                      body={"spec": manifest(system.namespace, system.redis.url, system.prometheus.url, "r2")["spec"]})
+        quotas.status.patch(
+            name="nothing",
+            namespace=system.blocked,
+            content_type="application/merge-patch+json",
+            body={"status": {"hard": nothing, "used": nothing}},
+        )
+        rankers.create(
+            body=manifest(system.blocked, system.redis.url, system.prometheus.url, "r1"), namespace=system.blocked
+        )
+        rankers.patch(
+            name=RANKER,
+            namespace=system.namespace,
+            content_type="application/merge-patch+json",
+            body={"spec": manifest(system.namespace, system.redis.url, system.prometheus.url, "r2")["spec"]},
+        )
         wait_for("r2 promoted", lambda: (status().get("stable") or {}).get("rankerVersion") == "r2", timeout=90)
-        time.sleep(6)                                     # r2 stable for a few scrapes
+        time.sleep(6)  # r2 stable for a few scrapes
         generator.stop()
         stop_posting.set()
         poster.join(30)
     try:
         wait_for("the refused child counted", lambda: system.instant("sum(mmrank_operator_errors_total)"), timeout=30)
     except AssertionError as exc:
-        lines = [line for line in system.operator.log_path.read_text(errors="replace").splitlines()
-                 if system.blocked in line and "Timer 'on_timer' succeeded" not in line]
+        lines = [
+            line
+            for line in system.operator.log_path.read_text(errors="replace").splitlines()
+            if system.blocked in line and "Timer 'on_timer' succeeded" not in line
+        ]
         blocked = rankers.get(name=RANKER, namespace=system.blocked).to_dict().get("status")
         raise AssertionError(f"{exc}\nstatus: {blocked}\noperator log:\n" + "\n".join(lines[-30:])) from None
     return started, time.time()
@@ -390,8 +537,11 @@ def test_every_panel_query_returns_series_and_every_alert_evaluates(system: Syst
         drawn = {"title": panel["title"], "unit": panel["fieldConfig"]["defaults"].get("unit", ""), "series": []}
         for target in panel["targets"]:
             expr = concrete(target["expr"], system.namespace)
-            answer = httpx.get(f"{system.prometheus.url}/api/v1/query_range", timeout=30,
-                               params={"query": expr, "start": start, "end": end, "step": "1s"}).json()
+            answer = httpx.get(
+                f"{system.prometheus.url}/api/v1/query_range",
+                timeout=30,
+                params={"query": expr, "start": start, "end": end, "step": "1s"},
+            ).json()
             assert answer["status"] == "success", (panel["title"], expr, answer)
             if not answer["data"]["result"]:
                 empty.append(f"{panel['title']}: {expr}")
@@ -399,8 +549,9 @@ def test_every_panel_query_returns_series_and_every_alert_evaluates(system: Syst
                 legend = target.get("legendFormat", "")
                 for key, value in series["metric"].items():
                     legend = legend.replace("{{" + key + "}}", value)
-                drawn["series"].append({"legend": legend, "points": [[float(t) - start, float(v)]
-                                                                     for t, v in series["values"]]})
+                drawn["series"].append(
+                    {"legend": legend, "points": [[float(t) - start, float(v)] for t, v in series["values"]]}
+                )
         panels.append(drawn)
     assert not empty, "panel queries without series:\n" + "\n".join(empty)
 
@@ -410,7 +561,7 @@ def test_every_panel_query_returns_series_and_every_alert_evaluates(system: Syst
     assert sorted(loaded) == sorted(expected)
     for name, rule in loaded.items():
         assert rule["health"] == "ok", (name, rule.get("lastError"))
-        system.instant(rule["query"])     # evaluates now, answers success
+        system.instant(rule["query"])  # evaluates now, answers success
     # Alerts that this run must leave quiet, and the one it provokes.
     assert loaded["MmrankCoverageBelowMinCoverage"]["state"] == "inactive"
     assert loaded["MmrankCanaryFailing"]["state"] == "inactive"
@@ -421,10 +572,17 @@ def test_every_panel_query_returns_series_and_every_alert_evaluates(system: Syst
     assert system.instant('sum(mmrank_operator_errors_total{reason="Forbidden"})')[0] >= 1
 
     folder = ROOT / "docs" / "img" if os.environ.get("MMRANK_DASHBOARD_PNG") else tmp_path
-    data, out = folder / "dashboard-data.json", folder / "dashboard.png"   # the picture and what it shows
-    data.write_text(json.dumps({"title": dashboard["title"], "seconds": round(end - start, 1), "panels": panels},
-                               separators=(",", ":")))
-    drawn = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_dashboard.py"), str(data), str(out)],
-                           capture_output=True, text=True, timeout=120)
+    data, out = folder / "dashboard-data.json", folder / "dashboard.png"  # the picture and what it shows
+    data.write_text(
+        json.dumps(
+            {"title": dashboard["title"], "seconds": round(end - start, 1), "panels": panels}, separators=(",", ":")
+        )
+    )
+    drawn = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "plot_dashboard.py"), str(data), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert drawn.returncode == 0, drawn.stdout + drawn.stderr
     assert out.stat().st_size > 10_000

@@ -1,4 +1,5 @@
 """The quick start's verdict line: which ranker won on the test day, by how many GAUC points."""
+
 from __future__ import annotations
 
 from harness.demo import DEMO_SHOP, ranker_verdict

@@ -4,6 +4,7 @@ One Triton with two encoder versions (`enc_e1`, `enc_e2`: two randomly initialis
 encoders) serves the module; the fault tests start their own Triton or Redis on fixed ports so
 they can kill and restart it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,6 +40,7 @@ pytestmark = [pytest.mark.triton, pytest.mark.redis]
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
 
 def small_encoder(seed: int):  # type: ignore[no-untyped-def]
     import torch
@@ -109,8 +111,9 @@ class Running:
 
     def http(self, path: str, body: Any = None) -> tuple[int, Any]:
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", data=data, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 raw = response.read()
@@ -151,8 +154,9 @@ class Triton:
     def start(self, *models: str) -> servers.Server:
         """All models, or only `models` (a restart that loads less comes back sooner)."""
         extra = ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models)] if models else []
-        self.server = servers.start_triton(self.repo, self.workdir, http_port=self.http_port, grpc_port=self.grpc_port,
-                                           extra_args=extra)
+        self.server = servers.start_triton(
+            self.repo, self.workdir, http_port=self.http_port, grpc_port=self.grpc_port, extra_args=extra
+        )
         return self.server
 
     @property
@@ -211,9 +215,20 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Triton, d
 
 
 def config(redis_url: str, targets: list[EncoderTarget], **overrides: Any) -> EmbedderConfig:
-    values: dict[str, Any] = dict(encoders=targets, store_url=redis_url, redis_url=redis_url, batch_size=16,
-                                  max_wait=0.02, consumer="test-pod", http_host="127.0.0.1", http_port=0,
-                                  backoff_base=0.05, backoff_cap=0.5, idle_block=0.2, triton_timeout=10)
+    values: dict[str, Any] = dict(
+        encoders=targets,
+        store_url=redis_url,
+        redis_url=redis_url,
+        batch_size=16,
+        max_wait=0.02,
+        consumer="test-pod",
+        http_host="127.0.0.1",
+        http_port=0,
+        backoff_base=0.05,
+        backoff_cap=0.5,
+        idle_block=0.2,
+        triton_timeout=10,
+    )
     values.update(overrides)
     return EmbedderConfig(**values)
 
@@ -224,10 +239,14 @@ def pending(client: redis.Redis) -> int:
 
 # --- pure parts -------------------------------------------------------------------------------
 
+
 def test_encoder_specs_parse_from_flags_and_the_environment_form() -> None:
     targets = parse_encoders(["e1=triton-e1:8001", "e2=triton-e2:8001/enc,e3=h:1"])
-    assert targets == [EncoderTarget("e1", "triton-e1:8001", "item_encoder"), EncoderTarget("e2", "triton-e2:8001", "enc"),
-                       EncoderTarget("e3", "h:1", "item_encoder")]
+    assert targets == [
+        EncoderTarget("e1", "triton-e1:8001", "item_encoder"),
+        EncoderTarget("e2", "triton-e2:8001", "enc"),
+        EncoderTarget("e3", "h:1", "item_encoder"),
+    ]
     with pytest.raises(ValueError, match="one encoder"):
         parse_encoders(["e1=a:1", "e1=b:2"])
     with pytest.raises(ValueError, match="SPACE=HOST:PORT"):
@@ -244,13 +263,21 @@ def test_the_operator_environment_configures_the_embedder(monkeypatch: pytest.Mo
     cfg = config_from_env(http_port=0, max_wait=None)
     assert [t.space for t in cfg.encoders] == ["e1", "e2"] and cfg.encoders[1].model == "enc"
     # the ranker's own stream, dead letters and group by default ...
-    assert (cfg.redis_url, cfg.stream, cfg.dead_stream, cfg.group, cfg.http_port) == \
-        ("redis://store:6379/0", "mmrank:{ads/shop}:items", "mmrank:{ads/shop}:items:dead", "mmrank:{ads/shop}:emb", 0)
+    assert (cfg.redis_url, cfg.stream, cfg.dead_stream, cfg.group, cfg.http_port) == (
+        "redis://store:6379/0",
+        "mmrank:{ads/shop}:items",
+        "mmrank:{ads/shop}:items:dead",
+        "mmrank:{ads/shop}:emb",
+        0,
+    )
     # ... and with a stream named in the spec (shared), its group and dead letters stay its own
     monkeypatch.setenv("MMRANK_ITEM_STREAM", "shop:items")
     cfg = config_from_env()
-    assert (cfg.stream, cfg.dead_stream, cfg.group) == ("shop:items", "mmrank:{ads/shop}:items:dead",
-                                                        "mmrank:{ads/shop}:emb")
+    assert (cfg.stream, cfg.dead_stream, cfg.group) == (
+        "shop:items",
+        "mmrank:{ads/shop}:items:dead",
+        "mmrank:{ads/shop}:emb",
+    )
     assert config_from_env(["e9=h:1"], group="other").encoders == [EncoderTarget("e9", "h:1")]
     assert config_from_env(scope="other/ranker").group == "mmrank:{other/ranker}:emb"
     with pytest.raises(ValueError, match="NAMESPACE/NAME"):
@@ -290,8 +317,10 @@ def test_an_entry_delivered_more_than_the_limit_is_refused_with_its_reason() -> 
     fields = {b"item_id": b"1"}
     keep, refused = over_delivered([(b"1-0", fields, 4), (b"2-0", fields, 3), (b"3-0", None, 9)], limit=3)
     assert keep == [(b"2-0", fields)]
-    assert [(entry_id, exc.reason) for entry_id, _, exc in refused] == \
-        [(b"1-0", "too_many_deliveries"), (b"3-0", "too_many_deliveries")]
+    assert [(entry_id, exc.reason) for entry_id, _, exc in refused] == [
+        (b"1-0", "too_many_deliveries"),
+        (b"3-0", "too_many_deliveries"),
+    ]
     assert "delivered 4 times" in refused[0][2].detail
     with pytest.raises(ValueError, match="at least 3"):
         config("redis://x", [EncoderTarget("e1", "h:1")], max_deliveries=2)
@@ -307,18 +336,21 @@ def test_the_stream_is_trimmed_to_the_oldest_entry_a_group_still_needs() -> None
     assert trim_floor([]) is None
 
 
-@pytest.mark.parametrize("fields, reason", [
-    ({"item_id": "x", "title": "t", "image_path": "/nope"}, "bad_item_id"),
-    ({"item_id": "1", "title": "  ", "image_path": "/nope"}, "empty_title"),
-    ({"item_id": "1", "title": "t"}, "missing_image"),
-    ({"item_id": "1", "title": "t", "image": b"\x89PNG not really"}, "undecodable_image"),
-    ({"item_id": "1", "title": "t", "image": b"\0" * (item_events.MAX_IMAGE_BYTES + 1)}, "oversized"),
-    ({"item_id": "1", "title": "t" * 2000, "image_path": "/nope"}, "oversized"),
-    ({"item_id": "1", "title": "t", "image_path": "/does/not/exist.png"}, "unreadable_image_path"),
-    ({"item_id": "1", "title": "t", "image_path": "http://example.com/a.png"}, "unsupported_image_url"),
-    ({"item_id": "1", "title": "t", "image_path": "/nope", "event_time": "yesterday"}, "bad_event_time"),
-    ({"item_id": "1", "title": "t", "image_path": "/nope", "event_time": "nan"}, "bad_event_time"),
-])
+@pytest.mark.parametrize(
+    "fields, reason",
+    [
+        ({"item_id": "x", "title": "t", "image_path": "/nope"}, "bad_item_id"),
+        ({"item_id": "1", "title": "  ", "image_path": "/nope"}, "empty_title"),
+        ({"item_id": "1", "title": "t"}, "missing_image"),
+        ({"item_id": "1", "title": "t", "image": b"\x89PNG not really"}, "undecodable_image"),
+        ({"item_id": "1", "title": "t", "image": b"\0" * (item_events.MAX_IMAGE_BYTES + 1)}, "oversized"),
+        ({"item_id": "1", "title": "t" * 2000, "image_path": "/nope"}, "oversized"),
+        ({"item_id": "1", "title": "t", "image_path": "/does/not/exist.png"}, "unreadable_image_path"),
+        ({"item_id": "1", "title": "t", "image_path": "http://example.com/a.png"}, "unsupported_image_url"),
+        ({"item_id": "1", "title": "t", "image_path": "/nope", "event_time": "yesterday"}, "bad_event_time"),
+        ({"item_id": "1", "title": "t", "image_path": "/nope", "event_time": "nan"}, "bad_event_time"),
+    ],
+)
 def test_validation_names_the_reason(fields: dict[str, Any], reason: str) -> None:
     with pytest.raises(item_events.BadEvent) as caught:
         item_events.parse_event(fields)
@@ -344,8 +376,10 @@ def test_a_valid_event_decodes_and_resizes_its_image(tmp_path: Path) -> None:
     big = np.full((128, 96, 3), 200, np.uint8)
     path = tmp_path / "item.png"
     Image.fromarray(big).save(path)
-    event = item_events.parse_event({b"item_id": b"42", b"title": " Red shoe ", b"image_path": str(path).encode(),
-                                     b"event_time": b"1700000000.5"}, "9-0")
+    event = item_events.parse_event(
+        {b"item_id": b"42", b"title": " Red shoe ", b"image_path": str(path).encode(), b"event_time": b"1700000000.5"},
+        "9-0",
+    )
     assert (event.item_id, event.title, event.event_time, event.message_id) == (42, "Red shoe", 1700000000.5, "9-0")
     assert event.image.shape == (64, 64, 3) and event.image.dtype == np.uint8 and (event.image == 200).all()
     exact = images(1)[0]
@@ -355,21 +389,34 @@ def test_a_valid_event_decodes_and_resizes_its_image(tmp_path: Path) -> None:
 
 # --- with the real servers --------------------------------------------------------------------
 
+
 def test_new_items_appear_in_every_live_space_from_the_stream_and_http(
-        triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server, tmp_path: Path) -> None:
+    triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server, tmp_path: Path
+) -> None:
     server, encoders = triton
     grpc = server.grpc
     client = redis.Redis.from_url(redis_server.url)
     trace = tmp_path / "trace.jsonl"
-    running = Running(config(redis_server.url, [EncoderTarget("e1", grpc, "enc_e1"), EncoderTarget("e2", grpc, "enc_e2")],
-                             trace=str(trace)))
+    running = Running(
+        config(
+            redis_server.url,
+            [EncoderTarget("e1", grpc, "enc_e1"), EncoderTarget("e2", grpc, "enc_e2")],
+            trace=str(trace),
+        )
+    )
     try:
         pixels = images(14)
         titles = [f"red leather shoe {i}" for i in range(14)]
         for i in range(12):
             item_events.publish_item(client, 100 + i, titles[i], pixels[i])
-        status, body = running.http("/items", {"item_id": 112, "title": titles[12],
-                                              "image": base64.b64encode(item_events.encode_image(pixels[12])).decode()})
+        status, body = running.http(
+            "/items",
+            {
+                "item_id": 112,
+                "title": titles[12],
+                "image": base64.b64encode(item_events.encode_image(pixels[12])).decode(),
+            },
+        )
         assert status == 202, body
         path = tmp_path / "113.png"
         path.write_bytes(item_events.encode_image(pixels[13]))
@@ -377,8 +424,14 @@ def test_new_items_appear_in_every_live_space_from_the_stream_and_http(
 
         store = open_store(redis_server.url)
         ids = np.arange(100, 114)
-        wait_for(lambda: all(store.get(s, ids)[1].all() for s in ("e1", "e2") if s in store.spaces())
-                 and len(store.spaces()) == 2, 60, "14 items in both spaces")
+        wait_for(
+            lambda: (
+                all(store.get(s, ids)[1].all() for s in ("e1", "e2") if s in store.spaces())
+                and len(store.spaces()) == 2
+            ),
+            60,
+            "14 items in both spaces",
+        )
         for space, model in (("e1", "enc_e1"), ("e2", "enc_e2")):
             got, _ = store.get(space, ids)
             np.testing.assert_allclose(got, reference(encoders[model], pixels, titles), atol=3e-3)
@@ -412,38 +465,53 @@ def assert_trace_covers(trace: Path, items: set[int], spaces: tuple[str, ...]) -
 
 @pytest.mark.parametrize("shared_stream", [None, "shop:items"], ids=["own streams", "one named stream"])
 def test_the_embedders_of_two_rankers_each_receive_every_item_of_their_stream(
-        triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server, shared_stream: str | None) -> None:
+    triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server, shared_stream: str | None
+) -> None:
     """Two rankers on one Redis, both with space e1: each ranker's embedder reads its own stream
     with its own group (or one stream both name, each with its own group) and writes its own e1."""
     server, _ = triton
     client = redis.Redis.from_url(redis_server.url)
     scopes = (Scope("ads", "shop"), Scope("ads-eu", "shop"))
     target = [EncoderTarget("e1", server.grpc, "enc_e1")]
-    running = [Running(config(redis_server.url, target, scope=scope, consumer=f"pod-{i}", http_port=None,
-                              stream=shared_stream or ""))
-               for i, scope in enumerate(scopes)]
+    running = [
+        Running(
+            config(
+                redis_server.url, target, scope=scope, consumer=f"pod-{i}", http_port=None, stream=shared_stream or ""
+            )
+        )
+        for i, scope in enumerate(scopes)
+    ]
     try:
         sent: dict[Scope, list[int]] = {scopes[0]: list(range(10)), scopes[1]: list(range(5, 12))}
         if shared_stream:
             sent = {scope: list(range(12)) for scope in scopes}
             for item in range(12):
-                item_events.publish_item(client, item, f"wool scarf {item}", images(1, seed=item)[0], stream=shared_stream)
+                item_events.publish_item(
+                    client, item, f"wool scarf {item}", images(1, seed=item)[0], stream=shared_stream
+                )
         else:
             for scope, items in sent.items():
                 for item in items:
-                    item_events.publish_item(client, item, f"wool scarf {item}", images(1, seed=item)[0],
-                                             stream=scope.item_stream)
+                    item_events.publish_item(
+                        client, item, f"wool scarf {item}", images(1, seed=item)[0], stream=scope.item_stream
+                    )
         stores = {scope: open_store(redis_server.url, scope) for scope in scopes}
         for scope, items in sent.items():
             store = stores[scope]
-            wait_for(lambda s=store, i=items: "e1" in s.spaces() and s.space_info("e1").items == len(i), 60,
-                     f"the {len(items)} items of {scope} in its e1")
+            wait_for(
+                lambda s=store, i=items: "e1" in s.spaces() and s.space_info("e1").items == len(i),
+                60,
+                f"the {len(items)} items of {scope} in its e1",
+            )
         for scope, items in sent.items():
             found = stores[scope].get("e1", range(12))[1]
             assert np.flatnonzero(found).tolist() == items, f"{scope} holds another ranker's items"
             stream, group = shared_stream or scope.item_stream, scope.consumer_group()
-            wait_for(lambda st=stream, g=group: client.xpending(st, g)["pending"] == 0, 10,
-                     f"{scope}: every event acknowledged")
+            wait_for(
+                lambda st=stream, g=group: client.xpending(st, g)["pending"] == 0,
+                10,
+                f"{scope}: every event acknowledged",
+            )
             info = {g["name"].decode(): g for g in client.xinfo_groups(stream)}
             assert info[group]["entries-read"] == len(items)
         assert client.exists(ITEM_STREAM) == 0, "nothing went to the local default stream"
@@ -453,7 +521,8 @@ def test_the_embedders_of_two_rankers_each_receive_every_item_of_their_stream(
 
 
 def test_bad_items_land_in_the_dead_letter_stream_with_their_reason(
-        triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server) -> None:
+    triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server
+) -> None:
     server, _ = triton
     client = redis.Redis.from_url(redis_server.url)
     running = Running(config(redis_server.url, [EncoderTarget("e1", server.grpc, "enc_e1")]))
@@ -472,8 +541,11 @@ def test_bad_items_land_in_the_dead_letter_stream_with_their_reason(
         wait_for(lambda: "e1" in store.spaces() and store.get("e1", [4])[1].all(), 60, "the good item stored")
         wait_for(lambda: client.xlen(DEAD_LETTER_STREAM) == 3, 10, "three dead letters")
         dead = {int(f[b"item_id"]): f for _, f in client.xrange(DEAD_LETTER_STREAM)}
-        assert {k: v[b"reason"].decode() for k, v in dead.items()} == \
-            {1: "empty_title", 2: "undecodable_image", 3: "oversized"}
+        assert {k: v[b"reason"].decode() for k, v in dead.items()} == {
+            1: "empty_title",
+            2: "undecodable_image",
+            3: "oversized",
+        }
         assert b"image" not in dead[3], "an oversized payload is not copied into the dead letters"
         assert dead[2][b"image"] == b"GIF89a garbage" and dead[2][b"source_id"]
         assert store.get("e1", [1, 2, 3])[1].tolist() == [False, False, False]
@@ -485,18 +557,26 @@ def test_bad_items_land_in_the_dead_letter_stream_with_their_reason(
 
 
 def test_an_item_the_encoder_refuses_is_dead_lettered_and_the_rest_of_its_batch_stored(
-        triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server) -> None:
+    triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server
+) -> None:
     holder, _ = triton
     client = redis.Redis.from_url(redis_server.url)
     titles = ["plain mug", "tall mug", "POISON mug", "short mug", "green mug"]
     for i, title in enumerate(titles):
         item_events.publish_item(client, i, title, images(1, seed=i)[0])
-    running = Running(config(redis_server.url, [EncoderTarget("e1", holder.grpc, "enc_e1"),
-                                                EncoderTarget("p1", holder.grpc, "picky")], batch_size=8, max_wait=0.5))
+    running = Running(
+        config(
+            redis_server.url,
+            [EncoderTarget("e1", holder.grpc, "enc_e1"), EncoderTarget("p1", holder.grpc, "picky")],
+            batch_size=8,
+            max_wait=0.5,
+        )
+    )
     try:
         store = open_store(redis_server.url)
-        wait_for(lambda: client.xlen(DEAD_LETTER_STREAM) == 1 and pending(client) == 0, 60,
-                 "the refused item dead-lettered")
+        wait_for(
+            lambda: client.xlen(DEAD_LETTER_STREAM) == 1 and pending(client) == 0, 60, "the refused item dead-lettered"
+        )
         ((_, dead),) = client.xrange(DEAD_LETTER_STREAM)
         assert (dead[b"item_id"], dead[b"reason"]) == (b"2", b"encoder_rejected")
         assert b"POISON" in dead[b"detail"]
@@ -508,7 +588,8 @@ def test_an_item_the_encoder_refuses_is_dead_lettered_and_the_rest_of_its_batch_
 
 
 def test_events_left_pending_by_a_crashed_replica_are_taken_over(
-        triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server, tmp_path: Path) -> None:
+    triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server, tmp_path: Path
+) -> None:
     """Also the quick start's combination: the stream in Redis, the vectors in the file store."""
     server, _ = triton
     store_url = f"file://{tmp_path / 'store'}"
@@ -520,8 +601,9 @@ def test_events_left_pending_by_a_crashed_replica_are_taken_over(
     client.xreadgroup(EMBEDDER_GROUP, "test-pod", {ITEM_STREAM: ">"}, count=1)
     client.xreadgroup(EMBEDDER_GROUP, "crashed-pod", {ITEM_STREAM: ">"}, count=2)
     assert pending(client) == 3
-    running = Running(config(redis_server.url, [EncoderTarget("e1", server.grpc, "enc_e1")],
-                             claim_idle=0.5, store_url=store_url))
+    running = Running(
+        config(redis_server.url, [EncoderTarget("e1", server.grpc, "enc_e1")], claim_idle=0.5, store_url=store_url)
+    )
     try:
         store = open_store(store_url)
         wait_for(lambda: "e1" in store.spaces() and store.get("e1", [0, 1, 2])[1].all(), 60, "all three embedded")
@@ -531,8 +613,7 @@ def test_events_left_pending_by_a_crashed_replica_are_taken_over(
         running.stop()
 
 
-def test_redis_restarted_loses_nothing_after_recovery(
-        triton: tuple[Triton, dict[str, Any]], tmp_path: Path) -> None:
+def test_redis_restarted_loses_nothing_after_recovery(triton: tuple[Triton, dict[str, Any]], tmp_path: Path) -> None:
     server, encoders = triton
     workdir, port = tmp_path / "redis", servers.free_port()
     own = servers.start_redis(workdir, port=port)
@@ -558,7 +639,9 @@ def test_redis_restarted_loses_nothing_after_recovery(
         wait_for(lambda: pending(client) == 0, 10, "every event acknowledged")
         assert client.xlen(ITEM_STREAM) == n
         got, _ = store.get("e1", np.arange(n))
-        np.testing.assert_allclose(got, reference(encoders["enc_e1"], pixels, [f"item {i}" for i in range(n)]), atol=3e-3)
+        np.testing.assert_allclose(
+            got, reference(encoders["enc_e1"], pixels, [f"item {i}" for i in range(n)]), atol=3e-3
+        )
         assert running.metric("mmrank_embedder_errors_total", reason="redis_unavailable") > 0
         wait_for(lambda: running.http("/readyz")[0] == 200, 10, "ready again")
     finally:
@@ -567,7 +650,8 @@ def test_redis_restarted_loses_nothing_after_recovery(
 
 
 def test_a_store_that_is_down_makes_the_embedder_not_ready_and_loses_nothing(
-        triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server, tmp_path: Path) -> None:
+    triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server, tmp_path: Path
+) -> None:
     """The stream's Redis stays up while the store's goes down: batches retry their writes, the
     stream reads keep succeeding, and only the failing store write can tell readiness."""
     server, encoders = triton
@@ -575,8 +659,7 @@ def test_a_store_that_is_down_makes_the_embedder_not_ready_and_loses_nothing(
     store_redis = servers.start_redis(workdir, port=port)
     stream = redis.Redis.from_url(redis_server.url)
     store = open_store(store_redis.url)
-    running = Running(config(redis_server.url, [EncoderTarget("e1", server.grpc, "enc_e1")],
-                             store_url=store_redis.url))
+    running = Running(config(redis_server.url, [EncoderTarget("e1", server.grpc, "enc_e1")], store_url=store_redis.url))
     n = 24
     pixels = images(n, seed=11)
     try:
@@ -600,20 +683,44 @@ def test_a_store_that_is_down_makes_the_embedder_not_ready_and_loses_nothing(
 
 
 def test_the_cli_reads_its_encoders_from_the_environment_and_drains_on_sigterm(
-        triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server, tmp_path: Path) -> None:
+    triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server, tmp_path: Path
+) -> None:
     holder, _ = triton
     http_port = servers.free_port()
-    env = {**os.environ, "MMRANK_ENCODERS": f"e1={holder.grpc}/enc_e1,e2={holder.grpc}/enc_e2",
-           "MMRANK_STORE_URL": redis_server.url}
-    process = subprocess.Popen([sys.executable, "-m", "mmrank", "embedder", "run", "--http-host", "127.0.0.1",
-                                "--http-port", str(http_port), "--consumer", "cli-pod"],
-                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = {
+        **os.environ,
+        "MMRANK_ENCODERS": f"e1={holder.grpc}/enc_e1,e2={holder.grpc}/enc_e2",
+        "MMRANK_STORE_URL": redis_server.url,
+    }
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mmrank",
+            "embedder",
+            "run",
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            str(http_port),
+            "--consumer",
+            "cli-pod",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         client = redis.Redis.from_url(redis_server.url)
         item_events.publish_item(client, 7, "green wool scarf", images(1, seed=3)[0])
         store = open_store(redis_server.url)
-        wait_for(lambda: store.spaces() == ["e1", "e2"] and all(store.get(s, [7])[1].all() for s in ("e1", "e2")),
-                 60, "the item in both spaces", interval=0.1)
+        wait_for(
+            lambda: store.spaces() == ["e1", "e2"] and all(store.get(s, [7])[1].all() for s in ("e1", "e2")),
+            60,
+            "the item in both spaces",
+            interval=0.1,
+        )
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=5) as response:
             assert json.loads(response.read())["encoders"] == {"e1": True, "e2": True}
         process.send_signal(signal.SIGTERM)
@@ -627,7 +734,8 @@ def test_the_cli_reads_its_encoders_from_the_environment_and_drains_on_sigterm(
 
 
 def test_a_crashed_embedders_500_pending_entries_are_reclaimed_within_seconds(
-        triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server) -> None:
+    triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server
+) -> None:
     """XAUTOCLAIM follows its cursor through the pending list at once, instead of claiming one
     batch every `claim_idle / 2` from the start (which took 16 s for these 500 entries)."""
     holder, _ = triton
@@ -642,14 +750,21 @@ def test_a_crashed_embedders_500_pending_entries_are_reclaimed_within_seconds(
     assert pending(client) == 500
     time.sleep(1.0)  # idle for claim_idle
     started = time.monotonic()
-    running = Running(config(redis_server.url, [EncoderTarget("p1", holder.grpc, "picky")], claim_idle=1.0,
-                             forget_consumer_after=0.5))
+    running = Running(
+        config(redis_server.url, [EncoderTarget("p1", holder.grpc, "picky")], claim_idle=1.0, forget_consumer_after=0.5)
+    )
     try:
         store = open_store(redis_server.url)
 
         def left_to_the_crashed_pod() -> int:
-            return next((int(c["pending"]) for c in client.xinfo_consumers(ITEM_STREAM, EMBEDDER_GROUP)
-                         if c["name"] == b"crashed-pod"), 0)
+            return next(
+                (
+                    int(c["pending"])
+                    for c in client.xinfo_consumers(ITEM_STREAM, EMBEDDER_GROUP)
+                    if c["name"] == b"crashed-pod"
+                ),
+                0,
+            )
 
         wait_for(lambda: left_to_the_crashed_pod() == 0, 60, "every entry taken over", interval=0.01)
         taken_over = time.monotonic() - started
@@ -661,15 +776,19 @@ def test_a_crashed_embedders_500_pending_entries_are_reclaimed_within_seconds(
         # (more than 500 only if some waited here longer than claim_idle and were swept again)
         assert running.metric("mmrank_embedder_claimed_total") >= 500
         assert running.metric("mmrank_embedder_items_total", space="p1") == 500
-        wait_for(lambda: [c["name"] for c in client.xinfo_consumers(ITEM_STREAM, EMBEDDER_GROUP)] == [b"test-pod"],
-                 10, "the crashed consumer removed from the group")
+        wait_for(
+            lambda: [c["name"] for c in client.xinfo_consumers(ITEM_STREAM, EMBEDDER_GROUP)] == [b"test-pod"],
+            10,
+            "the crashed consumer removed from the group",
+        )
         print(f"500 pending entries taken over in {taken_over:.1f} s, embedded and acknowledged in {elapsed:.1f} s")
     finally:
         running.stop()
 
 
 def test_an_entry_that_kills_every_embedder_taking_it_ends_in_dead_letters_after_n_deliveries(
-        triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server, tmp_path: Path) -> None:
+    triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server, tmp_path: Path
+) -> None:
     """`mmrank embedder run` processes are killed (-9) while they embed one entry, as a crash in
     a decoder or an OOM kill would end them: twice as the same pod (its own pending entries come
     back on restart), then as a new pod (XAUTOCLAIM takes them over). The next one dead-letters
@@ -682,9 +801,29 @@ def test_an_entry_that_kills_every_embedder_taking_it_ends_in_dead_letters_after
         item_events.publish_item(client, i, f"desk lamp {i}", images(1, seed=1 + i)[0])
 
     def start(consumer: str) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "mmrank", "embedder", "run", "--encoder", f"p1={holder.grpc}/picky",
-                "--store", redis_server.url, "--http-host", "127.0.0.1", "--http-port", "0", "--consumer", consumer,
-                "--claim-idle", "0.5", "--max-deliveries", "3", "--forget-consumer-after", "0.5"]
+        argv = [
+            sys.executable,
+            "-m",
+            "mmrank",
+            "embedder",
+            "run",
+            "--encoder",
+            f"p1={holder.grpc}/picky",
+            "--store",
+            redis_server.url,
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--consumer",
+            consumer,
+            "--claim-idle",
+            "0.5",
+            "--max-deliveries",
+            "3",
+            "--forget-consumer-after",
+            "0.5",
+        ]
         return subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def deliveries() -> int:
@@ -708,15 +847,19 @@ def test_an_entry_that_kills_every_embedder_taking_it_ends_in_dead_letters_after
         assert (dead[b"item_id"], dead[b"reason"], dead[b"source_id"]) == (b"0", b"too_many_deliveries", poison)
         assert b"delivered 4 times" in dead[b"detail"]
         assert store.get("p1", [0, 1, 2])[1].tolist() == [False, True, True]
-        wait_for(lambda: [c["name"] for c in client.xinfo_consumers(ITEM_STREAM, EMBEDDER_GROUP)] == [b"pod-c"],
-                 10, "the killed pods' consumers removed")
+        wait_for(
+            lambda: [c["name"] for c in client.xinfo_consumers(ITEM_STREAM, EMBEDDER_GROUP)] == [b"pod-c"],
+            10,
+            "the killed pods' consumers removed",
+        )
     finally:
         last.kill()
         last.wait(10)
 
 
 def test_an_old_event_replayed_after_a_new_one_leaves_the_new_vector(
-        triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server) -> None:
+    triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server
+) -> None:
     holder, encoders = triton
     client = redis.Redis.from_url(redis_server.url)
     running = Running(config(redis_server.url, [EncoderTarget("e1", holder.grpc, "enc_e1")]))
@@ -727,37 +870,54 @@ def test_an_old_event_replayed_after_a_new_one_leaves_the_new_vector(
         item_events.publish_item(client, 5, "linen dress", pixels[0], event_time=now)
         wait_for(lambda: "e1" in store.spaces() and store.get("e1", [5])[1].all(), 60, "the new event stored")
         item_events.publish_item(client, 5, "old linen dress", pixels[1], event_time=now - 3600)
-        wait_for(lambda: pending(client) == 0 and running.metric("mmrank_embedder_stale_events_total", space="e1") == 1,
-                 30, "the replayed event acknowledged, not written")
+        wait_for(
+            lambda: pending(client) == 0 and running.metric("mmrank_embedder_stale_events_total", space="e1") == 1,
+            30,
+            "the replayed event acknowledged, not written",
+        )
         expected = reference(encoders["enc_e1"], pixels[:1], ["linen dress"])
         np.testing.assert_allclose(store.get("e1", [5])[0], expected, atol=3e-3)
         assert store.event_times("e1", [5]).tolist() == [now]
         item_events.publish_item(client, 5, "linen dress, new photo", pixels[2], event_time=now + 1)
         wait_for(lambda: store.event_times("e1", [5]).tolist() == [now + 1], 30, "a newer event written")
-        np.testing.assert_allclose(store.get("e1", [5])[0],
-                                   reference(encoders["enc_e1"], pixels[2:], ["linen dress, new photo"]), atol=3e-3)
-        assert running.metric("mmrank_embedding_freshness_seconds_count", space="e1") == 2, "stale rows are not observed"
+        np.testing.assert_allclose(
+            store.get("e1", [5])[0], reference(encoders["enc_e1"], pixels[2:], ["linen dress, new photo"]), atol=3e-3
+        )
+        assert running.metric("mmrank_embedding_freshness_seconds_count", space="e1") == 2, (
+            "stale rows are not observed"
+        )
     finally:
         running.stop()
 
 
 def test_acknowledged_events_are_trimmed_and_the_dead_letters_capped(
-        triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server) -> None:
+    triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server
+) -> None:
     """A second group ("audit") that has not read yet holds the stream: trimming keeps what any
     group still needs, and producers are refused once the stream holds its limit."""
     holder, _ = triton
     client = redis.Redis.from_url(redis_server.url)
     client.xgroup_create(ITEM_STREAM, "audit", id="0", mkstream=True)
-    running = Running(config(redis_server.url, [EncoderTarget("p1", holder.grpc, "picky")], trim_interval=0.2,
-                             stream_max_len=30, dead_letter_max_len=5))
+    running = Running(
+        config(
+            redis_server.url,
+            [EncoderTarget("p1", holder.grpc, "picky")],
+            trim_interval=0.2,
+            stream_max_len=30,
+            dead_letter_max_len=5,
+        )
+    )
     try:
         for i in range(20):
             item_events.publish_item(client, i, f"wool hat {i}", images(1, seed=i)[0], max_len=30)
         for i in range(20, 30):
             client.xadd(ITEM_STREAM, {"item_id": str(i), "title": " ", "image": b"x"})  # empty title
         store = open_store(redis_server.url)
-        wait_for(lambda: pending(client) == 0 and "p1" in store.spaces() and store.get("p1", range(20))[1].all(),
-                 60, "every event embedded or dead-lettered")
+        wait_for(
+            lambda: pending(client) == 0 and "p1" in store.spaces() and store.get("p1", range(20))[1].all(),
+            60,
+            "every event embedded or dead-lettered",
+        )
         wait_for(lambda: client.xlen(DEAD_LETTER_STREAM) == 5, 10, "the dead letters capped at 5")
         assert [int(f[b"item_id"]) for _, f in client.xrange(DEAD_LETTER_STREAM)] == [25, 26, 27, 28, 29]
         time.sleep(0.5)
@@ -783,7 +943,8 @@ def test_acknowledged_events_are_trimmed_and_the_dead_letters_capped(
 
 
 def test_triton_killed_mid_stream_and_restarted_loses_nothing(
-        triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server) -> None:
+    triton: tuple[Triton, dict[str, Any]], redis_server: servers.Server
+) -> None:
     """Last in the module: it kills the module's Triton and starts it again on the same ports."""
     holder, encoders = triton
     client = redis.Redis.from_url(redis_server.url)
@@ -808,7 +969,9 @@ def test_triton_killed_mid_stream_and_restarted_loses_nothing(
         wait_for(lambda: store.get("e1", np.arange(n))[1].all(), 60, "every item stored after the restart")
         wait_for(lambda: pending(client) == 0, 10, "every event acknowledged")
         got, _ = store.get("e1", np.arange(n))
-        np.testing.assert_allclose(got, reference(encoders["enc_e1"], pixels, [f"item {i}" for i in range(n)]), atol=3e-3)
+        np.testing.assert_allclose(
+            got, reference(encoders["enc_e1"], pixels, [f"item {i}" for i in range(n)]), atol=3e-3
+        )
         assert running.metric("mmrank_embedder_errors_total", reason="triton_unavailable") > 0
         assert running.metric("mmrank_embedder_items_total", space="e1") >= n
         wait_for(lambda: running.http("/readyz")[0] == 200, 10, "ready again")

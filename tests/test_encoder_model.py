@@ -1,4 +1,5 @@
 """The item encoder's parts on small tensors: Triton config, tokenizer, towers, losses, exports."""
+
 from __future__ import annotations
 
 import subprocess
@@ -14,8 +15,15 @@ from mmrank.encoders.tokenizer import CLS_ID, PAD_ID, WordTokenizer, load_tokeni
 from mmrank.encoders.triton_config import config_pbtxt
 
 TINY_RESNET = {"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1]}
-TINY_BERT = {"model_type": "bert", "vocab_size": 300, "hidden_size": 16, "num_hidden_layers": 1,
-             "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64}
+TINY_BERT = {
+    "model_type": "bert",
+    "vocab_size": 300,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 64,
+}
 
 
 def parse_config(text: str):  # type: ignore[no-untyped-def]
@@ -35,9 +43,11 @@ def random_items(n: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
 
 # --- Triton config ------------------------------------------------------------------------------
 
+
 def test_python_backend_config_follows_the_contract_and_parses_as_triton_model_config():
-    config = parse_config(config_pbtxt(max_batch_size=32, max_queue_delay_us=500, instance_kind="KIND_GPU",
-                                       instance_count=2))
+    config = parse_config(
+        config_pbtxt(max_batch_size=32, max_queue_delay_us=500, instance_kind="KIND_GPU", instance_count=2)
+    )
     assert (config.name, config.backend, config.max_batch_size) == ("item_encoder", "python", 32)
     inputs = {i.name: (i.data_type, list(i.dims)) for i in config.input}
     from tritonclient.grpc import model_config_pb2 as pb
@@ -55,28 +65,40 @@ def test_token_id_backends_take_token_ids_instead_of_titles(backend, platform):
 
     assert (config.backend, config.platform) == (backend, platform)
     assert {i.name: (i.data_type, list(i.dims)) for i in config.input} == {
-        "IMAGE": (pb.TYPE_UINT8, [64, 64, 3]), "TOKEN_IDS": (pb.TYPE_INT64, [32])}
+        "IMAGE": (pb.TYPE_UINT8, [64, 64, 3]),
+        "TOKEN_IDS": (pb.TYPE_INT64, [32]),
+    }
     assert list(config.output[0].dims) == [64]
     assert not config.HasField("dynamic_batching")
 
 
-@pytest.mark.parametrize("kwargs,word", [({"backend": "tensorrt"}, "backend"), ({"max_batch_size": 0}, "max_batch_size"),
-                                         ({"instance_kind": "GPU"}, "instance_kind"), ({"instance_count": 0}, "instance_count"),
-                                         ({"max_queue_delay_us": -1}, "max_queue_delay_us")])
+@pytest.mark.parametrize(
+    "kwargs,word",
+    [
+        ({"backend": "tensorrt"}, "backend"),
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"instance_kind": "GPU"}, "instance_kind"),
+        ({"instance_count": 0}, "instance_count"),
+        ({"max_queue_delay_us": -1}, "max_queue_delay_us"),
+    ],
+)
 def test_config_rejects_arguments_triton_would_refuse(kwargs, word):
     with pytest.raises(ValueError, match=word):
         config_pbtxt(**kwargs)
 
 
 def test_triton_config_module_imports_neither_torch_nor_numpy():
-    code = ("import sys, mmrank.encoders.triton_config as t; t.config_pbtxt(); "
-            "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
+    code = (
+        "import sys, mmrank.encoders.triton_config as t; t.config_pbtxt(); "
+        "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
 
 # --- tokenizer ----------------------------------------------------------------------------------
+
 
 def test_word_tokenizer_uses_vocabulary_then_stable_hash_buckets(tmp_path):
     tok = WordTokenizer.build(["Red wool hat", "red silk scarf"], vocab_size=64, max_length=6)
@@ -92,6 +114,7 @@ def test_word_tokenizer_uses_vocabulary_then_stable_hash_buckets(tmp_path):
 
 
 # --- towers and fusion --------------------------------------------------------------------------
+
 
 def test_default_encoder_gives_unit_vectors_independent_of_the_batch():
     torch.manual_seed(0)
@@ -117,7 +140,9 @@ def test_fusion_starts_as_the_sum_of_image_and_text_vectors():
 
 def test_hugging_face_towers_build_from_a_config_and_round_trip_through_a_checkpoint_and_export(tmp_path):
     torch.manual_seed(0)
-    config = EncoderConfig(dim=32, image_tower="hf", image_backbone=TINY_RESNET, text_tower="hf", text_backbone=TINY_BERT)
+    config = EncoderConfig(
+        dim=32, image_tower="hf", image_backbone=TINY_RESNET, text_tower="hf", text_backbone=TINY_BERT
+    )
     encoder = ItemEncoder(config)
     assert type(encoder.image_tower.model).__name__ == "ResNetModel"
     assert type(encoder.text_tower.model).__name__ == "BertModel"
@@ -153,6 +178,7 @@ def test_unknown_tower_names_are_refused():
 
 
 # --- losses -------------------------------------------------------------------------------------
+
 
 def unit(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=-1)
@@ -225,6 +251,7 @@ def test_momentum_update_moves_the_twin_a_fraction_toward_the_model():
 
 
 # --- exports without a server -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend,file", [("onnxruntime", "model.onnx"), ("pytorch", "model.pt")])
 def test_token_id_exports_equal_torch(tmp_path, backend, file):

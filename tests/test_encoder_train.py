@@ -1,4 +1,5 @@
 """Pre-training, evaluation and embedding on the tiny shop: checkpoints, resume after a kill, metrics."""
+
 from __future__ import annotations
 
 import json
@@ -43,9 +44,30 @@ def test_batches_and_schedule_are_functions_of_the_step():
 @pytest.mark.slow
 def test_scl_run_killed_after_a_checkpoint_resumes_and_ends_where_an_uninterrupted_run_ends(tiny_shop, tmp_path):
     out = tmp_path / "killed"
-    argv = [sys.executable, "-m", "mmrank", "encoders", "train", "--data", str(tiny_shop), "--objective", "scl",
-            "--out", str(out), "--steps", "9", "--batch-size", "16", "--checkpoint-every", "3",
-            "--queue-size", "32", "--warmup", "2", "--no-progress"]
+    argv = [
+        sys.executable,
+        "-m",
+        "mmrank",
+        "encoders",
+        "train",
+        "--data",
+        str(tiny_shop),
+        "--objective",
+        "scl",
+        "--out",
+        str(out),
+        "--steps",
+        "9",
+        "--batch-size",
+        "16",
+        "--checkpoint-every",
+        "3",
+        "--queue-size",
+        "32",
+        "--warmup",
+        "2",
+        "--no-progress",
+    ]
     first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 90
     while not (out / "train_state.pt").exists():
@@ -108,24 +130,76 @@ def test_cli_eval_prints_the_table_and_embed_writes_a_space(tiny_shop, tmp_path,
 
     checkpoint = tmp_path / "scl"
     train(tiny_shop, checkpoint, TrainConfig(objective="scl", steps=3, **SMALL_RUN), progress=False)
-    assert main(["encoders", "eval", "--data", str(tiny_shop), "--checkpoint", str(checkpoint),
-                 "--json", str(tmp_path / "metrics.json")]) == 0
+    assert (
+        main(
+            [
+                "encoders",
+                "eval",
+                "--data",
+                str(tiny_shop),
+                "--checkpoint",
+                str(checkpoint),
+                "--json",
+                str(tmp_path / "metrics.json"),
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "| scl | scl | 3 |" in table and "concept_top1" in table
     metrics = json.loads((tmp_path / "metrics.json").read_text())["scl"]
     assert 0.0 <= metrics["concept_top1"] <= 1.0 and metrics["heldout_searches"] > 0
 
-    assert main(["encoders", "embed", "--data", str(tiny_shop), "--checkpoint", str(checkpoint),
-                 "--out", str(tmp_path / "space"), "--version", "enc-test"]) == 0
+    assert (
+        main(
+            [
+                "encoders",
+                "embed",
+                "--data",
+                str(tiny_shop),
+                "--checkpoint",
+                str(checkpoint),
+                "--out",
+                str(tmp_path / "space"),
+                "--version",
+                "enc-test",
+            ]
+        )
+        == 0
+    )
     space = load_space(tmp_path / "space")
     shop = shop_module.load(tiny_shop)
     assert space.version == "enc-test" and space.vectors.shape == (shop.n_items, 128) and space.coverage == 1.0
-    expected = encode_items(load_encoder(checkpoint), shop.images[:7], shop.items.sort_values("item_id")["title"][:7].tolist())
+    expected = encode_items(
+        load_encoder(checkpoint), shop.images[:7], shop.items.sort_values("item_id")["title"][:7].tolist()
+    )
     np.testing.assert_allclose(space.vectors[:7], expected, atol=1e-5)
 
-    assert main(["encoders", "export", "--checkpoint", str(checkpoint), "--repo", str(tmp_path / "repo"),
-                 "--version", "7", "--backend", "onnxruntime", "--max-batch-size", "32", "--max-queue-delay-us", "100",
-                 "--instance-kind", "KIND_GPU", "--instance-count", "2"]) == 0
+    assert (
+        main(
+            [
+                "encoders",
+                "export",
+                "--checkpoint",
+                str(checkpoint),
+                "--repo",
+                str(tmp_path / "repo"),
+                "--version",
+                "7",
+                "--backend",
+                "onnxruntime",
+                "--max-batch-size",
+                "32",
+                "--max-queue-delay-us",
+                "100",
+                "--instance-kind",
+                "KIND_GPU",
+                "--instance-count",
+                "2",
+            ]
+        )
+        == 0
+    )
     config = (tmp_path / "repo" / "item_encoder" / "config.pbtxt").read_text()
     assert "max_batch_size: 32" in config and "kind: KIND_GPU" in config and "count: 2" in config
     assert "max_queue_delay_microseconds: 100" in config

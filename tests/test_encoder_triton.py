@@ -3,6 +3,7 @@
 One Triton serves the whole module (it takes seconds to start); a server that cannot start fails
 every test here with the reason.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -20,8 +21,15 @@ from mmrank.encoders.model import EncoderConfig, ItemEncoder, encode_items
 
 pytestmark = pytest.mark.triton
 
-TITLES = ["red wool hat", "blue silk scarf", "oak desk lamp", "steel water bottle", "green cotton shirt",
-          "black leather boots", "white ceramic mug"]
+TITLES = [
+    "red wool hat",
+    "blue silk scarf",
+    "oak desk lamp",
+    "steel water bottle",
+    "green cotton shirt",
+    "black leather boots",
+    "white ceramic mug",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +39,9 @@ def minilm_encoder() -> ItemEncoder:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory,
-           minilm_encoder: ItemEncoder) -> Iterator[tuple[servers.Server, ItemEncoder]]:
+def served(
+    tmp_path_factory: pytest.TempPathFactory, minilm_encoder: ItemEncoder
+) -> Iterator[tuple[servers.Server, ItemEncoder]]:
     """One Triton with two models: the default encoder and one with the pretrained MiniLM text tower."""
     torch.manual_seed(0)
     encoder = ItemEncoder()
@@ -152,5 +161,10 @@ def test_export_writes_the_documented_layout(served):
     server, _ = served
     model_dir = Path(str(server.extra["model_repository"])) / "item_encoder"
     assert sorted(p.name for p in (model_dir / "1").iterdir() if p.name != "__pycache__") == [
-        "encoder.json", "model.pt", "model.py", "tokenizer.json", "tokenizer.py"]
+        "encoder.json",
+        "model.pt",
+        "model.py",
+        "tokenizer.json",
+        "tokenizer.py",
+    ]
     assert 'backend: "python"' in (model_dir / "config.pbtxt").read_text()

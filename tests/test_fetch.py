@@ -1,5 +1,6 @@
 """`mmrank fetch`, the init container of every pod that needs an artifact: KServe's storage code
 for remote URIs (here a real HTTP server on loopback), a copy for a mounted claim."""
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,7 @@ def http_server(root: Path) -> Iterator[str]:
 
 
 def fetch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mmrank", "fetch", *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-m", "mmrank", "fetch", *args], capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_a_mounted_claim_is_copied_so_the_destination_stays_writable(repository:
     copied = dest / "item_encoder" / "1" / "model.py"
     assert copied.read_text() == "# a model\n" and not copied.is_symlink()
     assert "fetched" in result.stdout and "2 files" in result.stdout
-    (dest / "item_encoder" / "config.pbtxt").write_text("name: 'item_encoder'\n")   # as install-config does
+    (dest / "item_encoder" / "config.pbtxt").write_text("name: 'item_encoder'\n")  # as install-config does
 
 
 def test_an_http_archive_is_fetched_and_unpacked_by_kserve_storage(repository: Path, tmp_path: Path) -> None:
@@ -69,4 +69,6 @@ def test_what_cannot_be_fetched_is_one_line_and_a_failing_exit(tmp_path: Path) -
     assert "Traceback" not in missing.stderr
     with http_server(tmp_path) as url:
         absent = fetch(f"{url}/nothing.tar.gz", str(tmp_path / "out2"))
-    assert absent.returncode == 1 and absent.stderr.startswith("error: cannot fetch") and "Traceback" not in absent.stderr
+    assert (
+        absent.returncode == 1 and absent.stderr.startswith("error: cannot fetch") and "Traceback" not in absent.stderr
+    )

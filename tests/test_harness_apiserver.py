@@ -1,4 +1,5 @@
 """Smoke tests of the real kube-apiserver (Debian's kubernetes source, built by ./dev.sh)."""
+
 from __future__ import annotations
 
 import textwrap
@@ -19,14 +20,23 @@ SMOKE_CRD = {
         "group": "harness.mmrank.io",
         "scope": "Namespaced",
         "names": {"plural": "smokes", "singular": "smoke", "kind": "Smoke"},
-        "versions": [{
-            "name": "v1", "served": True, "storage": True,
-            "subresources": {"status": {}},
-            "schema": {"openAPIV3Schema": {"type": "object", "properties": {
-                "spec": {"type": "object", "properties": {"size": {"type": "integer", "minimum": 1}}},
-                "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-            }}},
-        }],
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "properties": {
+                            "spec": {"type": "object", "properties": {"size": {"type": "integer", "minimum": 1}}},
+                            "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                        },
+                    }
+                },
+            }
+        ],
     },
 }
 
@@ -40,8 +50,12 @@ def _smoke_api(kube):
 
 def test_crd_server_side_apply_status_and_watch(kube):
     api = _smoke_api(kube)
-    body = {"apiVersion": "harness.mmrank.io/v1", "kind": "Smoke",
-            "metadata": {"name": "one", "namespace": "default"}, "spec": {"size": 3}}
+    body = {
+        "apiVersion": "harness.mmrank.io/v1",
+        "kind": "Smoke",
+        "metadata": {"name": "one", "namespace": "default"},
+        "spec": {"size": 3},
+    }
     events: list[tuple[str, dict]] = []
 
     def watch() -> None:
@@ -56,14 +70,19 @@ def test_crd_server_side_apply_status_and_watch(kube):
     created = api.server_side_apply(body=body, name="one", namespace="default", field_manager="smoke")
     again = api.server_side_apply(body=body, name="one", namespace="default", field_manager="smoke")
     assert created.metadata.generation == again.metadata.generation == 1
-    api.status.patch(body={"status": {"seen": True}}, name="one", namespace="default",
-                     content_type="application/merge-patch+json")
+    api.status.patch(
+        body={"status": {"seen": True}}, name="one", namespace="default", content_type="application/merge-patch+json"
+    )
     watcher.join(timeout=15)
     assert any(kind == "ADDED" for kind, _ in events)
     assert any(obj.get("status", {}).get("seen") is True for kind, obj in events if kind == "MODIFIED")
     with pytest.raises(Exception, match="minimum|Invalid"):
-        api.server_side_apply(body={**body, "metadata": {"name": "bad", "namespace": "default"},
-                                    "spec": {"size": 0}}, name="bad", namespace="default", field_manager="smoke")
+        api.server_side_apply(
+            body={**body, "metadata": {"name": "bad", "namespace": "default"}, "spec": {"size": 0}},
+            name="bad",
+            namespace="default",
+            field_manager="smoke",
+        )
 
 
 def test_kopf_handler_writes_status(kube, tmp_path, monkeypatch):
@@ -71,7 +90,8 @@ def test_kopf_handler_writes_status(kube, tmp_path, monkeypatch):
 
     api = _smoke_api(kube)
     handlers = tmp_path / "handlers.py"
-    handlers.write_text(textwrap.dedent('''
+    handlers.write_text(
+        textwrap.dedent("""
         import kopf
 
         @kopf.on.startup()
@@ -82,7 +102,8 @@ def test_kopf_handler_writes_status(kube, tmp_path, monkeypatch):
         @kopf.on.create("harness.mmrank.io", "v1", "smokes")
         def created(spec, patch, **_):
             patch.status["doubled"] = spec["size"] * 2
-    '''))
+    """)
+    )
     import kubernetes.config.kube_config
 
     # kopf logs in through the kubernetes client, whose default kubeconfig path is read at import.
@@ -90,9 +111,15 @@ def test_kopf_handler_writes_status(kube, tmp_path, monkeypatch):
     monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", kube.kubeconfig)
     with KopfRunner(["run", "--standalone", "--namespace=default", "--verbose", str(handlers)], timeout=60) as runner:
         time.sleep(2)
-        api.create(body={"apiVersion": "harness.mmrank.io/v1", "kind": "Smoke",
-                         "metadata": {"name": "kopfed", "namespace": "default"}, "spec": {"size": 21}},
-                   namespace="default")
+        api.create(
+            body={
+                "apiVersion": "harness.mmrank.io/v1",
+                "kind": "Smoke",
+                "metadata": {"name": "kopfed", "namespace": "default"},
+                "spec": {"size": 21},
+            },
+            namespace="default",
+        )
         deadline = time.monotonic() + 30
         status: dict = {}
         while time.monotonic() < deadline and "doubled" not in status:
@@ -108,12 +135,15 @@ def test_kserve_inferenceservice_server_side_apply_is_idempotent(kserve_installe
     from kubernetes import dynamic
 
     api = dynamic.DynamicClient(kserve_installed.api_client).resources.get(
-        api_version="serving.kserve.io/v1beta1", kind="InferenceService")
+        api_version="serving.kserve.io/v1beta1", kind="InferenceService"
+    )
     body = {
-        "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
         "metadata": {"name": "smoke-ranker", "namespace": "default"},
-        "spec": {"predictor": {"containers": [{"name": "kserve-container", "image": "example/ranker:1",
-                                               "args": ["serve"]}]}},
+        "spec": {
+            "predictor": {"containers": [{"name": "kserve-container", "image": "example/ranker:1", "args": ["serve"]}]}
+        },
     }
     first = api.server_side_apply(body=body, name="smoke-ranker", namespace="default", field_manager="smoke")
     second = api.server_side_apply(body=body, name="smoke-ranker", namespace="default", field_manager="smoke")

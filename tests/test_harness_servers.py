@@ -1,4 +1,5 @@
 """Smoke tests of the real Redis and Prometheus, and of the fixtures' failure messages."""
+
 from __future__ import annotations
 
 import json

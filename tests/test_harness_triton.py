@@ -1,4 +1,5 @@
 """The real Triton server from the nvidia-pytriton wheel serves a tiny torch model."""
+
 from __future__ import annotations
 
 import textwrap
@@ -11,7 +12,7 @@ import torch
 
 pytestmark = pytest.mark.triton
 
-MODEL_PY = textwrap.dedent('''
+MODEL_PY = textwrap.dedent("""
     import json
     import os
 
@@ -33,9 +34,9 @@ MODEL_PY = textwrap.dedent('''
                     y = self.model(torch.from_numpy(x)).numpy().astype(np.float32)
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", y)]))
             return responses
-''')
+""")
 
-CONFIG = textwrap.dedent('''
+CONFIG = textwrap.dedent("""
     name: "tiny"
     backend: "python"
     max_batch_size: 8
@@ -43,7 +44,7 @@ CONFIG = textwrap.dedent('''
     output [ { name: "Y", data_type: TYPE_FP32, dims: [ 2 ] } ]
     instance_group [ { kind: KIND_CPU, count: 1 } ]
     dynamic_batching { max_queue_delay_microseconds: 1000 }
-''')
+""")
 
 
 def tiny_repository(root: Path) -> tuple[Path, torch.jit.ScriptModule]:
@@ -81,8 +82,11 @@ def test_triton_answers_http_and_grpc_with_torch_numbers_and_counts_requests(tmp
 
     with urllib.request.urlopen(server.extra["metrics_url"], timeout=5) as response:
         metrics = response.read().decode()
-    success = [line for line in metrics.splitlines()
-               if line.startswith("nv_inference_request_success{") and 'model="tiny"' in line]
+    success = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("nv_inference_request_success{") and 'model="tiny"' in line
+    ]
     assert success, metrics[:2000]
     assert float(success[0].rsplit(" ", 1)[1]) == 2.0
 

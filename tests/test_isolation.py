@@ -9,6 +9,7 @@ rankers' groups, and an unreachable store is a Warning and a condition until it 
 (The embedders of two rankers, each receiving every item of its own stream: test_embedder.py,
 which has the Triton they need.)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -68,9 +69,16 @@ def view(store: EmbeddingStore) -> dict[str, Any]:
     """What a ranker reads back (both back ends)."""
     info = store.space_info("e1")
     vectors, found = store.get("e1", np.arange(ITEMS))
-    return {"spaces": store.spaces(), "items": info.items, "catalogue": store.catalogue_size("e1"),
-            "coverage": info.coverage, "backfill": {k: (v.done, v.total) for k, v in info.backfill.items()},
-            "found": found.tolist(), "vectors": vectors.round(3).tolist(), "history": store.get_history(1, 10).tolist()}
+    return {
+        "spaces": store.spaces(),
+        "items": info.items,
+        "catalogue": store.catalogue_size("e1"),
+        "coverage": info.coverage,
+        "backfill": {k: (v.done, v.total) for k, v in info.backfill.items()},
+        "found": found.tolist(),
+        "vectors": vectors.round(3).tolist(),
+        "history": store.get_history(1, 10).tolist(),
+    }
 
 
 @pytest.fixture(params=["redis", "file"])
@@ -84,7 +92,8 @@ def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tup
 
 @pytest.mark.parametrize("pair", PAIRS.values(), ids=list(PAIRS))
 def test_writing_retiring_and_deleting_one_ranker_leaves_the_other_intact(
-        shared_store: tuple[EmbeddingStore, str], pair: tuple[Scope, Scope]) -> None:
+    shared_store: tuple[EmbeddingStore, str], pair: tuple[Scope, Scope]
+) -> None:
     base, url = shared_store
     a, b = base.for_scope(pair[0]), base.for_scope(pair[1])
     seed(a)
@@ -133,8 +142,9 @@ def test_the_operator_deletes_a_ranker_whose_named_stream_never_existed(redis_se
     seed(RedisStore(client, Scope("ads", "shop")))
     seed(RedisStore(client, Scope("ads", "shop-eu")))
     before = snapshot(client, Scope("ads", "shop-eu"))
-    deleted = observe.StoreCoverage().delete_ranker(redis_server.url, None, scope="ads/shop", stream="never:items",
-                                                    group="embedder")
+    deleted = observe.StoreCoverage().delete_ranker(
+        redis_server.url, None, scope="ads/shop", stream="never:items", group="embedder"
+    )
     assert (deleted.keys, deleted.spaces) == (9, ["e1"])
     assert keys(client, Scope("ads", "shop")) == [] and client.exists("never:items") == 0
     assert snapshot(client, Scope("ads", "shop-eu")) == before
@@ -151,8 +161,20 @@ def test_every_key_of_a_ranker_is_in_one_cluster_slot_under_its_prefix(redis_ser
     seed(store)
     seed_streams(client, scope)
     held = sorted(k.decode() for k in client.keys("*"))
-    layout = ["backfill:e1", "catalogue:e1", "emb-time:e1", "emb:e1", "embchanges:e1", "embver:e1", "feedback",
-              "history:1", "items", "items:dead", "space:e1", "spaces"]
+    layout = [
+        "backfill:e1",
+        "catalogue:e1",
+        "emb-time:e1",
+        "emb:e1",
+        "embchanges:e1",
+        "embver:e1",
+        "feedback",
+        "history:1",
+        "items",
+        "items:dead",
+        "space:e1",
+        "spaces",
+    ]
     assert held == [f"mmrank:{{ads/shop}}:{k}" for k in layout]
     assert {key_slot(k.encode()) for k in held} == {key_slot(b"{ads/shop}")}
 
@@ -171,6 +193,7 @@ def test_scopes_are_checked_and_the_local_default_is_one(tmp_path: Path) -> None
 
 
 # --- the operator's delete step against the real apiserver and the real Redis -----------------------
+
 
 @contextlib.contextmanager
 def operator_watching(kube: Any, namespaces: list[str], store: observe.CoverageObserver) -> Iterator[None]:
@@ -225,13 +248,20 @@ def reasons(cluster: Cluster, name: str) -> dict[str, str]:
 
 
 def test_deleting_a_ranker_removes_its_keys_after_its_children_and_nothing_else(
-        crds_installed: None, kube: Any, redis_server: servers.Server) -> None:  # noqa: F811 - the fixture
+    crds_installed: None,  # noqa: F811 - the fixture
+    kube: Any,
+    redis_server: servers.Server,
+) -> None:
     import uuid
 
     ads, eu = (Cluster(kube.api_client, f"t-{uuid.uuid4().hex[:8]}") for _ in range(2))
     client = redis.Redis.from_url(redis_server.url)
-    doomed, neighbour, namesake = Scope(ads.namespace, "shop"), Scope(ads.namespace, "shop-eu"), Scope(eu.namespace, "shop")
-    shared = "shop:items"                          # named in two rankers' specs: shared
+    doomed, neighbour, namesake = (
+        Scope(ads.namespace, "shop"),
+        Scope(ads.namespace, "shop-eu"),
+        Scope(eu.namespace, "shop"),
+    )
+    shared = "shop:items"  # named in two rankers' specs: shared
     for scope in (doomed, neighbour, namesake):
         seed(RedisStore(client, scope))
     seed_streams(client, doomed, shared)
@@ -244,9 +274,13 @@ def test_deleting_a_ranker_removes_its_keys_after_its_children_and_nothing_else(
         ranker(ads, "shop-eu", redis_server.url)
         ranker(eu, "shop", redis_server.url, shared)
         for cluster, name in ((ads, "shop"), (ads, "shop-eu"), (eu, "shop")):
-            wait_for(f"{cluster.namespace}/{name}: encoder and embedder",
-                     lambda c=cluster, n=name: {("Deployment", f"{n}-encoder-e1"), ("Deployment", f"{n}-embedder")}
-                     <= set(c.children(n)), timeout=60)
+            wait_for(
+                f"{cluster.namespace}/{name}: encoder and embedder",
+                lambda c=cluster, n=name: (
+                    {("Deployment", f"{n}-encoder-e1"), ("Deployment", f"{n}-embedder")} <= set(c.children(n))
+                ),
+                timeout=60,
+            )
             embedder = cluster.children(name)[("Deployment", f"{name}-embedder")]
             env = {e["name"]: e.get("value") for e in embedder["spec"]["template"]["spec"]["containers"][0]["env"]}
             assert env["MMRANK_SCOPE"] == f"{cluster.namespace}/{name}"
@@ -254,13 +288,15 @@ def test_deleting_a_ranker_removes_its_keys_after_its_children_and_nothing_else(
 
         ads.rankers.delete(name="shop", namespace=ads.namespace)
         # the children are being deleted in the foreground (their pods first): the keys wait for them
-        wait_for("every child of ads/shop being deleted", lambda: (c := ads.children("shop")) and
-                 all(o["metadata"].get("deletionTimestamp") for o in c.values()))
+        wait_for(
+            "every child of ads/shop being deleted",
+            lambda: (c := ads.children("shop")) and all(o["metadata"].get("deletionTimestamp") for o in c.values()),
+        )
         held = len(keys(client, doomed))
-        time.sleep(3)                                # a few retries of the finalizer step
+        time.sleep(3)  # a few retries of the finalizer step
         assert not gone(ads, "shop") and len(keys(client, doomed)) == held, "keys removed before the children went"
 
-        ads.collect_garbage("shop")                  # the garbage collector: pods gone, children gone
+        ads.collect_garbage("shop")  # the garbage collector: pods gone, children gone
         wait_for("ads/shop gone", lambda: gone(ads, "shop"))
         cleaned = wait_for("the StoreCleaned Event", lambda: reasons(ads, "shop").get("StoreCleaned"))
         assert cleaned.startswith(f"removed {held} keys of ranker {doomed} from the store: 1 spaces (e1)"), cleaned
@@ -273,7 +309,10 @@ def test_deleting_a_ranker_removes_its_keys_after_its_children_and_nothing_else(
 
 
 def test_an_unreachable_store_holds_the_delete_with_a_warning_until_it_is_back(
-        crds_installed: None, kube: Any, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+    crds_installed: None,  # noqa: F811 - the fixture
+    kube: Any,
+    tmp_path: Path,
+) -> None:
     import uuid
 
     cluster = Cluster(kube.api_client, f"t-{uuid.uuid4().hex[:8]}")
@@ -286,16 +325,18 @@ def test_an_unreachable_store_holds_the_delete_with_a_warning_until_it_is_back(
         with operator_watching(kube, [cluster.namespace], observe.StoreCoverage()):
             ranker(cluster, "shop", store.url)
             wait_for("the embedder", lambda: ("Deployment", "shop-embedder") in cluster.children(), timeout=60)
-            store.stop()                                   # the store goes away (its data stays on disk)
+            store.stop()  # the store goes away (its data stays on disk)
             cluster.rankers.delete(name="shop", namespace=cluster.namespace)
             wait_for("children gone", lambda: cluster.collect_garbage() >= 0 and not cluster.children())
-            warning = wait_for("the StoreCleanupFailed Event", lambda: reasons(cluster, "shop").get("StoreCleanupFailed"))
+            warning = wait_for(
+                "the StoreCleanupFailed Event", lambda: reasons(cluster, "shop").get("StoreCleanupFailed")
+            )
             assert "remove the finalizer mmrank.io/finalizer" in warning
             condition = wait_for("the StoreCleanup condition", lambda: cluster.condition("StoreCleanup"))
             assert (condition["status"], condition["reason"]) == ("False", "StoreUnreachable")
             assert not gone(cluster, "shop"), "the delete went on without cleaning the store"
 
-            store = servers.start_redis(tmp_path / "redis", port=port)   # back, with the ranker's keys
+            store = servers.start_redis(tmp_path / "redis", port=port)  # back, with the ranker's keys
             client = redis.Redis.from_url(store.url)
             assert keys(client, scope)
             wait_for("the ranker gone once the store is back", lambda: gone(cluster, "shop"), timeout=60)
@@ -332,7 +373,7 @@ def test_a_predictor_reads_the_space_of_its_own_ranker(redis_server: servers.Ser
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
         except OSError:
-            return None                                        # not listening yet
+            return None  # not listening yet
 
     started = []
     try:
@@ -340,11 +381,37 @@ def test_a_predictor_reads_the_space_of_its_own_ranker(redis_server: servers.Ser
         for scope in (covered, sparse):
             port = servers.free_port()
             log = open(tmp_path / f"predictor-{scope.namespace}.log", "wb")  # noqa: SIM115 - the child owns it
-            started.append(subprocess.Popen(
-                [sys.executable, "-m", "mmrank", "predictor", "serve", "--model-dir", str(model_dir), "--model-name",
-                 "ranker", "--store", redis_server.url, "--scope", str(scope), "--host", "127.0.0.1",
-                 "--http-port", str(port), "--grpc-port", "0", "--torch-threads", "1", "--no-feedback-stream"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent))
+            started.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "mmrank",
+                        "predictor",
+                        "serve",
+                        "--model-dir",
+                        str(model_dir),
+                        "--model-name",
+                        "ranker",
+                        "--store",
+                        redis_server.url,
+                        "--scope",
+                        str(scope),
+                        "--host",
+                        "127.0.0.1",
+                        "--http-port",
+                        str(port),
+                        "--grpc-port",
+                        "0",
+                        "--torch-threads",
+                        "1",
+                        "--no-feedback-stream",
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=Path(__file__).resolve().parent.parent,
+                )
+            )
             urls[scope] = f"http://127.0.0.1:{port}"
         wait_for(f"the predictor of {covered} ready", lambda: (ready(urls[covered]) or (0,))[0] == 200, timeout=120)
         answers = {sparse: wait_for(f"the predictor of {sparse} answering", lambda: ready(urls[sparse]), timeout=120)}

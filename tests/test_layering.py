@@ -1,4 +1,5 @@
 """The layout rules of docs/architecture.md, checked in fresh interpreters."""
+
 from __future__ import annotations
 
 import subprocess
@@ -18,15 +19,19 @@ def _run(code: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 def test_parts_are_not_regular_packages_at_the_root(part):
     assert (ROOT / part).is_dir()
     assert not (ROOT / part / "__init__.py").exists(), (
-        f"{part}/__init__.py would make `{part}` importable as a top-level package from the checkout root")
+        f"{part}/__init__.py would make `{part}` importable as a top-level package from the checkout root"
+    )
 
 
 def test_python_m_from_the_checkout_root_gets_the_standard_operator():
-    result = subprocess.run([sys.executable, "-m", "json.tool", "--help"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "json.tool", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
-    probe = _run("import operator, mmrank.operator as ours; "
-                 "assert operator.itemgetter; print(operator.__file__); print(list(ours.__path__))")
+    probe = _run(
+        "import operator, mmrank.operator as ours; "
+        "assert operator.itemgetter; print(operator.__file__); print(list(ours.__path__))"
+    )
     assert probe.returncode == 0, probe.stderr
     stdlib_file, ours = probe.stdout.splitlines()
     assert "/operator/" not in stdlib_file and stdlib_file.endswith("operator.py")
@@ -41,13 +46,24 @@ def test_the_operator_imports_no_torch_and_no_other_part():
         "bad = [n for n in sys.modules if n == 'torch' or n.startswith('torch.')\n"
         "       or (n.startswith('mmrank.encoders') and n not in ('mmrank.encoders', 'mmrank.encoders.triton_config'))\n"
         "       or n.startswith('mmrank.predictors')]\n"
-        "print(sorted(bad))")
+        "print(sorted(bad))"
+    )
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("module", ["mmrank.cli", "mmrank.api", "mmrank.api_crd", "mmrank.api_docs", "mmrank.store",
-                                    "mmrank.space", "harness.servers"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "mmrank.cli",
+        "mmrank.api",
+        "mmrank.api_crd",
+        "mmrank.api_docs",
+        "mmrank.store",
+        "mmrank.space",
+        "harness.servers",
+    ],
+)
 def test_common_modules_import_no_torch(module):
     if not (ROOT / (module.replace(".", "/") + ".py")).exists():
         pytest.fail(f"{module} is part of the layout but missing")
@@ -57,11 +73,22 @@ def test_common_modules_import_no_torch(module):
 
 
 def test_mmrank_help_lists_every_subcommand():
-    result = subprocess.run([sys.executable, "-m", "mmrank", "--help"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "mmrank", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
-    for command in ("shop", "encoders", "embedder", "backfill", "ranker", "predictor", "crd", "validate",
-                    "operator", "render"):
+    for command in (
+        "shop",
+        "encoders",
+        "embedder",
+        "backfill",
+        "ranker",
+        "predictor",
+        "crd",
+        "validate",
+        "operator",
+        "render",
+    ):
         assert f"    {command}" in result.stdout, f"`mmrank {command}` missing from --help:\n{result.stdout}"
 
 
@@ -71,21 +98,39 @@ def test_every_source_folder_of_a_part_is_in_the_package_list():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert set(config["packages"]) == {"mmrank", "mmrank.operator", "mmrank.encoders", "mmrank.predictors"}
     for part in ("mmrank", "operator", "encoders", "predictors"):
-        nested = [p for p in (ROOT / part).iterdir()
-                  if p.is_dir() and not p.is_symlink() and p.name != "__pycache__"]
+        nested = [p for p in (ROOT / part).iterdir() if p.is_dir() and not p.is_symlink() and p.name != "__pycache__"]
         assert not nested, f"{part}/ must stay flat (nested folders are not in the wheel): {nested}"
 
 
 def test_the_wheel_carries_every_module_of_every_part(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                             "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     import zipfile
 
     wheel = next(tmp_path.glob("mmrank-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for folder, package in (("mmrank", "mmrank"), ("operator", "mmrank/operator"),
-                            ("encoders", "mmrank/encoders"), ("predictors", "mmrank/predictors")):
+    for folder, package in (
+        ("mmrank", "mmrank"),
+        ("operator", "mmrank/operator"),
+        ("encoders", "mmrank/encoders"),
+        ("predictors", "mmrank/predictors"),
+    ):
         for source in (ROOT / folder).glob("*.py"):
             assert f"{package}/{source.name}" in names, f"{folder}/{source.name} is not in the wheel"
     shipped_harness = sorted(n for n in names if n.startswith("harness/") or "/harness/" in n)
@@ -112,5 +157,7 @@ def test_the_harness_lives_beside_mmrank_and_a_contract_keeps_mmrank_from_import
     assert (ROOT / "harness" / "__init__.py").is_file()
     assert not (ROOT / "mmrank" / "harness").exists()
     contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
-    assert any(c["type"] == "forbidden" and c["source_modules"] == ["mmrank"] and c["forbidden_modules"] == ["harness"]
-               for c in contracts)
+    assert any(
+        c["type"] == "forbidden" and c["source_modules"] == ["mmrank"] and c["forbidden_modules"] == ["harness"]
+        for c in contracts
+    )

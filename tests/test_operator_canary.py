@@ -1,5 +1,6 @@
 """Canary rollouts through the pure core, by value: what each backend renders at each step, when a
 canary starts, how promotion and rollback change the children, the spaces and the status."""
+
 from __future__ import annotations
 
 import copy
@@ -15,23 +16,40 @@ from mmrank.operator.analysis import Analysis
 from mmrank.operator.reconcile import _merge_patch
 
 T0, T1, T2, T3 = ("2026-01-01T00:00:00Z", "2026-01-01T00:01:00Z", "2026-01-01T00:02:00Z", "2026-01-01T00:03:00Z")
-PASSED = Analysis("Passed", requests=900, error_rate=0.0, latency_p99_ms=12.0, click_rate_ratio=1.0,
-                  message="all checks passed")
-FAILED = Analysis("Failed", requests=900, error_rate=0.3, latency_p99_ms=12.0, click_rate_ratio=1.0,
-                  failed_checks=("errorRate",), message="error rate 0.3 > 0.01")
+PASSED = Analysis(
+    "Passed", requests=900, error_rate=0.0, latency_p99_ms=12.0, click_rate_ratio=1.0, message="all checks passed"
+)
+FAILED = Analysis(
+    "Failed",
+    requests=900,
+    error_rate=0.3,
+    latency_p99_ms=12.0,
+    click_rate_ratio=1.0,
+    failed_checks=("errorRate",),
+    message="error rate 0.3 > 0.01",
+)
 
 
-def manifest(ranker: str = "r1", encoder: str = "e1", serving: str = "KServe", replicas: int = 1,
-             **rollout: Any) -> dict[str, Any]:
+def manifest(
+    ranker: str = "r1", encoder: str = "e1", serving: str = "KServe", replicas: int = 1, **rollout: Any
+) -> dict[str, Any]:
     return {
-        "apiVersion": "mmrank.io/v1alpha1", "kind": "MultimodalRanker",
+        "apiVersion": "mmrank.io/v1alpha1",
+        "kind": "MultimodalRanker",
         "metadata": {"name": "shop", "namespace": "ads", "uid": "uid-1", "generation": 2},
         "spec": {
             "encoder": {"version": encoder, "modelUri": f"s3://models/encoder/{encoder}", "gpus": 0},
-            "ranker": {"version": ranker, "modelUri": f"s3://models/ranker/{ranker}", "encoderVersion": encoder,
-                       "serving": serving, "replicas": replicas},
-            "embeddings": {"store": {"url": "redis://redis:6379/0"},
-                           "backfill": {"catalogueUri": "s3://catalogue/today"}},
+            "ranker": {
+                "version": ranker,
+                "modelUri": f"s3://models/ranker/{ranker}",
+                "encoderVersion": encoder,
+                "serving": serving,
+                "replicas": replicas,
+            },
+            "embeddings": {
+                "store": {"url": "redis://redis:6379/0"},
+                "backfill": {"catalogueUri": "s3://catalogue/today"},
+            },
             "rollout": {"steps": [10, 25, 50], "interval": "1m", **rollout},
         },
     }
@@ -41,12 +59,25 @@ def parse(body: dict[str, Any]) -> api.MultimodalRanker:
     return api.MultimodalRanker.model_validate(body)
 
 
-def observe(status: dict[str, Any], now: str = T0, ready: tuple[str, ...] = ("e1", "e2"),
-            coverage: dict[str, float] | None = None, serving: core.ServedRanker | None = None,
-            analysis: Analysis | None = None, children: tuple[core.ChildRef, ...] = ()) -> core.Observed:
+def observe(
+    status: dict[str, Any],
+    now: str = T0,
+    ready: tuple[str, ...] = ("e1", "e2"),
+    coverage: dict[str, float] | None = None,
+    serving: core.ServedRanker | None = None,
+    analysis: Analysis | None = None,
+    children: tuple[core.ChildRef, ...] = (),
+) -> core.Observed:
     coverage = coverage if coverage is not None else {"e1": 1.0, "e2": 1.0}
-    return core.Observed(now=now, status=status, spaces={k: core.SpaceState(v, int(v * 100)) for k, v in coverage.items()},
-                         encoders_ready={v: True for v in ready}, ranker=serving, analysis=analysis, children=children)
+    return core.Observed(
+        now=now,
+        status=status,
+        spaces={k: core.SpaceState(v, int(v * 100)) for k, v in coverage.items()},
+        encoders_ready={v: True for v in ready},
+        ranker=serving,
+        analysis=analysis,
+        children=children,
+    )
 
 
 def served(ranker: str, encoder: str, ready: bool = True, canary: tuple[str, str] | None = None) -> core.ServedRanker:
@@ -82,6 +113,7 @@ def by_type(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 # --- when a canary starts -------------------------------------------------------------------------
 
+
 def test_the_first_ranker_takes_all_traffic_without_a_canary() -> None:
     status = stable_r1()
     assert "canary" not in status and status["phase"] == "Ready"
@@ -90,15 +122,17 @@ def test_the_first_ranker_takes_all_traffic_without_a_canary() -> None:
 
 def test_a_new_encoder_and_ranker_wait_for_the_new_space_with_stable_serving() -> None:
     status = stable_r1()
-    want = core.desired(parse(manifest("r2", "e2")), observe(status, coverage={"e1": 1.0, "e2": 0.4},
-                                                             serving=served("r1", "e1")))
+    want = core.desired(
+        parse(manifest("r2", "e2")), observe(status, coverage={"e1": 1.0, "e2": 0.4}, serving=served("r1", "e1"))
+    )
     isvc = kinds(want)[("InferenceService", "shop-ranker")]
     assert isvc["spec"]["predictor"]["labels"]["mmrank.io/ranker-version"] == "r1" and "canary" not in isvc["spec"]
     assert ("Deployment", "shop-encoder-e2") in kinds(want) and any(
-        k == "Job" and n.startswith("shop-backfill-e2-") for k, n in kinds(want))
+        k == "Job" and n.startswith("shop-backfill-e2-") for k, n in kinds(want)
+    )
     embedder = kinds(want)[("Deployment", "shop-embedder")]["spec"]["template"]["spec"]["containers"][0]
     encoders = next(e["value"] for e in embedder["env"] if e["name"] == "MMRANK_ENCODERS")
-    assert encoders.startswith("e2=") and ",e1=" in encoders                   # both spaces stay fresh
+    assert encoders.startswith("e2=") and ",e1=" in encoders  # both spaces stay fresh
     assert want.status["canary"] is None
     assert by_type(want.status)["CanaryHealthy"]["reason"] == "WaitingForEmbeddings"
     assert want.status["phase"] == "Backfilling"
@@ -143,14 +177,18 @@ def test_canary_inference_services_validate_against_kserves_crd(mode: str, isvc_
 
 def test_the_kubernetes_backend_splits_by_replicas_and_says_its_granularity() -> None:
     status = stable_r1(serving="Kubernetes", replicas=4)
-    want = core.desired(parse(manifest("r2", "e2", serving="Kubernetes", replicas=4)),
-                        observe(status, serving=served("r1", "e1")))
+    want = core.desired(
+        parse(manifest("r2", "e2", serving="Kubernetes", replicas=4)), observe(status, serving=served("r1", "e1"))
+    )
     got = kinds(want)
     assert got[("Deployment", "shop-ranker-r1")]["spec"]["replicas"] == 3
     assert got[("Deployment", "shop-ranker-r2")]["spec"]["replicas"] == 1
     service = got[("Service", "shop-ranker")]
-    assert service["spec"]["selector"] == {"app.kubernetes.io/managed-by": "mmrank", "mmrank.io/ranker": "shop",
-                                           "app.kubernetes.io/component": "ranker"}
+    assert service["spec"]["selector"] == {
+        "app.kubernetes.io/managed-by": "mmrank",
+        "mmrank.io/ranker": "shop",
+        "app.kubernetes.io/component": "ranker",
+    }
     for version in ("r1", "r2"):
         pod_labels = got[("Deployment", f"shop-ranker-{version}")]["spec"]["template"]["metadata"]["labels"]
         assert service["spec"]["selector"].items() <= pod_labels.items()
@@ -161,8 +199,9 @@ def test_the_kubernetes_backend_splits_by_replicas_and_says_its_granularity() ->
 
 def test_a_kubernetes_backend_that_cannot_split_waits_and_says_why() -> None:
     status = stable_r1(serving="Kubernetes", replicas=1)
-    want = core.desired(parse(manifest("r2", "e2", serving="Kubernetes", replicas=1)),
-                        observe(status, serving=served("r1", "e1")))
+    want = core.desired(
+        parse(manifest("r2", "e2", serving="Kubernetes", replicas=1)), observe(status, serving=served("r1", "e1"))
+    )
     assert want.status["canary"] is None
     canary = by_type(want.status)["CanaryHealthy"]
     assert canary["status"] == "False" and canary["reason"] == "NoUsableStep" and "100 %" in canary["message"]
@@ -171,7 +210,10 @@ def test_a_kubernetes_backend_that_cannot_split_waits_and_says_why() -> None:
 
 # --- through the steps ----------------------------------------------------------------------------
 
-def run_steps(body: dict[str, Any], analyses: list[Analysis], serving: core.ServedRanker) -> tuple[dict[str, Any], list[core.Desired]]:
+
+def run_steps(
+    body: dict[str, Any], analyses: list[Analysis], serving: core.ServedRanker
+) -> tuple[dict[str, Any], list[core.Desired]]:
     status = stable_r1(**{k: v for k, v in body["spec"]["rollout"].items() if k not in ("steps", "interval")})
     wants = [core.desired(parse(body), observe(status, T0, serving=serving))]
     status = apply(status, wants[-1])
@@ -186,24 +228,35 @@ def test_passing_steps_advance_then_promote_and_retire_the_old_encoder() -> None
     body = manifest("r2", "e2")
     status, wants = run_steps(body, [PASSED, PASSED], served("r1", "e1", canary=("r2", "e2")))
     assert [w.status["canary"]["trafficPercent"] for w in wants] == [10, 25, 50]
-    assert [kinds(w)[("InferenceService", "shop-ranker")]["spec"]["canary"][0]["trafficPercent"] for w in wants] == [10, 25, 50]
-    promoted = core.desired(parse(body), observe(status, T3, serving=served("r1", "e1", canary=("r2", "e2")),
-                                                 analysis=PASSED))
+    assert [kinds(w)[("InferenceService", "shop-ranker")]["spec"]["canary"][0]["trafficPercent"] for w in wants] == [
+        10,
+        25,
+        50,
+    ]
+    promoted = core.desired(
+        parse(body), observe(status, T3, serving=served("r1", "e1", canary=("r2", "e2")), analysis=PASSED)
+    )
     assert promoted.status["canary"]["state"] == "Promoted" and promoted.status["canary"]["trafficPercent"] == 100
     isvc = kinds(promoted)[("InferenceService", "shop-ranker")]
     assert isvc["spec"]["predictor"]["labels"]["mmrank.io/ranker-version"] == "r2" and "canary" not in isvc["spec"]
-    assert core.stable_of(promoted.status) == core.Version("r1", "e1")   # until r2 serves everything, ready
+    assert core.stable_of(promoted.status) == core.Version("r1", "e1")  # until r2 serves everything, ready
     status = apply(status, promoted)
 
     old_encoder = (core.ChildRef("Deployment", "shop-encoder-e1", "apps/v1", "e1", "encoder"),)
-    done = core.desired(parse(body), observe(status, "2026-01-01T00:04:00Z", serving=served("r2", "e2"),
-                                             children=old_encoder))
+    done = core.desired(
+        parse(body), observe(status, "2026-01-01T00:04:00Z", serving=served("r2", "e2"), children=old_encoder)
+    )
     assert core.stable_of(done.status) == core.Version("r2", "e2") and done.status["canary"] is None
     assert done.status["stable"]["ranker"]["modelUri"] == "s3://models/ranker/r2"
-    assert done.keep == [] and done.status["phase"] == "Ready"      # e1's encoder goes; its space is retained
+    assert done.keep == [] and done.status["phase"] == "Ready"  # e1's encoder goes; its space is retained
     assert [s["version"] for s in done.status["embeddings"]["spaces"]] == ["e1", "e2"]
     assert [h["reason"] for h in apply(status, done)["history"]] == [
-        "CanaryStarted", "StepPassed", "StepPassed", "Promoted", "PromotionComplete"]
+        "CanaryStarted",
+        "StepPassed",
+        "StepPassed",
+        "Promoted",
+        "PromotionComplete",
+    ]
 
 
 def test_failed_checks_roll_back_and_the_new_space_retires_under_retention() -> None:
@@ -224,12 +277,16 @@ def test_failed_checks_roll_back_and_the_new_space_retires_under_retention() -> 
     assert rolled_back and rolled_back[0]["analysis"]["errorRate"] == 0.3
 
     # it stays rolled back while the spec names the same ranker, whatever the analysis says
-    again = core.desired(parse(body), observe(status, "2026-01-01T00:09:00Z", serving=served("r1", "e1"), analysis=PASSED))
+    again = core.desired(
+        parse(body), observe(status, "2026-01-01T00:09:00Z", serving=served("r1", "e1"), analysis=PASSED)
+    )
     patch = _merge_patch(status, again.status)
     assert again.status["canary"]["state"] == "RolledBack" and "canary" not in patch and "history" not in patch
 
     # a new ranker version is a new rollout
-    fresh = core.desired(parse(manifest("r3", "e2")), observe(status, "2026-01-01T00:10:00Z", serving=served("r1", "e1")))
+    fresh = core.desired(
+        parse(manifest("r3", "e2")), observe(status, "2026-01-01T00:10:00Z", serving=served("r1", "e1"))
+    )
     assert fresh.status["canary"]["rankerVersion"] == "r3" and fresh.status["canary"]["state"] == "Progressing"
 
 
@@ -241,7 +298,7 @@ def test_retry_after_a_rollback_starts_again_at_the_first_step() -> None:
     assert want.status["canary"]["state"] == "Progressing" and want.status["canary"]["trafficPercent"] == 10
     assert want.status["request"] is None
     assert want.status["history"][-1]["reason"] == "Retried" and "alice" in want.status["history"][-1]["message"]
-    assert ("Deployment", "shop-encoder-e2") in kinds(want)                # its encoder comes back
+    assert ("Deployment", "shop-encoder-e2") in kinds(want)  # its encoder comes back
 
 
 def test_manual_promotion_waits_for_a_person() -> None:
@@ -250,7 +307,9 @@ def test_manual_promotion_waits_for_a_person() -> None:
     assert wants[-1].status["phase"] == "AwaitingPromotion" and wants[-1].status["canary"]["trafficPercent"] == 50
     assert by_type(wants[-1].status)["CanaryHealthy"]["reason"] == "AwaitingPromotion"
     status["request"] = {"action": "Promote", "requestedAt": "2026-01-01T00:05:00Z"}
-    want = core.desired(parse(body), observe(status, "2026-01-01T00:05:01Z", serving=served("r1", "e1", canary=("r2", "e2"))))
+    want = core.desired(
+        parse(body), observe(status, "2026-01-01T00:05:01Z", serving=served("r1", "e1", canary=("r2", "e2")))
+    )
     assert want.status["canary"]["state"] == "Promoted" and want.status["request"] is None
 
 
@@ -267,14 +326,18 @@ def test_a_promote_without_a_rollout_is_refused_and_changes_nothing_else() -> No
 
 def test_a_new_ranker_mid_rollout_supersedes_the_canary() -> None:
     status, _ = run_steps(manifest("r2", "e2"), [PASSED], served("r1", "e1", canary=("r2", "e2")))
-    want = core.desired(parse(manifest("r3", "e2")), observe(status, T3, serving=served("r1", "e1", canary=("r2", "e2"))))
+    want = core.desired(
+        parse(manifest("r3", "e2")), observe(status, T3, serving=served("r1", "e1", canary=("r2", "e2")))
+    )
     assert [h["reason"] for h in want.status["history"][-2:]] == ["Superseded", "CanaryStarted"]
     assert want.status["canary"]["rankerVersion"] == "r3" and want.status["canary"]["trafficPercent"] == 10
 
 
 def test_a_second_reconcile_of_a_canary_writes_nothing() -> None:
     status, _ = run_steps(manifest("r2", "e2"), [PASSED], served("r1", "e1", canary=("r2", "e2")))
-    first = core.desired(parse(manifest("r2", "e2")), observe(status, T2, serving=served("r1", "e1", canary=("r2", "e2"))))
+    first = core.desired(
+        parse(manifest("r2", "e2")), observe(status, T2, serving=served("r1", "e1", canary=("r2", "e2")))
+    )
     assert _merge_patch(status, first.status) == {} and [d.reason for d in first.decisions] == []
 
 

@@ -1,5 +1,6 @@
 """The operator's pure core by value: children, embedding sync, status; every child validated
 against Kubernetes' schemas (kubernetes-validate) and KServe's CRD schema. No cluster."""
+
 from __future__ import annotations
 
 import copy
@@ -27,16 +28,26 @@ LATER = "2026-01-01T00:05:00Z"
 
 def manifest(encoder: str = "e1", ranker: str = "r1", **spec_extra: Any) -> dict[str, Any]:
     body = {
-        "apiVersion": "mmrank.io/v1alpha1", "kind": "MultimodalRanker",
+        "apiVersion": "mmrank.io/v1alpha1",
+        "kind": "MultimodalRanker",
         "metadata": {"name": "shop", "namespace": "ads", "uid": "uid-1", "generation": 3},
         "spec": {
-            "encoder": {"version": encoder, "modelUri": f"s3://models/encoder/{encoder}", "gpus": 1,
-                        "nodeSelector": {"nvidia.com/gpu.product": "A10"},
-                        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+            "encoder": {
+                "version": encoder,
+                "modelUri": f"s3://models/encoder/{encoder}",
+                "gpus": 1,
+                "nodeSelector": {"nvidia.com/gpu.product": "A10"},
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            },
             "ranker": {"version": ranker, "modelUri": f"s3://models/ranker/{ranker}", "encoderVersion": encoder},
-            "embeddings": {"store": {"url": "redis://redis.ads.svc:6379/0",
-                                     "passwordSecretRef": {"name": "redis-auth", "key": "password"}},
-                           "minCoverage": 0.99, "backfill": {"parallelism": 4, "catalogueUri": "s3://catalogue/snapshots/today"}},
+            "embeddings": {
+                "store": {
+                    "url": "redis://redis.ads.svc:6379/0",
+                    "passwordSecretRef": {"name": "redis-auth", "key": "password"},
+                },
+                "minCoverage": 0.99,
+                "backfill": {"parallelism": 4, "catalogueUri": "s3://catalogue/snapshots/today"},
+            },
         },
     }
     body["spec"].update(spec_extra)
@@ -47,12 +58,24 @@ def ranker(**kwargs: Any) -> api.MultimodalRanker:
     return api.MultimodalRanker.model_validate(manifest(**kwargs))
 
 
-def observed(coverage: dict[str, float] | None = None, ready: tuple[str, ...] = (), status: dict | None = None,
-             serving: core.ServedRanker | None = None, jobs: dict | None = None, now: str = NOW,
-             children: tuple[core.ChildRef, ...] = ()) -> core.Observed:
-    return core.Observed(now=now, status=status or {},
-                         spaces={k: core.SpaceState(coverage=v, items=int(v * 1000)) for k, v in (coverage or {}).items()},
-                         encoders_ready={v: True for v in ready}, ranker=serving, jobs=jobs or {}, children=children)
+def observed(
+    coverage: dict[str, float] | None = None,
+    ready: tuple[str, ...] = (),
+    status: dict | None = None,
+    serving: core.ServedRanker | None = None,
+    jobs: dict | None = None,
+    now: str = NOW,
+    children: tuple[core.ChildRef, ...] = (),
+) -> core.Observed:
+    return core.Observed(
+        now=now,
+        status=status or {},
+        spaces={k: core.SpaceState(coverage=v, items=int(v * 1000)) for k, v in (coverage or {}).items()},
+        encoders_ready={v: True for v in ready},
+        ranker=serving,
+        jobs=jobs or {},
+        children=children,
+    )
 
 
 def kinds(want: core.Desired) -> dict[tuple[str, str], dict]:
@@ -65,7 +88,9 @@ def by_type(status: dict) -> dict[str, dict]:
 
 def backfill_jobs(want: core.Desired, version: str = "e1") -> list[dict]:
     """The backfill Jobs of a space (named <ranker>-backfill-<version>-<shape>-<attempt>)."""
-    return [c for c in want.children if c["kind"] == "Job" and c["metadata"]["name"].startswith(f"shop-backfill-{version}-")]
+    return [
+        c for c in want.children if c["kind"] == "Job" and c["metadata"]["name"].startswith(f"shop-backfill-{version}-")
+    ]
 
 
 def backfill_job(want: core.Desired, version: str = "e1") -> dict:
@@ -76,21 +101,40 @@ def backfill_job(want: core.Desired, version: str = "e1") -> dict:
 
 # --- children by value --------------------------------------------------------------------------
 
+
 def test_fresh_ranker_gets_encoder_embedder_and_backfill_but_no_traffic() -> None:
     want = core.desired(ranker(), observed({"e1": 0.0}))
     job = backfill_job(want)["metadata"]["name"]
-    assert sorted(kinds(want)) == [("ConfigMap", "shop-encoder-e1"), ("Deployment", "shop-embedder"),
-                                   ("Deployment", "shop-encoder-e1"), ("Job", job),
-                                   ("Service", "shop-embedder"), ("Service", "shop-encoder-e1")]
+    assert sorted(kinds(want)) == [
+        ("ConfigMap", "shop-encoder-e1"),
+        ("Deployment", "shop-embedder"),
+        ("Deployment", "shop-encoder-e1"),
+        ("Job", job),
+        ("Service", "shop-embedder"),
+        ("Service", "shop-encoder-e1"),
+    ]
     assert job.endswith("-1") and build.shape_of_job_name(job)
     assert want.status["phase"] == "Backfilling"
     synced = by_type(want.status)["EmbeddingsSynced"]
     assert synced["status"] == "False" and "coverage 0.0000" in synced["message"] and "0.99" in synced["message"]
     # the Job being created is in status at once, so the next reconcile has nothing to write
     assert want.status["embeddings"]["spaces"] == [
-        {"version": "e1", "modelUri": "s3://models/encoder/e1", "dimension": 128, "coverage": 0.0, "items": 0,
-         "backfill": {"completedShards": 0, "totalShards": 4, "progress": 0.0, "job": job, "attempts": 1,
-                      "state": "Running"}}]
+        {
+            "version": "e1",
+            "modelUri": "s3://models/encoder/e1",
+            "dimension": 128,
+            "coverage": 0.0,
+            "items": 0,
+            "backfill": {
+                "completedShards": 0,
+                "totalShards": 4,
+                "progress": 0.0,
+                "job": job,
+                "attempts": 1,
+                "state": "Running",
+            },
+        }
+    ]
 
 
 def test_the_child_kinds_the_operator_lists_are_the_kinds_its_builders_write() -> None:
@@ -99,9 +143,9 @@ def test_the_child_kinds_the_operator_lists_are_the_kinds_its_builders_write() -
     built = set()
     for serving in ("KServe", "Kubernetes"):
         body = manifest()
-        body["spec"]["encoder"]["replicas"] = 2                 # more than one replica: a PodDisruptionBudget
+        body["spec"]["encoder"]["replicas"] = 2  # more than one replica: a PodDisruptionBudget
         body["spec"]["ranker"].update(serving=serving, replicas=2)
-        for coverage in (0.0, 1.0):                             # backfilling (a Job), then serving (the ranker)
+        for coverage in (0.0, 1.0):  # backfilling (a Job), then serving (the ranker)
             want = core.desired(api.MultimodalRanker.model_validate(body), observed({"e1": coverage}, ready=("e1",)))
             built |= {(c["apiVersion"], c["kind"]) for c in want.children}
     assert built == set(CHILD_KINDS)
@@ -113,9 +157,16 @@ def test_every_child_has_owner_reference_and_labels() -> None:
     assert any(c["kind"] == "InferenceService" for c in want.children)
     for child in want.children:
         meta = child["metadata"]
-        assert meta["ownerReferences"] == [{"apiVersion": "mmrank.io/v1alpha1", "kind": "MultimodalRanker",
-                                            "name": "shop", "uid": "uid-1", "controller": True,
-                                            "blockOwnerDeletion": True}]
+        assert meta["ownerReferences"] == [
+            {
+                "apiVersion": "mmrank.io/v1alpha1",
+                "kind": "MultimodalRanker",
+                "name": "shop",
+                "uid": "uid-1",
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
         assert meta["labels"]["app.kubernetes.io/managed-by"] == "mmrank"
         assert meta["labels"]["mmrank.io/ranker"] == "shop"
         standard = {k.removeprefix("app.kubernetes.io/") for k in meta["labels"] if k.startswith("app.kubernetes.io/")}
@@ -173,7 +224,7 @@ def test_backfill_pods_fetch_the_catalogue_before_they_start() -> None:
     pod = backfill_job(core.desired(ranker(), observed({"e1": 0.3})))["spec"]["template"]["spec"]
     fetch = pod["initContainers"][0]
     assert fetch["args"] == ["mmrank", "fetch", "s3://catalogue/snapshots/today", "/mnt/catalogue"]
-    assert fetch["image"] == api.DEFAULT_MMRANK_IMAGE          # the runtime image: KServe's storage code
+    assert fetch["image"] == api.DEFAULT_MMRANK_IMAGE  # the runtime image: KServe's storage code
     backfill = pod["containers"][0]
     assert backfill["args"][backfill["args"].index("--catalogue") + 1] == "/mnt/catalogue"
     assert {"name": "catalogue", "mountPath": "/mnt/catalogue", "readOnly": True} in backfill["volumeMounts"]
@@ -203,6 +254,7 @@ def test_inference_service_pins_the_space_and_keeps_the_password_in_its_secret()
 
 # --- embedding sync -----------------------------------------------------------------------------
 
+
 def test_no_traffic_until_the_encoder_is_ready_even_at_full_coverage() -> None:
     want = core.desired(ranker(), observed({"e1": 1.0}))
     assert ("InferenceService", "shop-ranker") not in kinds(want)
@@ -214,34 +266,46 @@ def test_synced_space_and_ready_isvc_make_the_ranker_stable_and_ready() -> None:
     want = core.desired(ranker(), observed({"e1": 1.0}, ready=("e1",), serving=serving))
     stable = want.status["stable"]
     assert (stable["rankerVersion"], stable["encoderVersion"]) == ("r1", "e1")
-    assert stable["ranker"]["modelUri"] == "s3://models/ranker/r1"     # what a later canary runs beside
+    assert stable["ranker"]["modelUri"] == "s3://models/ranker/r1"  # what a later canary runs beside
     assert want.status["phase"] == "Ready"
     assert all(c["status"] == "True" for c in want.status["conditions"] if c["type"] != "CanaryHealthy")
     assert backfill_jobs(want) == []
     assert "RankerPromoted" in [d.reason for d in want.decisions]
 
 
-STABLE_E1 = {"stable": {"rankerVersion": "r1", "encoderVersion": "e1"},
-             "embeddings": {"spaces": [{"version": "e1", "coverage": 1.0}]}}
-OLD_CHILDREN = (core.ChildRef("ConfigMap", "shop-encoder-e1", "v1", "e1"),
-                core.ChildRef("Deployment", "shop-encoder-e1", "apps/v1", "e1"),
-                core.ChildRef("Service", "shop-encoder-e1", "v1", "e1"),
-                core.ChildRef("InferenceService", "shop-ranker", "serving.kserve.io/v1beta1", "e1"))
+STABLE_E1 = {
+    "stable": {"rankerVersion": "r1", "encoderVersion": "e1"},
+    "embeddings": {"spaces": [{"version": "e1", "coverage": 1.0}]},
+}
+OLD_CHILDREN = (
+    core.ChildRef("ConfigMap", "shop-encoder-e1", "v1", "e1"),
+    core.ChildRef("Deployment", "shop-encoder-e1", "apps/v1", "e1"),
+    core.ChildRef("Service", "shop-encoder-e1", "v1", "e1"),
+    core.ChildRef("InferenceService", "shop-ranker", "serving.kserve.io/v1beta1", "e1"),
+)
 
 
 def test_encoder_change_keeps_the_old_encoder_and_stable_ranker_while_backfilling() -> None:
     serving = core.ServedRanker(core.Version("r1", "e1"), ready=True)
-    want = core.desired(ranker(encoder="e2", ranker="r2"),
-                        observed({"e1": 1.0, "e2": 0.42}, ready=("e1", "e2"), status=STABLE_E1, serving=serving,
-                                 children=OLD_CHILDREN))
+    want = core.desired(
+        ranker(encoder="e2", ranker="r2"),
+        observed({"e1": 1.0, "e2": 0.42}, ready=("e1", "e2"), status=STABLE_E1, serving=serving, children=OLD_CHILDREN),
+    )
     got = kinds(want)
     assert backfill_job(want, "e2") and ("Deployment", "shop-encoder-e2") in got
-    assert ("InferenceService", "shop-ranker") not in got          # not rebuilt: r1 keeps serving as is
+    assert ("InferenceService", "shop-ranker") not in got  # not rebuilt: r1 keeps serving as is
     kept = {(c.kind, c.name) for c in want.keep}
-    assert kept == {("ConfigMap", "shop-encoder-e1"), ("Deployment", "shop-encoder-e1"),
-                    ("Service", "shop-encoder-e1"), ("InferenceService", "shop-ranker")}
-    env = {e["name"]: e["value"] for e in got[("Deployment", "shop-embedder")]["spec"]["template"]["spec"]
-           ["containers"][0]["env"] if "value" in e}
+    assert kept == {
+        ("ConfigMap", "shop-encoder-e1"),
+        ("Deployment", "shop-encoder-e1"),
+        ("Service", "shop-encoder-e1"),
+        ("InferenceService", "shop-ranker"),
+    }
+    env = {
+        e["name"]: e["value"]
+        for e in got[("Deployment", "shop-embedder")]["spec"]["template"]["spec"]["containers"][0]["env"]
+        if "value" in e
+    }
     assert env["MMRANK_ENCODERS"] == "e2=shop-encoder-e2:8001,e1=shop-encoder-e1:8001"
     assert want.status["stable"] == {"rankerVersion": "r1", "encoderVersion": "e1"}
     assert want.status["phase"] == "Backfilling"
@@ -255,22 +319,24 @@ def test_a_stable_ranker_recorded_before_canaries_switches_when_synced_then_reti
     canary: the new ranker switches as it did then, and its spec is recorded from then on."""
     status = {**STABLE_E1, "embeddings": {"spaces": [{"version": "e1"}, {"version": "e2"}]}}
     old = core.ServedRanker(core.Version("r1", "e1"), ready=True)
-    switching = core.desired(ranker(encoder="e2", ranker="r2"),
-                             observed({"e1": 1.0, "e2": 0.991}, ready=("e1", "e2"), status=status, serving=old,
-                                      children=OLD_CHILDREN))
+    switching = core.desired(
+        ranker(encoder="e2", ranker="r2"),
+        observed({"e1": 1.0, "e2": 0.991}, ready=("e1", "e2"), status=status, serving=old, children=OLD_CHILDREN),
+    )
     isvc = kinds(switching)[("InferenceService", "shop-ranker")]
     assert isvc["metadata"]["labels"]["mmrank.io/ranker-version"] == "r2"
-    assert switching.status["stable"]["rankerVersion"] == "r1"   # until KServe reports r2 ready
+    assert switching.status["stable"]["rankerVersion"] == "r1"  # until KServe reports r2 ready
     assert ("Deployment", "shop-encoder-e1") in {(c.kind, c.name) for c in switching.keep}
     assert switching.status["phase"] == "Progressing"
 
     new = core.ServedRanker(core.Version("r2", "e2"), ready=True)
-    done = core.desired(ranker(encoder="e2", ranker="r2"),
-                        observed({"e1": 1.0, "e2": 0.991}, ready=("e2",), status=switching.status, serving=new,
-                                 children=OLD_CHILDREN))
+    done = core.desired(
+        ranker(encoder="e2", ranker="r2"),
+        observed({"e1": 1.0, "e2": 0.991}, ready=("e2",), status=switching.status, serving=new, children=OLD_CHILDREN),
+    )
     assert core.stable_of(done.status) == core.Version("r2", "e2")
     assert done.status["stable"]["ranker"]["version"] == "r2"
-    assert done.keep == []                                        # e1's children are deleted
+    assert done.keep == []  # e1's children are deleted
     assert done.status["phase"] == "Ready"
     assert [s["version"] for s in done.status["embeddings"]["spaces"]] == ["e1", "e2"]  # retained: 1
     assert done.delete_spaces == []
@@ -279,21 +345,31 @@ def test_a_stable_ranker_recorded_before_canaries_switches_when_synced_then_reti
 def test_retired_spaces_beyond_retention_are_deleted() -> None:
     assert core.spaces_to_delete(["e1", "e2", "e3", "e4"], ["e4"], 1) == ["e1", "e2"]
     assert core.spaces_to_delete(["e1", "e2"], ["e2", "e1"], 0) == []
-    status = {"stable": {"rankerVersion": "r3", "encoderVersion": "e3"},
-              "embeddings": {"spaces": [{"version": "e1"}, {"version": "e2"}, {"version": "e3"}]}}
-    want = core.desired(ranker(encoder="e3", ranker="r3"),
-                        observed({"e3": 1.0}, ready=("e3",), status=status,
-                                 serving=core.ServedRanker(core.Version("r3", "e3"), True)))
+    status = {
+        "stable": {"rankerVersion": "r3", "encoderVersion": "e3"},
+        "embeddings": {"spaces": [{"version": "e1"}, {"version": "e2"}, {"version": "e3"}]},
+    }
+    want = core.desired(
+        ranker(encoder="e3", ranker="r3"),
+        observed({"e3": 1.0}, ready=("e3",), status=status, serving=core.ServedRanker(core.Version("r3", "e3"), True)),
+    )
     assert want.delete_spaces == ["e1"]
     assert [s["version"] for s in want.status["embeddings"]["spaces"]] == ["e2", "e3"]
     assert "SpaceDeleted" in [d.reason for d in want.decisions]
 
 
 def test_unreachable_store_deletes_nothing_and_says_unknown() -> None:
-    status = {"stable": {"rankerVersion": "r3", "encoderVersion": "e3"},
-              "embeddings": {"spaces": [{"version": "e1"}, {"version": "e2"}, {"version": "e3"}]}}
-    obs = core.Observed(now=NOW, status=status, spaces={"e3": core.SpaceState(None)}, store_error="ConnectionError",
-                        encoders_ready={"e3": True})
+    status = {
+        "stable": {"rankerVersion": "r3", "encoderVersion": "e3"},
+        "embeddings": {"spaces": [{"version": "e1"}, {"version": "e2"}, {"version": "e3"}]},
+    }
+    obs = core.Observed(
+        now=NOW,
+        status=status,
+        spaces={"e3": core.SpaceState(None)},
+        store_error="ConnectionError",
+        encoders_ready={"e3": True},
+    )
     want = core.desired(ranker(encoder="e3", ranker="r3"), obs)
     assert want.delete_spaces == []
     assert by_type(want.status)["EmbeddingsSynced"]["status"] == "Unknown"
@@ -314,10 +390,21 @@ def test_backfill_progress_and_failure_reach_status() -> None:
     name = backfill_job(first)["metadata"]["name"]
     running = core.desired(ranker(), observed({"e1": 0.5}, status=first.status, jobs={name: core.JobState(4, 2)}))
     space = running.status["embeddings"]["spaces"][0]
-    assert space["backfill"] == {"completedShards": 2, "totalShards": 4, "progress": 0.5, "job": name,
-                                 "attempts": 1, "state": "Running"}
-    failed = core.JobState(completions=4, succeeded=2, finished=True, failed=True,
-                           reason="BackoffLimitExceeded: Job has reached the specified backoff limit")
+    assert space["backfill"] == {
+        "completedShards": 2,
+        "totalShards": 4,
+        "progress": 0.5,
+        "job": name,
+        "attempts": 1,
+        "state": "Running",
+    }
+    failed = core.JobState(
+        completions=4,
+        succeeded=2,
+        finished=True,
+        failed=True,
+        reason="BackoffLimitExceeded: Job has reached the specified backoff limit",
+    )
     want = core.desired(ranker(), observed({"e1": 0.5}, status=running.status, jobs={name: failed}))
     space = want.status["embeddings"]["spaces"][0]
     assert space["backfill"]["state"] == "Retrying" and "BackoffLimitExceeded" in space["backfill"]["lastFailure"]
@@ -344,12 +431,15 @@ def test_invalid_spec_becomes_a_failed_condition() -> None:
 
 def test_status_the_core_writes_validates_against_the_api_models() -> None:
     first = core.desired(ranker(), observed({"e1": 0.2}))
-    want = core.desired(ranker(), observed({"e1": 0.5}, status=first.status,
-                                           jobs={backfill_job(first)["metadata"]["name"]: core.JobState(4, 1)}))
+    want = core.desired(
+        ranker(),
+        observed({"e1": 0.5}, status=first.status, jobs={backfill_job(first)["metadata"]["name"]: core.JobState(4, 1)}),
+    )
     api.RankerStatus.model_validate(build.plain(want.status))
 
 
 # --- apply skipping -----------------------------------------------------------------------------
+
 
 def test_apply_is_skipped_only_when_hash_and_fields_match() -> None:
     child = stamped(build.build_encoder_service(ranker()))
@@ -374,7 +464,7 @@ def test_old_apiservers_get_jobs_without_completion_mode_and_say_so() -> None:
     assert same == job and note is None
     old, note = lower(job, (1, 20))
     assert "completionMode" not in old["spec"] and old["spec"]["completions"] == old["spec"]["parallelism"] == 1
-    assert "0/1" in old["spec"]["template"]["spec"]["containers"][0]["args"]   # no index to shard by
+    assert "0/1" in old["spec"]["template"]["spec"]["containers"][0]["args"]  # no index to shard by
     assert note is not None and "1.22" in note
     assert lower(build.build_encoder_service(ranker()), (1, 20))[1] is None
 
@@ -393,6 +483,7 @@ def test_which_api_errors_are_retried() -> None:
 
 # --- schemas ------------------------------------------------------------------------------------
 
+
 def all_children() -> list[dict]:
     """Every kind of child, in the configurations that differ (GPU and CPU, with a Secret)."""
     r = ranker()
@@ -402,14 +493,20 @@ def all_children() -> list[dict]:
     cpu = api.MultimodalRanker.model_validate(body)
     out = []
     for one in (r, cpu):
-        out += [build.build_encoder_configmap(one), build.build_encoder_service(one),
-                build.build_encoder_deployment(one), build.build_embedder_deployment(one, ["e1", "e0"]),
-                build.build_backfill_job(one, "e1"), build.build_inference_service(one, one.spec.ranker)]
+        out += [
+            build.build_encoder_configmap(one),
+            build.build_encoder_service(one),
+            build.build_encoder_deployment(one),
+            build.build_embedder_deployment(one, ["e1", "e0"]),
+            build.build_backfill_job(one, "e1"),
+            build.build_inference_service(one, one.spec.ranker),
+        ]
     return [stamped(c) for c in out]
 
 
-@pytest.mark.parametrize("child", [c for c in all_children() if c["kind"] != "InferenceService"],
-                         ids=lambda c: f"{c['kind']}")
+@pytest.mark.parametrize(
+    "child", [c for c in all_children() if c["kind"] != "InferenceService"], ids=lambda c: f"{c['kind']}"
+)
 def test_builtin_children_validate_against_kubernetes_schemas(child: dict) -> None:
     kubernetes_validate.validate(child, "1.33", strict=True)
 
@@ -452,15 +549,21 @@ def _closed(schema: Any) -> Any:
 
 # --- render -------------------------------------------------------------------------------------
 
+
 def test_render_is_offline_and_follows_coverage(repo_root: Path) -> None:
     example = repo_root / "examples" / "minimal.yaml"
     fresh = render_documents(list(yaml.safe_load_all(example.read_text())), {})
     assert "Job" in [d["kind"] for d in fresh] and "InferenceService" not in [d["kind"] for d in fresh]
     synced = render_documents(list(yaml.safe_load_all(example.read_text())), {"e1": 1.0})
     assert "InferenceService" in [d["kind"] for d in synced] and "Job" not in [d["kind"] for d in synced]
-    result = subprocess.run([sys.executable, "-m", "mmrank", "render", "-f", str(example), "--coverage", "e1=0.5"],
-                            capture_output=True, text=True, timeout=60, cwd="/",
-                            env={"PATH": "/usr/bin:/bin", "KUBECONFIG": "/nonexistent"})
+    result = subprocess.run(
+        [sys.executable, "-m", "mmrank", "render", "-f", str(example), "--coverage", "e1=0.5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin", "KUBECONFIG": "/nonexistent"},
+    )
     assert result.returncode == 0, result.stderr
     docs = [d for d in yaml.safe_load_all(result.stdout) if d]
     assert [d["kind"] for d in docs] == ["ConfigMap", "Service", "Deployment", "Deployment", "Service", "Job"]
@@ -470,10 +573,12 @@ def test_store_url_gets_the_password_only_for_the_client(monkeypatch: pytest.Mon
     """The Secret's password reaches the store's client (mmrank.store's rule), never the URL."""
     monkeypatch.delenv("MMRANK_STORE_PASSWORD", raising=False)
     coverage = observe.StoreCoverage()
-    with_secret = coverage._store("redis://r:6379/0", "p@ss", "ns/shop")   # no connection until a command
+    with_secret = coverage._store("redis://r:6379/0", "p@ss", "ns/shop")  # no connection until a command
     assert with_secret.client.connection_pool.connection_kwargs["password"] == "p@ss"
-    assert coverage._store("redis://r:6379/0", None, "ns/shop").client.connection_pool.connection_kwargs.get(
-        "password") is None
+    assert (
+        coverage._store("redis://r:6379/0", None, "ns/shop").client.connection_pool.connection_kwargs.get("password")
+        is None
+    )
 
 
 def _timers(argv: list[str]) -> list[tuple[float | None, float | None]]:
@@ -500,9 +605,11 @@ def test_the_interval_given_on_the_command_line_is_the_timers(monkeypatch: pytes
 
 
 def test_operator_imports_no_torch_and_no_other_part() -> None:
-    code = ("import sys, mmrank.operator.handlers, mmrank.operator.cli, mmrank.operator.reconcile; "
-            "bad = [m for m in sys.modules if m == 'torch' or (m.startswith(('mmrank.encoders', 'mmrank.predictors')) "
-            "and m not in ('mmrank.encoders', 'mmrank.encoders.triton_config'))]; print(bad)")
+    code = (
+        "import sys, mmrank.operator.handlers, mmrank.operator.cli, mmrank.operator.reconcile; "
+        "bad = [m for m in sys.modules if m == 'torch' or (m.startswith(('mmrank.encoders', 'mmrank.predictors')) "
+        "and m not in ('mmrank.encoders', 'mmrank.encoders.triton_config'))]; print(bad)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
@@ -529,6 +636,7 @@ def test_every_example_renders_children_that_validate(repo_root: Path) -> None:
 
 # --- fetching artifacts -------------------------------------------------------------------------
 
+
 def test_pvc_uris_mount_the_claim_read_only_for_the_fetch_only() -> None:
     body = manifest()
     body["spec"]["encoder"]["modelUri"] = "pvc://models/encoder/e1"
@@ -540,7 +648,7 @@ def test_pvc_uris_mount_the_claim_read_only_for_the_fetch_only() -> None:
     assert {"name": "pvc-models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["volumes"]
     assert fetch["envFrom"] == [{"secretRef": {"name": "model-creds"}}]
     assert pod["serviceAccountName"] == "model-reader"
-    assert all(m["name"] != "pvc-models" for m in pod["containers"][0]["volumeMounts"])   # copied, not linked
+    assert all(m["name"] != "pvc-models" for m in pod["containers"][0]["volumeMounts"])  # copied, not linked
 
 
 def test_remote_uris_are_fetched_by_kserve_storage_without_extra_volumes() -> None:
@@ -552,14 +660,19 @@ def test_remote_uris_are_fetched_by_kserve_storage_without_extra_volumes() -> No
 
 def test_embedder_pods_are_scraped() -> None:
     pod = build.build_embedder_deployment(ranker(), ["e1"])["spec"]["template"]["metadata"]
-    assert pod["annotations"] == {"prometheus.io/scrape": "true", "prometheus.io/port": "8080",
-                                  "prometheus.io/path": "/metrics"}
+    assert pod["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "8080",
+        "prometheus.io/path": "/metrics",
+    }
 
 
 def test_freshness_is_read_from_the_embedders_histogram_at_most_once_a_minute() -> None:
     promql = observe.freshness_query("ads", "shop", "e1")
-    assert promql == ('histogram_quantile(0.99, sum by (le) (rate(mmrank_embedding_freshness_seconds_bucket'
-                      '{namespace="ads",mmrank_io_ranker="shop",space="e1"}[300s])))')
+    assert promql == (
+        "histogram_quantile(0.99, sum by (le) (rate(mmrank_embedding_freshness_seconds_bucket"
+        '{namespace="ads",mmrank_io_ranker="shop",space="e1"}[300s])))'
+    )
 
     class Answers:
         def __init__(self) -> None:
@@ -574,7 +687,7 @@ def test_freshness_is_read_from_the_embedders_histogram_at_most_once_a_minute() 
     answers = Answers()
     reader = observe.FreshnessObserver(answers, min_age_seconds=0.0)
     assert reader.p99("http://p", "ads", "shop", "e1", None) == 0.1235
-    assert reader.p99("http://p", "ads", "shop", "e1", 0.1235) == 0.1235        # Prometheus down: keep
+    assert reader.p99("http://p", "ads", "shop", "e1", 0.1235) == 0.1235  # Prometheus down: keep
     cached = observe.FreshnessObserver(answers, min_age_seconds=60.0)
     cached.p99("http://p", "ads", "shop", "e1", None)
     asked = answers.asked
@@ -590,16 +703,21 @@ def dataclasses_replace(obj: Any, **changes: Any) -> Any:
     return dataclasses.replace(obj, **changes)
 
 
-@pytest.mark.parametrize(("resources", "threads"), [({}, 1), ({"requests": {"cpu": "500m"}}, 1),
-                                                    ({"requests": {"cpu": "2"}}, 2), ({"limits": {"cpu": "2500m"}}, 3)])
+@pytest.mark.parametrize(
+    ("resources", "threads"),
+    [({}, 1), ({"requests": {"cpu": "500m"}}, 1), ({"requests": {"cpu": "2"}}, 2), ({"limits": {"cpu": "2500m"}}, 3)],
+)
 def test_a_cpu_encoder_runs_torch_with_as_many_threads_as_it_requests_cores(resources: dict, threads: int) -> None:
     body = manifest()
     body["spec"]["encoder"]["gpus"] = 0
     if resources:
         body["spec"]["encoder"]["resources"] = resources
-    triton = build.build_encoder_deployment(api.MultimodalRanker.model_validate(body))["spec"]["template"]["spec"]["containers"][0]
-    assert [e for e in triton["env"] if e["name"] == "OMP_NUM_THREADS"] == [{"name": "OMP_NUM_THREADS",
-                                                                            "value": str(threads)}]
+    triton = build.build_encoder_deployment(api.MultimodalRanker.model_validate(body))["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    assert [e for e in triton["env"] if e["name"] == "OMP_NUM_THREADS"] == [
+        {"name": "OMP_NUM_THREADS", "value": str(threads)}
+    ]
     gpu = build.build_encoder_deployment(ranker())["spec"]["template"]["spec"]["containers"][0]
     assert "OMP_NUM_THREADS" not in {e["name"] for e in gpu["env"]}
 
@@ -614,6 +732,7 @@ def test_without_indexed_jobs_a_backfill_being_created_counts_one_shard() -> Non
 
 # --- a reconcile that never wedges: Job shapes, backfill attempts, immutable encoder fields -----
 
+
 def _with(body: dict, path: str, value: Any) -> api.MultimodalRanker:
     node = body["spec"]
     *parents, last = path.split(".")
@@ -623,9 +742,14 @@ def _with(body: dict, path: str, value: Any) -> api.MultimodalRanker:
     return api.MultimodalRanker.model_validate(body)
 
 
-@pytest.mark.parametrize(("path", "value"), [("embeddings.backfill.batchSize", 64),
-                                             ("embeddings.backfill.parallelism", 2),
-                                             ("embeddings.embedder.image", "ghcr.io/mmrank/mmrank:0.2.0")])
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("embeddings.backfill.batchSize", 64),
+        ("embeddings.backfill.parallelism", 2),
+        ("embeddings.embedder.image", "ghcr.io/mmrank/mmrank:0.2.0"),
+    ],
+)
 def test_a_change_the_job_cannot_take_is_a_new_job_from_attempt_one(path: str, value: Any) -> None:
     """batchSize (the pod template), parallelism (completions: immutable) or the image change the
     Job's shape: a Job of another name replaces it (the old one is no longer desired, so it is
@@ -633,13 +757,14 @@ def test_a_change_the_job_cannot_take_is_a_new_job_from_attempt_one(path: str, v
     first = core.desired(ranker(), observed({"e1": 0.2}))
     old = backfill_job(first)["metadata"]["name"]
     running = core.desired(ranker(), observed({"e1": 0.3}, status=first.status, jobs={old: core.JobState(4, 1)}))
-    changed = core.desired(_with(manifest(), path, value),
-                           observed({"e1": 0.3}, status=running.status, jobs={old: core.JobState(4, 1)}))
+    changed = core.desired(
+        _with(manifest(), path, value), observed({"e1": 0.3}, status=running.status, jobs={old: core.JobState(4, 1)})
+    )
     new = backfill_job(changed)["metadata"]["name"]
     assert new != old and new.endswith("-1") and build.shape_of_job_name(new) != build.shape_of_job_name(old)
     assert changed.status["embeddings"]["spaces"][0]["backfill"]["job"] == new
     again = core.desired(_with(manifest(), path, value), observed({"e1": 0.3}, status=changed.status))
-    assert backfill_job(again)["metadata"]["name"] == new                   # stable from then on
+    assert backfill_job(again)["metadata"]["name"] == new  # stable from then on
 
 
 def test_a_job_name_stays_a_dns_label_with_long_names() -> None:
@@ -678,7 +803,7 @@ def test_a_failed_backfill_is_retried_with_exponential_backoff_then_the_space_fa
         names.append(name)
         assert name.endswith(f"-{attempt}")
         want = core.desired(model, observed({"e1": 0.2}, status=want.status, jobs={name: _failed()}, now=at(t)))
-        assert backfill_jobs(want) == []                                   # the failed Job goes
+        assert backfill_jobs(want) == []  # the failed Job goes
         entry = want.status["embeddings"]["spaces"][0]["backfill"]
         assert entry["attempts"] == attempt and f"attempt {attempt} of 3 ({name})" in entry["lastFailure"]
         if attempt == 3:
@@ -698,10 +823,11 @@ def test_a_failed_backfill_is_retried_with_exponential_backoff_then_the_space_fa
     assert synced["reason"] == "BackfillFailed" and "no more attempts" in synced["message"]
     assert [d.reason for d in want.decisions if d.type == "Warning"] == ["Failed", "BackfillFailed"]
     later = core.desired(model, observed({"e1": 0.2}, status=want.status, now=at(t + 3600)))
-    assert backfill_jobs(later) == [] and later.status["phase"] == "Failed"   # no more Jobs until the spec changes
+    assert backfill_jobs(later) == [] and later.status["phase"] == "Failed"  # no more Jobs until the spec changes
     body["spec"]["embeddings"]["backfill"]["batchSize"] = 128
-    fixed = core.desired(api.MultimodalRanker.model_validate(body),
-                         observed({"e1": 0.2}, status=later.status, now=at(t + 3601)))
+    fixed = core.desired(
+        api.MultimodalRanker.model_validate(body), observed({"e1": 0.2}, status=later.status, now=at(t + 3601))
+    )
     assert backfill_job(fixed)["metadata"]["name"].endswith("-1") and fixed.status["phase"] == "Backfilling"
 
 
@@ -710,8 +836,9 @@ def test_raising_max_attempts_lets_a_failed_space_try_again_at_once() -> None:
     body["spec"]["embeddings"]["backfill"].update(maxAttempts=1)
     want = core.desired(api.MultimodalRanker.model_validate(body), observed({"e1": 0.2}))
     name = backfill_job(want)["metadata"]["name"]
-    want = core.desired(api.MultimodalRanker.model_validate(body),
-                        observed({"e1": 0.2}, status=want.status, jobs={name: _failed()}))
+    want = core.desired(
+        api.MultimodalRanker.model_validate(body), observed({"e1": 0.2}, status=want.status, jobs={name: _failed()})
+    )
     assert want.status["phase"] == "Failed" and backfill_jobs(want) == []
     body["spec"]["embeddings"]["backfill"].update(maxAttempts=2)
     again = core.desired(api.MultimodalRanker.model_validate(body), observed({"e1": 0.2}, status=want.status))
@@ -739,8 +866,9 @@ def test_a_version_keeps_the_model_uri_and_dimension_it_was_first_seen_with() ->
     assert (space["modelUri"], space["dimension"]) == ("s3://models/encoder/e1", 128)
     body = manifest()
     body["spec"]["encoder"].update(modelUri="s3://models/encoder/e1-retrained", dimension=256)
-    want = core.desired(api.MultimodalRanker.model_validate(body), observed({"e1": 1.0}, ready=("e1",),
-                                                                             status=first.status, now=LATER))
+    want = core.desired(
+        api.MultimodalRanker.model_validate(body), observed({"e1": 1.0}, ready=("e1",), status=first.status, now=LATER)
+    )
     accepted = by_type(want.status)["SpecAccepted"]
     assert accepted["status"] == "False" and accepted["reason"] == "ImmutableFieldChanged"
     assert "spec.encoder.modelUri of version e1 is 's3://models/encoder/e1'" in accepted["message"]
@@ -753,25 +881,30 @@ def test_a_version_keeps_the_model_uri_and_dimension_it_was_first_seen_with() ->
     assert kinds(first)[("ConfigMap", "shop-encoder-e1")] == kinds(want)[("ConfigMap", "shop-encoder-e1")]
     assert want.status["embeddings"]["spaces"][0]["modelUri"] == "s3://models/encoder/e1"
     assert [d.reason for d in want.decisions if d.type == "Warning"] == ["Failed", "ImmutableFieldChanged"]
-    again = core.desired(api.MultimodalRanker.model_validate(body), observed({"e1": 1.0}, ready=("e1",),
-                                                                              status=want.status, now=LATER))
-    assert [d for d in again.decisions if d.reason == "ImmutableFieldChanged"] == []   # one Warning, not one per run
+    again = core.desired(
+        api.MultimodalRanker.model_validate(body), observed({"e1": 1.0}, ready=("e1",), status=want.status, now=LATER)
+    )
+    assert [d for d in again.decisions if d.reason == "ImmutableFieldChanged"] == []  # one Warning, not one per run
     # a new version is the way: accepted, and recorded with its own model
     new = manifest(encoder="e2", ranker="r2")
     new["spec"]["encoder"]["modelUri"] = "s3://models/encoder/e1-retrained"
     moved = core.desired(api.MultimodalRanker.model_validate(new), observed({"e1": 1.0}, status=want.status))
     assert by_type(moved.status)["SpecAccepted"]["status"] == "True"
     assert {s["version"]: s.get("modelUri") for s in moved.status["embeddings"]["spaces"]} == {
-        "e1": "s3://models/encoder/e1", "e2": "s3://models/encoder/e1-retrained"}
+        "e1": "s3://models/encoder/e1",
+        "e2": "s3://models/encoder/e1-retrained",
+    }
 
 
 # --- refusals and status conflicts (operator/faults.py) ----------------------------------------
 
+
 def test_a_refused_child_is_named_in_status_and_ready_is_false() -> None:
     from mmrank.operator import faults
 
-    want = core.desired(ranker(), observed({"e1": 1.0}, ready=("e1",),
-                                           serving=core.ServedRanker(core.Version("r1", "e1"), ready=True)))
+    want = core.desired(
+        ranker(), observed({"e1": 1.0}, ready=("e1",), serving=core.ServedRanker(core.Version("r1", "e1"), ready=True))
+    )
     assert want.status["phase"] == "Ready"
     refused = faults.Refusal("apply", "Deployment", "shop-embedder", 403, "deployments is forbidden", False)
     status, decisions = faults.with_refusals(want.status, {}, [refused], NOW, 3)
@@ -782,7 +915,7 @@ def test_a_refused_child_is_named_in_status_and_ready_is_false() -> None:
     assert status["observedGeneration"] == 3
     assert [(d.reason, d.type) for d in decisions] == [("ChildRefused", "Warning")]
     _, again = faults.with_refusals(want.status, status, [refused], LATER, 3)
-    assert again == []                                                  # one Warning per new set of refusals
+    assert again == []  # one Warning per new set of refusals
     busy = faults.Refusal("apply", "Deployment", "shop-embedder", 503, "etcd leader changed", True)
     status, _ = faults.with_refusals(want.status, {}, [busy], NOW, 3)
     assert status["phase"] == "Progressing" and by_type(status)["ChildrenApplied"]["reason"] == "ChildRetrying"
@@ -796,20 +929,25 @@ def test_after_a_conflict_only_observations_are_merged_and_history_means_redo() 
 
     base = {"phase": "Backfilling", "stable": {"rankerVersion": "r1", "encoderVersion": "e1"}, "history": []}
     ours = {**base, "phase": "Ready", "observedGeneration": 3}
-    assert faults.reapply(base, ours, base) == ours                       # only metadata moved
+    assert faults.reapply(base, ours, base) == ours  # only metadata moved
     theirs = {**base, "observedGeneration": 2, "phase": "Progressing"}
     assert faults.reapply(base, ours, theirs) == {**theirs, "phase": "Ready", "observedGeneration": 3}
-    for key, value in (("history", [{"reason": "Promoted"}]), ("canary", {"state": "Promoted"}),
-                       ("stable", {"rankerVersion": "r2", "encoderVersion": "e1"}), ("request", {"action": "Abort"})):
+    for key, value in (
+        ("history", [{"reason": "Promoted"}]),
+        ("canary", {"state": "Promoted"}),
+        ("stable", {"rankerVersion": "r2", "encoderVersion": "e1"}),
+        ("request", {"action": "Abort"}),
+    ):
         assert faults.reapply(base, ours, {**base, key: value}) is None, key
 
 
 # --- coverage counts catalogue items only ----------------------------------------------------------
 
+
 def test_coverage_is_the_union_of_the_backfill_checkpoints_over_the_catalogue() -> None:
     assert observe.backfilled_rows({"0/2": (50, 50), "1/2": (20, 50)}, 100) == 70
     # resharded half way: 0/2 stored rows 0-39, then 0/4..3/4 started over; overlaps count once
     assert observe.backfilled_rows({"0/2": (40, 50), "1/2": (0, 50), "0/4": (25, 25), "1/4": (10, 25)}, 100) == 40
-    assert observe.backfilled_rows({"0/1": (99, 99)}, 100) == 0               # another catalogue's checkpoint
+    assert observe.backfilled_rows({"0/1": (99, 99)}, 100) == 0  # another catalogue's checkpoint
     assert observe.backfilled_rows({"x": (1, 1), "3/2": (5, 5)}, 100) == 0
     assert observe.catalogue_coverage(70, 100) == 0.7 and observe.catalogue_coverage(5, 0) == 0.0

@@ -8,6 +8,7 @@ service-account token, resources on every container, Triton's startup probe, Pod
 exactly when replicas > 1. The budgets are applied to, listed from and deleted on the real
 apiserver (1.20, where they are policy/v1beta1).
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,8 +55,11 @@ def variants() -> Iterator[tuple[str, dict[str, Any]]]:
         ranker.setdefault("replicas", 2)
         yield f"{name}-{ranker['serving'].lower()}", other
         scaled = copy.deepcopy(document)
-        for part in (scaled["spec"]["encoder"], scaled["spec"]["ranker"], scaled["spec"]["embeddings"].setdefault(
-                "embedder", {})):
+        for part in (
+            scaled["spec"]["encoder"],
+            scaled["spec"]["ranker"],
+            scaled["spec"]["embeddings"].setdefault("embedder", {}),
+        ):
             part["replicas"] = 3
         yield f"{name}-3-replicas", scaled
 
@@ -71,8 +75,9 @@ def children_of(document: dict[str, Any]) -> list[dict[str, Any]]:
     encoder = ranker.spec.encoder.version
     out = []
     for coverage in (0.0, 1.0):
-        observed = core.Observed(now=NOW, spaces={encoder: core.SpaceState(coverage=coverage, items=10)},
-                                 encoders_ready={encoder: True})
+        observed = core.Observed(
+            now=NOW, spaces={encoder: core.SpaceState(coverage=coverage, items=10)}, encoders_ready={encoder: True}
+        )
         out += core.desired(ranker, observed).children
     canary = ranker.spec.ranker.model_copy(update={"version": "rnext"})
     out += build.build_ranker_children(ranker, ranker.spec.ranker, canary, 50)
@@ -146,8 +151,10 @@ def test_triton_without_resources_gets_default_requests() -> None:
     document = dict(example_rankers())["minimal"]
     triton = build.build_encoder_deployment(api.MultimodalRanker.model_validate(document))
     resources = triton["spec"]["template"]["spec"]["containers"][0]["resources"]
-    assert resources == {"requests": {"cpu": "1", "memory": "2Gi", "nvidia.com/gpu": "1"},
-                         "limits": {"nvidia.com/gpu": "1"}}
+    assert resources == {
+        "requests": {"cpu": "1", "memory": "2Gi", "nvidia.com/gpu": "1"},
+        "limits": {"nvidia.com/gpu": "1"},
+    }
 
 
 def test_embedder_and_backfill_resources_come_from_the_spec_with_defaults() -> None:
@@ -167,8 +174,10 @@ def test_embedder_and_backfill_resources_come_from_the_spec_with_defaults() -> N
     assert backfill["resources"] == {"limits": {"memory": "8Gi"}}
 
 
-@pytest.mark.parametrize("bad", [{"requests": {"cpu": "lots"}}, {"limits": {"memory": "-1Gi"}},
-                                 {"request": {"cpu": "1"}}, {"requests": ["cpu"]}])
+@pytest.mark.parametrize(
+    "bad",
+    [{"requests": {"cpu": "lots"}}, {"limits": {"memory": "-1Gi"}}, {"request": {"cpu": "1"}}, {"requests": ["cpu"]}],
+)
 @pytest.mark.parametrize("where", ["embedder", "backfill"])
 def test_bad_resources_are_refused_naming_the_field(where: str, bad: dict[str, Any]) -> None:
     document = copy.deepcopy(dict(example_rankers())["minimal"])
@@ -193,6 +202,7 @@ def test_a_storage_service_account_keeps_its_token_only_where_it_fetches() -> No
 
 # --- PodDisruptionBudgets -------------------------------------------------------------------------
 
+
 def budgets(children: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {c["metadata"]["name"]: c for c in children if c["kind"] == "PodDisruptionBudget"}
 
@@ -215,11 +225,17 @@ def test_disruption_budgets_exactly_when_replicas_exceed_one(name: str, document
         selector = budget["spec"]["selector"]["matchLabels"]
         if ranker.spec.ranker.serving == "KServe" and budget["metadata"]["name"].endswith("-ranker"):
             # KServe's own labels on every predictor pod of the InferenceService
-            assert selector == {"serving.kserve.io/inferenceservice": budget["metadata"]["name"],
-                                "component": "predictor"}
+            assert selector == {
+                "serving.kserve.io/inferenceservice": budget["metadata"]["name"],
+                "component": "predictor",
+            }
             continue
-        covered = [c for c in children if c["kind"] == "Deployment"
-                   and c["metadata"]["labels"][build.COMPONENT] == budget["metadata"]["labels"][build.COMPONENT]]
+        covered = [
+            c
+            for c in children
+            if c["kind"] == "Deployment"
+            and c["metadata"]["labels"][build.COMPONENT] == budget["metadata"]["labels"][build.COMPONENT]
+        ]
         assert covered
         for deployment in covered:
             pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -230,16 +246,18 @@ def test_a_budget_is_policy_v1beta1_before_kubernetes_1_21() -> None:
     document = copy.deepcopy(dict(example_rankers())["production"])
     budget = next(iter(budgets(build.build_encoder_children(api.MultimodalRanker.model_validate(document))).values()))
     assert lower(budget, (1, 20))[0]["apiVersion"] == "policy/v1beta1"
-    assert lower(budget, (1, 21)) == (budget, None)      # the 1.20 apiserver takes it: the last test
+    assert lower(budget, (1, 21)) == (budget, None)  # the 1.20 apiserver takes it: the last test
 
 
 # --- schemas --------------------------------------------------------------------------------------
 
+
 def test_the_predictor_s_security_settings_validate_against_kserve_s_crd() -> None:
     validator = kserve_validator()
     isvcs = [c for _, document in VARIANTS for c in children_of(document) if c["kind"] == "InferenceService"]
-    assert any("canary" in c["spec"] for c in isvcs) and any("canaryTrafficPercent" in c["spec"]["predictor"]
-                                                               for c in isvcs)
+    assert any("canary" in c["spec"] for c in isvcs) and any(
+        "canaryTrafficPercent" in c["spec"]["predictor"] for c in isvcs
+    )
     for isvc in isvcs:
         validator.validate(isvc)
         assert isvc["spec"]["predictor"]["securityContext"]["runAsNonRoot"] is True
@@ -259,6 +277,7 @@ def test_secured_workloads_validate_against_kubernetes_schemas(name: str, docume
 
 # --- on the real apiserver ------------------------------------------------------------------------
 
+
 @pytest.mark.apiserver
 def test_budgets_are_applied_listed_and_deleted_on_the_apiserver(kube: Any) -> None:
     """On 1.20 (policy/v1beta1): created with the encoder's second replica, left alone by the next
@@ -277,19 +296,30 @@ def test_budgets_are_applied_listed_and_deleted_on_the_apiserver(kube: Any) -> N
     document["spec"]["embeddings"]["embedder"] = {"resources": {"requests": {"cpu": "300m", "memory": "300Mi"}}}
     body = rankers.create(body=document, namespace=namespace).to_dict()
     assert body["spec"]["embeddings"]["embedder"]["resources"] == {"requests": {"cpu": "300m", "memory": "300Mi"}}
-    assert body["spec"]["embeddings"]["backfill"]["resources"] == {"requests": {"cpu": "250m", "memory": "512Mi"},
-                                                                   "limits": {"memory": "2Gi"}}
+    assert body["spec"]["embeddings"]["backfill"]["resources"] == {
+        "requests": {"cpu": "250m", "memory": "512Mi"},
+        "limits": {"memory": "2Gi"},
+    }
     adapter, store = Kube(kube.api_client), observe.FixedCoverage({"e1": 0.0})
     first = reconcile.reconcile(adapter, store, body)
     assert ("PodDisruptionBudget", "shop-encoder-e1") in first.applied
-    listed = {(c["apiVersion"], c["kind"], c["metadata"]["name"])
-              for c in adapter.list_children(namespace, "shop", body["metadata"]["uid"])}
+    listed = {
+        (c["apiVersion"], c["kind"], c["metadata"]["name"])
+        for c in adapter.list_children(namespace, "shop", body["metadata"]["uid"])
+    }
     assert ("policy/v1beta1", "PodDisruptionBudget", "shop-encoder-e1") in listed
     body = rankers.get(name="shop", namespace=namespace).to_dict()
     assert reconcile.reconcile(adapter, store, body).applied == []
-    body = rankers.patch(name="shop", namespace=namespace, content_type="application/merge-patch+json",
-                         body={"spec": {"encoder": {"replicas": 1}}}).to_dict()
+    body = rankers.patch(
+        name="shop",
+        namespace=namespace,
+        content_type="application/merge-patch+json",
+        body={"spec": {"encoder": {"replicas": 1}}},
+    ).to_dict()
     again = reconcile.reconcile(adapter, store, body)
     assert ("PodDisruptionBudget", "shop-encoder-e1") in again.deleted
-    assert not [c for c in adapter.list_children(namespace, "shop", body["metadata"]["uid"])
-                if c["kind"] == "PodDisruptionBudget"]
+    assert not [
+        c
+        for c in adapter.list_children(namespace, "shop", body["metadata"]["uid"])
+        if c["kind"] == "PodDisruptionBudget"
+    ]

@@ -1,5 +1,6 @@
 """The predictor's item vector cache on the real Redis store: what it saves, and that a re-embedded
 item is never served from a stale copy (the store's version log, mmrank/store.py)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,7 +31,9 @@ def store(redis_server: servers.Server) -> Any:
     store.close()
 
 
-def read(cache: ItemVectorCache, store: Any, ids: list[int], user: int | None = None) -> tuple[Any, np.ndarray, np.ndarray]:
+def read(
+    cache: ItemVectorCache, store: Any, ids: list[int], user: int | None = None
+) -> tuple[Any, np.ndarray, np.ndarray]:
     history, log = cache.sync(store, SPACE, user, 10)
     found_vectors, found, hits = cache.vectors(store, SPACE, DIM, log, np.asarray(ids, dtype=np.int64))
     assert 0 <= hits <= int(found.sum())

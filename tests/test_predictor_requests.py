@@ -1,5 +1,6 @@
 """The predictor's pure parts: request parsing and limits, the v1 schema, readiness and metric
 decisions. No server: the HTTP behaviour is in test_predictor_server.py."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ GOOD = {"user": {"id": 7, "history": [3, 4]}, "candidates": [1, {"item_id": 2, "
 
 
 def test_the_exported_schema_is_current() -> None:
-    assert rq.SCHEMA_PATH.read_text() == rq.schema_text(), \
+    assert rq.SCHEMA_PATH.read_text() == rq.schema_text(), (
         "run `mmrank predictor schema` to regenerate predictors/v1_request.schema.json"
+    )
 
 
 def test_the_schema_and_the_parser_agree_on_a_good_and_a_bad_body() -> None:
@@ -37,18 +39,21 @@ def test_the_schema_and_the_parser_agree_on_a_good_and_a_bad_body() -> None:
         rq.parse_v1(too_many)
 
 
-@pytest.mark.parametrize("body, field", [
-    ([1, 2], "body"),
-    ({"candidates": [1]}, "user"),
-    ({"user": {"id": "7"}, "candidates": [1]}, "user.id"),
-    ({"user": {"id": -1}, "candidates": [1]}, "user.id"),
-    ({"user": {"id": 7}, "candidates": []}, "candidates"),
-    ({"user": {"id": 7}, "candidates": [1, "2"]}, "candidates[1]"),
-    ({"user": {"id": 7}, "candidates": [1, {"item_id": 2.5}]}, "candidates[1].item_id"),
-    ({"user": {"id": 7}, "candidates": [{"item_id": 1, "colour": 3}]}, "candidates[0].colour"),
-    ({"user": {"id": 7, "history": [1, True]}, "candidates": [1]}, "user.history[1]"),
-    ({"user": {"id": 7}, "candidates": [1], "extra": 1}, "extra"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ([1, 2], "body"),
+        ({"candidates": [1]}, "user"),
+        ({"user": {"id": "7"}, "candidates": [1]}, "user.id"),
+        ({"user": {"id": -1}, "candidates": [1]}, "user.id"),
+        ({"user": {"id": 7}, "candidates": []}, "candidates"),
+        ({"user": {"id": 7}, "candidates": [1, "2"]}, "candidates[1]"),
+        ({"user": {"id": 7}, "candidates": [1, {"item_id": 2.5}]}, "candidates[1].item_id"),
+        ({"user": {"id": 7}, "candidates": [{"item_id": 1, "colour": 3}]}, "candidates[0].colour"),
+        ({"user": {"id": 7, "history": [1, True]}, "candidates": [1]}, "user.history[1]"),
+        ({"user": {"id": 7}, "candidates": [1], "extra": 1}, "extra"),
+    ],
+)
 def test_a_malformed_v1_body_is_refused_naming_the_field(body: object, field: str) -> None:
     with pytest.raises(rq.BadRequest) as caught:
         rq.parse_v1(body)
@@ -78,14 +83,17 @@ def test_v2_tensors_parse_to_the_same_ranking_as_v1() -> None:
     assert rq.parse_v2(_tensors(user_id=[7], candidates=[1])).history is None  # absent: from the store
 
 
-@pytest.mark.parametrize("tensors, field", [
-    (dict(candidates=[1]), "inputs.user_id"),
-    (dict(user_id=[7]), "inputs.candidates"),
-    (dict(user_id=[7, 8], candidates=[1]), "inputs.user_id"),
-    (dict(user_id=[7], candidates=[1, 2], brand=[1]), "inputs.brand"),
-    (dict(user_id=[7], candidates=[1, -2]), "inputs.candidates"),
-    (dict(user_id=[7], candidates=[1], colour=[1]), "inputs.colour"),
-])
+@pytest.mark.parametrize(
+    "tensors, field",
+    [
+        (dict(candidates=[1]), "inputs.user_id"),
+        (dict(user_id=[7]), "inputs.candidates"),
+        (dict(user_id=[7, 8], candidates=[1]), "inputs.user_id"),
+        (dict(user_id=[7], candidates=[1, 2], brand=[1]), "inputs.brand"),
+        (dict(user_id=[7], candidates=[1, -2]), "inputs.candidates"),
+        (dict(user_id=[7], candidates=[1], colour=[1]), "inputs.colour"),
+    ],
+)
 def test_a_malformed_v2_request_is_refused_naming_the_input(tensors: dict, field: str) -> None:
     with pytest.raises(rq.BadRequest) as caught:
         rq.parse_v2(_tensors(**tensors))
@@ -144,8 +152,13 @@ def test_guarded_routes_history_window_and_error_reasons() -> None:
     assert route_of("/v1/models/ranker", "GET") is None and route_of("/metrics", "GET") is None
     assert newest(np.arange(10), 3).tolist() == [7, 8, 9] and newest(np.arange(10), 0).tolist() == []
     assert error_reason(400, "too_many_candidates") == "too_many_candidates"
-    assert [error_reason(code, None) for code in (400, 413, 422, 503, 500)] == \
-        ["invalid_request", "body_too_large", "invalid_v2_body", "not_ready", "internal"]
+    assert [error_reason(code, None) for code in (400, 413, 422, 503, 500)] == [
+        "invalid_request",
+        "body_too_large",
+        "invalid_v2_body",
+        "not_ready",
+        "internal",
+    ]
 
 
 def test_the_model_class_ranks_from_the_embedded_file_store_of_the_quick_start(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -186,6 +199,7 @@ def test_the_model_class_ranks_from_the_embedded_file_store_of_the_quick_start(t
 
 # --- KServe's protocols: decoding and answers, byte for byte ----------------------------------------
 
+
 def test_v1_instances_are_one_ranking_each_and_errors_name_the_instance() -> None:
     rankings, instances = rq.parse_v1_body({"instances": [GOOD, {"user": {"id": 8}, "candidates": [3]}]})
     assert instances and [r.user_id for r in rankings] == [7, 8]
@@ -206,21 +220,34 @@ def test_a_v2_binary_body_decodes_like_its_json_twin() -> None:
     from mmrank.predictors.protocol import decode_v2
 
     limits = rq.Limits()
-    as_json = json.dumps({"id": "x", "inputs": [
-        {"name": "user_id", "datatype": "INT64", "shape": [1], "data": [7]},
-        {"name": "candidates", "datatype": "INT64", "shape": [3], "data": [5, 2, 9]}]}).encode()
-    head = json.dumps({"inputs": [
-        {"name": "user_id", "datatype": "INT64", "shape": [1], "parameters": {"binary_data_size": 8}},
-        {"name": "candidates", "datatype": "UINT32", "shape": [3], "parameters": {"binary_data_size": 12}}],
-        "parameters": {"binary_data_output": True}}).encode()
+    as_json = json.dumps(
+        {
+            "id": "x",
+            "inputs": [
+                {"name": "user_id", "datatype": "INT64", "shape": [1], "data": [7]},
+                {"name": "candidates", "datatype": "INT64", "shape": [3], "data": [5, 2, 9]},
+            ],
+        }
+    ).encode()
+    head = json.dumps(
+        {
+            "inputs": [
+                {"name": "user_id", "datatype": "INT64", "shape": [1], "parameters": {"binary_data_size": 8}},
+                {"name": "candidates", "datatype": "UINT32", "shape": [3], "parameters": {"binary_data_size": 12}},
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
     binary = head + np.array([7], "<i8").tobytes() + np.array([5, 2, 9], "<u4").tobytes()
     from_json, from_binary = decode_v2(as_json, None, limits), decode_v2(binary, str(len(head)), limits)
     assert from_json.caller_id == "x" and not from_json.binary_output and from_binary.binary_output
     assert from_json.rankings[0].cand_ids.tolist() == from_binary.rankings[0].cand_ids.tolist() == [5, 2, 9]
-    for body, length, field in [(binary, "0", "Inference-Header-Content-Length"),
-                                (binary + b"x", str(len(head)), "body"),
-                                (binary[:-4], str(len(head)), "inputs.candidates.parameters.binary_data_size"),
-                                (as_json.replace(b'"id"', b'"nope"'), None, "nope")]:
+    for body, length, field in [
+        (binary, "0", "Inference-Header-Content-Length"),
+        (binary + b"x", str(len(head)), "body"),
+        (binary[:-4], str(len(head)), "inputs.candidates.parameters.binary_data_size"),
+        (as_json.replace(b'"id"', b'"nope"'), None, "nope"),
+    ]:
         with pytest.raises(rq.BadRequest) as caught:
             decode_v2(body, length, limits)
         assert caught.value.field == field, caught.value
@@ -237,9 +264,14 @@ def test_the_v2_answer_is_what_kserves_own_encoder_writes(binary: bool) -> None:
     body, headers = encode_v2(call, scored, "ranker", "r1", "e1")
     output = InferOutput("scores", [3], "FP32")
     output.set_data_from_numpy(scored.scores, binary_data=binary)
-    theirs, json_length = InferResponse("caller", "ranker", [output], model_version="r1",
-                                        parameters=v2_parameters(scored, "r1", "e1"),
-                                        use_binary_outputs=binary).to_rest()
+    theirs, json_length = InferResponse(
+        "caller",
+        "ranker",
+        [output],
+        model_version="r1",
+        parameters=v2_parameters(scored, "r1", "e1"),
+        use_binary_outputs=binary,
+    ).to_rest()
     if binary:
         assert dict(headers)[b"inference-header-content-length"] == str(json_length).encode()
         assert json.loads(body[:json_length]) == json.loads(theirs[:json_length])
@@ -288,8 +320,14 @@ def test_exceptions_map_to_statuses_and_grpc_codes() -> None:
     assert classify(StoreUnavailable("store read failed"))[:2] == (503, "store_unavailable")
     assert classify(KeyError("bug")) == (500, "internal", "internal error: KeyError: 'bug'")
     assert [grpc_code(s) for s in (400, 404, 408, 413, 422, 503, 500)] == [
-        "INVALID_ARGUMENT", "NOT_FOUND", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "INVALID_ARGUMENT", "UNAVAILABLE",
-        "INTERNAL"]
+        "INVALID_ARGUMENT",
+        "NOT_FOUND",
+        "DEADLINE_EXCEEDED",
+        "RESOURCE_EXHAUSTED",
+        "INVALID_ARGUMENT",
+        "UNAVAILABLE",
+        "INTERNAL",
+    ]
 
 
 def test_an_unexpected_failure_is_answered_500_counted_timed_and_logged_once(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
@@ -346,9 +384,14 @@ def test_an_unexpected_failure_is_answered_500_counted_timed_and_logged_once(tmp
 
 
 @hypothesis.settings(max_examples=300, deadline=None, derandomize=True, database=None)
-@hypothesis.given(user=st.integers(-2, 2**63) | st.booleans(), history=st.none() | st.lists(st.integers(-2, 2**64), max_size=8),
-                  candidates=st.lists(st.integers(-2, 2**63) | st.booleans() | st.floats(0, 5), max_size=8))
-def test_the_plain_body_reader_agrees_with_the_full_validation(user: object, history: object, candidates: object) -> None:
+@hypothesis.given(
+    user=st.integers(-2, 2**63) | st.booleans(),
+    history=st.none() | st.lists(st.integers(-2, 2**64), max_size=8),
+    candidates=st.lists(st.integers(-2, 2**63) | st.booleans() | st.floats(0, 5), max_size=8),
+)
+def test_the_plain_body_reader_agrees_with_the_full_validation(
+    user: object, history: object, candidates: object
+) -> None:
     """Bodies of plain ids skip pydantic (rq._plain_v1); whatever it accepts, pydantic accepts
     the same way, and what it passes on gets pydantic's message naming the field."""
     user_part = {"id": user} if history is None else {"id": user, "history": history}

@@ -6,6 +6,7 @@ is a miss) and runs with tight limits so the bad-request matrix and the overload
 to reach. Redis is started by the same launcher the `redis_server` fixture uses, at module scope
 because the predictor outlives one test. Logs of both are attached to any failing test.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,8 +41,14 @@ DIM = 16
 CATALOGUE = 100
 WINDOW = 20  # --history-length: the artifact was trained with 50
 USER = 7
-LIMITS = {"max_candidates": 50, "max_history": 100, "max_body_bytes": 20_000, "max_concurrency": 1,
-          "body_timeout_seconds": 1.0, "max_instances": 4}
+LIMITS = {
+    "max_candidates": 50,
+    "max_history": 100,
+    "max_body_bytes": 20_000,
+    "max_concurrency": 1,
+    "body_timeout_seconds": 1.0,
+    "max_instances": 4,
+}
 REQUEST_ID = re.compile(r"^r1\.[0-9a-f]{32}$")
 
 
@@ -79,22 +86,53 @@ def artifact(redis: servers.Server, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="module")
-def predictor(redis: servers.Server, artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Server]:
+def predictor(
+    redis: servers.Server, artifact: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[servers.Server]:
     workdir = tmp_path_factory.mktemp("predictor")
     port, grpc_port = servers.free_port(), servers.free_port()
     # Configured the way the operator's InferenceService does: store, space and version by env.
-    argv = [sys.executable, "-m", "mmrank", "predictor", "serve", "--model-dir", str(artifact),
-            "--model-name", MODEL, "--host", "127.0.0.1", "--http-port", str(port),
-            "--grpc-port", str(grpc_port), "--history-length", str(WINDOW),
-            "--min-coverage", "0.99", "--recheck-seconds", "0.3", "--torch-threads", "1",
-            *[a for k, v in LIMITS.items() for a in (f"--{k.replace('_', '-')}", str(v))]]
+    argv = [
+        sys.executable,
+        "-m",
+        "mmrank",
+        "predictor",
+        "serve",
+        "--model-dir",
+        str(artifact),
+        "--model-name",
+        MODEL,
+        "--host",
+        "127.0.0.1",
+        "--http-port",
+        str(port),
+        "--grpc-port",
+        str(grpc_port),
+        "--history-length",
+        str(WINDOW),
+        "--min-coverage",
+        "0.99",
+        "--recheck-seconds",
+        "0.3",
+        "--torch-threads",
+        "1",
+        *[a for k, v in LIMITS.items() for a in (f"--{k.replace('_', '-')}", str(v))],
+    ]
     env = {**os.environ, "MMRANK_STORE_URL": redis.url, "MMRANK_SPACE": SPACE, "MMRANK_RANKER_VERSION": VERSION}
     log_path = workdir / "predictor.log"
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env,
-                                   start_new_session=True)
-    server = servers.Server("predictor", process, log_path, f"http://127.0.0.1:{port}", port, workdir,
-                            extra={"grpc": f"127.0.0.1:{grpc_port}"})
+        process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env, start_new_session=True
+        )
+    server = servers.Server(
+        "predictor",
+        process,
+        log_path,
+        f"http://127.0.0.1:{port}",
+        port,
+        workdir,
+        extra={"grpc": f"127.0.0.1:{grpc_port}"},
+    )
     try:
         servers.wait_until(server, lambda: servers.http_ok(f"{server.url}/v2/models/{MODEL}/ready"), 120, "ready")
     except servers.ServerUnavailable as exc:
@@ -114,11 +152,13 @@ def _attach_logs(request: pytest.FixtureRequest) -> None:
         conftest._attach(request, request.getfixturevalue(name))
 
 
-def http(server: servers.Server, method: str, path: str, body: Any = None,
-         headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+def http(
+    server: servers.Server, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    request = urllib.request.Request(server.url + path, data=data, method=method,
-                                     headers={"content-type": "application/json", **(headers or {})})
+    request = urllib.request.Request(
+        server.url + path, data=data, method=method, headers={"content-type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -152,15 +192,25 @@ def expected_scores(redis: servers.Server, artifact: Path, history: np.ndarray, 
     cand_emb, cand_found = store.get(SPACE, cands)
     store.close()
     t = torch.from_numpy
-    logits = model.score_candidates(USER, t(hist), torch.ones(len(hist), dtype=torch.bool), t(hist_emb),
-                                    t(hist_found), t(cands), t(cand_emb), t(cand_found))
+    logits = model.score_candidates(
+        USER,
+        t(hist),
+        torch.ones(len(hist), dtype=torch.bool),
+        t(hist_emb),
+        t(hist_found),
+        t(cands),
+        t(cand_emb),
+        t(cand_found),
+    )
     return torch.sigmoid(logits).numpy()
 
 
 # --- round trips ------------------------------------------------------------------------------
 
+
 def test_v1_through_kserve_client_and_plain_http_scores_each_candidate_in_order(
-        predictor: servers.Server, redis: servers.Server, artifact: Path) -> None:
+    predictor: servers.Server, redis: servers.Server, artifact: Path
+) -> None:
     from kserve import InferenceRESTClient, RESTConfig
 
     candidates = [5, 17, 3, 42, 88]
@@ -186,8 +236,12 @@ def test_v1_through_kserve_client_and_plain_http_scores_each_candidate_in_order(
     assert REQUEST_ID.match(answer["request_id"])
 
     reordered = candidates[::-1]
-    status, plain = http(predictor, "POST", f"/v1/models/{MODEL}:predict",
-                         {"user": {"id": USER, "history": list(range(40, 70))}, "candidates": reordered})
+    status, plain = http(
+        predictor,
+        "POST",
+        f"/v1/models/{MODEL}:predict",
+        {"user": {"id": USER, "history": list(range(40, 70))}, "candidates": reordered},
+    )
     assert status == 200
     np.testing.assert_allclose(plain["predictions"], expected[::-1], rtol=1e-5, atol=1e-6)
     assert plain["request_id"] != answer["request_id"]
@@ -197,9 +251,11 @@ def test_v2_through_kserve_client_matches_v1(predictor: servers.Server) -> None:
     from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 
     candidates = np.array([5, 17, 3], dtype=np.int64)
-    inputs = [InferInput("user_id", [1], "INT64", [USER]),
-              InferInput("candidates", [3], "INT64", candidates.tolist()),
-              InferInput("history", [4], "INT64", [40, 41, 42, 43])]
+    inputs = [
+        InferInput("user_id", [1], "INT64", [USER]),
+        InferInput("candidates", [3], "INT64", candidates.tolist()),
+        InferInput("history", [4], "INT64", [40, 41, 42, 43]),
+    ]
     binary = InferInput("brand", [3], "INT64")
     binary.set_data_from_numpy(np.array([-1, 2, -1], dtype=np.int64), binary_data=True)
 
@@ -212,8 +268,12 @@ def test_v2_through_kserve_client_matches_v1(predictor: servers.Server) -> None:
     assert response.outputs[0].name == "scores" and scores.shape == (3,) and scores.dtype == np.float32
     assert response.id == "caller-1" and response.parameters["ranker_version"] == VERSION  # the caller's id echoed
     assert response.parameters["space"] == SPACE and REQUEST_ID.match(response.parameters["request_id"])
-    status, v1 = http(predictor, "POST", f"/v1/models/{MODEL}:predict",
-                      {"user": {"id": USER, "history": [40, 41, 42, 43]}, "candidates": candidates.tolist()})
+    status, v1 = http(
+        predictor,
+        "POST",
+        f"/v1/models/{MODEL}:predict",
+        {"user": {"id": USER, "history": [40, 41, 42, 43]}, "candidates": candidates.tolist()},
+    )
     assert status == 200
     np.testing.assert_allclose(scores, v1["predictions"], rtol=1e-5, atol=1e-6)
     # A binary-encoded tensor (KServe's binary extension) works too, and the brand it gives is used.
@@ -223,11 +283,16 @@ def test_v2_through_kserve_client_matches_v1(predictor: servers.Server) -> None:
 
 
 def test_v1_instances_through_kserve_client_one_prediction_per_instance(
-        predictor: servers.Server, redis: servers.Server, artifact: Path) -> None:
+    predictor: servers.Server, redis: servers.Server, artifact: Path
+) -> None:
     from kserve import InferenceRESTClient, RESTConfig
 
-    body = {"instances": [{"user": {"id": USER}, "candidates": [5, 17, 3]},
-                          {"user": {"id": USER, "history": [40, 41]}, "candidates": [{"item_id": 9, "brand": 2}, 88]}]}
+    body = {
+        "instances": [
+            {"user": {"id": USER}, "candidates": [5, 17, 3]},
+            {"user": {"id": USER, "history": [40, 41]}, "candidates": [{"item_id": 9, "brand": 2}, 88]},
+        ]
+    }
 
     async def call() -> dict[str, Any]:
         async with InferenceRESTClient(RESTConfig(protocol="v1", retries=0)) as client:
@@ -235,8 +300,9 @@ def test_v1_instances_through_kserve_client_one_prediction_per_instance(
 
     answer = asyncio.run(call())
     first, second = answer["predictions"]
-    np.testing.assert_allclose(first["scores"], expected_scores(redis, artifact, np.arange(40, 70), [5, 17, 3]),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        first["scores"], expected_scores(redis, artifact, np.arange(40, 70), [5, 17, 3]), rtol=1e-5, atol=1e-6
+    )
     assert REQUEST_ID.match(first["request_id"]) and REQUEST_ID.match(second["request_id"])
     assert first["request_id"] != second["request_id"] and first["embedding_misses"] == {"candidates": 0, "history": 0}
     assert (answer["ranker_version"], answer["space"]) == (VERSION, SPACE)
@@ -249,8 +315,12 @@ def test_v2_model_metadata_describes_every_tensor_and_both_servers_bind_the_host
     status, meta = http(predictor, "GET", f"/v2/models/{MODEL}")
     assert status == 200 and meta["name"] == MODEL
     assert {t["name"]: (t["datatype"], t["shape"]) for t in meta["inputs"]} == {
-        "user_id": ("INT64", [1]), "candidates": ("INT64", [-1]), "history": ("INT64", [-1]),
-        "category": ("INT64", [-1]), "brand": ("INT64", [-1])}
+        "user_id": ("INT64", [1]),
+        "candidates": ("INT64", [-1]),
+        "history": ("INT64", [-1]),
+        "category": ("INT64", [-1]),
+        "brand": ("INT64", [-1]),
+    }
     assert meta["outputs"] == [{"name": "scores", "datatype": "FP32", "shape": [-1]}]
     log = predictor.log_path.read_text()  # --host 127.0.0.1: both servers on the loopback only
     assert f"Uvicorn running on http://127.0.0.1:{predictor.port}" in log
@@ -271,8 +341,9 @@ def test_binary_tensors_from_tritonclient_both_ways(predictor: servers.Server) -
     client = triton.InferenceServerClient(predictor.url.removeprefix("http://"))
     try:
         inputs = [tensor("user_id", [USER]), tensor("candidates", [5, 17, 3]), tensor("history", [40, 41, 42, 43])]
-        result = client.infer(MODEL, inputs, request_id="t-1",
-                              outputs=[triton.InferRequestedOutput("scores", binary_data=True)])
+        result = client.infer(
+            MODEL, inputs, request_id="t-1", outputs=[triton.InferRequestedOutput("scores", binary_data=True)]
+        )
         response = result.get_response()
         assert response["id"] == "t-1" and "data" not in response["outputs"][0]  # the scores came as bytes
         scores = result.as_numpy("scores")
@@ -280,8 +351,12 @@ def test_binary_tensors_from_tritonclient_both_ways(predictor: servers.Server) -
             client.infer(MODEL, [tensor("user_id", [USER]), tensor("candidates", [1, 2**63], "UINT64")])
     finally:
         client.close()
-    status, v1 = http(predictor, "POST", f"/v1/models/{MODEL}:predict",
-                      {"user": {"id": USER, "history": [40, 41, 42, 43]}, "candidates": [5, 17, 3]})
+    status, v1 = http(
+        predictor,
+        "POST",
+        f"/v1/models/{MODEL}:predict",
+        {"user": {"id": USER, "history": [40, 41, 42, 43]}, "candidates": [5, 17, 3]},
+    )
     assert status == 200 and scores.dtype == np.float32
     np.testing.assert_allclose(scores, v1["predictions"], rtol=1e-6)
 
@@ -291,9 +366,14 @@ def test_grpc_through_kserve_client_matches_rest_and_is_counted(predictor: serve
     from kserve import InferenceGRPCClient, InferInput, InferRequest
 
     def request(candidates: list[int], request_id: str) -> InferRequest:
-        return InferRequest(MODEL, [InferInput("user_id", [1], "INT64", [USER]),
-                                    InferInput("candidates", [len(candidates)], "INT64", candidates)],
-                            request_id=request_id)
+        return InferRequest(
+            MODEL,
+            [
+                InferInput("user_id", [1], "INT64", [USER]),
+                InferInput("candidates", [len(candidates)], "INT64", candidates),
+            ],
+            request_id=request_id,
+        )
 
     ok = metric(predictor, "mmrank_requests_total", variant=VERSION, protocol="grpc", code="200")
     refused = metric(predictor, "mmrank_requests_total", variant=VERSION, protocol="grpc", code="400")
@@ -314,7 +394,9 @@ def test_grpc_through_kserve_client_matches_rest_and_is_counted(predictor: serve
     assert ready and response.id == "g-1" and (parameters["ranker_version"], parameters["space"]) == (VERSION, SPACE)
     assert REQUEST_ID.match(parameters["request_id"])
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "inputs.candidates" in error.details()
-    status, v1 = http(predictor, "POST", f"/v1/models/{MODEL}:predict", {"user": {"id": USER}, "candidates": [5, 17, 3]})
+    status, v1 = http(
+        predictor, "POST", f"/v1/models/{MODEL}:predict", {"user": {"id": USER}, "candidates": [5, 17, 3]}
+    )
     assert status == 200
     np.testing.assert_allclose(response.outputs[0].as_numpy(), v1["predictions"], rtol=1e-5, atol=1e-6)
     assert metric(predictor, "mmrank_requests_total", variant=VERSION, protocol="grpc", code="200") == ok + 1
@@ -324,8 +406,9 @@ def test_grpc_through_kserve_client_matches_rest_and_is_counted(predictor: serve
 def test_an_item_without_embedding_is_scored_and_counted_never_a_500(predictor: servers.Server) -> None:
     before = metric(predictor, "mmrank_embedding_miss_total", variant=VERSION, role="candidate")
     # 99 is in the catalogue but not embedded yet; 5000 arrived after training and has no vector.
-    status, answer = http(predictor, "POST", f"/v1/models/{MODEL}:predict",
-                          {"user": {"id": USER}, "candidates": [99, 5000, 3]})
+    status, answer = http(
+        predictor, "POST", f"/v1/models/{MODEL}:predict", {"user": {"id": USER}, "candidates": [99, 5000, 3]}
+    )
     assert status == 200 and len(answer["predictions"]) == 3
     assert all(0.0 < p < 1.0 for p in answer["predictions"])
     assert answer["embedding_misses"] == {"candidates": 2, "history": 0}
@@ -333,14 +416,17 @@ def test_an_item_without_embedding_is_scored_and_counted_never_a_500(predictor: 
 
 
 def test_a_re_embedded_item_is_scored_with_its_new_vector_at_once(
-        predictor: servers.Server, redis: servers.Server, artifact: Path) -> None:
+    predictor: servers.Server, redis: servers.Server, artifact: Path
+) -> None:
     """The process caches item vectors (hiredis parses the replies); a put that has returned is
     seen by the next request."""
     body = {"user": {"id": USER}, "candidates": [5, 17, 3]}
     hits = metric(predictor, "mmrank_item_cache_rows_total", variant=VERSION, result="hit")
     assert http(predictor, "POST", f"/v1/models/{MODEL}:predict", body)[0] == 200
     status, before = http(predictor, "POST", f"/v1/models/{MODEL}:predict", body)
-    assert status == 200 and metric(predictor, "mmrank_item_cache_rows_total", variant=VERSION, result="hit") >= hits + 23
+    assert (
+        status == 200 and metric(predictor, "mmrank_item_cache_rows_total", variant=VERSION, result="hit") >= hits + 23
+    )
     store = open_store(redis.url)
     try:
         store.put(SPACE, [17], unit_vectors(1, DIM, seed=99))  # what the embedder does
@@ -348,8 +434,9 @@ def test_a_re_embedded_item_is_scored_with_its_new_vector_at_once(
         store.close()
     status, after = http(predictor, "POST", f"/v1/models/{MODEL}:predict", body)
     assert status == 200 and after["predictions"][1] != before["predictions"][1]
-    np.testing.assert_allclose(after["predictions"], expected_scores(redis, artifact, np.arange(40, 70), [5, 17, 3]),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        after["predictions"], expected_scores(redis, artifact, np.arange(40, 70), [5, 17, 3]), rtol=1e-5, atol=1e-6
+    )
     status, info = http(predictor, "GET", f"/v1/models/{MODEL}/status")
     assert info["redis_parser"] == "hiredis" and info["item_cache"]["dropped"] >= 1
 
@@ -358,48 +445,151 @@ def test_a_re_embedded_item_is_scored_with_its_new_vector_at_once(
 
 BAD = [
     # (name, method, path, body, expected status, text the error must contain)
-    ("malformed JSON", "POST", f"/v1/models/{MODEL}:predict", b'{"user": {"id": 7}, "candidates": [1,', 400,
-     "body: not valid JSON"),
+    (
+        "malformed JSON",
+        "POST",
+        f"/v1/models/{MODEL}:predict",
+        b'{"user": {"id": 7}, "candidates": [1,',
+        400,
+        "body: not valid JSON",
+    ),
     ("not an object", "POST", f"/v1/models/{MODEL}:predict", [1, 2], 400, "body: expected a JSON object"),
     ("user id type", "POST", f"/v1/models/{MODEL}:predict", {"user": {"id": "7"}, "candidates": [1]}, 400, "user.id"),
-    ("candidate type", "POST", f"/v1/models/{MODEL}:predict", {"user": {"id": 7}, "candidates": [1, 2.5]}, 400,
-     "candidates[1]"),
-    ("missing candidates", "POST", f"/v1/models/{MODEL}:predict", {"user": {"id": 7}}, 400, "candidates: Field required"),
-    ("too many candidates", "POST", f"/v1/models/{MODEL}:predict", {"user": {"id": 7}, "candidates": list(range(51))},
-     400, "candidates: 51 candidates, at most 50"),
-    ("history too long", "POST", f"/v1/models/{MODEL}:predict",
-     {"user": {"id": 7, "history": list(range(101))}, "candidates": [1]}, 400, "user.history: 101 items, at most 100"),
+    (
+        "candidate type",
+        "POST",
+        f"/v1/models/{MODEL}:predict",
+        {"user": {"id": 7}, "candidates": [1, 2.5]},
+        400,
+        "candidates[1]",
+    ),
+    (
+        "missing candidates",
+        "POST",
+        f"/v1/models/{MODEL}:predict",
+        {"user": {"id": 7}},
+        400,
+        "candidates: Field required",
+    ),
+    (
+        "too many candidates",
+        "POST",
+        f"/v1/models/{MODEL}:predict",
+        {"user": {"id": 7}, "candidates": list(range(51))},
+        400,
+        "candidates: 51 candidates, at most 50",
+    ),
+    (
+        "history too long",
+        "POST",
+        f"/v1/models/{MODEL}:predict",
+        {"user": {"id": 7, "history": list(range(101))}, "candidates": [1]},
+        400,
+        "user.history: 101 items, at most 100",
+    ),
     ("body too large", "POST", f"/v1/models/{MODEL}:predict", b" " * 20_001, 413, "larger than 20000 bytes"),
-    ("v2 wrong datatype", "POST", f"/v2/models/{MODEL}/infer",
-     {"inputs": [{"name": "user_id", "datatype": "FP32", "shape": [1], "data": [7.0]},
-                 {"name": "candidates", "datatype": "INT64", "shape": [1], "data": [1]}]}, 400, "inputs.user_id"),
-    ("v2 missing candidates", "POST", f"/v2/models/{MODEL}/infer",
-     {"inputs": [{"name": "user_id", "datatype": "INT64", "shape": [1], "data": [7]}]}, 400, "inputs.candidates"),
-    ("v2 shape and data disagree", "POST", f"/v2/models/{MODEL}/infer",
-     {"inputs": [{"name": "user_id", "datatype": "INT64", "shape": [1], "data": [7]},
-                 {"name": "candidates", "datatype": "INT64", "shape": [3], "data": [1]}]}, 400, "inputs.candidates"),
-    ("v2 not an inference request", "POST", f"/v2/models/{MODEL}/infer", {"inputs": [{"name": "user_id"}]}, 400,
-     "inputs.user_id.datatype: missing"),
+    (
+        "v2 wrong datatype",
+        "POST",
+        f"/v2/models/{MODEL}/infer",
+        {
+            "inputs": [
+                {"name": "user_id", "datatype": "FP32", "shape": [1], "data": [7.0]},
+                {"name": "candidates", "datatype": "INT64", "shape": [1], "data": [1]},
+            ]
+        },
+        400,
+        "inputs.user_id",
+    ),
+    (
+        "v2 missing candidates",
+        "POST",
+        f"/v2/models/{MODEL}/infer",
+        {"inputs": [{"name": "user_id", "datatype": "INT64", "shape": [1], "data": [7]}]},
+        400,
+        "inputs.candidates",
+    ),
+    (
+        "v2 shape and data disagree",
+        "POST",
+        f"/v2/models/{MODEL}/infer",
+        {
+            "inputs": [
+                {"name": "user_id", "datatype": "INT64", "shape": [1], "data": [7]},
+                {"name": "candidates", "datatype": "INT64", "shape": [3], "data": [1]},
+            ]
+        },
+        400,
+        "inputs.candidates",
+    ),
+    (
+        "v2 not an inference request",
+        "POST",
+        f"/v2/models/{MODEL}/infer",
+        {"inputs": [{"name": "user_id"}]},
+        400,
+        "inputs.user_id.datatype: missing",
+    ),
     ("unknown model", "POST", "/v1/models/nope:predict", {"user": {"id": 7}, "candidates": [1]}, 404, "nope"),
-    ("duplicate candidates", "POST", f"/v1/models/{MODEL}:predict", {"user": {"id": 7}, "candidates": [4, 2, 4]},
-     400, "candidates: item 4 is listed more than once"),
-    ("too many instances", "POST", f"/v1/models/{MODEL}:predict",
-     {"instances": [{"user": {"id": 7}, "candidates": [1]}] * 5}, 400, "instances: 5 instances, at most 4"),
-    ("bad instance", "POST", f"/v1/models/{MODEL}:predict",
-     {"instances": [{"user": {"id": 7}, "candidates": [1]}, {"user": {"id": 7}, "candidates": []}]}, 400,
-     "instances[1].candidates"),
-    ("v2 binary size beyond the body", "POST", f"/v2/models/{MODEL}/infer",
-     {"inputs": [{"name": "user_id", "datatype": "INT64", "shape": [1], "parameters": {"binary_data_size": 8}}]},
-     400, "inputs.user_id.parameters.binary_data_size"),
+    (
+        "duplicate candidates",
+        "POST",
+        f"/v1/models/{MODEL}:predict",
+        {"user": {"id": 7}, "candidates": [4, 2, 4]},
+        400,
+        "candidates: item 4 is listed more than once",
+    ),
+    (
+        "too many instances",
+        "POST",
+        f"/v1/models/{MODEL}:predict",
+        {"instances": [{"user": {"id": 7}, "candidates": [1]}] * 5},
+        400,
+        "instances: 5 instances, at most 4",
+    ),
+    (
+        "bad instance",
+        "POST",
+        f"/v1/models/{MODEL}:predict",
+        {"instances": [{"user": {"id": 7}, "candidates": [1]}, {"user": {"id": 7}, "candidates": []}]},
+        400,
+        "instances[1].candidates",
+    ),
+    (
+        "v2 binary size beyond the body",
+        "POST",
+        f"/v2/models/{MODEL}/infer",
+        {"inputs": [{"name": "user_id", "datatype": "INT64", "shape": [1], "parameters": {"binary_data_size": 8}}]},
+        400,
+        "inputs.user_id.parameters.binary_data_size",
+    ),
     ("v2 no inputs", "POST", f"/v2/models/{MODEL}/infer", {"id": "x"}, 400, "inputs: expected a non-empty list"),
-    ("v2 NaN", "POST", f"/v2/models/{MODEL}/infer", b'{"inputs": [{"name": "user_id", "datatype": "INT64", '
-     b'"shape": [1], "data": [NaN]}]}', 400, "body: not valid JSON"),
+    (
+        "v2 NaN",
+        "POST",
+        f"/v2/models/{MODEL}/infer",
+        b'{"inputs": [{"name": "user_id", "datatype": "INT64", "shape": [1], "data": [NaN]}]}',
+        400,
+        "body: not valid JSON",
+    ),
     ("unknown model's metadata", "GET", "/v2/models/nope", None, 404, "nope"),
-    ("v2 route with a model version", "POST", f"/v2/models/{MODEL}/versions/7/infer",
-     {"inputs": []}, 400, "inputs: expected a non-empty list"),
+    (
+        "v2 route with a model version",
+        "POST",
+        f"/v2/models/{MODEL}/versions/7/infer",
+        {"inputs": []},
+        400,
+        "inputs: expected a non-empty list",
+    ),
     ("feedback request id", "POST", "/v1/feedback", {"request_id": "x" * 40, "impressions": 1}, 400, "request_id"),
-    ("feedback clicks", "POST", "/v1/feedback", {"request_id": f"r1.{'a' * 32}", "impressions": 1, "clicks": 2},
-     400, "clicks"),
+    (
+        "feedback clicks",
+        "POST",
+        "/v1/feedback",
+        {"request_id": f"r1.{'a' * 32}", "impressions": 1, "clicks": 2},
+        400,
+        "clicks",
+    ),
 ]
 
 
@@ -461,10 +651,18 @@ def grpc_infer(predictor: servers.Server, candidates: list[int]) -> tuple[str, s
     from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 
     tensor = pb.ModelInferRequest.InferInputTensor
-    request = pb.ModelInferRequest(model_name=MODEL, inputs=[
-        tensor(name="user_id", datatype="INT64", shape=[1], contents=pb.InferTensorContents(int64_contents=[USER])),
-        tensor(name="candidates", datatype="INT64", shape=[len(candidates)],
-               contents=pb.InferTensorContents(int64_contents=candidates))])
+    request = pb.ModelInferRequest(
+        model_name=MODEL,
+        inputs=[
+            tensor(name="user_id", datatype="INT64", shape=[1], contents=pb.InferTensorContents(int64_contents=[USER])),
+            tensor(
+                name="candidates",
+                datatype="INT64",
+                shape=[len(candidates)],
+                contents=pb.InferTensorContents(int64_contents=candidates),
+            ),
+        ],
+    )
     with grpc.insecure_channel(predictor.extra["grpc"]) as channel:
         try:
             GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
@@ -481,8 +679,11 @@ def test_idle_uploads_hold_no_slot_and_are_answered_408(predictor: servers.Serve
     idle = [socket.create_connection(("127.0.0.1", predictor.port), timeout=10) for _ in range(8)]
     try:
         for sock in idle:
-            sock.sendall(f"POST /v1/models/{MODEL}:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                         f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+            sock.sendall(
+                f"POST /v1/models/{MODEL}:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                f"\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body[:10]
+            )
         started = time.monotonic()
         for _ in range(3):
             assert http(predictor, "POST", f"/v1/models/{MODEL}:predict", body)[0] == 200
@@ -514,22 +715,33 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, Any]]:
 
 def exchange(sock: socket.socket, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     data = json.dumps(body).encode()
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
     return read_response(sock)
 
 
 def v2_body(user: Any, candidates: list[Any], datatype: str = "INT64") -> dict[str, Any]:
-    return {"inputs": [{"name": "user_id", "datatype": datatype, "shape": [1], "data": [user]},
-                       {"name": "candidates", "datatype": datatype, "shape": [len(candidates)], "data": candidates}]}
+    return {
+        "inputs": [
+            {"name": "user_id", "datatype": datatype, "shape": [1], "data": [user]},
+            {"name": "candidates", "datatype": datatype, "shape": [len(candidates)], "data": candidates},
+        ]
+    }
 
 
 def test_ids_beyond_int64_are_400_and_the_kept_alive_connection_serves_on(predictor: servers.Server) -> None:
     infer = f"/v2/models/{MODEL}/infer"
     with socket.create_connection(("127.0.0.1", predictor.port), timeout=10) as sock:
-        for body, field in [(v2_body(2**63, [1, 2]), "inputs.user_id"), (v2_body(7, [1, 2**64]), "inputs.candidates"),
-                            (v2_body(-2**63 - 1, [1]), "inputs.user_id"), (v2_body(7, [1.5]), "inputs.candidates"),
-                            (v2_body(7, [2**63 - 1, 3]), None)]:
+        for body, field in [
+            (v2_body(2**63, [1, 2]), "inputs.user_id"),
+            (v2_body(7, [1, 2**64]), "inputs.candidates"),
+            (v2_body(-(2**63) - 1, [1]), "inputs.user_id"),
+            (v2_body(7, [1.5]), "inputs.candidates"),
+            (v2_body(7, [2**63 - 1, 3]), None),
+        ]:
             status, answer = exchange(sock, infer, body)
             if field is None:
                 assert status == 200 and len(answer["outputs"][0]["data"]) == 2  # the largest INT64 is an id too
@@ -542,6 +754,7 @@ def test_ids_beyond_int64_are_400_and_the_kept_alive_connection_serves_on(predic
 
 
 # --- readiness ---------------------------------------------------------------------------------
+
 
 def wait_for(check: Any, timeout: float = 20.0) -> Any:
     deadline = time.monotonic() + timeout
@@ -595,8 +808,10 @@ def test_readiness_follows_coverage_and_store_reachability(predictor: servers.Se
 
 # --- click feedback --------------------------------------------------------------------------------
 
+
 def test_feedback_by_http_and_stream_reaches_prometheus_by_variant(
-        predictor: servers.Server, redis: servers.Server, start_prometheus: Any) -> None:
+    predictor: servers.Server, redis: servers.Server, start_prometheus: Any
+) -> None:
     import redis as redis_py
 
     from mmrank.predictors.feedback import FEEDBACK_STREAM
@@ -604,16 +819,18 @@ def test_feedback_by_http_and_stream_reaches_prometheus_by_variant(
     before_impressions = metric(predictor, "mmrank_impressions_total", variant=VERSION)
     before_clicks = metric(predictor, "mmrank_clicks_total", variant=VERSION)
     _, served = http(predictor, "POST", f"/v1/models/{MODEL}:predict", {"user": {"id": USER}, "candidates": [1, 2]})
-    status, answer = http(predictor, "POST", "/v1/feedback",
-                          {"request_id": served["request_id"], "impressions": 5, "clicks": 2})
+    status, answer = http(
+        predictor, "POST", "/v1/feedback", {"request_id": served["request_id"], "impressions": 5, "clicks": 2}
+    )
     assert (status, answer["counted"]) == (200, True)
 
     client = redis_py.Redis.from_url(redis.url)
     try:
         # Another variant's request id is passed on to the stream, where its own consumers count it.
         stream_length = client.xlen(FEEDBACK_STREAM)
-        status, answer = http(predictor, "POST", "/v1/feedback",
-                              {"request_id": f"r2.{'b' * 32}", "impressions": 4, "clicks": 4})
+        status, answer = http(
+            predictor, "POST", "/v1/feedback", {"request_id": f"r2.{'b' * 32}", "impressions": 4, "clicks": 4}
+        )
         assert (status, answer.get("relayed")) == (202, FEEDBACK_STREAM)
         assert client.xlen(FEEDBACK_STREAM) == stream_length + 1
         client.xadd(FEEDBACK_STREAM, {"request_id": served["request_id"], "impressions": 3, "clicks": 1})
@@ -641,43 +858,64 @@ def test_feedback_by_http_and_stream_reaches_prometheus_by_variant(
 # about: never a 5xx, a traceback in the log, or a connection left hanging (every call has a 10 s
 # timeout). Derandomized, so a run is repeatable; the examples are drawn around the valid shape.
 
-FUZZ = hypothesis.settings(max_examples=120, deadline=None, derandomize=True, database=None,
-                           suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture,
-                                                  hypothesis.HealthCheck.too_slow])
+FUZZ = hypothesis.settings(
+    max_examples=120,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture, hypothesis.HealthCheck.too_slow],
+)
 FIELD_MESSAGE = re.compile(r"^([A-Za-z_][\w.\[\]-]*: |Model with name )")
-ANY_ID = st.one_of(st.integers(-3, 120), st.integers(-2**70, 2**70), st.floats(), st.booleans(), st.text(max_size=3),
-                   st.none())
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=4),
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                    max_leaves=12)
+ANY_ID = st.one_of(
+    st.integers(-3, 120), st.integers(-(2**70), 2**70), st.floats(), st.booleans(), st.text(max_size=3), st.none()
+)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 
 
 def candidates_strategy() -> st.SearchStrategy[Any]:
-    candidate = ANY_ID | st.fixed_dictionaries({"item_id": ANY_ID}, optional={"category": ANY_ID, "brand": ANY_ID,
-                                                                               "colour": ANY_ID})
+    candidate = ANY_ID | st.fixed_dictionaries(
+        {"item_id": ANY_ID}, optional={"category": ANY_ID, "brand": ANY_ID, "colour": ANY_ID}
+    )
     return st.lists(candidate, max_size=60) | JSON
 
 
 def ranking_strategy() -> st.SearchStrategy[Any]:
     user = st.fixed_dictionaries({"id": ANY_ID}, optional={"history": st.lists(ANY_ID, max_size=110) | JSON})
-    return st.fixed_dictionaries({"user": user | JSON, "candidates": candidates_strategy()},
-                                 optional={"extra": JSON}) | JSON
+    return (
+        st.fixed_dictionaries({"user": user | JSON, "candidates": candidates_strategy()}, optional={"extra": JSON})
+        | JSON
+    )
 
 
 def tensor_strategy() -> st.SearchStrategy[Any]:
     name = st.sampled_from(["user_id", "candidates", "history", "category", "brand", "colour"]) | st.text(max_size=4)
     datatype = st.sampled_from(["INT64", "INT32", "UINT64", "UINT8", "FP32", "BYTES", "BOOL"]) | JSON
-    shape = st.lists(st.integers(-2, 60) | st.integers(-2**70, 2**70), max_size=3) | JSON
-    return st.fixed_dictionaries({"name": name, "datatype": datatype, "shape": shape},
-                                 optional={"data": st.lists(ANY_ID, max_size=60) | JSON,
-                                           "parameters": st.fixed_dictionaries(
-                                               {"binary_data_size": st.integers(-8, 2**40) | JSON}) | JSON})
+    shape = st.lists(st.integers(-2, 60) | st.integers(-(2**70), 2**70), max_size=3) | JSON
+    return st.fixed_dictionaries(
+        {"name": name, "datatype": datatype, "shape": shape},
+        optional={
+            "data": st.lists(ANY_ID, max_size=60) | JSON,
+            "parameters": st.fixed_dictionaries({"binary_data_size": st.integers(-8, 2**40) | JSON}) | JSON,
+        },
+    )
 
 
 def v2_request_strategy() -> st.SearchStrategy[Any]:
-    return st.fixed_dictionaries({"inputs": st.lists(tensor_strategy(), max_size=6) | JSON},
-                                 optional={"id": JSON, "parameters": st.fixed_dictionaries(
-                                     {"binary_data_output": JSON}) | JSON, "outputs": JSON}) | JSON
+    return (
+        st.fixed_dictionaries(
+            {"inputs": st.lists(tensor_strategy(), max_size=6) | JSON},
+            optional={
+                "id": JSON,
+                "parameters": st.fixed_dictionaries({"binary_data_output": JSON}) | JSON,
+                "outputs": JSON,
+            },
+        )
+        | JSON
+    )
 
 
 def check_answer(response: httpx.Response) -> None:
@@ -694,10 +932,13 @@ def fuzz_client(predictor: servers.Server) -> Iterator[httpx.Client]:
 
 
 @FUZZ
-@hypothesis.given(body=ranking_strategy() | st.fixed_dictionaries({"instances": st.lists(ranking_strategy(), max_size=5)}))
+@hypothesis.given(
+    body=ranking_strategy() | st.fixed_dictionaries({"instances": st.lists(ranking_strategy(), max_size=5)})
+)
 def test_fuzz_v1_answers_200_or_a_4xx_naming_the_field(fuzz_client: httpx.Client, body: Any) -> None:
-    response = fuzz_client.post(f"/v1/models/{MODEL}:predict", content=json.dumps(body),
-                                headers={"content-type": "application/json"})
+    response = fuzz_client.post(
+        f"/v1/models/{MODEL}:predict", content=json.dumps(body), headers={"content-type": "application/json"}
+    )
     check_answer(response)
     if response.status_code == 200:
         predictions = response.json()["predictions"]
@@ -708,24 +949,35 @@ def test_fuzz_v1_answers_200_or_a_4xx_naming_the_field(fuzz_client: httpx.Client
 @FUZZ
 @hypothesis.given(body=v2_request_strategy())
 def test_fuzz_v2_json_answers_200_or_a_4xx_naming_the_field(fuzz_client: httpx.Client, body: Any) -> None:
-    check_answer(fuzz_client.post(f"/v2/models/{MODEL}/infer", content=json.dumps(body),
-                                  headers={"content-type": "application/json"}))
+    check_answer(
+        fuzz_client.post(
+            f"/v2/models/{MODEL}/infer", content=json.dumps(body), headers={"content-type": "application/json"}
+        )
+    )
 
 
 @FUZZ
-@hypothesis.given(head=v2_request_strategy(), tail=st.binary(max_size=64),
-                  length=st.none() | st.integers(-5, 400).map(str) | st.text("0123456789x-", min_size=1, max_size=4))
-def test_fuzz_v2_binary_answers_200_or_a_4xx_naming_the_field(fuzz_client: httpx.Client, head: Any, tail: bytes,
-                                                            length: str | None) -> None:
+@hypothesis.given(
+    head=v2_request_strategy(),
+    tail=st.binary(max_size=64),
+    length=st.none() | st.integers(-5, 400).map(str) | st.text("0123456789x-", min_size=1, max_size=4),
+)
+def test_fuzz_v2_binary_answers_200_or_a_4xx_naming_the_field(
+    fuzz_client: httpx.Client, head: Any, tail: bytes, length: str | None
+) -> None:
     header = json.dumps(head).encode()
-    headers = {"content-type": "application/octet-stream",
-               "inference-header-content-length": str(len(header)) if length is None else length}
+    headers = {
+        "content-type": "application/octet-stream",
+        "inference-header-content-length": str(len(header)) if length is None else length,
+    }
     check_answer(fuzz_client.post(f"/v2/models/{MODEL}/infer", content=header + tail, headers=headers))
 
 
 @FUZZ
-@hypothesis.given(body=JSON | st.fixed_dictionaries({"request_id": JSON, "impressions": ANY_ID, "clicks": ANY_ID}),
-                  raw=st.binary(max_size=30))
+@hypothesis.given(
+    body=JSON | st.fixed_dictionaries({"request_id": JSON, "impressions": ANY_ID, "clicks": ANY_ID}),
+    raw=st.binary(max_size=30),
+)
 def test_fuzz_feedback_never_answers_5xx(fuzz_client: httpx.Client, body: Any, raw: bytes) -> None:
     for content in (json.dumps(body).encode(), raw):
         response = fuzz_client.post("/v1/feedback", content=content, headers={"content-type": "application/json"})
@@ -733,33 +985,54 @@ def test_fuzz_feedback_never_answers_5xx(fuzz_client: httpx.Client, body: Any, r
 
 
 @FUZZ
-@hypothesis.given(name=st.text(min_size=1, max_size=12), route=st.sampled_from([
-    "GET /v1/models/{}", "GET /v1/models/{}/status", "GET /v2/models/{}", "GET /v2/models/{}/ready",
-    "POST /v1/models/{}:predict", "POST /v2/models/{}/infer", "GET /v2/models/{}/versions/1"]))
+@hypothesis.given(
+    name=st.text(min_size=1, max_size=12),
+    route=st.sampled_from(
+        [
+            "GET /v1/models/{}",
+            "GET /v1/models/{}/status",
+            "GET /v2/models/{}",
+            "GET /v2/models/{}/ready",
+            "POST /v1/models/{}:predict",
+            "POST /v2/models/{}/infer",
+            "GET /v2/models/{}/versions/1",
+        ]
+    ),
+)
 def test_fuzz_model_names_in_every_route_answer_without_5xx(fuzz_client: httpx.Client, name: str, route: str) -> None:
     method, path = route.split(" ")
-    response = fuzz_client.request(method, path.format(urllib.parse.quote(name, safe="")),
-                                   json={"user": {"id": USER}, "candidates": [1]} if method == "POST" else None)
+    response = fuzz_client.request(
+        method,
+        path.format(urllib.parse.quote(name, safe="")),
+        json={"user": {"id": USER}, "candidates": [1]} if method == "POST" else None,
+    )
     assert response.status_code < 500 or response.status_code == 501, f"{response.status_code} {response.text[:200]}"
     if name != MODEL and response.status_code >= 400 and response.headers.get("content-type") == "application/json":
         assert "error" in response.json() or "detail" in response.json()
 
 
 def grpc_tensor_strategy() -> st.SearchStrategy[dict[str, Any]]:
-    return st.fixed_dictionaries({
-        "name": st.sampled_from(["user_id", "candidates", "history", "brand", "colour"]),
-        "datatype": st.sampled_from(["INT64", "INT32", "UINT64", "FP32", "BYTES", "WHAT"]),
-        "shape": st.lists(st.integers(-2, 60), max_size=3),
-        "contents": st.sampled_from(["int64_contents", "uint64_contents", "fp32_contents", "int_contents"]),
-        "values": st.lists(st.integers(0, 2**63 - 1) | st.integers(-3, 120), max_size=40),
-        "raw": st.none() | st.binary(max_size=80)})
+    return st.fixed_dictionaries(
+        {
+            "name": st.sampled_from(["user_id", "candidates", "history", "brand", "colour"]),
+            "datatype": st.sampled_from(["INT64", "INT32", "UINT64", "FP32", "BYTES", "WHAT"]),
+            "shape": st.lists(st.integers(-2, 60), max_size=3),
+            "contents": st.sampled_from(["int64_contents", "uint64_contents", "fp32_contents", "int_contents"]),
+            "values": st.lists(st.integers(0, 2**63 - 1) | st.integers(-3, 120), max_size=40),
+            "raw": st.none() | st.binary(max_size=80),
+        }
+    )
 
 
 @FUZZ
-@hypothesis.given(tensors=st.lists(grpc_tensor_strategy(), max_size=5), model=st.sampled_from([MODEL, MODEL, "nope"]),
-                  request_id=st.text(max_size=8))
-def test_fuzz_grpc_answers_ok_or_a_client_error(predictor: servers.Server, tensors: list[dict[str, Any]], model: str,
-                                                request_id: str) -> None:
+@hypothesis.given(
+    tensors=st.lists(grpc_tensor_strategy(), max_size=5),
+    model=st.sampled_from([MODEL, MODEL, "nope"]),
+    request_id=st.text(max_size=8),
+)
+def test_fuzz_grpc_answers_ok_or_a_client_error(
+    predictor: servers.Server, tensors: list[dict[str, Any]], model: str, request_id: str
+) -> None:
     import grpc
     from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
     from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
@@ -768,13 +1041,16 @@ def test_fuzz_grpc_answers_ok_or_a_client_error(predictor: servers.Server, tenso
     for t in tensors:
         contents = {}
         if t["raw"] is None:
-            fits = {"int_contents": lambda v: -2**31 <= v < 2**31, "uint64_contents": lambda v: v >= 0}
+            fits = {"int_contents": lambda v: -(2**31) <= v < 2**31, "uint64_contents": lambda v: v >= 0}
             values = [v for v in t["values"] if fits.get(t["contents"], lambda v: True)(v)]
             contents = {t["contents"]: [float(v) for v in values] if t["contents"] == "fp32_contents" else values}
         else:
             raw.append(t["raw"])
-        inputs.append(pb.ModelInferRequest.InferInputTensor(name=t["name"], datatype=t["datatype"], shape=t["shape"],
-                                                            contents=pb.InferTensorContents(**contents)))
+        inputs.append(
+            pb.ModelInferRequest.InferInputTensor(
+                name=t["name"], datatype=t["datatype"], shape=t["shape"], contents=pb.InferTensorContents(**contents)
+            )
+        )
     if raw and len(raw) != len(inputs):
         raw = []
     request = pb.ModelInferRequest(model_name=model, id=request_id, inputs=inputs, raw_input_contents=raw)
@@ -782,13 +1058,17 @@ def test_fuzz_grpc_answers_ok_or_a_client_error(predictor: servers.Server, tenso
         try:
             GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
         except grpc.RpcError as exc:
-            assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), \
+            assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), (
                 f"{exc.code()} {exc.details()}"
+            )
 
 
 def test_deep_nesting_and_the_log_after_fuzzing(predictor: servers.Server, fuzz_client: httpx.Client) -> None:
     for body in (b"[" * 100_000 + b"]" * 100_000, b'{"user": ' * 5000 + b"1" + b"}" * 5000):
         response = fuzz_client.post(f"/v1/models/{MODEL}:predict", content=body[:19_000])
         assert response.status_code == 400 and response.json()["error"].startswith("body: ")
-    assert fuzz_client.post(f"/v1/models/{MODEL}:predict", json={"user": {"id": USER}, "candidates": [1]}).status_code == 200
+    assert (
+        fuzz_client.post(f"/v1/models/{MODEL}:predict", json={"user": {"id": USER}, "candidates": [1]}).status_code
+        == 200
+    )
     assert "Traceback" not in predictor.log_path.read_text()

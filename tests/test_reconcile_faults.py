@@ -6,6 +6,7 @@ the test puts it: faults are injected at the API layer by wrapping the kubernete
 apiserver would arrive (a `kubernetes` ApiException), and sends every other request to the real
 server. No Deployment or Job controller runs: the tests play them through `/status`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,14 @@ from tests.test_operator_apiserver import Cluster, manifest, our_crd
 pytestmark = [pytest.mark.apiserver, pytest.mark.slow]
 
 STORE = "redis://redis.test:6379/0"
-STATUS_TEXT = {403: "Forbidden", 409: "Conflict", 422: "Unprocessable Entity", 429: "Too Many Requests",
-               500: "Internal Server Error", 503: "Service Unavailable"}
+STATUS_TEXT = {
+    403: "Forbidden",
+    409: "Conflict",
+    422: "Unprocessable Entity",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 @dataclasses.dataclass
@@ -53,7 +60,7 @@ class FaultyApi:
 
     def __init__(self, api_client: Any) -> None:
         self.faults: list[Fault] = []
-        self.seen: list[tuple[str, str, int]] = []   # (method, path, injected code; minus the server's own)
+        self.seen: list[tuple[str, str, int]] = []  # (method, path, injected code; minus the server's own)
         self._call = api_client.call_api
         self.hook: Callable[[str, str], None] | None = None
         api_client.call_api = self._call_api
@@ -68,8 +75,15 @@ class FaultyApi:
                     fault.times -= 1
                 self.seen.append((method, resource_path, fault.code))
                 error = ApiException(status=fault.code, reason=STATUS_TEXT.get(fault.code, "Error"))
-                error.body = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                         "message": fault.message, "code": fault.code})
+                error.body = json.dumps(
+                    {
+                        "kind": "Status",
+                        "apiVersion": "v1",
+                        "status": "Failure",
+                        "message": fault.message,
+                        "code": fault.code,
+                    }
+                )
                 raise error
         answer = self._call(method, resource_path, *args, **kwargs)
         status = int(getattr(answer, "status", 200) or 200)
@@ -129,25 +143,38 @@ def create(cluster: Cluster, **backfill: Any) -> None:
 
 
 def first_children(cluster: Cluster) -> set[tuple[str, str]]:
-    return {("ConfigMap", "shop-encoder-e1"), ("Service", "shop-encoder-e1"), ("Deployment", "shop-encoder-e1"),
-            ("Deployment", "shop-embedder"), ("Service", "shop-embedder"), *(("Job", j) for j in jobs(cluster))}
+    return {
+        ("ConfigMap", "shop-encoder-e1"),
+        ("Service", "shop-encoder-e1"),
+        ("Deployment", "shop-encoder-e1"),
+        ("Deployment", "shop-embedder"),
+        ("Service", "shop-embedder"),
+        *(("Job", j) for j in jobs(cluster)),
+    }
 
 
 # --- 1. one refused child does not stop the others, the deletions or the status ------------------
 
-@pytest.mark.parametrize(("code", "phase", "reason"), [(403, "Failed", "ChildRefused"),
-                                                      (422, "Failed", "ChildRefused"),
-                                                      (503, "Backfilling", "ChildRetrying")])
-def test_one_refused_child_leaves_the_others_and_the_status_written(cluster: Cluster, faulty: tuple[Kube, FaultyApi],
-                                                                    code: int, phase: str, reason: str) -> None:
+
+@pytest.mark.parametrize(
+    ("code", "phase", "reason"),
+    [(403, "Failed", "ChildRefused"), (422, "Failed", "ChildRefused"), (503, "Backfilling", "ChildRetrying")],
+)
+def test_one_refused_child_leaves_the_others_and_the_status_written(
+    cluster: Cluster, faulty: tuple[Kube, FaultyApi], code: int, phase: str, reason: str
+) -> None:
     kube, api = faulty
     create(cluster)
     api.faults.append(Fault("PATCH", "/deployments/shop-embedder", code, message="deployments.apps is refused"))
     outcome = run(kube, observe.FixedCoverage({"e1": 0.0}), cluster)
     children = kinds(cluster)
     assert ("Deployment", "shop-embedder") not in children
-    assert {("ConfigMap", "shop-encoder-e1"), ("Service", "shop-encoder-e1"), ("Deployment", "shop-encoder-e1")} <= children
-    assert len(jobs(cluster)) == 1                                    # applied after the refused embedder
+    assert {
+        ("ConfigMap", "shop-encoder-e1"),
+        ("Service", "shop-encoder-e1"),
+        ("Deployment", "shop-encoder-e1"),
+    } <= children
+    assert len(jobs(cluster)) == 1  # applied after the refused embedder
     status = cluster.status()
     assert status["observedGeneration"] == cluster.ranker()["metadata"]["generation"]
     assert status["phase"] == phase
@@ -167,7 +194,9 @@ def test_one_refused_child_leaves_the_others_and_the_status_written(cluster: Clu
     assert "ChildrenApplied" in [d.reason for d in healed.decisions]
 
 
-def test_a_refused_deletion_leaves_the_rest_done_and_is_retried(cluster: Cluster, faulty: tuple[Kube, FaultyApi]) -> None:
+def test_a_refused_deletion_leaves_the_rest_done_and_is_retried(
+    cluster: Cluster, faulty: tuple[Kube, FaultyApi]
+) -> None:
     kube, api = faulty
     create(cluster)
     run(kube, observe.FixedCoverage({"e1": 0.0}), cluster)
@@ -175,9 +204,9 @@ def test_a_refused_deletion_leaves_the_rest_done_and_is_retried(cluster: Cluster
     cluster.deployment_ready("shop-encoder-e1")
     cluster.job_complete(job)
     api.faults.append(Fault("DELETE", f"/jobs/{job}", 500))
-    run(kube, observe.FixedCoverage({"e1": 1.0}), cluster)            # covered: the Job is no longer wanted
+    run(kube, observe.FixedCoverage({"e1": 1.0}), cluster)  # covered: the Job is no longer wanted
     assert jobs(cluster) == [job]
-    assert ("InferenceService", "shop-ranker") in kinds(cluster)     # the ranker was applied all the same
+    assert ("InferenceService", "shop-ranker") in kinds(cluster)  # the ranker was applied all the same
     assert "delete Job" in cluster.condition("ChildrenApplied")["message"]
     api.faults.clear()
     run(kube, observe.FixedCoverage({"e1": 1.0}), cluster)
@@ -186,9 +215,11 @@ def test_a_refused_deletion_leaves_the_rest_done_and_is_retried(cluster: Cluster
 
 # --- 7. 409 / 429 / 5xx at the API layer: no exception escapes, and it converges ----------------
 
+
 @pytest.mark.parametrize("code", [409, 429, 500, 503])
 def test_every_request_failing_now_and_then_converges_once_the_faults_stop(
-        cluster: Cluster, faulty: tuple[Kube, FaultyApi], code: int) -> None:
+    cluster: Cluster, faulty: tuple[Kube, FaultyApi], code: int
+) -> None:
     """Every other request (lists, applies, deletes, the status patch, the re-read after a
     conflict) is answered `code` for a while; each reconcile returns, and once the faults stop
     the next ones reach the state a fault-free run reaches."""
@@ -219,8 +250,10 @@ def test_every_request_failing_now_and_then_converges_once_the_faults_stop(
 
 # --- 2. a Job's immutable fields: a new Job, never a 422 ----------------------------------------
 
-def test_changing_batch_size_or_parallelism_mid_backfill_replaces_the_job(cluster: Cluster,
-                                                                          faulty: tuple[Kube, FaultyApi]) -> None:
+
+def test_changing_batch_size_or_parallelism_mid_backfill_replaces_the_job(
+    cluster: Cluster, faulty: tuple[Kube, FaultyApi]
+) -> None:
     kube, _ = faulty
     create(cluster)
     store = observe.FixedCoverage({"e1": 0.2})
@@ -230,13 +263,24 @@ def test_changing_batch_size_or_parallelism_mid_backfill_replaces_the_job(cluste
     live = job_api.get(name=first, namespace=cluster.namespace).to_dict()
 
     # what the apiserver says to an in-place change (the wedge of issue 17)
-    changed = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": first, "namespace": cluster.namespace},
-               "spec": {"template": {**live["spec"]["template"], "metadata": {
-                   **live["spec"]["template"]["metadata"], "labels": {**live["spec"]["template"]["metadata"]["labels"],
-                                                                      "x": "y"}}}}}
+    changed = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": first, "namespace": cluster.namespace},
+        "spec": {
+            "template": {
+                **live["spec"]["template"],
+                "metadata": {
+                    **live["spec"]["template"]["metadata"],
+                    "labels": {**live["spec"]["template"]["metadata"]["labels"], "x": "y"},
+                },
+            }
+        },
+    }
     with pytest.raises(ApiException) as refused:
-        job_api.server_side_apply(body=changed, name=first, namespace=cluster.namespace, field_manager="test",
-                                  force_conflicts=True)
+        job_api.server_side_apply(
+            body=changed, name=first, namespace=cluster.namespace, field_manager="test", force_conflicts=True
+        )
     assert refused.value.status == 422 and "immutable" in str(refused.value.body)
 
     cluster.patch_spec({"embeddings": {"backfill": {"batchSize": 64}}})
@@ -244,7 +288,9 @@ def test_changing_batch_size_or_parallelism_mid_backfill_replaces_the_job(cluste
     [second] = jobs(cluster)
     assert second != first and not outcome.refusals
     assert ("Job", first) in outcome.deleted and ("Job", second) in outcome.applied
-    args = job_api.get(name=second, namespace=cluster.namespace).to_dict()["spec"]["template"]["spec"]["containers"][0]["args"]
+    args = job_api.get(name=second, namespace=cluster.namespace).to_dict()["spec"]["template"]["spec"]["containers"][0][
+        "args"
+    ]
     assert args[args.index("--batch-size") + 1] == "64"
 
     cluster.patch_spec({"embeddings": {"backfill": {"parallelism": 3}}})
@@ -260,17 +306,33 @@ def test_changing_batch_size_or_parallelism_mid_backfill_replaces_the_job(cluste
 
 # --- 3. a failed backfill Job: retried with backoff, counted, then Failed ------------------------
 
+
 def job_failed(cluster: Cluster, name: str) -> None:
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    cluster._patch_status("batch/v1", "Job", name, {
-        "failed": 6, "startTime": stamp, "conditions": [{
-            "type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-            "message": "Job has reached the specified backoff limit", "lastProbeTime": stamp,
-            "lastTransitionTime": stamp}]})
+    cluster._patch_status(
+        "batch/v1",
+        "Job",
+        name,
+        {
+            "failed": 6,
+            "startTime": stamp,
+            "conditions": [
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": "BackoffLimitExceeded",
+                    "message": "Job has reached the specified backoff limit",
+                    "lastProbeTime": stamp,
+                    "lastTransitionTime": stamp,
+                }
+            ],
+        },
+    )
 
 
 def test_a_failed_backfill_job_is_retried_with_backoff_then_the_space_is_failed(
-        cluster: Cluster, faulty: tuple[Kube, FaultyApi]) -> None:
+    cluster: Cluster, faulty: tuple[Kube, FaultyApi]
+) -> None:
     kube, _ = faulty
     create(cluster, maxAttempts=2, retryBackoff="2s")
     store = observe.FixedCoverage({"e1": 0.2})
@@ -278,14 +340,14 @@ def test_a_failed_backfill_job_is_retried_with_backoff_then_the_space_is_failed(
     [first] = jobs(cluster)
     job_failed(cluster, first)
     outcome = run(kube, store, cluster)
-    assert jobs(cluster) == []                                            # the failed Job is removed
+    assert jobs(cluster) == []  # the failed Job is removed
     backfill = cluster.status()["embeddings"]["spaces"][0]["backfill"]
     assert backfill["state"] == "Retrying" and backfill["attempts"] == 1 and backfill["retryAt"]
     assert "BackoffLimitExceeded: Job has reached the specified backoff limit" in backfill["lastFailure"]
     assert cluster.condition("EmbeddingsSynced")["reason"] == "BackfillRetrying"
     assert [d.reason for d in outcome.decisions if d.type == "Warning"] == ["BackfillRetrying"]
     run(kube, store, cluster)
-    assert jobs(cluster) == []                                            # still backing off
+    assert jobs(cluster) == []  # still backing off
     retry_at = datetime.datetime.fromisoformat(backfill["retryAt"].replace("Z", "+00:00")).timestamp()
     time.sleep(max(0.0, retry_at - time.time()) + 1.0)
     run(kube, store, cluster)
@@ -301,13 +363,15 @@ def test_a_failed_backfill_job_is_retried_with_backoff_then_the_space_is_failed(
     assert "BackfillFailed" in [d.reason for d in outcome.decisions if d.type == "Warning"]
     time.sleep(2.5)
     run(kube, store, cluster)
-    assert jobs(cluster) == []                                            # no Job until the spec changes
+    assert jobs(cluster) == []  # no Job until the spec changes
 
 
 # --- 4. an encoder version's modelUri and dimension are fixed once set ---------------------------
 
-def test_changing_the_model_of_an_existing_encoder_version_is_refused(cluster: Cluster,
-                                                                      faulty: tuple[Kube, FaultyApi]) -> None:
+
+def test_changing_the_model_of_an_existing_encoder_version_is_refused(
+    cluster: Cluster, faulty: tuple[Kube, FaultyApi]
+) -> None:
     kube, _ = faulty
     create(cluster)
     store = observe.FixedCoverage({"e1": 0.5})
@@ -316,7 +380,7 @@ def test_changing_the_model_of_an_existing_encoder_version_is_refused(cluster: C
     space = cluster.status()["embeddings"]["spaces"][0]
     assert (space["modelUri"], space["dimension"]) == ("s3://models/encoder/e1", 128)
 
-    cluster.patch_spec({"encoder": {"modelUri": "s3://models/encoder/other"}})   # 1.20 has no CEL to stop it
+    cluster.patch_spec({"encoder": {"modelUri": "s3://models/encoder/other"}})  # 1.20 has no CEL to stop it
     outcome = run(kube, store, cluster)
     accepted = cluster.condition("SpecAccepted")
     assert accepted["status"] == "False" and accepted["reason"] == "ImmutableFieldChanged"
@@ -324,20 +388,22 @@ def test_changing_the_model_of_an_existing_encoder_version_is_refused(cluster: C
     assert cluster.status()["phase"] == "Failed" and cluster.condition("Ready")["reason"] == "ImmutableFieldChanged"
     assert "ImmutableFieldChanged" in [d.reason for d in outcome.decisions if d.type == "Warning"]
     after = cluster.children()[("Deployment", "shop-encoder-e1")]
-    assert after["metadata"]["generation"] == deployment["metadata"]["generation"]      # nothing applied
+    assert after["metadata"]["generation"] == deployment["metadata"]["generation"]  # nothing applied
     fetch = after["spec"]["template"]["spec"]["initContainers"][0]["args"]
     assert "s3://models/encoder/e1" in fetch and "s3://models/encoder/other" not in fetch
     assert cluster.status()["observedGeneration"] == cluster.ranker()["metadata"]["generation"]
 
-    cluster.patch_spec({"encoder": {"modelUri": "s3://models/encoder/e1"}})          # put back: accepted again
+    cluster.patch_spec({"encoder": {"modelUri": "s3://models/encoder/e1"}})  # put back: accepted again
     run(kube, store, cluster)
     assert cluster.condition("SpecAccepted")["status"] == "True" and cluster.status()["phase"] == "Backfilling"
 
 
 # --- 6. status writes guarded by resourceVersion: two writers racing ----------------------------
 
-def test_a_status_write_racing_another_writer_loses_none_of_its_history(cluster: Cluster,
-                                                                        faulty: tuple[Kube, FaultyApi]) -> None:
+
+def test_a_status_write_racing_another_writer_loses_none_of_its_history(
+    cluster: Cluster, faulty: tuple[Kube, FaultyApi]
+) -> None:
     """Writer B (another operator, or kubectl mmrank) writes the status history between this
     reconcile's read and its write: the write gets 409 from the real apiserver, the reconcile is
     redone from the fresh status, and B's entry survives beside the operator's own."""
@@ -345,28 +411,36 @@ def test_a_status_write_racing_another_writer_loses_none_of_its_history(cluster:
     create(cluster)
     store = observe.FixedCoverage({"e1": 0.0})
     stale = cluster.ranker()
-    theirs = {"time": "2026-01-01T00:00:00Z", "reason": "Retried", "message": "written by the other operator",
-              "rankerVersion": "r0", "step": 0, "trafficPercent": 0}
+    theirs = {
+        "time": "2026-01-01T00:00:00Z",
+        "reason": "Retried",
+        "message": "written by the other operator",
+        "rankerVersion": "r0",
+        "step": 0,
+        "trafficPercent": 0,
+    }
     raced = []
 
     def other_writer(method: str, path: str) -> None:
         if method == "PATCH" and path.endswith("/status") and "multimodalrankers" in path and not raced:
             raced.append(path)
-            cluster._patch_status("mmrank.io/v1alpha1", "MultimodalRanker", "shop",
-                                  {"history": [theirs], "phase": "Provisioning"})
+            cluster._patch_status(
+                "mmrank.io/v1alpha1", "MultimodalRanker", "shop", {"history": [theirs], "phase": "Provisioning"}
+            )
 
     api.hook = other_writer
     outcome = reconcile(kube, store, stale)
     api.hook = None
     assert raced and not outcome.retry
-    assert ("PATCH", raced[0], -409) in api.seen                        # the real apiserver refused the stale write
+    assert ("PATCH", raced[0], -409) in api.seen  # the real apiserver refused the stale write
     status = cluster.status()
-    assert status["history"] == [theirs]                                 # not lost to the stale write
+    assert status["history"] == [theirs]  # not lost to the stale write
     assert status["phase"] == "Backfilling" and cluster.condition("ChildrenApplied")["status"] == "True"
 
 
-def test_two_operators_reconciling_at_once_keep_every_history_entry(cluster: Cluster, kube: Any,
-                                                                    faulty: tuple[Kube, FaultyApi]) -> None:
+def test_two_operators_reconciling_at_once_keep_every_history_entry(
+    cluster: Cluster, kube: Any, faulty: tuple[Kube, FaultyApi]
+) -> None:
     """Two reconcilers (two clients, as two operator processes would have) run the same resource
     from threads while requests keep arriving; every request is answered once, and the history
     holds each answer: no write based on a stale read overwrote another."""
@@ -394,8 +468,12 @@ def test_two_operators_reconciling_at_once_keep_every_history_entry(cluster: Clu
     for i in range(6):
         stamp = f"2026-01-01T00:00:{i:02d}.000000Z"
         asked.append(stamp)
-        cluster._patch_status("mmrank.io/v1alpha1", "MultimodalRanker", "shop",
-                              {"request": {"action": "Promote", "requestedAt": stamp, "requestedBy": f"p{i}"}})
+        cluster._patch_status(
+            "mmrank.io/v1alpha1",
+            "MultimodalRanker",
+            "shop",
+            {"request": {"action": "Promote", "requestedAt": stamp, "requestedBy": f"p{i}"}},
+        )
         deadline = time.monotonic() + 20
         while "request" in cluster.status() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -405,10 +483,11 @@ def test_two_operators_reconciling_at_once_keep_every_history_entry(cluster: Clu
     assert not errors, errors
     history = cluster.status().get("history") or []
     answered = [h for h in history if h["reason"] == "PromoteRefused"]
-    assert len(answered) == 6, history                                   # one answer per request, none lost
+    assert len(answered) == 6, history  # one answer per request, none lost
 
 
 # --- 5. coverage counts catalogue items only (a real Redis store) -------------------------------
+
 
 def test_items_outside_the_catalogue_do_not_count_as_coverage(redis_server: Any) -> None:
     from mmrank.store import Scope, open_store
@@ -421,8 +500,8 @@ def test_items_outside_the_catalogue_do_not_count_as_coverage(redis_server: Any)
     store.put("e1", np.arange(95), vectors[np.arange(95) % 8])
     store.report_backfill("e1", "0/2", 50, 50)
     store.report_backfill("e1", "1/2", 45, 50)
-    store.put("e1", np.arange(1000, 1010), vectors[np.arange(10) % 8])     # posted to the embedder, never catalogued
+    store.put("e1", np.arange(1000, 1010), vectors[np.arange(10) % 8])  # posted to the embedder, never catalogued
     seen = observe.StoreCoverage().spaces(redis_server.url, None, ["e1"], scope=scope)["e1"]
-    assert seen.items == 105 and seen.coverage == pytest.approx(0.95)       # not 105 / 100 clamped to 1.0
+    assert seen.items == 105 and seen.coverage == pytest.approx(0.95)  # not 105 / 100 clamped to 1.0
     store.report_backfill("e1", "1/2", 50, 50)
     assert observe.StoreCoverage().spaces(redis_server.url, None, ["e1"], scope=scope)["e1"].coverage == 1.0

@@ -5,6 +5,7 @@ the current step, a failed check never advances, an inconclusive one waits, Auto
 only after the last step passes, Manual only on a promote request, abort always wins, and
 replaying an observation changes nothing.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,10 +22,18 @@ T0 = "2026-01-01T00:00:00Z"
 PLAN = roll.Plan(steps=(10, 25, 50), interval_seconds=60, failure_limit=2, promotion="Automatic")
 MANUAL = dataclasses.replace(PLAN, promotion="Manual")
 
-PASSED = Analysis("Passed", requests=900, error_rate=0.0, latency_p99_ms=20.0, click_rate_ratio=1.01,
-                  message="all checks passed")
-FAILED = Analysis("Failed", requests=900, error_rate=0.2, latency_p99_ms=20.0, click_rate_ratio=1.0,
-                  failed_checks=("errorRate",), message="error rate 0.2 > 0.01")
+PASSED = Analysis(
+    "Passed", requests=900, error_rate=0.0, latency_p99_ms=20.0, click_rate_ratio=1.01, message="all checks passed"
+)
+FAILED = Analysis(
+    "Failed",
+    requests=900,
+    error_rate=0.2,
+    latency_p99_ms=20.0,
+    click_rate_ratio=1.0,
+    failed_checks=("errorRate",),
+    message="error rate 0.2 > 0.01",
+)
 INCONCLUSIVE = Analysis("Inconclusive", requests=3, message="3 requests < minRequests 500")
 
 
@@ -43,6 +52,7 @@ def request(action: str, seconds: float) -> roll.Request:
 
 # --- the transition table -----------------------------------------------------------------------
 
+
 def test_a_rollout_starts_at_the_first_step() -> None:
     step = roll.start(PLAN, "r2", "e2", "id-r2", T0)
     assert step.rollout.state == "Progressing" and step.rollout.step == 0
@@ -50,30 +60,46 @@ def test_a_rollout_starts_at_the_first_step() -> None:
     assert [r.reason for r in step.records] == ["CanaryStarted"]
 
 
-@pytest.mark.parametrize(("plan", "state", "step", "analysis", "want_state", "want_step", "want_traffic", "want_failed", "reason"), [
-    (PLAN, "Progressing", 0, PASSED, "Progressing", 1, 25, 0, "StepPassed"),
-    (PLAN, "Progressing", 1, PASSED, "Progressing", 2, 50, 0, "StepPassed"),
-    (PLAN, "Progressing", 2, PASSED, "Promoted", 2, 100, 0, "Promoted"),
-    (MANUAL, "Progressing", 2, PASSED, "AwaitingPromotion", 2, 50, 0, "AwaitingPromotion"),
-    (PLAN, "Progressing", 1, FAILED, "Progressing", 1, 25, 1, "AnalysisFailed"),
-    (PLAN, "Progressing", 1, INCONCLUSIVE, "Progressing", 1, 25, 0, None),
-    (MANUAL, "AwaitingPromotion", 2, PASSED, "AwaitingPromotion", 2, 50, 0, None),
-    (MANUAL, "AwaitingPromotion", 2, FAILED, "AwaitingPromotion", 2, 50, 1, "AnalysisFailed"),
-])
-def test_analysis_transitions(plan: roll.Plan, state: str, step: int, analysis: Analysis, want_state: str,
-                              want_step: int, want_traffic: int, want_failed: int, reason: str | None) -> None:
+@pytest.mark.parametrize(
+    ("plan", "state", "step", "analysis", "want_state", "want_step", "want_traffic", "want_failed", "reason"),
+    [
+        (PLAN, "Progressing", 0, PASSED, "Progressing", 1, 25, 0, "StepPassed"),
+        (PLAN, "Progressing", 1, PASSED, "Progressing", 2, 50, 0, "StepPassed"),
+        (PLAN, "Progressing", 2, PASSED, "Promoted", 2, 100, 0, "Promoted"),
+        (MANUAL, "Progressing", 2, PASSED, "AwaitingPromotion", 2, 50, 0, "AwaitingPromotion"),
+        (PLAN, "Progressing", 1, FAILED, "Progressing", 1, 25, 1, "AnalysisFailed"),
+        (PLAN, "Progressing", 1, INCONCLUSIVE, "Progressing", 1, 25, 0, None),
+        (MANUAL, "AwaitingPromotion", 2, PASSED, "AwaitingPromotion", 2, 50, 0, None),
+        (MANUAL, "AwaitingPromotion", 2, FAILED, "AwaitingPromotion", 2, 50, 1, "AnalysisFailed"),
+    ],
+)
+def test_analysis_transitions(
+    plan: roll.Plan,
+    state: str,
+    step: int,
+    analysis: Analysis,
+    want_state: str,
+    want_step: int,
+    want_traffic: int,
+    want_failed: int,
+    reason: str | None,
+) -> None:
     rollout = dataclasses.replace(started(plan), state=state, step=step)
     rollout = dataclasses.replace(rollout, traffic_percent=roll.traffic_of(plan, rollout))
     out = roll.next_step(plan, rollout, roll.Observation(at(60), analysis))
-    assert (out.rollout.state, out.rollout.step, out.rollout.traffic_percent, out.rollout.failed_checks) == \
-        (want_state, want_step, want_traffic, want_failed)
+    assert (out.rollout.state, out.rollout.step, out.rollout.traffic_percent, out.rollout.failed_checks) == (
+        want_state,
+        want_step,
+        want_traffic,
+        want_failed,
+    )
     assert [r.reason for r in out.records] == ([reason] if reason else [])
     assert out.rollout.last_analysis is not None and out.rollout.last_analysis["requests"] == analysis.requests
 
 
 def test_the_failure_limit_rolls_back_with_the_numbers_in_history() -> None:
     once = roll.next_step(PLAN, started(), roll.Observation(at(60), FAILED)).rollout
-    assert once.step_started_at == at(60)          # a new window: the next check is a fresh one
+    assert once.step_started_at == at(60)  # a new window: the next check is a fresh one
     twice = roll.next_step(PLAN, once, roll.Observation(at(120), FAILED))
     assert twice.rollout.state == "RolledBack" and twice.rollout.traffic_percent == 0
     record = twice.records[0]
@@ -89,22 +115,26 @@ def test_an_analysis_before_the_window_ends_is_ignored() -> None:
     assert roll.analysis_due(PLAN, rollout, at(60))
 
 
-@pytest.mark.parametrize(("state", "action", "want_state", "reason"), [
-    ("Progressing", "Abort", "RolledBack", "Aborted"),
-    ("AwaitingPromotion", "Abort", "RolledBack", "Aborted"),
-    ("RolledBack", "Abort", "RolledBack", "AbortRefused"),
-    ("Promoted", "Abort", "Promoted", "AbortRefused"),
-    ("AwaitingPromotion", "Promote", "Promoted", "Promoted"),
-    ("Progressing", "Promote", "Progressing", "PromoteRefused"),
-    ("Promoted", "Promote", "Promoted", "PromoteRefused"),
-    ("RolledBack", "Promote", "RolledBack", "PromoteRefused"),
-    ("RolledBack", "Retry", "Progressing", "Retried"),
-    ("Progressing", "Retry", "Progressing", "RetryRefused"),
-    ("AwaitingPromotion", "Retry", "AwaitingPromotion", "RetryRefused"),
-])
+@pytest.mark.parametrize(
+    ("state", "action", "want_state", "reason"),
+    [
+        ("Progressing", "Abort", "RolledBack", "Aborted"),
+        ("AwaitingPromotion", "Abort", "RolledBack", "Aborted"),
+        ("RolledBack", "Abort", "RolledBack", "AbortRefused"),
+        ("Promoted", "Abort", "Promoted", "AbortRefused"),
+        ("AwaitingPromotion", "Promote", "Promoted", "Promoted"),
+        ("Progressing", "Promote", "Progressing", "PromoteRefused"),
+        ("Promoted", "Promote", "Promoted", "PromoteRefused"),
+        ("RolledBack", "Promote", "RolledBack", "PromoteRefused"),
+        ("RolledBack", "Retry", "Progressing", "Retried"),
+        ("Progressing", "Retry", "Progressing", "RetryRefused"),
+        ("AwaitingPromotion", "Retry", "AwaitingPromotion", "RetryRefused"),
+    ],
+)
 def test_request_transitions(state: str, action: str, want_state: str, reason: str) -> None:
-    rollout = dataclasses.replace(started(MANUAL), state=state, step=2 if state != "Progressing" else 1,
-                                  failed_checks=1)
+    rollout = dataclasses.replace(
+        started(MANUAL), state=state, step=2 if state != "Progressing" else 1, failed_checks=1
+    )
     rollout = dataclasses.replace(rollout, traffic_percent=roll.traffic_of(MANUAL, rollout))
     out = roll.next_step(MANUAL, rollout, roll.Observation(at(5), None, request(action, 5)))
     assert out.rollout.state == want_state
@@ -149,14 +179,23 @@ def test_history_is_bounded_newest_last() -> None:
 
 # --- the backends' granularity ------------------------------------------------------------------
 
-@pytest.mark.parametrize(("steps", "backend", "replicas", "want"), [
-    ((10, 25, 50), "KServe", 1, (10, 25, 50)),
-    ((10, 25, 50), "Kubernetes", 4, (25, 50)),       # 10 % of 4 pods is 0 pods: skipped
-    ((10, 25, 50), "Kubernetes", 10, (10, 20, 50)),  # 25 % of 10 pods is 2 pods = 20 %
-    ((10, 20, 30), "Kubernetes", 3, (),),            # 33 % steps: every one rounds to 0
-    ((5, 10, 25, 50), "Kubernetes", 2, (50,)),
-    ((40, 60), "Kubernetes", 3, (33,)),              # 60 % of 3 pods is 1 pod: the same 33 % as 40 %
-])
+
+@pytest.mark.parametrize(
+    ("steps", "backend", "replicas", "want"),
+    [
+        ((10, 25, 50), "KServe", 1, (10, 25, 50)),
+        ((10, 25, 50), "Kubernetes", 4, (25, 50)),  # 10 % of 4 pods is 0 pods: skipped
+        ((10, 25, 50), "Kubernetes", 10, (10, 20, 50)),  # 25 % of 10 pods is 2 pods = 20 %
+        (
+            (10, 20, 30),
+            "Kubernetes",
+            3,
+            (),
+        ),  # 33 % steps: every one rounds to 0
+        ((5, 10, 25, 50), "Kubernetes", 2, (50,)),
+        ((40, 60), "Kubernetes", 3, (33,)),  # 60 % of 3 pods is 1 pod: the same 33 % as 40 %
+    ],
+)
 def test_effective_steps(steps: tuple[int, ...], backend: str, replicas: int, want: tuple[int, ...]) -> None:
     assert roll.effective_steps(steps, backend, replicas) == want
 
@@ -171,13 +210,21 @@ def test_a_replica_split_never_gives_the_canary_more_than_the_step(percent: int,
 
 # --- properties over random runs ----------------------------------------------------------------
 
-events = st.lists(st.tuples(
-    st.sampled_from([None, "Passed", "Failed", "Inconclusive"]),
-    st.sampled_from([None, None, None, "Promote", "Abort", "Retry"]),
-    st.integers(0, 120)), max_size=25)
-plans = st.builds(roll.Plan, steps=st.lists(st.integers(1, 99), min_size=1, max_size=5, unique=True).map(
-    lambda s: tuple(sorted(s))), interval_seconds=st.integers(1, 90), failure_limit=st.integers(1, 4),
-    promotion=st.sampled_from(["Automatic", "Manual"]))
+events = st.lists(
+    st.tuples(
+        st.sampled_from([None, "Passed", "Failed", "Inconclusive"]),
+        st.sampled_from([None, None, None, "Promote", "Abort", "Retry"]),
+        st.integers(0, 120),
+    ),
+    max_size=25,
+)
+plans = st.builds(
+    roll.Plan,
+    steps=st.lists(st.integers(1, 99), min_size=1, max_size=5, unique=True).map(lambda s: tuple(sorted(s))),
+    interval_seconds=st.integers(1, 90),
+    failure_limit=st.integers(1, 4),
+    promotion=st.sampled_from(["Automatic", "Manual"]),
+)
 VERDICTS = {"Passed": PASSED, "Failed": FAILED, "Inconclusive": INCONCLUSIVE}
 
 
@@ -201,10 +248,10 @@ def test_properties_of_every_run(plan: roll.Plan, run: list) -> None:
             assert traffic <= current and 100 - traffic >= 100 - current
             assert rollout.step < len(plan.steps)
         if action == "Abort" and before.active:
-            assert rollout.state == "RolledBack" and traffic == 0          # abort always wins
+            assert rollout.state == "RolledBack" and traffic == 0  # abort always wins
         elif req is None or not before.active or action != "Abort":
             if verdict == "Failed" or verdict == "Inconclusive" or verdict is None:
-                assert rollout.step <= before.step or action == "Retry"    # a failed or missing check never advances
+                assert rollout.step <= before.step or action == "Retry"  # a failed or missing check never advances
             if verdict == "Inconclusive" and action is None:
                 assert rollout.failed_checks == before.failed_checks
             if rollout.state == "Promoted" and before.state != "Promoted":

@@ -6,6 +6,7 @@ The rig (`harness.loadgen.CanaryRig`: a Redis store per variant, so the canary's
 slowed alone, the two predictors, one Prometheus) serves the whole module; each test judges only
 the window of its own load.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,6 +46,7 @@ SPEC = api.AnalysisSpec(max_error_rate=0.01, max_latency_p99_ms=100.0, min_click
 
 # --- queries ------------------------------------------------------------------------------------
 
+
 def test_queries_name_every_number_over_the_window_for_the_right_variant() -> None:
     promql = queries("r2", "r1", 45)
     assert set(promql) == {"requests", "stable_requests", "error_rate", "latency_p99_ms", "click_rate_ratio"}
@@ -58,32 +60,37 @@ def test_queries_name_every_number_over_the_window_for_the_right_variant() -> No
 
 def test_error_rate_is_5xx_over_all_answers_and_zero_without_any_5xx_series() -> None:
     error_rate = queries("r2", "r1", 30)["error_rate"]
-    assert error_rate == ('((sum(rate(mmrank_requests_total{variant="r2",code=~"5.."}[30s]))) or vector(0)) / '
-                          'sum(rate(mmrank_requests_total{variant="r2"}[30s]))')
+    assert error_rate == (
+        '((sum(rate(mmrank_requests_total{variant="r2",code=~"5.."}[30s]))) or vector(0)) / '
+        'sum(rate(mmrank_requests_total{variant="r2"}[30s]))'
+    )
 
 
 def test_p99_is_the_histogram_quantile_of_every_answer_in_milliseconds() -> None:
     assert queries("r2", "r1", 60)["latency_p99_ms"] == (
-        '1000 * histogram_quantile(0.99, sum by (le) '
-        '(rate(mmrank_request_duration_seconds_bucket{variant="r2"}[60s])))')
+        '1000 * histogram_quantile(0.99, sum by (le) (rate(mmrank_request_duration_seconds_bucket{variant="r2"}[60s])))'
+    )
     assert "code" not in queries("r2", "r1", 60)["latency_p99_ms"]  # errors included
 
 
 def test_click_rate_ratio_is_canary_ctr_over_stable_ctr() -> None:
     ratio = queries("r2", "r1", 30)["click_rate_ratio"]
     canary, _, stable = ratio.partition(" / ((")
-    assert "mmrank_clicks_total{variant=\"r2\"}" in canary and "mmrank_impressions_total{variant=\"r2\"}" in canary
-    assert "mmrank_clicks_total{variant=\"r1\"}" in stable and "mmrank_impressions_total{variant=\"r1\"}" in stable
+    assert 'mmrank_clicks_total{variant="r2"}' in canary and 'mmrank_impressions_total{variant="r2"}' in canary
+    assert 'mmrank_clicks_total{variant="r1"}' in stable and 'mmrank_impressions_total{variant="r1"}' in stable
     assert ratio.count("or vector(0)") == 2  # no click yet is a click rate of 0, not "no data"
 
 
-@pytest.mark.parametrize(("value", "literal"), [
-    ("r2", '"r2"'),
-    ('say "hi"', r'"say \"hi\""'),
-    ("back\\slash", r'"back\\slash"'),
-    ("two\nlines\ttab", r'"two\nlines\ttab"'),
-    ("", '""'),
-])
+@pytest.mark.parametrize(
+    ("value", "literal"),
+    [
+        ("r2", '"r2"'),
+        ('say "hi"', r'"say \"hi\""'),
+        ("back\\slash", r'"back\\slash"'),
+        ("two\nlines\ttab", r'"two\nlines\ttab"'),
+        ("", '""'),
+    ],
+)
 def test_label_values_are_escaped_as_promql_strings(value: str, literal: str) -> None:
     assert label_value(value) == literal
     assert f"variant={literal}" in queries(value, "r1", 10)["requests"]
@@ -113,17 +120,25 @@ HEALTHY = Measurement(requests=500, error_rate=0.001, latency_p99_ms=40.0, click
 def test_healthy_numbers_pass_and_the_message_shows_each_number_beside_its_threshold() -> None:
     result = judge(HEALTHY, SPEC)
     assert result.verdict == "Passed" and result.failed_checks == ()
-    assert (result.requests, result.error_rate, result.latency_p99_ms, result.click_rate_ratio) == (500, 0.001, 40.0, 1.01)
+    assert (result.requests, result.error_rate, result.latency_p99_ms, result.click_rate_ratio) == (
+        500,
+        0.001,
+        40.0,
+        1.01,
+    )
     assert "errorRate 0.001 <= maxErrorRate 0.01" in result.message
     assert "latencyP99Ms 40 ms <= maxLatencyP99Ms 100 ms" in result.message
     assert "clickRateRatio 1.01 >= minClickRateRatio 0.95" in result.message
 
 
-@pytest.mark.parametrize(("change", "check", "text"), [
-    ({"error_rate": 0.05}, "errorRate", "errorRate 0.05 > maxErrorRate 0.01"),
-    ({"latency_p99_ms": 250.0}, "latencyP99Ms", "latencyP99Ms 250 ms > maxLatencyP99Ms 100 ms"),
-    ({"click_rate_ratio": 0.8}, "clickRateRatio", "clickRateRatio 0.8 < minClickRateRatio 0.95"),
-])
+@pytest.mark.parametrize(
+    ("change", "check", "text"),
+    [
+        ({"error_rate": 0.05}, "errorRate", "errorRate 0.05 > maxErrorRate 0.01"),
+        ({"latency_p99_ms": 250.0}, "latencyP99Ms", "latencyP99Ms 250 ms > maxLatencyP99Ms 100 ms"),
+        ({"click_rate_ratio": 0.8}, "clickRateRatio", "clickRateRatio 0.8 < minClickRateRatio 0.95"),
+    ],
+)
 def test_each_check_outside_its_threshold_fails_by_name(change: dict[str, float], check: str, text: str) -> None:
     import dataclasses
 
@@ -135,8 +150,11 @@ def test_each_check_outside_its_threshold_fails_by_name(change: dict[str, float]
 def test_every_failing_check_is_named_in_order() -> None:
     result = judge(Measurement(900, error_rate=0.5, latency_p99_ms=2500.0, click_rate_ratio=0.1), SPEC)
     assert result.failed_checks == ("errorRate", "latencyP99Ms", "clickRateRatio")
-    assert result.message.index("errorRate") < result.message.index("latencyP99Ms") < \
-        result.message.index("clickRateRatio")
+    assert (
+        result.message.index("errorRate")
+        < result.message.index("latencyP99Ms")
+        < result.message.index("clickRateRatio")
+    )
 
 
 def test_a_threshold_is_inside_it_passes() -> None:
@@ -185,22 +203,43 @@ def test_a_disabled_check_needs_no_data_and_never_fails() -> None:
 
 
 numbers = st.one_of(st.none(), st.floats(min_value=0, max_value=5000), st.sampled_from([math.nan, math.inf]))
-specs = st.builds(api.AnalysisSpec, max_error_rate=st.floats(0, 1), max_latency_p99_ms=st.floats(0.1, 60_000),
-                  min_click_rate_ratio=st.floats(0, 10), min_requests=st.integers(0, 1000))
+specs = st.builds(
+    api.AnalysisSpec,
+    max_error_rate=st.floats(0, 1),
+    max_latency_p99_ms=st.floats(0.1, 60_000),
+    min_click_rate_ratio=st.floats(0, 10),
+    min_requests=st.integers(0, 1000),
+)
 
 
 @given(requests=st.integers(0, 2000), error_rate=numbers, p99=numbers, ratio=numbers, spec=specs)
-def test_judge_properties(requests: int, error_rate: float | None, p99: float | None, ratio: float | None,
-                          spec: api.AnalysisSpec) -> None:
+def test_judge_properties(
+    requests: int, error_rate: float | None, p99: float | None, ratio: float | None, spec: api.AnalysisSpec
+) -> None:
     measured = Measurement(requests, error_rate, p99, ratio)
     result = judge(measured, spec)
-    known = {k: v for k, v in (("errorRate", error_rate), ("latencyP99Ms", p99), ("clickRateRatio", ratio))
-             if v is not None and math.isfinite(v)}
-    needed = {"latencyP99Ms"} | ({"errorRate"} if spec.max_error_rate < 1 else set()) | \
-        ({"clickRateRatio"} if spec.min_click_rate_ratio > 0 else set())
-    outside = {name for name, v in known.items() if name in needed and (
-        v > spec.max_error_rate if name == "errorRate" else
-        v > spec.max_latency_p99_ms if name == "latencyP99Ms" else v < spec.min_click_rate_ratio)}
+    known = {
+        k: v
+        for k, v in (("errorRate", error_rate), ("latencyP99Ms", p99), ("clickRateRatio", ratio))
+        if v is not None and math.isfinite(v)
+    }
+    needed = (
+        {"latencyP99Ms"}
+        | ({"errorRate"} if spec.max_error_rate < 1 else set())
+        | ({"clickRateRatio"} if spec.min_click_rate_ratio > 0 else set())
+    )
+    outside = {
+        name
+        for name, v in known.items()
+        if name in needed
+        and (
+            v > spec.max_error_rate
+            if name == "errorRate"
+            else v > spec.max_latency_p99_ms
+            if name == "latencyP99Ms"
+            else v < spec.min_click_rate_ratio
+        )
+    }
     if requests < spec.min_requests:
         assert result.verdict == "Inconclusive"
     elif outside:
@@ -217,12 +256,21 @@ def test_judge_properties(requests: int, error_rate: float | None, p99: float | 
 
 # --- the status it writes -----------------------------------------------------------------------
 
+
 def test_as_status_is_an_analysis_result_with_explicit_nulls() -> None:
     failed = judge(Measurement(300, error_rate=0.2, latency_p99_ms=None, click_rate_ratio=1.0), SPEC)
     status = failed.as_status("2026-12-01T10:00:00Z")
-    assert status == {"time": "2026-12-01T10:00:00Z", "requests": 300, "errorRate": 0.2, "latencyP99Ms": None,
-                      "clickRateRatio": 1.0, "passed": False, "verdict": "Failed", "failedChecks": ["errorRate"],
-                      "message": failed.message}
+    assert status == {
+        "time": "2026-12-01T10:00:00Z",
+        "requests": 300,
+        "errorRate": 0.2,
+        "latencyP99Ms": None,
+        "clickRateRatio": 1.0,
+        "passed": False,
+        "verdict": "Failed",
+        "failedChecks": ["errorRate"],
+        "message": failed.message,
+    }
     assert api.AnalysisResult.model_validate(status).failed_checks == ["errorRate"]
     passed = judge(HEALTHY, SPEC).as_status("2026-12-01T10:00:00Z")
     assert passed["passed"] is True and passed["verdict"] == "Passed" and passed["failedChecks"] == []
@@ -232,34 +280,45 @@ def test_as_status_is_an_analysis_result_with_explicit_nulls() -> None:
 
 # --- Prometheus' answers ------------------------------------------------------------------------
 
+
 def answer(result_type: str, result: Any) -> bytes:
     return json.dumps({"status": "success", "data": {"resultType": result_type, "result": result}}).encode()
 
 
-@pytest.mark.parametrize(("body", "value"), [
-    (answer("vector", [{"metric": {}, "value": [1.0, "0.25"]}]), 0.25),
-    (answer("vector", []), None),
-    (answer("vector", [{"metric": {}, "value": [1.0, "NaN"]}]), None),
-    (answer("vector", [{"metric": {}, "value": [1.0, "+Inf"]}]), None),
-    (answer("scalar", [1.0, "3"]), 3.0),
-])
+@pytest.mark.parametrize(
+    ("body", "value"),
+    [
+        (answer("vector", [{"metric": {}, "value": [1.0, "0.25"]}]), 0.25),
+        (answer("vector", []), None),
+        (answer("vector", [{"metric": {}, "value": [1.0, "NaN"]}]), None),
+        (answer("vector", [{"metric": {}, "value": [1.0, "+Inf"]}]), None),
+        (answer("scalar", [1.0, "3"]), 3.0),
+    ],
+)
 def test_query_value_reads_one_number_or_none(body: bytes, value: float | None) -> None:
     assert query_value(200, body) == value
 
 
-@pytest.mark.parametrize(("status", "body", "text"), [
-    (400, b'{"status":"error","errorType":"bad_data","error":"parse error at char 5"}', "bad_data: parse error"),
-    (503, b"<html>down for maintenance</html>", "HTTP 503 that is not JSON"),
-    (200, answer("matrix", []), "answered a matrix"),
-    (200, answer("vector", [{"metric": {"a": "1"}, "value": [1, "1"]}, {"metric": {"a": "2"}, "value": [1, "2"]}]),
-     "2 series where one was expected"),
-])
+@pytest.mark.parametrize(
+    ("status", "body", "text"),
+    [
+        (400, b'{"status":"error","errorType":"bad_data","error":"parse error at char 5"}', "bad_data: parse error"),
+        (503, b"<html>down for maintenance</html>", "HTTP 503 that is not JSON"),
+        (200, answer("matrix", []), "answered a matrix"),
+        (
+            200,
+            answer("vector", [{"metric": {"a": "1"}, "value": [1, "1"]}, {"metric": {"a": "2"}, "value": [1, "2"]}]),
+            "2 series where one was expected",
+        ),
+    ],
+)
 def test_query_value_refuses_what_is_not_one_number(status: int, body: bytes, text: str) -> None:
     with pytest.raises(PrometheusUnavailable, match=text):
         query_value(status, body)
 
 
 # --- the load generator's own rules ---------------------------------------------------------------
+
 
 @given(share=st.floats(0, 1), n=st.integers(1, 500))
 def test_routing_never_gives_the_canary_more_than_its_share(share: float, n: int) -> None:
@@ -278,17 +337,49 @@ def test_click_sampler_keeps_the_click_rate_within_one_click(p: float, impressio
     assert abs(sum(clicks) - p * impressions * n) < 1 + 1e-6
 
 
-@pytest.mark.parametrize(("status", "share"), [
-    ({}, 0.0),
-    ({"stable": {"rankerVersion": "r1"}}, 0.0),
-    ({"stable": {"rankerVersion": "r1"}, "canary": {"rankerVersion": "r2", "state": "Progressing", "trafficPercent": 30}}, 0.3),
-    ({"stable": {"rankerVersion": "r1"}, "canary": {"rankerVersion": "r2", "state": "AwaitingPromotion",
-                                                    "trafficPercent": 60}}, 0.6),
-    ({"stable": {"rankerVersion": "r1"}, "canary": {"rankerVersion": "r2", "state": "Promoted", "trafficPercent": 100}}, 1.0),
-    ({"stable": {"rankerVersion": "r1"}, "canary": {"rankerVersion": "r2", "state": "RolledBack", "trafficPercent": 0}}, 0.0),
-    ({"stable": {"rankerVersion": "r2"}}, 1.0),
-    ({"stable": {"rankerVersion": "r1"}, "canary": {"rankerVersion": "r3", "state": "Progressing", "trafficPercent": 30}}, 0.0),
-])
+@pytest.mark.parametrize(
+    ("status", "share"),
+    [
+        ({}, 0.0),
+        ({"stable": {"rankerVersion": "r1"}}, 0.0),
+        (
+            {
+                "stable": {"rankerVersion": "r1"},
+                "canary": {"rankerVersion": "r2", "state": "Progressing", "trafficPercent": 30},
+            },
+            0.3,
+        ),
+        (
+            {
+                "stable": {"rankerVersion": "r1"},
+                "canary": {"rankerVersion": "r2", "state": "AwaitingPromotion", "trafficPercent": 60},
+            },
+            0.6,
+        ),
+        (
+            {
+                "stable": {"rankerVersion": "r1"},
+                "canary": {"rankerVersion": "r2", "state": "Promoted", "trafficPercent": 100},
+            },
+            1.0,
+        ),
+        (
+            {
+                "stable": {"rankerVersion": "r1"},
+                "canary": {"rankerVersion": "r2", "state": "RolledBack", "trafficPercent": 0},
+            },
+            0.0,
+        ),
+        ({"stable": {"rankerVersion": "r2"}}, 1.0),
+        (
+            {
+                "stable": {"rankerVersion": "r1"},
+                "canary": {"rankerVersion": "r3", "state": "Progressing", "trafficPercent": 30},
+            },
+            0.0,
+        ),
+    ],
+)
 def test_the_router_gives_the_canary_what_status_says(status: dict[str, Any], share: float) -> None:
     assert canary_share(status, "r2") == share
 
@@ -296,8 +387,13 @@ def test_the_router_gives_the_canary_what_status_says(status: dict[str, Any], sh
 def test_the_controller_stand_ins_report_ready_once_per_generation() -> None:
     deployment = {"metadata": {"generation": 3}, "spec": {"replicas": 2}, "status": {}}
     ready = ready_status("Deployment", deployment, "2026-12-01T00:00:00Z")
-    assert ready == {"observedGeneration": 3, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 2,
-                     "availableReplicas": 2}
+    assert ready == {
+        "observedGeneration": 3,
+        "replicas": 2,
+        "updatedReplicas": 2,
+        "readyReplicas": 2,
+        "availableReplicas": 2,
+    }
     assert ready_status("Deployment", {**deployment, "status": ready}, "2026-12-01T00:00:00Z") is None
     isvc = {"metadata": {"generation": 5}, "spec": {}, "status": {"observedGeneration": 4}}
     assert ready_status("InferenceService", isvc, "t")["conditions"][0]["type"] == "Ready"
@@ -341,8 +437,13 @@ def load(rig: CanaryRig, canary_click: float = 0.1, rate: float = 30.0, share: f
     return rig.generator(rate=rate, canary_click=canary_click, share=share, concurrency=4, timeout=5.0)
 
 
-def analyse_after(generator: LoadGenerator, prometheus: servers.Server, seconds: float,
-                  spec: api.AnalysisSpec, analyser: PrometheusAnalyser | None = None) -> tuple[Analysis, dict[str, Any]]:
+def analyse_after(
+    generator: LoadGenerator,
+    prometheus: servers.Server,
+    seconds: float,
+    spec: api.AnalysisSpec,
+    analyser: PrometheusAnalyser | None = None,
+) -> tuple[Analysis, dict[str, Any]]:
     """Run the load for `seconds`, let Prometheus scrape the last of it, analyse that window."""
     with generator:
         tallies = generator.run(seconds)
@@ -398,7 +499,8 @@ def test_a_slow_canary_fails_on_its_p99(rig: CanaryRig, prometheus: servers.Serv
 
 @real_parts
 def test_a_canary_with_a_20_percent_lower_click_rate_fails_on_the_ratio(
-        rig: CanaryRig, prometheus: servers.Server) -> None:
+    rig: CanaryRig, prometheus: servers.Server
+) -> None:
     result, tallies = analyse_after(load(rig, canary_click=0.08), prometheus, 6, TEST_SPEC)
     assert tallies[CANARY].click_rate == pytest.approx(0.08, abs=0.005)
     assert tallies[STABLE].click_rate == pytest.approx(0.1, abs=0.005)
@@ -417,12 +519,14 @@ def test_too_few_canary_requests_wait_and_ask_nothing_more(rig: CanaryRig, prome
 
 @real_parts
 def test_a_full_analysis_sends_five_queries_and_one_less_with_the_click_check_off(
-        rig: CanaryRig, prometheus: servers.Server) -> None:
+    rig: CanaryRig, prometheus: servers.Server
+) -> None:
     analyser = PrometheusAnalyser()
     analyse_after(load(rig), prometheus, 4, TEST_SPEC.model_copy(update={"min_requests": 1}), analyser)
     assert analyser.queries_sent == 5
-    analyser.analyse(prometheus.url, CANARY, STABLE, 6, TEST_SPEC.model_copy(update={"min_requests": 1,
-                                                                                      "min_click_rate_ratio": 0.0}))
+    analyser.analyse(
+        prometheus.url, CANARY, STABLE, 6, TEST_SPEC.model_copy(update={"min_requests": 1, "min_click_rate_ratio": 0.0})
+    )
     assert analyser.queries_sent == 9
 
 

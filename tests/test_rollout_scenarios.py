@@ -12,6 +12,7 @@ windows of `interval` roll the canary back; each analysis runs on the operator's
 can start up to one timer period after its window ends. Hence
 `interval × failureLimit + scrape interval + failureLimit × timer period`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,8 +40,13 @@ STABLE, CANARY = "r1", "r2"
 STEPS = [10, 30, 60]
 INTERVAL_S, FAILURE_LIMIT, SCRAPE_S, TIMER_S = 3, 2, 1, 1
 ROLLBACK_BOUND_S = INTERVAL_S * FAILURE_LIMIT + SCRAPE_S + FAILURE_LIMIT * TIMER_S
-ANALYSIS = {"maxErrorRate": 0.05, "maxLatencyP99Ms": 250, "minClickRateRatio": 0.9, "minRequests": 5,
-            "failureLimit": FAILURE_LIMIT}
+ANALYSIS = {
+    "maxErrorRate": 0.05,
+    "maxLatencyP99Ms": 250,
+    "minClickRateRatio": 0.9,
+    "minRequests": 5,
+    "failureLimit": FAILURE_LIMIT,
+}
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
@@ -63,35 +69,46 @@ class Cluster:
         self.namespace = namespace
         self.rankers = self.client.resources.get(api_version=api.API_VERSION, kind=api.KIND)
         self.client.resources.get(api_version="v1", kind="Namespace").create(
-            body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+            body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
+        )
         self.controllers = Controllers(api_client, namespace).__enter__()
 
     def status(self) -> dict:
         return self.rankers.get(name="shop", namespace=self.namespace).to_dict().get("status") or {}
 
     def patch_spec(self, spec: dict) -> None:
-        self.rankers.patch(name="shop", namespace=self.namespace, body={"spec": spec},
-                           content_type="application/merge-patch+json")
+        self.rankers.patch(
+            name="shop", namespace=self.namespace, body={"spec": spec}, content_type="application/merge-patch+json"
+        )
 
     def close(self) -> None:
         self.controllers.__exit__()
 
 
-def manifest(namespace: str, store_url: str, prometheus_url: str, ranker: str = STABLE,
-             promotion: str = "Automatic") -> dict:
+def manifest(
+    namespace: str, store_url: str, prometheus_url: str, ranker: str = STABLE, promotion: str = "Automatic"
+) -> dict:
     return {
-        "apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "shop", "namespace": namespace},
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": "shop", "namespace": namespace},
         "spec": {
             "encoder": {"version": "e1", "modelUri": "s3://models/encoder/e1"},
             "ranker": {"version": ranker, "modelUri": f"s3://models/ranker/{ranker}", "encoderVersion": "e1"},
             "embeddings": {"store": {"url": store_url}, "minCoverage": 0.99},
-            "rollout": {"steps": STEPS, "interval": f"{INTERVAL_S}s", "promotion": promotion,
-                        "prometheusUrl": prometheus_url, "analysis": ANALYSIS},
+            "rollout": {
+                "steps": STEPS,
+                "interval": f"{INTERVAL_S}s",
+                "promotion": promotion,
+                "prometheusUrl": prometheus_url,
+                "analysis": ANALYSIS,
+            },
         },
     }
 
 
 # --- fixtures -------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CanaryRig]:
@@ -142,9 +159,24 @@ class Operator:
         self.starts += 1
         log = open(self.workdir / f"operator-{self.starts}.log", "wb")  # noqa: SIM115 - the child owns it
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mmrank", "operator", "run", "--standalone", "--namespace", self.namespace,
-             "--interval", str(TIMER_S)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mmrank",
+                "operator",
+                "run",
+                "--standalone",
+                "--namespace",
+                self.namespace,
+                "--interval",
+                str(TIMER_S),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.workdir,
+            start_new_session=True,
+        )
         log.close()
 
     def kill(self) -> None:
@@ -167,14 +199,19 @@ def operator(kube: Any, cluster: Cluster, tmp_path: Path) -> Iterator[Operator]:
 
 
 @contextlib.contextmanager
-def rollout(cluster: Cluster, rig: CanaryRig, promotion: str = "Automatic", canary_click: float = 0.1,
-            ) -> Iterator[tuple[Router, LoadGenerator]]:
+def rollout(
+    cluster: Cluster,
+    rig: CanaryRig,
+    promotion: str = "Automatic",
+    canary_click: float = 0.1,
+) -> Iterator[tuple[Router, LoadGenerator]]:
     """r1 stable with traffic flowing, then spec.ranker changed to r2: yields while the operator
     rolls r2 out, the generator routed by what the operator writes."""
     store = rig.stores[STABLE].url
-    prepare_space(store, scope=f"{cluster.namespace}/shop")   # the ranker's own space, where the operator reads
-    cluster.rankers.create(body=manifest(cluster.namespace, store, rig.prometheus.url, promotion=promotion),
-                           namespace=cluster.namespace)
+    prepare_space(store, scope=f"{cluster.namespace}/shop")  # the ranker's own space, where the operator reads
+    cluster.rankers.create(
+        body=manifest(cluster.namespace, store, rig.prometheus.url, promotion=promotion), namespace=cluster.namespace
+    )
     wait_for("r1 stable", lambda: (cluster.status().get("stable") or {}).get("rankerVersion") == STABLE)
     generator = rig.generator(rate=40, canary_click=canary_click, concurrency=6, timeout=5.0)
     served_before = answered(rig.canary.url, CANARY)
@@ -198,15 +235,27 @@ def write_timeline(folder: Path, router: Router, cluster: Cluster) -> Path:
 
     wall = time.time() - time.monotonic()
     start = router.timeline[0].at + wall if router.timeline else time.time()
-    decisions = [{**h, "t": round(datetime.datetime.fromisoformat(h["time"].replace("Z", "+00:00")).timestamp()
-                                  - start, 3)} for h in cluster.status().get("history") or []]
-    samples = [{"t": round(s.at + wall - start, 3), "share": s.share, "state": s.state, "step": s.step,
-                "trafficPercent": s.traffic_percent, "stable": s.stable} for s in router.timeline]
+    decisions = [
+        {**h, "t": round(datetime.datetime.fromisoformat(h["time"].replace("Z", "+00:00")).timestamp() - start, 3)}
+        for h in cluster.status().get("history") or []
+    ]
+    samples = [
+        {
+            "t": round(s.at + wall - start, 3),
+            "share": s.share,
+            "state": s.state,
+            "step": s.step,
+            "trafficPercent": s.traffic_percent,
+            "stable": s.stable,
+        }
+        for s in router.timeline
+    ]
     name = os.environ.get("PYTEST_CURRENT_TEST", "rollout").split("::")[-1].split(" ")[0]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
-    path.write_text(json.dumps({"steps": STEPS, "interval_s": INTERVAL_S, "samples": samples,
-                                "decisions": decisions}, indent=1))
+    path.write_text(
+        json.dumps({"steps": STEPS, "interval_s": INTERVAL_S, "samples": samples, "decisions": decisions}, indent=1)
+    )
     return path
 
 
@@ -237,8 +286,8 @@ def rolled_back(router: Router, timeout: float = 60.0) -> Sample:
 
 # --- scenarios ----------------------------------------------------------------------------------
 
-def test_a_healthy_canary_is_promoted_through_every_step(cluster: Cluster, operator: Operator,
-                                                          rig: CanaryRig) -> None:
+
+def test_a_healthy_canary_is_promoted_through_every_step(cluster: Cluster, operator: Operator, rig: CanaryRig) -> None:
     with rollout(cluster, rig) as (router, _):
         wait_for("r2 stable", lambda: (cluster.status().get("stable") or {}).get("rankerVersion") == CANARY)
         shares = [s.share for s in router.timeline if s.share > 0]
@@ -249,18 +298,39 @@ def test_a_healthy_canary_is_promoted_through_every_step(cluster: Cluster, opera
     assert all(a["requests"] >= ANALYSIS["minRequests"] and a["clickRateRatio"] > 0.9 for a in analyses)
 
 
-def test_manual_promotion_waits_for_kubectl_mmrank_promote(cluster: Cluster, operator: Operator, rig: CanaryRig,
-                                                           kube: Any, kubectl_binary: str) -> None:
+def test_manual_promotion_waits_for_kubectl_mmrank_promote(
+    cluster: Cluster, operator: Operator, rig: CanaryRig, kube: Any, kubectl_binary: str
+) -> None:
     with rollout(cluster, rig, promotion="Manual") as (router, _):
         waiting = wait_for("AwaitingPromotion", lambda: router.first(lambda s: s.state == "AwaitingPromotion"))
         assert waiting.traffic_percent == STEPS[-1]
         time.sleep(2 * INTERVAL_S + TIMER_S)  # passed windows keep it waiting: only a person promotes
         assert cluster.status()["canary"]["state"] == "AwaitingPromotion"
         assert router.timeline[-1].share == STEPS[-1] / 100
-        env = {**os.environ, "KUBECONFIG": kube.kubeconfig, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-        promoted = subprocess.run([kubectl_binary, "mmrank", "promote", "shop", "-n", cluster.namespace, "--wait",
-                                   "--timeout", "30", "--requested-by", "alice"],
-                                  capture_output=True, text=True, env=env, timeout=60)
+        env = {
+            **os.environ,
+            "KUBECONFIG": kube.kubeconfig,
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        }
+        promoted = subprocess.run(
+            [
+                kubectl_binary,
+                "mmrank",
+                "promote",
+                "shop",
+                "-n",
+                cluster.namespace,
+                "--wait",
+                "--timeout",
+                "30",
+                "--requested-by",
+                "alice",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
         assert promoted.returncode == 0, promoted.stdout + promoted.stderr
         wait_for("r2 stable", lambda: (cluster.status().get("stable") or {}).get("rankerVersion") == CANARY)
     reasons = history(cluster)
@@ -305,7 +375,8 @@ def test_a_slow_canary_is_rolled_back_in_time(cluster: Cluster, operator: Operat
 
 
 def test_a_canary_with_a_20_percent_lower_click_rate_is_rolled_back_in_time(
-        cluster: Cluster, operator: Operator, rig: CanaryRig) -> None:
+    cluster: Cluster, operator: Operator, rig: CanaryRig
+) -> None:
     with rollout(cluster, rig, canary_click=0.08) as (router, generator):
         started = router.first(lambda s: s.share > 0)
         back = rolled_back(router)
@@ -319,16 +390,26 @@ def test_a_canary_with_a_20_percent_lower_click_rate_is_rolled_back_in_time(
     assert tallies[STABLE].click_rate == pytest.approx(0.1, abs=0.01)
 
 
-def test_abort_in_the_middle_of_a_step(cluster: Cluster, operator: Operator, rig: CanaryRig, kube: Any,
-                                       kubectl_binary: str) -> None:
+def test_abort_in_the_middle_of_a_step(
+    cluster: Cluster, operator: Operator, rig: CanaryRig, kube: Any, kubectl_binary: str
+) -> None:
     with rollout(cluster, rig) as (router, _):
         second = wait_for("step 2", lambda: router.first(lambda s: s.step == 1))
         time.sleep(INTERVAL_S / 2)
         assert cluster.status()["canary"]["step"] == 1  # mid-step
-        env = {**os.environ, "KUBECONFIG": kube.kubeconfig, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        env = {
+            **os.environ,
+            "KUBECONFIG": kube.kubeconfig,
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        }
         asked = time.monotonic()
-        aborted = subprocess.run([kubectl_binary, "mmrank", "abort", "shop", "-n", cluster.namespace],
-                                 capture_output=True, text=True, env=env, timeout=60)
+        aborted = subprocess.run(
+            [kubectl_binary, "mmrank", "abort", "shop", "-n", cluster.namespace],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
         assert aborted.returncode == 0, aborted.stdout + aborted.stderr
         back = rolled_back(router)
         print(f"abort: rolled back {back.at - asked:.1f} s after the request")
@@ -340,7 +421,8 @@ def test_abort_in_the_middle_of_a_step(cluster: Cluster, operator: Operator, rig
 
 
 def test_the_operator_killed_at_each_step_resumes_and_never_advances_twice(
-        cluster: Cluster, operator: Operator, rig: CanaryRig) -> None:
+    cluster: Cluster, operator: Operator, rig: CanaryRig
+) -> None:
     with rollout(cluster, rig) as (router, _):
         for step in range(len(STEPS)):
             wait_for(f"step {step + 1}", lambda: router.first(lambda s, step=step: s.step == step and s.share > 0))

@@ -1,4 +1,5 @@
 """The shop's files, loader, histories and oracle vectors (docs/architecture.md, "Shop data")."""
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,16 @@ def test_tiny_shop_has_every_file_with_the_contract_columns(tiny):
     assert str(tiny.items["item_id"].dtype) == "int64" and str(tiny.items["price_bucket"].dtype) == "int32"
     assert {"category", "colour", "material", "concept", "brand", "title", "day_added"} <= set(tiny.items)
     assert tiny.images.shape == (cfg.n_items, 64, 64, 3) and tiny.images.dtype == np.uint8
-    assert list(tiny.searches.columns) == ["query_id", "query_text", "query_image_item", "bought_item",
-                                           "clicked_items", "split"]
+    assert list(tiny.searches.columns) == [
+        "query_id",
+        "query_text",
+        "query_image_item",
+        "bought_item",
+        "clicked_items",
+        "split",
+    ]
     assert list(tiny.behaviours.columns) == ["user_id", "item_id", "day", "ts"]
-    assert list(tiny.impressions.columns) == ["user_id", "item_id", "day", "ts", "position", "clicked", "split",
-                                              "cold"]
+    assert list(tiny.impressions.columns) == ["user_id", "item_id", "day", "ts", "position", "clicked", "split", "cold"]
     assert str(tiny.impressions["clicked"].dtype) == "int8" and str(tiny.impressions["cold"].dtype) == "bool"
     assert set(tiny.impressions["split"]) == {"train", "test"}
     assert set(tiny.splits) == {"train_days", "test_day", "cold_items", "pretrain_items", "heldout_items"}
@@ -95,9 +101,9 @@ def test_history_is_the_last_clicks_strictly_before_ts_newest_last_left_padded(t
         for row, (u, t) in enumerate(zip(users, ts, strict=False)):
             expected = _brute_history(tiny, int(u), int(t), max_len)
             n = len(expected)
-            assert ids[row, max_len - n:].tolist() == expected
+            assert ids[row, max_len - n :].tolist() == expected
             assert mask[row].tolist() == [False] * (max_len - n) + [True] * n
-            assert (ids[row, :max_len - n] == 0).all()
+            assert (ids[row, : max_len - n] == 0).all()
     # a scalar cut-off applies to every user; before any click there is no history
     ids, mask = tiny.history([0, 1], -1, 8)
     assert not mask.any() and (ids == 0).all()
@@ -175,12 +181,43 @@ def test_cli_generates_a_shop_and_writes_a_concept_space(tmp_path, capsys):
 
     config = tmp_path / "knobs.json"
     config.write_text(json.dumps({"n_items": 200, "new_items_per_day": 10, "n_users": 20, "n_searches": 100}))
-    assert main(["shop", "generate", "--size", "tiny", "--seed", "2", "--out", str(tmp_path / "shop"),
-                 "--config", str(config), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "shop",
+                "generate",
+                "--size",
+                "tiny",
+                "--seed",
+                "2",
+                "--out",
+                str(tmp_path / "shop"),
+                "--config",
+                str(config),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((tmp_path / "shop" / "manifest.json").read_text())
     assert manifest["config"]["n_items"] == 200 and manifest["seed"] == 2
-    assert main(["shop", "concept-space", "--data", str(tmp_path / "shop"), "--out", str(tmp_path / "space"),
-                 "--dim", "32", "--version", "oracle-v1"]) == 0
+    assert (
+        main(
+            [
+                "shop",
+                "concept-space",
+                "--data",
+                str(tmp_path / "shop"),
+                "--out",
+                str(tmp_path / "space"),
+                "--dim",
+                "32",
+                "--version",
+                "oracle-v1",
+            ]
+        )
+        == 0
+    )
     space = load_space(tmp_path / "space")
     assert space.version == "oracle-v1" and space.vectors.shape == (200, 32) and space.present.all()
     capsys.readouterr()

@@ -4,6 +4,7 @@
 - the test day's share of cold impressions is the configured one.
 (Click rate against interest match and determinism are in test_shop.py.)
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,7 +24,7 @@ def image_features(images: np.ndarray) -> np.ndarray:
     q = (images // 64).astype(np.int64)
     code = q[..., 0] * 16 + q[..., 1] * 4 + q[..., 2] + 64 * np.arange(n)[:, None, None]
     code = np.where(foreground, code, 64 * n)
-    hist = np.bincount(code.ravel(), minlength=64 * n + 1)[:64 * n].reshape(n, 64).astype(np.float64)
+    hist = np.bincount(code.ravel(), minlength=64 * n + 1)[: 64 * n].reshape(n, 64).astype(np.float64)
     hist /= np.maximum(hist.sum(axis=1, keepdims=True), 1)
     grey = pixels.mean(-1)
     spectrum = np.abs(np.fft.rfft2(grey - grey.mean(axis=(1, 2), keepdims=True)))
@@ -58,8 +59,7 @@ def concept_accuracy(x: np.ndarray, labels: dict[str, np.ndarray], train: np.nda
 @pytest.fixture(scope="module")
 def catalogue_shop(tmp_path_factory: pytest.TempPathFactory) -> shop_mod.Shop:
     knobs = {"n_items": 1200, "new_items_per_day": 20, "n_users": 10, "n_searches": 10}
-    return shop_mod.load(shop_mod.generate("tiny", 0, tmp_path_factory.mktemp("catalogue"), knobs),
-                         mmap_images=False)
+    return shop_mod.load(shop_mod.generate("tiny", 0, tmp_path_factory.mktemp("catalogue"), knobs), mmap_images=False)
 
 
 def test_picture_and_title_together_recover_the_concept_far_better_than_either(catalogue_shop):
@@ -79,8 +79,14 @@ def test_picture_and_title_together_recover_the_concept_far_better_than_either(c
 
 @pytest.mark.parametrize("cold_share", [0.0, 0.5])
 def test_the_test_day_has_the_configured_share_of_cold_impressions(tmp_path, cold_share):
-    knobs = {"n_items": 400, "new_items_per_day": 30, "n_users": 120, "n_searches": 10, "cold_share": cold_share,
-             "mean_history": 10}
+    knobs = {
+        "n_items": 400,
+        "new_items_per_day": 30,
+        "n_users": 120,
+        "n_searches": 10,
+        "cold_share": cold_share,
+        "mean_history": 10,
+    }
     shop = shop_mod.load(shop_mod.generate("tiny", 5, tmp_path, knobs, cache=False))
     test = shop.impressions[shop.impressions["split"] == "test"]
     share = float(test["cold"].mean())

@@ -1,4 +1,5 @@
 """One suite for both embedding-store back ends: the real Redis and the embedded LMDB file store."""
+
 from __future__ import annotations
 
 import subprocess
@@ -31,8 +32,9 @@ def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype, tolerance", [("float16", 1e-3), ("int8", 1e-2)])
-def test_put_then_get_returns_the_vectors_within_the_dtype_precision(store: EmbeddingStore, dtype: str,
-                                                                     tolerance: float) -> None:
+def test_put_then_get_returns_the_vectors_within_the_dtype_precision(
+    store: EmbeddingStore, dtype: str, tolerance: float
+) -> None:
     store.create_space("e1", 128, dtype)
     vectors = unit_vectors(50, 128)
     store.put("e1", np.arange(100, 150), vectors)
@@ -235,10 +237,11 @@ def test_a_second_process_sees_what_the_first_wrote(store: EmbeddingStore, tmp_p
     store.create_space("e1", 4)
     store.set_catalogue_size("e1", 3)
     url = store.client.connection_pool.connection_kwargs if isinstance(store, store_mod.RedisStore) else None
-    target = (f"redis://{url['host']}:{url['port']}/{url.get('db', 0)}" if url
-              else f"file://{store.path}")  # type: ignore[attr-defined]
-    code = ("import numpy as np, sys; from mmrank.store import open_store; "
-            "s = open_store(sys.argv[1]); s.put('e1', [0, 1], np.eye(2, 4)); print(s.space_info('e1').items)")
+    target = f"redis://{url['host']}:{url['port']}/{url.get('db', 0)}" if url else f"file://{store.path}"  # type: ignore[attr-defined]
+    code = (
+        "import numpy as np, sys; from mmrank.store import open_store; "
+        "s = open_store(sys.argv[1]); s.put('e1', [0, 1], np.eye(2, 4)); print(s.space_info('e1').items)"
+    )
     done = subprocess.run([sys.executable, "-c", code, target], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "2"
@@ -271,8 +274,9 @@ def test_store_module_does_not_import_torch() -> None:
     assert done.stdout.strip() == "False", done.stderr
 
 
-def test_a_password_comes_from_the_environment_when_the_url_has_none(redis_client, redis_server,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_password_comes_from_the_environment_when_the_url_has_none(
+    redis_client, redis_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import redis
 
     redis_client.config_set("requirepass", "s3cret")
@@ -312,8 +316,10 @@ def test_space_info_sees_the_last_commit_of_a_writer_killed_while_committing(tmp
     url = f"file://{tmp_path / 'store'}"
     store = open_store(url)
     store.create_space("e1", 4)
-    writer = ("import sys; from mmrank.store import open_store; s = open_store(sys.argv[1]); i = s.catalogue_size('e1')\n"
-              "while True:\n    i += 1; s.set_catalogue_size('e1', i)")
+    writer = (
+        "import sys; from mmrank.store import open_store; s = open_store(sys.argv[1]); i = s.catalogue_size('e1')\n"
+        "while True:\n    i += 1; s.set_catalogue_size('e1', i)"
+    )
     lagging = 0
     for _ in range(40):
         started = store.space_info("e1").catalogue_size

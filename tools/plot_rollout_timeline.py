@@ -7,6 +7,7 @@ One panel per scenario: the canary's share of the requests as the load generator
 (a step line), and the click-rate ratio each analysis measured (points, right axis), with the
 operator's decisions written where they happened.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-PANELS = (("test_a_healthy_canary_is_promoted_through_every_step", "healthy canary: promoted step by step"),
-          ("test_a_canary_with_a_20_percent_lower_click_rate_is_rolled_back_in_time",
-           "canary with a 20 % lower click rate: rolled back"))
+PANELS = (
+    ("test_a_healthy_canary_is_promoted_through_every_step", "healthy canary: promoted step by step"),
+    (
+        "test_a_canary_with_a_20_percent_lower_click_rate_is_rolled_back_in_time",
+        "canary with a 20 % lower click rate: rolled back",
+    ),
+)
 
 
 def panel(ax: plt.Axes, timeline: dict, title: str) -> None:
@@ -32,8 +37,11 @@ def panel(ax: plt.Axes, timeline: dict, title: str) -> None:
     ax.set_ylabel("canary traffic, %")
     ax.set_title(title, fontsize=10)
     ratio_ax = ax.twinx()
-    points = [(d["t"], d["analysis"]["clickRateRatio"]) for d in timeline["decisions"]
-              if (d.get("analysis") or {}).get("clickRateRatio") is not None]
+    points = [
+        (d["t"], d["analysis"]["clickRateRatio"])
+        for d in timeline["decisions"]
+        if (d.get("analysis") or {}).get("clickRateRatio") is not None
+    ]
     if points:
         ratio_ax.plot(*zip(*points, strict=False), "o", color="tab:orange", label="click-rate ratio (canary / stable)")
     ratio_ax.set_ylim(0.5, 1.3)

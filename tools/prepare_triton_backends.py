@@ -5,6 +5,7 @@ expects the stub for the running Python next to the library. We copy both into a
 (never modifying the installed wheel) and point `--backend-directory` there.
 Usage: python tools/prepare_triton_backends.py DEST_BACKENDS_DIR
 """
+
 import os
 import shutil
 import sys

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The static checks `./dev.sh test` runs before the tests (seconds): ruff (lint), mypy (strict on
+# The static checks `./dev.sh test` runs before the tests (seconds): ruff (lint, and the layout
+# `ruff format` gives: run `ruff format .` to apply it), mypy (strict on
 # the modules listed under [tool.mypy] in pyproject.toml) and import-linter (the import rules of
 # docs/architecture.md, [tool.importlinter] in pyproject.toml).
 # Run alone: tools/static-checks.sh (after ./dev.sh setup).
@@ -28,6 +29,8 @@ done
 status=0
 echo "ruff check" >&2
 "$bin/ruff" check --quiet . || status=1
+echo "ruff format --check" >&2
+"$bin/ruff" format --check --quiet . || { echo "run: $bin/ruff format ." >&2; status=1; }
 echo "mypy" >&2
 # Messages name mmrank/operator/x.py (the link); print the real file, operator/x.py.
 "$py" -m mypy 2>&1 | sed -E 's#^mmrank/(operator|encoders|predictors)/#\1/#' || status=1

