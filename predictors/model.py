@@ -195,10 +195,8 @@ class TargetAttention(nn.Module):
         if keys_first:
             bilinear = torch.bmm(query, self.key(behaviours).transpose(1, 2))
             return bilinear + self.key_bias(behaviours).transpose(1, 2)
-        # (t Wq) Wk + v is one [B, C, k] row per candidate: one pass over the behaviours, taken
-        # in their own [B, L, k] layout (a batch of matrix-vector products at C = 1)
-        carried = query @ self.key.weight + self.key_bias.weight
-        return torch.matmul(behaviours, carried.transpose(1, 2)).transpose(1, 2)
+        # (t Wq) Wk + v is one [B, C, k] row per candidate: one pass over the behaviours
+        return torch.bmm(query @ self.key.weight + self.key_bias.weight, behaviours.transpose(1, 2))
 
     def forward(self, target: torch.Tensor, behaviours: torch.Tensor, mask: torch.Tensor,
                 keys_first: bool | None = None) -> torch.Tensor:
