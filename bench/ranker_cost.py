@@ -11,6 +11,7 @@ figure is the median of its N.
     .venv/bin/python bench/ranker_cost.py --data /tmp/shop-small --limit 50000 --rounds 3
     (without --data a `tiny` shop is generated in a temporary directory)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,17 +26,25 @@ from mmrank.predictors import train
 from mmrank.predictors.model import VARIANTS, RankerConfig
 
 
-def serving_latency_ms(model: train.Ranker, test: train.Impressions, catalogue: train.Catalogue,
-                       candidates: int, repeats: int) -> float:
+def serving_latency_ms(
+    model: train.Ranker, test: train.Impressions, catalogue: train.Catalogue, candidates: int, repeats: int
+) -> float:
     """Median ms of one score_candidates call: one history of L, `candidates` items."""
     row = int(np.argmax(test.history_mask.sum(1)))
     hist = torch.from_numpy(test.history[row])
     safe = hist.clamp(0, len(catalogue.vectors) - 1)
     cand = torch.from_numpy(np.resize(test.item, candidates))
-    args = (int(test.user[row]), hist, torch.from_numpy(test.history_mask[row]),
-            torch.from_numpy(catalogue.vectors[safe.numpy()]), torch.from_numpy(catalogue.present[safe.numpy()]),
-            cand, torch.from_numpy(catalogue.vectors[cand.numpy()]), torch.from_numpy(catalogue.present[cand.numpy()]))
-    model.score_candidates(*args)     # warm-up
+    args = (
+        int(test.user[row]),
+        hist,
+        torch.from_numpy(test.history_mask[row]),
+        torch.from_numpy(catalogue.vectors[safe.numpy()]),
+        torch.from_numpy(catalogue.present[safe.numpy()]),
+        cand,
+        torch.from_numpy(catalogue.vectors[cand.numpy()]),
+        torch.from_numpy(catalogue.present[cand.numpy()]),
+    )
+    model.score_candidates(*args)  # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -44,52 +53,87 @@ def serving_latency_ms(model: train.Ranker, test: train.Impressions, catalogue: 
     return statistics.median(times)
 
 
-def measure(data_dir: str, space_dir: str | None, history_length: int, candidates: int, repeats: int,
-            batch_size: int, limit: int = 0, rounds: int = 1) -> list[dict]:
+def measure(
+    data_dir: str,
+    space_dir: str | None,
+    history_length: int,
+    candidates: int,
+    repeats: int,
+    batch_size: int,
+    limit: int = 0,
+    rounds: int = 1,
+) -> list[dict]:
     train_data, test_data, catalogue, vocab = train.load_data(data_dir, history_length, space_dir)
     if limit:
-        train_data, test_data = train_data.take(np.arange(min(limit, len(train_data)))), \
-            test_data.take(np.arange(min(limit, len(test_data))))
-    print(f"{len(train_data)} training / {len(test_data)} test impressions, dim {catalogue.vectors.shape[1]}, "
-          f"history {history_length}, batch {batch_size}, torch threads {torch.get_num_threads()}")
+        train_data, test_data = (
+            train_data.take(np.arange(min(limit, len(train_data)))),
+            test_data.take(np.arange(min(limit, len(test_data)))),
+        )
+    print(
+        f"{len(train_data)} training / {len(test_data)} test impressions, dim {catalogue.vectors.shape[1]}, "
+        f"history {history_length}, batch {batch_size}, torch threads {torch.get_num_threads()}"
+    )
     # warm-up: the first optimizer step of a process imports and initialises seconds of torch
     for variant in VARIANTS:
-        config = RankerConfig(variant=variant, mm_dim=catalogue.vectors.shape[1], history_length=history_length, **vocab)
-        train.train_ranker(train_data.take(np.arange(min(2 * batch_size, len(train_data)))), catalogue, config,
-                           train.TrainSettings(batch_size=batch_size, make_epochs=1))
+        config = RankerConfig(
+            variant=variant, mm_dim=catalogue.vectors.shape[1], history_length=history_length, **vocab
+        )
+        train.train_ranker(
+            train_data.take(np.arange(min(2 * batch_size, len(train_data)))),
+            catalogue,
+            config,
+            train.TrainSettings(batch_size=batch_size, make_epochs=1),
+        )
     runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
-    for round_ in range(rounds):   # variants interleaved round by round: a load change hits them all
+    for round_ in range(rounds):  # variants interleaved round by round: a load change hits them all
         for variant in VARIANTS:
-            config = RankerConfig(variant=variant, mm_dim=catalogue.vectors.shape[1], history_length=history_length,
-                                  **vocab)
+            config = RankerConfig(
+                variant=variant, mm_dim=catalogue.vectors.shape[1], history_length=history_length, **vocab
+            )
             settings = train.TrainSettings(seed=0, batch_size=batch_size, make_epochs=1)
             model, report = train.train_ranker(train_data, catalogue, config, settings)
             start = time.perf_counter()
             train.predict(model, test_data, catalogue)
             infer = time.perf_counter() - start
-            runs[variant].append({"id_epoch_s": report["id_seconds"], "make_epoch_s": report.get("make_seconds", 0.0),
-                                  "inference_s": infer,
-                                  "serving_ms": serving_latency_ms(model, test_data, catalogue, candidates, repeats)})
+            runs[variant].append(
+                {
+                    "id_epoch_s": report["id_seconds"],
+                    "make_epoch_s": report.get("make_seconds", 0.0),
+                    "inference_s": infer,
+                    "serving_ms": serving_latency_ms(model, test_data, catalogue, candidates, repeats),
+                }
+            )
         if rounds > 1:
-            print(f"round {round_ + 1}/{rounds}: " + ", ".join(
-                f"{v} {r[-1]['id_epoch_s'] + r[-1]['make_epoch_s']:.2f} s / {r[-1]['serving_ms']:.3f} ms"
-                for v, r in runs.items()), flush=True)
+            print(
+                f"round {round_ + 1}/{rounds}: "
+                + ", ".join(
+                    f"{v} {r[-1]['id_epoch_s'] + r[-1]['make_epoch_s']:.2f} s / {r[-1]['serving_ms']:.3f} ms"
+                    for v, r in runs.items()
+                ),
+                flush=True,
+            )
     # each figure: its median over the rounds
-    return [{"variant": variant, **{key: statistics.median(run[key] for run in done) for key in done[0]}}
-            for variant, done in runs.items()]
+    return [
+        {"variant": variant, **{key: statistics.median(run[key] for run in done) for key in done[0]}}
+        for variant, done in runs.items()
+    ]
 
 
 def render(rows: list[dict], candidates: int) -> str:
     base = rows[0]
-    lines = [f"| variant | ID epoch (s) | × ID | MAKE epoch (s) | training in all (s) | × ID | test-set inference (s) | "
-             f"× ID | score {candidates} candidates (ms, median) | × ID |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"| variant | ID epoch (s) | × ID | MAKE epoch (s) | training in all (s) | × ID | test-set inference (s) | "
+        f"× ID | score {candidates} candidates (ms, median) | × ID |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         total = r["id_epoch_s"] + r["make_epoch_s"]
-        lines.append(f"| {r['variant']} | {r['id_epoch_s']:.2f} | {r['id_epoch_s'] / base['id_epoch_s']:.2f} | "
-                     f"{r['make_epoch_s']:.2f} | {total:.2f} | {total / base['id_epoch_s']:.2f} | "
-                     f"{r['inference_s']:.2f} | {r['inference_s'] / base['inference_s']:.2f} | "
-                     f"{r['serving_ms']:.2f} | {r['serving_ms'] / base['serving_ms']:.2f} |")
+        lines.append(
+            f"| {r['variant']} | {r['id_epoch_s']:.2f} | {r['id_epoch_s'] / base['id_epoch_s']:.2f} | "
+            f"{r['make_epoch_s']:.2f} | {total:.2f} | {total / base['id_epoch_s']:.2f} | "
+            f"{r['inference_s']:.2f} | {r['inference_s'] / base['inference_s']:.2f} | "
+            f"{r['serving_ms']:.2f} | {r['serving_ms'] / base['serving_ms']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -103,8 +147,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--limit", type=int, default=0, help="use only the first N training and N test impressions")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="train and time every variant N times, interleaved; report each figure's median")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="train and time every variant N times, interleaved; report each figure's median",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,10 +160,19 @@ def main() -> None:
         data_dir = args.data
         if data_dir is None:
             from mmrank import shop
+
             shop.generate("tiny", seed=0, out=tmp)
             data_dir = tmp
-        rows = measure(data_dir, args.embeddings, args.history_length, args.candidates, args.repeats, args.batch_size,
-                       args.limit, max(1, args.rounds))
+        rows = measure(
+            data_dir,
+            args.embeddings,
+            args.history_length,
+            args.candidates,
+            args.repeats,
+            args.batch_size,
+            args.limit,
+            max(1, args.rounds),
+        )
     print(render(rows, args.candidates))
 
 

@@ -20,6 +20,7 @@ Ids: every id table reserves row 0 for "unknown" (padding, out-of-vocabulary use
 arrived after training, category or brand -1). Row 0 stays zero and is never trained, so a cold
 item looks like "no id information", not like a random item.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,8 @@ class RankerConfig:
     hidden: tuple[int, ...] = (64, 32)
     tier_width: float = 0.1
     make_hidden: int = 32
-    make_simtier: bool = True      # MAKE's own module counts the similarity tiers too
-    make_vector: bool = False      # MAKE's attention-pooled vector also enters the ID model's first layer
+    make_simtier: bool = True  # MAKE's own module counts the similarity tiers too
+    make_vector: bool = False  # MAKE's attention-pooled vector also enters the ID model's first layer
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -80,18 +81,19 @@ class RankerInputs(NamedTuple):
     (neutral) and never counted by SimTier nor attended by MAKE. A builder that already gathered
     zeros there (`train.to_inputs`) says so with `embeddings_zeroed`, which saves the model a
     pass over the [B, L, D] history vectors."""
-    user: torch.Tensor          # [B] int64
-    hist_item: torch.Tensor     # [B, L] int64
+
+    user: torch.Tensor  # [B] int64
+    hist_item: torch.Tensor  # [B, L] int64
     hist_category: torch.Tensor  # [B, L] int64
-    hist_brand: torch.Tensor    # [B, L] int64
-    hist_mask: torch.Tensor     # [B, L] bool, False = padding
-    hist_emb: torch.Tensor      # [B, L, D] float32
-    hist_found: torch.Tensor    # [B, L] bool
-    cand_item: torch.Tensor     # [B, C] int64
+    hist_brand: torch.Tensor  # [B, L] int64
+    hist_mask: torch.Tensor  # [B, L] bool, False = padding
+    hist_emb: torch.Tensor  # [B, L, D] float32
+    hist_found: torch.Tensor  # [B, L] bool
+    cand_item: torch.Tensor  # [B, C] int64
     cand_category: torch.Tensor  # [B, C] int64
-    cand_brand: torch.Tensor    # [B, C] int64
-    cand_emb: torch.Tensor      # [B, C, D] float32
-    cand_found: torch.Tensor    # [B, C] bool
+    cand_brand: torch.Tensor  # [B, C] int64
+    cand_emb: torch.Tensor  # [B, C, D] float32
+    cand_found: torch.Tensor  # [B, C] bool
     embeddings_zeroed: bool = False  # cand_emb / hist_emb are already zero wherever *_found is False
 
     def neutral_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,9 +140,11 @@ class SimTier(nn.Module):
         self.width = float(width)
         self.offset = int(1 / self.width)
         self.n_bins = 2 * self.offset + 2
-        self.register_buffer("inverse_width",
-                             torch.tensor(1.0, dtype=torch.float32) / torch.tensor(self.width, dtype=torch.float32),
-                             persistent=False)
+        self.register_buffer(
+            "inverse_width",
+            torch.tensor(1.0, dtype=torch.float32) / torch.tensor(self.width, dtype=torch.float32),
+            persistent=False,
+        )
         self.weight = nn.Parameter(torch.rand(self.n_bins))  # the reference initialises U(0, 1)
 
     def tier_index(self, cosine: torch.Tensor) -> torch.Tensor:
@@ -184,12 +188,14 @@ class TargetAttention(nn.Module):
     def keys_first(self, n_candidates: int, n_behaviours: int) -> bool:
         """Project the behaviours (True) or carry the queries back (False): the cheaper order."""
         a, k = self.key.out_features, self.key.in_features
-        return n_behaviours * k * a + n_candidates * n_behaviours * a <= \
-            n_candidates * a * k + n_candidates * n_behaviours * k
+        return (
+            n_behaviours * k * a + n_candidates * n_behaviours * a
+            <= n_candidates * a * k + n_candidates * n_behaviours * k
+        )
 
     def scores(self, target: torch.Tensor, behaviours: torch.Tensor, keys_first: bool | None = None) -> torch.Tensor:
         """[B, C, L] unmasked attention scores (`keys_first`: None picks the cheaper order)."""
-        query = self.query(target) * self.scale                              # [B, C, a]
+        query = self.query(target) * self.scale  # [B, C, a]
         if keys_first is None:
             keys_first = self.keys_first(target.shape[1], behaviours.shape[1])
         if keys_first:
@@ -198,10 +204,11 @@ class TargetAttention(nn.Module):
         # (t Wq) Wk + v is one [B, C, k] row per candidate: one pass over the behaviours
         return torch.bmm(query @ self.key.weight + self.key_bias.weight, behaviours.transpose(1, 2))
 
-    def forward(self, target: torch.Tensor, behaviours: torch.Tensor, mask: torch.Tensor,
-                keys_first: bool | None = None) -> torch.Tensor:
+    def forward(
+        self, target: torch.Tensor, behaviours: torch.Tensor, mask: torch.Tensor, keys_first: bool | None = None
+    ) -> torch.Tensor:
         """target [B, C, q], behaviours [B, L, k], mask [B, L] -> pooled [B, C, k]."""
-        scores = self.scores(target, behaviours, keys_first)                 # [B, C, L]
+        scores = self.scores(target, behaviours, keys_first)  # [B, C, L]
         scores = scores.masked_fill(~mask[:, None, :], -1e4)
         weights = torch.softmax(scores, dim=-1) * mask.any(dim=-1)[:, None, None].to(scores.dtype)
         return torch.bmm(weights, behaviours)
@@ -216,7 +223,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class MakeOutputs(NamedTuple):
     vector: torch.Tensor  # [B, C, D] attention-pooled multimodal interest
     middle: torch.Tensor  # [B, C, make_hidden]
-    logit: torch.Tensor   # [B, C]
+    logit: torch.Tensor  # [B, C]
 
 
 class MAKE(nn.Module):
@@ -245,11 +252,16 @@ class MAKE(nn.Module):
         self.middle = nn.Sequential(nn.Linear(width, hidden), nn.PReLU())
         self.out = nn.Linear(hidden, 1)
 
-    def forward(self, cand_emb: torch.Tensor, hist_emb: torch.Tensor, hist_valid: torch.Tensor,
-                log_counts: torch.Tensor | None = None) -> MakeOutputs:
+    def forward(
+        self,
+        cand_emb: torch.Tensor,
+        hist_emb: torch.Tensor,
+        hist_valid: torch.Tensor,
+        log_counts: torch.Tensor | None = None,
+    ) -> MakeOutputs:
         """`log_counts` [B, C, n_bins]: log(1 + tier counts), computed once and shared with the
         ID model's SimTier (MAKE weighs them with its own tier weights)."""
-        vector = self.attention(cand_emb, hist_emb, hist_valid)                    # [B, C, D]
+        vector = self.attention(cand_emb, hist_emb, hist_valid)  # [B, C, D]
         parts = [cand_emb, vector, cand_emb * vector]
         if self.simtier is not None:
             assert log_counts is not None
@@ -277,8 +289,9 @@ class Ranker(nn.Module):
             mlp_in += self.simtier.n_bins
         first_out = config.hidden[0]
         if config.uses_make:
-            self.make = MAKE(config.mm_dim, config.make_hidden,
-                             SimTier(config.tier_width) if config.make_simtier else None)
+            self.make = MAKE(
+                config.mm_dim, config.make_hidden, SimTier(config.tier_width) if config.make_simtier else None
+            )
             mlp_in += config.mm_dim if config.make_vector else 0
         self.first = nn.Sequential(nn.Linear(mlp_in, first_out), nn.PReLU())
         rest: list[nn.Module] = []
@@ -296,25 +309,30 @@ class Ranker(nn.Module):
     def item_vectors(self, items: torch.Tensor, categories: torch.Tensor, brands: torch.Tensor) -> torch.Tensor:
         """[...] ids -> [..., 3d] concatenated item, category and brand embeddings."""
         c = self.config
-        return torch.cat([self.item_emb(id_index(items, c.n_items)),
-                          self.category_emb(id_index(categories, c.n_categories)),
-                          self.brand_emb(id_index(brands, c.n_brands))], dim=-1)
+        return torch.cat(
+            [
+                self.item_emb(id_index(items, c.n_items)),
+                self.category_emb(id_index(categories, c.n_categories)),
+                self.brand_emb(id_index(brands, c.n_brands)),
+            ],
+            dim=-1,
+        )
 
     def forward(self, x: RankerInputs) -> torch.Tensor:
         c = self.config
         n_cand = x.cand_item.shape[1]
         if c.uses_embeddings:
             cand_emb, hist_emb = x.neutral_embeddings()
-        target = self.item_vectors(x.cand_item, x.cand_category, x.cand_brand)      # [B, C, 3d]
+        target = self.item_vectors(x.cand_item, x.cand_category, x.cand_brand)  # [B, C, 3d]
         behaviours = self.item_vectors(x.hist_item, x.hist_category, x.hist_brand)  # [B, L, 3d]
         if c.uses_vector:
             target = torch.cat([target, cand_emb], dim=-1)
             behaviours = torch.cat([behaviours, hist_emb], dim=-1)
-        interest = self.attention(target, behaviours, x.hist_mask)                  # [B, C, k]
+        interest = self.attention(target, behaviours, x.hist_mask)  # [B, C, k]
         mean_history = masked_mean(behaviours, x.hist_mask)[:, None].expand(-1, n_cand, -1)
         user = self.user_emb(id_index(x.user, c.n_users))[:, None].expand(-1, n_cand, -1)
         parts = [user, target, interest, target * interest, mean_history]
-        valid_mm = x.hist_mask & x.hist_found                                        # [B, L]
+        valid_mm = x.hist_mask & x.hist_found  # [B, L]
         log_counts = None
         if c.uses_simtier:
             log_counts = self.log_tier_counts(cand_emb, hist_emb, valid_mm, x.cand_found)
@@ -323,10 +341,9 @@ class Ranker(nn.Module):
         if c.uses_make:
             if self.make_trainable:
                 make = self.make(cand_emb, hist_emb, valid_mm, log_counts)
-            else:   # pre-trained, frozen in the ID epoch: no graph is recorded through it
+            else:  # pre-trained, frozen in the ID epoch: no graph is recorded through it
                 with torch.no_grad():
-                    make = self.make(cand_emb, hist_emb, valid_mm,
-                                     None if log_counts is None else log_counts.detach())
+                    make = self.make(cand_emb, hist_emb, valid_mm, None if log_counts is None else log_counts.detach())
             if c.make_vector:
                 parts.append(make.vector)
         hidden = self.first(torch.cat(parts, dim=-1))
@@ -335,10 +352,11 @@ class Ranker(nn.Module):
         logit = self.out(self.rest(hidden)).squeeze(-1)
         return logit + make.logit if make is not None else logit
 
-    def log_tier_counts(self, cand_emb: torch.Tensor, hist_emb: torch.Tensor, valid_mm: torch.Tensor,
-                        cand_found: torch.Tensor) -> torch.Tensor:
+    def log_tier_counts(
+        self, cand_emb: torch.Tensor, hist_emb: torch.Tensor, valid_mm: torch.Tensor, cand_found: torch.Tensor
+    ) -> torch.Tensor:
         """log(1 + count) per similarity tier, [B, C, n_bins] (SimTier before its weights)."""
-        count_mask = valid_mm[:, None, :] & cand_found[..., None]                  # [B, C, L]
+        count_mask = valid_mm[:, None, :] & cand_found[..., None]  # [B, C, L]
         tiers = self.simtier if self.config.uses_simtier else self.make.simtier
         return torch.log1p(tiers.histogram(cosine_matrix(cand_emb, hist_emb), count_mask))
 
@@ -346,8 +364,9 @@ class Ranker(nn.Module):
         """MAKE alone ([B, C] logits), for its own pre-training on the click task."""
         valid_mm = x.hist_mask & x.hist_found
         cand_emb, hist_emb = x.neutral_embeddings()
-        log_counts = (self.log_tier_counts(cand_emb, hist_emb, valid_mm, x.cand_found)
-                      if self.make.simtier is not None else None)
+        log_counts = (
+            self.log_tier_counts(cand_emb, hist_emb, valid_mm, x.cand_found) if self.make.simtier is not None else None
+        )
         return self.make(cand_emb, hist_emb, valid_mm, log_counts).logit
 
     def id_parameters(self) -> list[nn.Parameter]:
@@ -355,12 +374,21 @@ class Ranker(nn.Module):
         return [p for name, p in self.named_parameters() if not name.startswith("make.")]
 
     @torch.inference_mode()
-    def score_candidates(self, user_id: int, history_ids: torch.Tensor, history_mask: torch.Tensor,
-                         history_emb: torch.Tensor, history_found: torch.Tensor,
-                         cand_ids: torch.Tensor, cand_emb: torch.Tensor, cand_found: torch.Tensor,
-                         cand_category: torch.Tensor | None = None, cand_brand: torch.Tensor | None = None,
-                         history_category: torch.Tensor | None = None,
-                         history_brand: torch.Tensor | None = None) -> torch.Tensor:
+    def score_candidates(
+        self,
+        user_id: int,
+        history_ids: torch.Tensor,
+        history_mask: torch.Tensor,
+        history_emb: torch.Tensor,
+        history_found: torch.Tensor,
+        cand_ids: torch.Tensor,
+        cand_emb: torch.Tensor,
+        cand_found: torch.Tensor,
+        cand_category: torch.Tensor | None = None,
+        cand_brand: torch.Tensor | None = None,
+        history_category: torch.Tensor | None = None,
+        history_brand: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One user's C candidates against one shared history of L -> logits [C].
 
         history_* are [L] (embeddings [L, D]), cand_* are [C] ([C, D]). Category and brand, when
@@ -370,25 +398,37 @@ class Ranker(nn.Module):
         cand_category, cand_brand = self._features(cand_ids, cand_category, cand_brand)
         x = RankerInputs(
             user=torch.as_tensor([int(user_id)], dtype=torch.int64),
-            hist_item=history_ids[None].long(), hist_category=hist_category[None].long(),
-            hist_brand=hist_brand[None].long(), hist_mask=history_mask[None].bool(),
-            hist_emb=history_emb[None].float(), hist_found=history_found[None].bool(),
-            cand_item=cand_ids[None].long(), cand_category=cand_category[None].long(),
-            cand_brand=cand_brand[None].long(), cand_emb=cand_emb[None].float(),
-            cand_found=cand_found[None].bool())
+            hist_item=history_ids[None].long(),
+            hist_category=hist_category[None].long(),
+            hist_brand=hist_brand[None].long(),
+            hist_mask=history_mask[None].bool(),
+            hist_emb=history_emb[None].float(),
+            hist_found=history_found[None].bool(),
+            cand_item=cand_ids[None].long(),
+            cand_category=cand_category[None].long(),
+            cand_brand=cand_brand[None].long(),
+            cand_emb=cand_emb[None].float(),
+            cand_found=cand_found[None].bool(),
+        )
         return self(x)[0]
 
-    def _features(self, ids: torch.Tensor, category: torch.Tensor | None,
-                  brand: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features(
+        self, ids: torch.Tensor, category: torch.Tensor | None, brand: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if category is not None and brand is not None:
             return category, brand
         table = self.item_features
         known = (ids >= 0) & (ids < len(table))
-        looked_up = table[torch.where(known, ids, torch.zeros_like(ids)).clamp(max=max(len(table) - 1, 0))] \
-            if len(table) else torch.full((*ids.shape, 2), -1, dtype=torch.int64)
+        looked_up = (
+            table[torch.where(known, ids, torch.zeros_like(ids)).clamp(max=max(len(table) - 1, 0))]
+            if len(table)
+            else torch.full((*ids.shape, 2), -1, dtype=torch.int64)
+        )
         looked_up = torch.where(known[..., None], looked_up, torch.full_like(looked_up, -1))
-        return (category if category is not None else looked_up[..., 0],
-                brand if brand is not None else looked_up[..., 1])
+        return (
+            category if category is not None else looked_up[..., 0],
+            brand if brand is not None else looked_up[..., 1],
+        )
 
 
 def _zero_missing(vectors: torch.Tensor, found: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ training at `make_finetune_lr`, an option measured in docs/results.md). Training
 once per epoch with the run's seed (the seed also fixes the initialisation): that is what makes
 the table's three seeds differ.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,11 +28,12 @@ from mmrank.predictors.model import Ranker, RankerConfig, RankerInputs
 @dataclasses.dataclass
 class Impressions:
     """One row per impression, with the user's history before it (item ids, newest last)."""
-    user: np.ndarray        # [N] int64
-    item: np.ndarray        # [N] int64
-    label: np.ndarray       # [N] float32 (clicked)
-    cold: np.ndarray        # [N] bool (item never impressed in training days)
-    history: np.ndarray     # [N, L] int64
+
+    user: np.ndarray  # [N] int64
+    item: np.ndarray  # [N] int64
+    label: np.ndarray  # [N] float32 (clicked)
+    cold: np.ndarray  # [N] bool (item never impressed in training days)
+    history: np.ndarray  # [N, L] int64
     history_mask: np.ndarray  # [N, L] bool
     day: np.ndarray | None = None  # [N] int (shop day), where known: the validation split needs it
 
@@ -39,8 +41,9 @@ class Impressions:
         return len(self.user)
 
     def take(self, rows: np.ndarray) -> Impressions:
-        return Impressions(*(None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
-                             for f in dataclasses.fields(self)))
+        return Impressions(
+            *(None if getattr(self, f.name) is None else getattr(self, f.name)[rows] for f in dataclasses.fields(self))
+        )
 
     def split_last_day(self) -> tuple[Impressions, Impressions]:
         """(all days but the last, the last day): the validation split for MAKE's epoch count."""
@@ -53,10 +56,11 @@ class Impressions:
 @dataclasses.dataclass
 class Catalogue:
     """Per item id: category, brand and the embedding of one space."""
-    category: np.ndarray    # [n_items] int64
-    brand: np.ndarray       # [n_items] int64
-    vectors: np.ndarray     # [n_items, D] float32
-    present: np.ndarray     # [n_items] bool: the space holds this item's embedding
+
+    category: np.ndarray  # [n_items] int64
+    brand: np.ndarray  # [n_items] int64
+    vectors: np.ndarray  # [n_items, D] float32
+    present: np.ndarray  # [n_items] bool: the space holds this item's embedding
     encoder_version: str
 
     @property
@@ -77,14 +81,17 @@ class TrainSettings:
     batch_size: int = 256
     lr_sparse: float = 0.02
     lr_dense: float = 0.002
-    make_epochs: int = 0            # 0: chosen on the validation day (`select_make_epochs`)
-    max_make_epochs: int = 4        # the most the choice may pick
+    make_epochs: int = 0  # 0: chosen on the validation day (`select_make_epochs`)
+    max_make_epochs: int = 4  # the most the choice may pick
     make_lr: float = 0.002
-    make_finetune_lr: float = 0.0   # 0: MAKE frozen during the ID epoch; else Adam at this rate
+    make_finetune_lr: float = 0.0  # 0: MAKE frozen during the ID epoch; else Adam at this rate
 
 
-def load_data(data_dir: str, history_length: int, space_dir: str | None = None,
-              ) -> tuple[Impressions, Impressions, Catalogue, dict[str, int]]:
+def load_data(
+    data_dir: str,
+    history_length: int,
+    space_dir: str | None = None,
+) -> tuple[Impressions, Impressions, Catalogue, dict[str, int]]:
     """Shop directory (+ a space directory, else the oracle concept space) -> train, test,
     catalogue, vocabulary sizes."""
     from mmrank import shop as shop_module
@@ -98,8 +105,13 @@ def load_data(data_dir: str, history_length: int, space_dir: str | None = None,
     return from_shop(shop, space.vectors, space.present, space.version, history_length)
 
 
-def from_shop(shop: Any, vectors: np.ndarray, present: np.ndarray, encoder_version: str, history_length: int,
-              ) -> tuple[Impressions, Impressions, Catalogue, dict[str, int]]:
+def from_shop(
+    shop: Any,
+    vectors: np.ndarray,
+    present: np.ndarray,
+    encoder_version: str,
+    history_length: int,
+) -> tuple[Impressions, Impressions, Catalogue, dict[str, int]]:
     """A loaded `mmrank.shop.Shop` and one space's vectors -> train, test, catalogue, vocab."""
     items = shop.items.sort_values("item_id")
     n_items = int(items["item_id"].max()) + 1
@@ -107,17 +119,32 @@ def from_shop(shop: Any, vectors: np.ndarray, present: np.ndarray, encoder_versi
     brand = np.full(n_items, -1, np.int64)
     category[items["item_id"].to_numpy()] = items["category"].to_numpy()
     brand[items["item_id"].to_numpy()] = items["brand"].to_numpy()
-    catalogue = Catalogue(category, brand, _rows(np.asarray(vectors, np.float32), n_items),
-                          _rows(np.asarray(present, bool), n_items), encoder_version)
+    catalogue = Catalogue(
+        category,
+        brand,
+        _rows(np.asarray(vectors, np.float32), n_items),
+        _rows(np.asarray(present, bool), n_items),
+        encoder_version,
+    )
     imp = shop.impressions.sort_values("ts", kind="stable")
     history, mask = shop.history(imp["user_id"].to_numpy(), imp["ts"].to_numpy(), history_length)
-    everything = Impressions(imp["user_id"].to_numpy(np.int64), imp["item_id"].to_numpy(np.int64),
-                             imp["clicked"].to_numpy(np.float32), imp["cold"].to_numpy(bool),
-                             np.asarray(history, np.int64), np.asarray(mask, bool), imp["day"].to_numpy(np.int64))
+    everything = Impressions(
+        imp["user_id"].to_numpy(np.int64),
+        imp["item_id"].to_numpy(np.int64),
+        imp["clicked"].to_numpy(np.float32),
+        imp["cold"].to_numpy(bool),
+        np.asarray(history, np.int64),
+        np.asarray(mask, bool),
+        imp["day"].to_numpy(np.int64),
+    )
     is_train = (imp["split"] == "train").to_numpy()
     users = max(int(shop.impressions["user_id"].max()), int(shop.behaviours["user_id"].max())) + 1
-    vocab = {"n_users": users, "n_items": n_items,
-             "n_categories": int(category.max()) + 1, "n_brands": int(brand.max()) + 1}
+    vocab = {
+        "n_users": users,
+        "n_items": n_items,
+        "n_categories": int(category.max()) + 1,
+        "n_brands": int(brand.max()) + 1,
+    }
     return everything.take(np.flatnonzero(is_train)), everything.take(np.flatnonzero(~is_train)), catalogue, vocab
 
 
@@ -142,19 +169,25 @@ def to_inputs(data: Impressions, rows: np.ndarray, catalogue: Catalogue, embeddi
     vectors = catalogue.neutral_vectors if embeddings else np.empty((n + 1, 0), np.float32)
     return RankerInputs(
         user=t(data.user[rows]),
-        hist_item=t(history), hist_category=t(np.where(hist_known, catalogue.category[hist_safe], -1)),
-        hist_brand=t(np.where(hist_known, catalogue.brand[hist_safe], -1)), hist_mask=t(mask),
-        hist_emb=t(np.take(vectors, np.where(hist_found, hist_safe, n), axis=0)), hist_found=t(hist_found),
-        cand_item=t(item[:, None]), cand_category=t(np.where(item_known, catalogue.category[item_safe], -1)[:, None]),
+        hist_item=t(history),
+        hist_category=t(np.where(hist_known, catalogue.category[hist_safe], -1)),
+        hist_brand=t(np.where(hist_known, catalogue.brand[hist_safe], -1)),
+        hist_mask=t(mask),
+        hist_emb=t(np.take(vectors, np.where(hist_found, hist_safe, n), axis=0)),
+        hist_found=t(hist_found),
+        cand_item=t(item[:, None]),
+        cand_category=t(np.where(item_known, catalogue.category[item_safe], -1)[:, None]),
         cand_brand=t(np.where(item_known, catalogue.brand[item_safe], -1)[:, None]),
         cand_emb=t(np.take(vectors, np.where(item_found, item_safe, n), axis=0)[:, None]),
-        cand_found=t(item_found[:, None]), embeddings_zeroed=embeddings)
+        cand_found=t(item_found[:, None]),
+        embeddings_zeroed=embeddings,
+    )
 
 
 def batches(n: int, batch_size: int, rng: np.random.Generator | None) -> Iterator[np.ndarray]:
     order = rng.permutation(n) if rng is not None else np.arange(n)
     for start in range(0, n, batch_size):
-        yield order[start:start + batch_size]
+        yield order[start : start + batch_size]
 
 
 def adam(params: Any, lr: float) -> torch.optim.Adam:
@@ -164,9 +197,15 @@ def adam(params: Any, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=True)
 
 
-def _epoch(data: Impressions, catalogue: Catalogue, logits_fn: Callable[[RankerInputs], torch.Tensor],
-           optimizer: Any, batch_size: int, rng: np.random.Generator,
-           embeddings: bool = True) -> float:
+def _epoch(
+    data: Impressions,
+    catalogue: Catalogue,
+    logits_fn: Callable[[RankerInputs], torch.Tensor],
+    optimizer: Any,
+    batch_size: int,
+    rng: np.random.Generator,
+    embeddings: bool = True,
+) -> float:
     total, seen = 0.0, 0
     for rows in batches(len(data), batch_size, rng):
         logits = logits_fn(to_inputs(data, rows, catalogue, embeddings))[:, 0]
@@ -178,8 +217,9 @@ def _epoch(data: Impressions, catalogue: Catalogue, logits_fn: Callable[[RankerI
     return total / max(seen, 1)
 
 
-def pretrain_make(model: Ranker, data: Impressions, catalogue: Catalogue, settings: TrainSettings,
-                  snapshots: tuple[int, ...] = ()) -> dict[int, dict[str, torch.Tensor]]:
+def pretrain_make(
+    model: Ranker, data: Impressions, catalogue: Catalogue, settings: TrainSettings, snapshots: tuple[int, ...] = ()
+) -> dict[int, dict[str, torch.Tensor]]:
     """MAKE alone on the click task for `settings.make_epochs` epochs. Returns MAKE's state after
     each epoch named in `snapshots`, so one pre-training serves the 1/2/4-epoch comparison."""
     rng = np.random.default_rng(settings.seed + 1000)
@@ -202,8 +242,12 @@ def choose_epochs(curve: dict[int, float]) -> int:
     return min(e for e, v in scored.items() if v >= best - 1e-12)
 
 
-def select_make_epochs(model: Ranker, data: Impressions, catalogue: Catalogue, settings: TrainSettings,
-                       ) -> tuple[int, dict[int, float]]:
+def select_make_epochs(
+    model: Ranker,
+    data: Impressions,
+    catalogue: Catalogue,
+    settings: TrainSettings,
+) -> tuple[int, dict[int, float]]:
     """MAKE's number of pre-training epochs, chosen on a validation day, never the test day: MAKE
     alone trains on every training day but the last, its own click logit is scored (GAUC) on the
     last after each epoch, and the best count wins. `model` is a scratch copy: its MAKE is
@@ -219,8 +263,12 @@ def select_make_epochs(model: Ranker, data: Impressions, catalogue: Catalogue, s
         _epoch(fit, catalogue, model.make_logits, optimizer, settings.batch_size, rng)
         model.eval()
         with torch.no_grad():
-            logits = np.concatenate([model.make_logits(to_inputs(validation, rows, catalogue))[:, 0].numpy()
-                                     for rows in batches(len(validation), 1024, None)])
+            logits = np.concatenate(
+                [
+                    model.make_logits(to_inputs(validation, rows, catalogue))[:, 0].numpy()
+                    for rows in batches(len(validation), 1024, None)
+                ]
+            )
         curve[epoch] = round(gauc(validation.user, validation.label, logits), 5)
     return choose_epochs(curve), curve
 
@@ -229,15 +277,24 @@ def train_id_epoch(model: Ranker, data: Impressions, catalogue: Catalogue, setti
     """One epoch over the training impressions for every parameter but MAKE's."""
     tables = [model.user_emb.weight, model.item_emb.weight, model.category_emb.weight, model.brand_emb.weight]
     dense = [p for p in model.id_parameters() if all(p is not t for t in tables)]
-    optimizers: list[torch.optim.Optimizer] = [torch.optim.SparseAdam(tables, lr=settings.lr_sparse),
-                                               adam(dense, settings.lr_dense)]
+    optimizers: list[torch.optim.Optimizer] = [
+        torch.optim.SparseAdam(tables, lr=settings.lr_sparse),
+        adam(dense, settings.lr_dense),
+    ]
     model.make_trainable = model.config.uses_make and settings.make_finetune_lr > 0
     if model.make_trainable:
         optimizers.append(adam(model.make.parameters(), settings.make_finetune_lr))
     optimizer = _Both(*optimizers)
     model.train()
-    loss = _epoch(data, catalogue, model, optimizer, settings.batch_size, np.random.default_rng(settings.seed),
-                  embeddings=model.config.uses_embeddings)
+    loss = _epoch(
+        data,
+        catalogue,
+        model,
+        optimizer,
+        settings.batch_size,
+        np.random.default_rng(settings.seed),
+        embeddings=model.config.uses_embeddings,
+    )
     model.make_trainable = False
     forget_unseen(model, data)
     model.eval()
@@ -271,13 +328,17 @@ def forget_unseen(model: Ranker, data: Impressions) -> None:
     seen_users[data.user[(data.user >= 0) & (data.user < len(seen_users))]] = True
     with torch.no_grad():
         for table, seen in ((model.item_emb, seen_items), (model.user_emb, seen_users)):
-            unseen = torch.from_numpy(np.r_[True, ~seen])   # row 0 is the unknown row itself
+            unseen = torch.from_numpy(np.r_[True, ~seen])  # row 0 is the unknown row itself
             table.weight[unseen] = 0.0
 
 
-def train_ranker(train: Impressions, catalogue: Catalogue, config: RankerConfig,
-                 settings: TrainSettings, make_state: dict[str, torch.Tensor] | None = None,
-                 ) -> tuple[Ranker, dict[str, Any]]:
+def train_ranker(
+    train: Impressions,
+    catalogue: Catalogue,
+    config: RankerConfig,
+    settings: TrainSettings,
+    make_state: dict[str, torch.Tensor] | None = None,
+) -> tuple[Ranker, dict[str, Any]]:
     """The whole recipe for one variant: (MAKE pre-training,) one ID epoch."""
     torch.manual_seed(settings.seed)
     model = Ranker(config)
@@ -306,8 +367,10 @@ def train_ranker(train: Impressions, catalogue: Catalogue, config: RankerConfig,
 @torch.inference_mode()
 def predict(model: Ranker, data: Impressions, catalogue: Catalogue, batch_size: int = 1024) -> np.ndarray:
     model.eval()
-    out = [model(to_inputs(data, rows, catalogue, model.config.uses_embeddings))[:, 0].numpy()
-           for rows in batches(len(data), batch_size, None)]
+    out = [
+        model(to_inputs(data, rows, catalogue, model.config.uses_embeddings))[:, 0].numpy()
+        for rows in batches(len(data), batch_size, None)
+    ]
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 

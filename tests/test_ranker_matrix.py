@@ -4,6 +4,7 @@ The decisions (ordering misses, cold ratio, epoch choice) are pure and tested wi
 figures; the command itself runs once on a tiny matrix (one tiny shop, the oracle and a 1-step
 SCL space, one seed).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,12 @@ HISTORY = 20
 def test_ordering_misses_names_each_broken_pair() -> None:
     assert matrix.ordering_misses({"id": 0.60, "vector": 0.62, "simtier": 0.65, "simtier-make": 0.66}) == []
     assert matrix.ordering_misses({"id": 0.60, "vector": 0.62, "simtier": 0.61, "simtier-make": 0.61}) == [
-        "SimTier ≤ Vector", "SimTier+MAKE ≤ SimTier"]
-    assert matrix.ordering_misses({"id": 0.60, "vector": 0.59, "simtier": 0.65, "simtier-make": 0.66}) == ["Vector ≤ ID"]
+        "SimTier ≤ Vector",
+        "SimTier+MAKE ≤ SimTier",
+    ]
+    assert matrix.ordering_misses({"id": 0.60, "vector": 0.59, "simtier": 0.65, "simtier-make": 0.66}) == [
+        "Vector ≤ ID"
+    ]
 
 
 def test_cold_ratio_is_undefined_without_an_overall_gain() -> None:
@@ -74,17 +79,37 @@ def test_one_day_of_impressions_cannot_choose_epochs(tiny: tuple) -> None:
 def test_matrix_command_on_a_tiny_matrix(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     results = tmp_path / "results.md"
     results.write_text("# Results\n\nprose before\n")
-    argv = ["ranker", "matrix", "--workdir", str(tmp_path / "work"), "--shops", "tiny", "--spaces", "oracle,scl",
-            "--seeds", "1", "--scl-steps", "1", "--max-make-epochs", "1", "--history-length", str(HISTORY),
-            "--json", str(tmp_path / "m.json"), "--picture", str(tmp_path / "img" / "m.png"),
-            "--results", str(results)]
+    argv = [
+        "ranker",
+        "matrix",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--shops",
+        "tiny",
+        "--spaces",
+        "oracle,scl",
+        "--seeds",
+        "1",
+        "--scl-steps",
+        "1",
+        "--max-make-epochs",
+        "1",
+        "--history-length",
+        str(HISTORY),
+        "--json",
+        str(tmp_path / "m.json"),
+        "--picture",
+        str(tmp_path / "img" / "m.png"),
+        "--results",
+        str(results),
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     result = json.loads((tmp_path / "m.json").read_text())
     cells = {(r["shop"], r["space"], r["variant"]) for r in result["runs"]}
     assert cells == {("tiny", s, v) for s in ("oracle", "scl") for v in matrix.VARIANT_ORDER}
     ids = [r for r in result["runs"] if r["variant"] == "id"]
-    assert ids[0]["metrics"] == ids[1]["metrics"]                  # one ID model serves both spaces
+    assert ids[0]["metrics"] == ids[1]["metrics"]  # one ID model serves both spaces
     assert result["cells"]["tiny/oracle"]["make_epochs"] == 1
     assert 0.5 < result["truth"]["tiny"]["auc"] <= 1.0
     text = results.read_text()
@@ -92,8 +117,22 @@ def test_matrix_command_on_a_tiny_matrix(tmp_path: Path, capsys: pytest.CaptureF
     assert "| tiny | oracle |" in text and "| tiny | scl |" in text and "](img/m.png)" in text
     assert (tmp_path / "img" / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the runs re-render to the same table without training
-    assert cli.main([*argv[:2], "--workdir", str(tmp_path / "work"), "--from-json", str(tmp_path / "m.json"),
-                     "--picture", str(tmp_path / "img" / "m.png"), "--results", str(results)]) == 0
+    assert (
+        cli.main(
+            [
+                *argv[:2],
+                "--workdir",
+                str(tmp_path / "work"),
+                "--from-json",
+                str(tmp_path / "m.json"),
+                "--picture",
+                str(tmp_path / "img" / "m.png"),
+                "--results",
+                str(results),
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == printed
 
 
@@ -110,8 +149,9 @@ def test_an_artifact_from_before_issue_19_still_loads(tmp_path: Path) -> None:
     from mmrank.predictors import artifact
 
     torch.manual_seed(0)
-    old = Ranker(RankerConfig(variant="simtier-make", n_users=4, n_items=3, mm_dim=8,
-                              make_simtier=False, make_vector=True))
+    old = Ranker(
+        RankerConfig(variant="simtier-make", n_users=4, n_items=3, mm_dim=8, make_simtier=False, make_vector=True)
+    )
     artifact.save_ranker(tmp_path, old, "e1", np.zeros((3, 2), np.int64))
     meta = json.loads((tmp_path / "ranker.json").read_text())
     for key in ("make_simtier", "make_vector"):
