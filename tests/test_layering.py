@@ -59,6 +59,7 @@ def test_the_operator_imports_no_torch_and_no_other_part():
         "mmrank.api",
         "mmrank.api_crd",
         "mmrank.api_docs",
+        "mmrank.pooling",
         "mmrank.store",
         "mmrank.space",
         "harness.servers",
