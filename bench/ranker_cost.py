@@ -112,11 +112,33 @@ def measure(
                 ),
                 flush=True,
             )
+    if rounds > 1:
+        print(paired_ratios(runs))
     # each figure: its median over the rounds
     return [
         {"variant": variant, **{key: statistics.median(run[key] for run in done) for key in done[0]}}
         for variant, done in runs.items()
     ]
+
+
+def paired_ratios(runs: dict[str, list[dict]]) -> str:
+    """Each variant over the ID model within each round (the two ran back to back), then the
+    median and range over rounds: on a shared or virtual machine the speed drifts between rounds
+    by more than the differences measured, and a ratio taken inside one round cancels the drift."""
+    lines = ["paired by round (variant ÷ id in the same round): median [min–max]"]
+    base = runs["id"]
+    for variant, done in runs.items():
+        if variant == "id":
+            continue
+        training = [
+            (r["id_epoch_s"] + r["make_epoch_s"]) / (b["id_epoch_s"] + b["make_epoch_s"]) for r, b in zip(done, base)
+        ]
+        serving = [r["serving_ms"] / b["serving_ms"] for r, b in zip(done, base)]
+        lines.append(
+            f"  {variant}: training {statistics.median(training):.2f} [{min(training):.2f}–{max(training):.2f}], "
+            f"serving {statistics.median(serving):.2f} [{min(serving):.2f}–{max(serving):.2f}]"
+        )
+    return "\n".join(lines)
 
 
 def render(rows: list[dict], candidates: int) -> str:
