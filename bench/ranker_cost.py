@@ -53,6 +53,35 @@ def serving_latency_ms(
     return statistics.median(times)
 
 
+def added_products_ms(
+    candidates: int, history: int, dim: int, attention: int = 32, hidden: int = 32, bins: int = 22, repeats: int = 300
+) -> float:
+    """Median ms of only the matrix products SimTier and MAKE add to one serving call, on ready
+    inputs: the candidates' cosines with the history, MAKE's query and key projections, its
+    attention scores, its pooling of the history and its middle layer. What the two would cost
+    if every other operation (norms, tiers, softmax, concatenation) were free."""
+    g = torch.Generator().manual_seed(0)
+    cand, hist = torch.randn(candidates, dim, generator=g), torch.randn(history, dim, generator=g)
+    w_query, w_key = torch.randn(dim, attention, generator=g), torch.randn(dim, attention, generator=g)
+    weights = torch.softmax(torch.randn(candidates, history, generator=g), -1)
+    middle_in, w_middle = torch.randn(candidates, 3 * dim + bins, generator=g), torch.randn(3 * dim + bins, hidden)
+
+    def products() -> None:
+        cand @ hist.T  # cosines (before the norms)
+        (cand @ w_query) @ (hist @ w_key).T  # MAKE's attention scores, keys first
+        weights @ hist  # MAKE's pooling of the history
+        middle_in @ w_middle  # MAKE's middle layer
+
+    for _ in range(20):
+        products()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        products()
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
 def measure(
     data_dir: str,
     space_dir: str | None,
@@ -62,6 +91,7 @@ def measure(
     batch_size: int,
     limit: int = 0,
     rounds: int = 1,
+    make_dims: tuple[int, ...] = (),
 ) -> list[dict]:
     train_data, test_data, catalogue, vocab = train.load_data(data_dir, history_length, space_dir)
     if limit:
@@ -73,23 +103,26 @@ def measure(
         f"{len(train_data)} training / {len(test_data)} test impressions, dim {catalogue.vectors.shape[1]}, "
         f"history {history_length}, batch {batch_size}, torch threads {torch.get_num_threads()}"
     )
+    # each row: a variant, or SimTier+MAKE with a smaller MAKE (`--make-dim`, issue 19's serving lever)
+    rows = {variant: {"variant": variant} for variant in VARIANTS}
+    rows.update({f"simtier-make, MAKE in {d} d": {"variant": "simtier-make", "make_dim": d} for d in make_dims})
+
+    def config_of(row: str) -> RankerConfig:
+        return RankerConfig(**rows[row], mm_dim=catalogue.vectors.shape[1], history_length=history_length, **vocab)
+
     # warm-up: the first optimizer step of a process imports and initialises seconds of torch
-    for variant in VARIANTS:
-        config = RankerConfig(
-            variant=variant, mm_dim=catalogue.vectors.shape[1], history_length=history_length, **vocab
-        )
+    for variant in rows:
+        config = config_of(variant)
         train.train_ranker(
             train_data.take(np.arange(min(2 * batch_size, len(train_data)))),
             catalogue,
             config,
             train.TrainSettings(batch_size=batch_size, make_epochs=1),
         )
-    runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
+    runs: dict[str, list[dict]] = {variant: [] for variant in rows}
     for round_ in range(rounds):  # variants interleaved round by round: a load change hits them all
-        for variant in VARIANTS:
-            config = RankerConfig(
-                variant=variant, mm_dim=catalogue.vectors.shape[1], history_length=history_length, **vocab
-            )
+        for variant in rows:
+            config = config_of(variant)
             settings = train.TrainSettings(seed=0, batch_size=batch_size, make_epochs=1)
             model, report = train.train_ranker(train_data, catalogue, config, settings)
             start = time.perf_counter()
@@ -101,6 +134,7 @@ def measure(
                     "make_epoch_s": report.get("make_seconds", 0.0),
                     "inference_s": infer,
                     "serving_ms": serving_latency_ms(model, test_data, catalogue, candidates, repeats),
+                    "mm_dim": catalogue.vectors.shape[1],
                 }
             )
         if rounds > 1:
@@ -168,6 +202,13 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--make-dim",
+        type=int,
+        action="append",
+        default=[],
+        help="also time SimTier+MAKE with MAKE projected to this width (repeatable; issue 19's serving lever)",
+    )
     parser.add_argument("--limit", type=int, default=0, help="use only the first N training and N test impressions")
     parser.add_argument(
         "--rounds",
@@ -194,8 +235,17 @@ def main() -> None:
             args.batch_size,
             args.limit,
             max(1, args.rounds),
+            tuple(args.make_dim),
         )
     print(render(rows, args.candidates))
+    added = added_products_ms(args.candidates, args.history_length, int(rows[0]["mm_dim"]))
+    id_serving = rows[0]["serving_ms"]
+    print(
+        f"SimTier+MAKE's added matrix products alone at serving ({args.candidates} candidates, history "
+        f"{args.history_length}): {added:.3f} ms, {added / id_serving:.2f}x the ID model's whole serving call "
+        f"({id_serving:.3f} ms): serving SimTier+MAKE costs at least {1 + added / id_serving:.2f}x the ID model "
+        "even if everything else it adds were free"
+    )
 
 
 if __name__ == "__main__":

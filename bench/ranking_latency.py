@@ -21,8 +21,11 @@ Protocols: `v1` (KServe v1 JSON), `v2` (Open Inference Protocol, JSON tensors), 
 (binary tensor extension, as Triton's and KServe's clients send it, scores answered binary) and
 `grpc` (KServe's GRPCInferenceService, raw tensor contents): v2 against v2-binary is the binary
 tensor lever. The levers (on unless `--no-levers`) add v1 at 50/s with the per-process item
-vector cache off (`--item-cache-size 0`, a second server) and the store read parts in this
-process with redis-py's Python reply parser and with hiredis. The CPU the server spends per
+vector cache off (`--item-cache-size 0`, a second server); v2 and gRPC at 50/s with glibc's
+allocator as it comes (`--malloc-keep-mib 0`, a third); KServe's floor, v2 and gRPC at 50/s
+against KServe's ModelServer answering a constant (bench/kserve_floor.py), which with the
+forward at the same rate bounds what any KServe predictor can reach; and the store read parts
+in this process with redis-py's Python reply parser and with hiredis. The CPU the server spends per
 answer beyond the bare forward is HTTP/gRPC, decoding, the store read and the metrics. Each
 request ranks `--candidates` distinct random items for a random user whose `--history` behaviours
 the store holds. Beside the bare forward, the server's own `RankerModel.rank` runs in this process one
@@ -380,6 +383,12 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def minor_faults(pid: int) -> int:
+    """Minor page faults of a process so far (Linux /proc): memory the kernel had to map, and
+    zero, for it; the allocator lever's direct measure."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[7])
+
+
 def summarize(results: list[tuple[float, int]]) -> dict[str, Any]:
     codes = {int(c): int(n) for c, n in zip(*np.unique([r[1] for r in results], return_counts=True), strict=False)}
     ok = np.array([r[0] for r in results if r[1] == 200])
@@ -394,7 +403,18 @@ def summarize(results: list[tuple[float, int]]) -> dict[str, Any]:
 class Predictor:
     """One `mmrank predictor serve` process on this machine."""
 
-    def __init__(self, workdir: Path, store_url: str, args: argparse.Namespace, cache_size: int, name: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        store_url: str,
+        args: argparse.Namespace,
+        cache_size: int,
+        name: str,
+        extra: tuple[str, ...] = (),
+        floor: bool = False,
+    ) -> None:
+        """`extra`: more `predictor serve` flags; `floor`: KServe's constant model instead
+        (bench/kserve_floor.py), for the floor lever."""
         self.port, self.grpc_port = servers.free_port(), servers.free_port()
         argv = [
             sys.executable,
@@ -423,7 +443,18 @@ class Predictor:
             "--item-cache-size",
             str(cache_size),
             "--no-feedback-stream",
+            *extra,
         ]
+        if floor:
+            floor_script = Path(__file__).with_name("kserve_floor.py")
+            argv = [
+                sys.executable,
+                str(floor_script),
+                "--http-port",
+                str(self.port),
+                "--grpc-port",
+                str(self.grpc_port),
+            ]
         log = open(workdir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.server = servers.Server(
@@ -438,7 +469,7 @@ class Predictor:
         """One measured run: `load` is a rate ("50") or "saturation"."""
         url, pid = self.server.url, self.server.process.pid
         read_before = server_totals(url, "mmrank_store_read_duration_seconds")
-        cpu_before, loop_before = cpu_seconds(pid), cpu_seconds(pid, pid)
+        cpu_before, loop_before, faults_before = cpu_seconds(pid), cpu_seconds(pid, pid), minor_faults(pid)
         if load == "saturation":
             requests = rankings(args, 2000, seed)
             results, wall = in_process(
@@ -449,6 +480,7 @@ class Predictor:
             requests = rankings(args, max(1, int(rate * args.seconds)), seed)
             results, wall = in_process(drive, protocol, url, self.grpc, requests, rate), args.seconds
         cpu, loop_cpu = cpu_seconds(pid) - cpu_before, cpu_seconds(pid, pid) - loop_before
+        faults = minor_faults(pid) - faults_before
         read_sum, read_count = server_totals(url, "mmrank_store_read_duration_seconds") - read_before
         row = {
             "protocol": protocol,
@@ -460,6 +492,7 @@ class Predictor:
             "request": requests[0],
         }
         row["cpu_per_answer"] = cpu / max(len(results), 1)
+        row["faults_per_answer"] = faults / max(len(results), 1)
         # The main thread runs the event loop (uvicorn, KServe's gRPC servicer, decoding, encoding,
         # metrics); the rankings (store read, forward) run in worker threads.
         row["loop_cpu_per_answer"] = loop_cpu / max(len(results), 1)
@@ -469,6 +502,16 @@ class Predictor:
 
     def stop(self) -> None:
         self.server.stop()
+
+
+def warm(predictor: Predictor, protocols: list[str], args: argparse.Namespace) -> None:
+    """Warm a fresh server as minutes of traffic would: 5 s at 50/s on the first protocol (the
+    item cache holds the space: the histories of every user, and candidates), then 2 s at 10/s
+    on each (connections, each protocol's first calls). Measured from cold, the first protocol's
+    run paid the cache's filling: twice the store read and a p99 of 70–140 ms at 50/s."""
+    predictor.run(protocols[0], argparse.Namespace(**{**vars(args), "seconds": 5.0}), "50", seed=0)
+    for protocol in protocols:
+        predictor.run(protocol, argparse.Namespace(**{**vars(args), "seconds": 2.0}), "10", seed=1)
 
 
 def main() -> int:
@@ -500,20 +543,34 @@ def main() -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="mmrank-bench-ranking-"))
     redis = servers.start_redis(workdir / "redis", appendonly=False)
-    rows, lever_rows, predictor = [], [], None
+    rows, lever_rows, floor_rows, predictor = [], [], [], None
     try:
         setup(redis.url, workdir / "ranker", args)
         predictor = Predictor(workdir, redis.url, args, args.item_cache_size, "predictor")
-        for protocol in protocols:  # warm-up: connections, caches, torch's first calls
-            predictor.run(protocol, argparse.Namespace(**{**vars(args), "seconds": 2.0}), "10", seed=1)
+        warm(predictor, protocols, args)
         for i, (protocol, load) in enumerate((p, load) for p in protocols for load in loads):
             rows.append(predictor.run(protocol, args, load, seed=2 + i))
         predictor.stop()
         predictor = None
         if args.levers:
             predictor = Predictor(workdir, redis.url, args, 0, "predictor-no-cache")
-            predictor.run("v1", argparse.Namespace(**{**vars(args), "seconds": 2.0}), "10", seed=1)
+            warm(predictor, ["v1"], args)
             lever_rows.append({**predictor.run("v1", args, "50", seed=2), "protocol": "v1, item cache off"})
+            predictor.stop()
+            predictor = Predictor(
+                workdir, redis.url, args, args.item_cache_size, "predictor-malloc-defaults", ("--malloc-keep-mib", "0")
+            )
+            warm(predictor, ["v2", "grpc"], args)
+            for protocol in ("v2", "grpc"):
+                row = predictor.run(protocol, args, "50", seed=2)
+                lever_rows.append({**row, "protocol": f"{protocol}, glibc allocator defaults"})
+            predictor.stop()
+            predictor = Predictor(workdir, redis.url, args, 0, "kserve-floor", floor=True)
+            warm(predictor, ["v2", "grpc"], args)
+            for protocol in ("v2", "grpc"):
+                floor_rows.append(
+                    {**predictor.run(protocol, args, "50", seed=2), "protocol": f"{protocol}, KServe floor"}
+                )
         request = rows[0]["request"]
         forward, forward_cpu = bare_forward(workdir / "ranker", redis.url, request, args.torch_threads)
         top_rate = max((float(load) for load in loads if load != "saturation"), default=0.0)
@@ -559,17 +616,33 @@ def main() -> int:
     print(
         "| protocol | load (req/s) | answers | p50 (ms) | p99 (ms) | p50 / bare forward | store read, server mean (ms) "
         "| server CPU per answer (ms) | of it beyond the forward (ms, share) | of it in the event loop thread (ms) "
-        "| answers/s | answers per server CPU-second |"
+        "| answers/s | answers per server CPU-second | page faults per answer |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows + lever_rows:
         beyond = row["cpu_per_answer"] - forward_cpu
         print(
             f"| {row['protocol']} | {row['load']} | {row['codes']} | {row['p50'] * 1e3:.1f} | {row['p99'] * 1e3:.1f} "
             f"| {row['p50'] / forward:.2f} | {row['store_read'] * 1e3:.2f} | {row['cpu_per_answer'] * 1e3:.1f} "
             f"| {beyond * 1e3:.1f} ({beyond / max(row['cpu_per_answer'], 1e-9):.0%}) "
-            f"| {row['loop_cpu_per_answer'] * 1e3:.2f} | {row['throughput']:.0f} | {row['per_core']:.0f} |"
+            f"| {row['loop_cpu_per_answer'] * 1e3:.2f} | {row['throughput']:.0f} | {row['per_core']:.0f} "
+            f"| {row['faults_per_answer']:.0f} |"
         )
+    for row in floor_rows:
+        print(
+            f"| {row['protocol']} | {row['load']} | {row['codes']} | {row['p50'] * 1e3:.1f} | {row['p99'] * 1e3:.1f} "
+            f"| {row['p50'] / forward:.2f} | — | {row['cpu_per_answer'] * 1e3:.2f} | — "
+            f"| {row['loop_cpu_per_answer'] * 1e3:.2f} | {row['throughput']:.0f} | {row['per_core']:.0f} "
+            f"| {row['faults_per_answer']:.0f} |"
+        )
+    for row in floor_rows:
+        if cooled:
+            least = row["p50"] + cooled[0]
+            print(
+                f"least p50 through KServe, {row['protocol'].split(',')[0]}: its floor {row['p50'] * 1e3:.1f} ms + the "
+                f"forward at this rate {cooled[0] * 1e3:.2f} ms = {least * 1e3:.1f} ms, {least / forward:.2f}x the bare "
+                "forward, before any store read, decoding or hand-off to a worker thread"
+            )
     at_50 = [r for r in rows if r["load"] != "saturation" and float(r["load"]) == 50]
     for row in at_50:
         print(

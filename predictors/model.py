@@ -50,6 +50,7 @@ class RankerConfig:
     make_hidden: int = 32
     make_simtier: bool = True  # MAKE's own module counts the similarity tiers too
     make_vector: bool = False  # MAKE's attention-pooled vector also enters the ID model's first layer
+    make_dim: int = 0  # > 0: MAKE projects the embeddings to this width before attending and pooling
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -57,6 +58,8 @@ class RankerConfig:
         self.hidden = tuple(int(h) for h in self.hidden)
         if len(self.hidden) < 2:
             raise ValueError("hidden needs at least two layers (MAKE joins after the first)")
+        if self.make_dim < 0:
+            raise ValueError(f"make_dim must be 0 (no projection) or positive, got {self.make_dim}")
 
     @property
     def uses_vector(self) -> bool:
@@ -238,13 +241,19 @@ class MAKE(nn.Module):
       which measured worse (128 inputs trained for one epoch only);
     - *during the ID epoch*: frozen by default (`train.TrainSettings.make_finetune_lr` = 0);
     - *how many epochs*: chosen on the last training day as validation (`train.select_make_epochs`).
+
+    `project_dim` > 0 is a smaller MAKE, measured as issue 19's serving lever (docs/results.md):
+    the embeddings are first projected to that width (one learned matrix), so the attention, the
+    pooling and the middle layer work in it instead of the embeddings' own width.
     """
 
-    def __init__(self, mm_dim: int, hidden: int = 32, tiers: SimTier | None = None) -> None:
+    def __init__(self, mm_dim: int, hidden: int = 32, tiers: SimTier | None = None, project_dim: int = 0) -> None:
         super().__init__()
-        self.attention = TargetAttention(mm_dim, mm_dim)
+        self.project = nn.Linear(mm_dim, project_dim, bias=False) if project_dim else None
+        width = project_dim or mm_dim
+        self.attention = TargetAttention(width, width)
         self.simtier = tiers
-        width = 3 * mm_dim + (tiers.n_bins if tiers is not None else 0)
+        width = 3 * width + (tiers.n_bins if tiers is not None else 0)
         self.middle = nn.Sequential(nn.Linear(width, hidden), nn.PReLU())
         self.out = nn.Linear(hidden, 1)
 
@@ -257,7 +266,9 @@ class MAKE(nn.Module):
     ) -> MakeOutputs:
         """`log_counts` [B, C, n_bins]: log(1 + tier counts), computed once and shared with the
         ID model's SimTier (MAKE weighs them with its own tier weights)."""
-        vector = self.attention(cand_emb, hist_emb, hist_valid)  # [B, C, D]
+        if self.project is not None:
+            cand_emb, hist_emb = self.project(cand_emb), self.project(hist_emb)
+        vector = self.attention(cand_emb, hist_emb, hist_valid)  # [B, C, D or project_dim]
         parts = [cand_emb, vector, cand_emb * vector]
         if self.simtier is not None:
             assert log_counts is not None
@@ -286,9 +297,12 @@ class Ranker(nn.Module):
         first_out = config.hidden[0]
         if config.uses_make:
             self.make = MAKE(
-                config.mm_dim, config.make_hidden, SimTier(config.tier_width) if config.make_simtier else None
+                config.mm_dim,
+                config.make_hidden,
+                SimTier(config.tier_width) if config.make_simtier else None,
+                config.make_dim,
             )
-            mlp_in += config.mm_dim if config.make_vector else 0
+            mlp_in += (config.make_dim or config.mm_dim) if config.make_vector else 0
         self.first = nn.Sequential(nn.Linear(mlp_in, first_out), nn.PReLU())
         rest: list[nn.Module] = []
         width = first_out + (config.make_hidden if config.uses_make else 0)

@@ -43,6 +43,13 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         help="ablation: MAKE's module without its own SimTier weights (issue 6's MAKE)",
     )
     train.add_argument(
+        "--make-dim",
+        type=non_negative_int,
+        default=0,
+        help="lever: MAKE projects the embeddings to this width before attending and pooling "
+        "(default 0: their own width)",
+    )
+    train.add_argument(
         "--make-finetune-lr",
         type=non_negative_float,
         default=0.0,
@@ -177,6 +184,7 @@ def _train(args: argparse.Namespace) -> int:
         tier_width=args.tier_width,
         make_vector=args.make_vector_input,
         make_simtier=not args.no_make_tiers,
+        make_dim=args.make_dim,
         **vocab,
     )
     settings = dataclasses.replace(_settings(args), make_finetune_lr=args.make_finetune_lr)

@@ -37,6 +37,7 @@ from kserve.model_server import app as kserve_app
 from kserve.protocol.rest.server import RESTServer
 
 from mmrank.predictors.admission import Admission, classify
+from mmrank.predictors.allocator import keep_freed_memory
 from mmrank.predictors.grpc_service import RankingGRPCServer
 from mmrank.predictors.http_guard import Guard, add_routes
 from mmrank.predictors.ranker_model import RankerModel
@@ -100,12 +101,15 @@ def serve(
     host: str = "0.0.0.0",
     workers_threads: int | None = None,
     access_log: bool = False,
+    malloc_keep_mib: int = 0,
 ) -> None:
     """Load the model and run KServe's ModelServer, REST on `http_port` and gRPC on `grpc_port`
     (0: no gRPC), both bound to `host`, until SIGTERM. Per-request access and timing log lines are
-    off unless `access_log`: metrics carry that, at a fraction of the cost."""
+    off unless `access_log`: metrics carry that, at a fraction of the cost. `malloc_keep_mib`:
+    `allocator.keep_freed_memory`."""
     server = RankingServer(model, host, http_port, grpc_port, workers_threads)
     _log_to_stderr()
+    keep_freed_memory(malloc_keep_mib)
     logging.getLogger("kserve").addFilter(QuietClientErrors())
     if not access_log:
         for name in ("uvicorn.access", "kserve.trace"):

@@ -139,3 +139,22 @@ def test_pre_zeroed_training_batches_give_the_logits_of_raw_vectors(variant: str
         assert torch.allclose(model(x), model(raw), atol=1e-5)
         if variant == "simtier-make":
             assert torch.allclose(model.make_logits(x), model.make_logits(raw), atol=1e-5)
+
+
+def test_a_smaller_make_attends_and_pools_in_its_projected_width() -> None:
+    """`make_dim` (issue 19's serving lever): MAKE projects the embeddings first, so its
+    attention, its pooled vector and its middle layer are make_dim wide; nothing else changes."""
+    config = RankerConfig(variant="simtier-make", mm_dim=D, make_dim=3, make_vector=True, **VOCAB)
+    model = Ranker(config)
+    assert model.make.project is not None and model.make.project.weight.shape == (3, D)
+    assert model.make.attention.key.in_features == 3
+    x = random_inputs(5)
+    make = model.make(x.cand_emb, x.hist_emb, x.hist_mask & x.hist_found, torch.zeros(B, 5, model.simtier.n_bins))
+    assert make.vector is not None and make.vector.shape == (B, 5, 3)
+    logits = model(x)
+    assert logits.shape == (B, 5) and torch.isfinite(logits).all()
+    logits.sum().backward()  # MAKE trainable through the projection when fine-tuned
+    full = Ranker(RankerConfig(variant="simtier-make", mm_dim=D, make_vector=True, **VOCAB))
+    assert full.make.project is None and full.make.attention.key.in_features == D
+    with pytest.raises(ValueError, match="make_dim"):
+        RankerConfig(variant="simtier-make", make_dim=-1)
