@@ -144,11 +144,7 @@ class Bench:
         return name
 
     def operator(self, namespace: str, timer: float) -> subprocess.Popen:
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(self.apiserver.extra["kubeconfig"]),
-            "MMRANK_OPERATOR_INTERVAL": str(timer),
-        }
+        env = {**os.environ, "KUBECONFIG": str(self.apiserver.extra["kubeconfig"])}
         log = open(self.workdir / f"operator-{namespace}.log", "wb")  # noqa: SIM115 - the child owns it
         process = subprocess.Popen(
             [

@@ -16,14 +16,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from mmrank.encoders.triton_client import EncoderTarget, parse_encoders
-from mmrank.store import DEFAULT_SCOPE, SCOPE_ENV, Scope, scope_from_env
+from mmrank.store import DEFAULT_SCOPE, Scope, scope_from_env
 
 ENV_ENCODERS = "MMRANK_ENCODERS"
 ENV_STORE = "MMRANK_STORE_URL"
 ENV_REDIS = "MMRANK_REDIS_URL"
 ENV_STREAM = "MMRANK_ITEM_STREAM"
 ENV_GROUP = "MMRANK_CONSUMER_GROUP"
-ENV_SCOPE = SCOPE_ENV
 
 
 @dataclasses.dataclass

@@ -155,7 +155,7 @@ class Operator:
         self.starts = 0
 
     def start(self) -> None:
-        env = {**os.environ, "KUBECONFIG": self.kube.kubeconfig, "MMRANK_OPERATOR_INTERVAL": str(TIMER_S)}
+        env = {**os.environ, "KUBECONFIG": self.kube.kubeconfig}
         self.starts += 1
         log = open(self.workdir / f"operator-{self.starts}.log", "wb")  # noqa: SIM115 - the child owns it
         self.process = subprocess.Popen(
