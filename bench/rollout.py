@@ -16,7 +16,10 @@ in a canary cost the operator and Prometheus.
    steps while the operator's CPU time and the queries Prometheus answered
    (`prometheus_http_requests_total{handler="/api/v1/query"}`, read from its /metrics) are counted
    over `--window` seconds; the analyser's own count is in the operator, so Prometheus' is the one
-   reported.
+   reported. The two predictors' series are labelled as the breach ranker's pods, so each of these
+   rankers' analyses (scoped by namespace and ranker) finds no requests of its own: one query,
+   answered Inconclusive, where a ranker with traffic sends five (requests, errors, latency,
+   clicks, stable's requests).
 
 Run alone on the machine (figures are only worth what the machine was doing):
 
@@ -211,6 +214,7 @@ def breach_to_rollback(bench: Bench, rig: CanaryRig, args: argparse.Namespace) -
     rng = random.Random(args.seed)
     times: list[float] = []
     prepare_space(store, scope=f"{namespace}/shop")  # the ranker's own space, where the operator reads
+    rig.serve_ranker(namespace, "shop")  # the predictors' series as this ranker's pods: its analysis reads them
     with Controllers(bench.api_client, namespace):
         bench.rankers.create(body=body(STABLE), namespace=namespace)
         wait_for(

@@ -488,6 +488,14 @@ class CanaryRig:
     def servers(self) -> list[Any]:
         return list(self.started)
 
+    def serve_ranker(self, namespace: str, name: str) -> None:
+        """Label both predictors' series as the pods of ranker `namespace/name` (what the
+        operator's canary analysis selects by), from the next scrape on."""
+        from harness import servers
+        from mmrank.operator.analysis import ranker_series
+
+        servers.relabel_prometheus(self.prometheus, ranker_series(namespace, name))
+
     def _wait_for_targets(self, timeout: float = 30.0) -> None:
         from harness import servers
 

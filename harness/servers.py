@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -21,10 +22,11 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 CACHE = Path(os.environ.get("MMRANK_CACHE", Path.home() / ".cache" / "mmrank"))
 BIN_DIR = Path(os.environ.get("MMRANK_BIN_DIR", CACHE / "bin"))
@@ -279,18 +281,21 @@ def start_redis(
 
 
 def start_prometheus(
-    scrape_targets: Sequence[str], workdir: Path | None = None, scrape_interval: str = "1s", timeout: float = 60.0
+    scrape_targets: Sequence[str],
+    workdir: Path | None = None,
+    scrape_interval: str = "1s",
+    timeout: float = 60.0,
+    labels: Mapping[str, str] | None = None,
 ) -> Server:
-    """Prometheus scraping `host:port` targets (job `mmrank`) every `scrape_interval`."""
+    """Prometheus scraping `host:port` targets (job `mmrank`) every `scrape_interval`. `labels`:
+    target labels on every series, as pod discovery's relabelling gives a ranker's pods
+    (`namespace`, `mmrank_io_ranker`: what the operator's queries select a ranker by);
+    `relabel_prometheus` changes them on the running server."""
     binary = find_binary("prometheus", "install Debian's prometheus (./dev.sh setup does)")
     workdir = _workdir("prometheus", workdir)
     port = free_port()
-    targets = ", ".join(f"'{t}'" for t in scrape_targets)
     config = workdir / "prometheus.yml"
-    config.write_text(
-        f"global:\n  scrape_interval: {scrape_interval}\n  evaluation_interval: {scrape_interval}\n"
-        f"scrape_configs:\n  - job_name: mmrank\n    static_configs:\n      - targets: [{targets}]\n"
-    )
+    _write_prometheus_config(config, scrape_targets, scrape_interval, labels)
     argv = [
         binary,
         f"--config.file={config}",
@@ -300,8 +305,40 @@ def start_prometheus(
     ]
     process, log_path = _launch("prometheus", argv, workdir)
     server = Server("prometheus", process, log_path, f"http://127.0.0.1:{port}", port, workdir)
+    server.extra.update(targets=list(scrape_targets), scrape_interval=scrape_interval)
     wait_until(server, lambda: http_ok(f"{server.url}/-/ready"), timeout, "ready")
     return server
+
+
+def relabel_prometheus(server: Server, labels: Mapping[str, str] | None, timeout: float = 30.0) -> None:
+    """New target labels for a `start_prometheus` server, reloaded in place; returns once a
+    scrape carries them on every target. Series scraped before keep their old labels."""
+    config = server.workdir / "prometheus.yml"
+    targets = cast(list[str], server.extra["targets"])
+    _write_prometheus_config(config, targets, str(server.extra["scrape_interval"]), labels)
+    request = urllib.request.Request(f"{server.url}/-/reload", method="POST")
+    urllib.request.urlopen(request, timeout=10).close()
+    selector = ",".join(f'{k}="{v}"' for k, v in sorted((labels or {}).items()))
+    query = urllib.parse.urlencode({"query": f"count(up{{{selector}}} == 1)"})
+
+    def scraped() -> bool:
+        with urllib.request.urlopen(f"{server.url}/api/v1/query?{query}", timeout=5) as answer:
+            result = json.load(answer)["data"]["result"]
+        return bool(result) and int(result[0]["value"][1]) >= len(targets)
+
+    wait_until(server, scraped, timeout, f"scraping its {len(targets)} targets with labels {selector}")
+
+
+def _write_prometheus_config(
+    config: Path, targets: Sequence[str], scrape_interval: str, labels: Mapping[str, str] | None
+) -> None:
+    listed = ", ".join(f"'{t}'" for t in targets)
+    labelled = "".join(f"\n          {k}: {json.dumps(v)}" for k, v in sorted((labels or {}).items()))
+    config.write_text(
+        f"global:\n  scrape_interval: {scrape_interval}\n  evaluation_interval: {scrape_interval}\n"
+        f"scrape_configs:\n  - job_name: mmrank\n    static_configs:\n      - targets: [{listed}]\n"
+        + (f"        labels:{labelled}\n" if labelled else "")
+    )
 
 
 # --- etcd + kube-apiserver --------------------------------------------------------------------

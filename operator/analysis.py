@@ -84,6 +84,14 @@ def label_value(value: str) -> str:
     return '"' + escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t") + '"'
 
 
+def ranker_series(namespace: str, name: str) -> dict[str, str]:
+    """The labels that tell one ranker's series from another's: its pods' namespace and their
+    `mmrank.io/ranker` label, as the usual pod-discovery relabelling names them (docs/operator.md,
+    "Monitoring"). Versions are names a ranker's owner picks, so without these a ranker in another
+    namespace serving a version of the same name would count in this one's canary analysis."""
+    return {"namespace": namespace, "mmrank_io_ranker": name}
+
+
 def queries(
     canary_variant: str, stable_variant: str, window_seconds: int, scope: Mapping[str, str] | None = None
 ) -> dict[str, str]:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mmrank.operator import children as build
+from mmrank.operator.analysis import ranker_series
 from mmrank.operator.core import ChildRef, JobState, ServedRanker, SpaceState, Version
 
 if TYPE_CHECKING:
@@ -285,7 +286,8 @@ def freshness_query(namespace: str, name: str, space: str, window_seconds: int =
     def quoted(value: str) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    selector = f"namespace={quoted(namespace)},mmrank_io_ranker={quoted(name)},space={quoted(space)}"
+    labels = {**ranker_series(namespace, name), "space": space}
+    selector = ",".join(f"{label}={quoted(value)}" for label, value in labels.items())
     return (
         "histogram_quantile(0.99, sum by (le) (rate("
         f"mmrank_embedding_freshness_seconds_bucket{{{selector}}}[{window_seconds}s])))"

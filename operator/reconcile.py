@@ -24,7 +24,7 @@ from mmrank import api
 from mmrank.operator import children as build
 from mmrank.operator import core, faults, observe
 from mmrank.operator import rollout as roll
-from mmrank.operator.analysis import Analysis
+from mmrank.operator.analysis import Analysis, ranker_series
 from mmrank.operator.kube import Kube, key, lower, refusal, stamped, up_to_date
 
 
@@ -132,14 +132,25 @@ def analyse_if_due(analyser: Analyser | None, ranker: api.MultimodalRanker, obse
         return observed
     window = api.duration_seconds(spec.rollout.interval)
     analysis = analyser.analyse(
-        spec.rollout.prometheus_url, rollout.ranker_version, stable.ranker, window, spec.rollout.analysis
+        spec.rollout.prometheus_url,
+        rollout.ranker_version,
+        stable.ranker,
+        window,
+        spec.rollout.analysis,
+        scope=ranker_series(ranker.metadata.namespace or "default", ranker.metadata.name),
     )
     return dataclasses.replace(observed, analysis=analysis)
 
 
 class Analyser(Protocol):
     def analyse(
-        self, prometheus_url: str, canary_variant: str, stable_variant: str, window_seconds: int, spec: api.AnalysisSpec
+        self,
+        prometheus_url: str,
+        canary_variant: str,
+        stable_variant: str,
+        window_seconds: int,
+        spec: api.AnalysisSpec,
+        scope: Mapping[str, str] | None = None,
     ) -> Analysis: ...
 
 

@@ -107,9 +107,11 @@ def redis_client(redis_server: servers.Server):  # type: ignore[no-untyped-def]
 def start_prometheus(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., servers.Server]]:
     started: list[servers.Server] = []
 
-    def start(targets: list[str], scrape_interval: str = "1s") -> servers.Server:
+    def start(targets: list[str], scrape_interval: str = "1s", labels: dict[str, str] | None = None) -> servers.Server:
         workdir = tmp_path / f"prometheus-{len(started)}"
-        server = _attach(request, _start(lambda: servers.start_prometheus(targets, workdir, scrape_interval)))
+        server = _attach(
+            request, _start(lambda: servers.start_prometheus(targets, workdir, scrape_interval, labels=labels))
+        )
         started.append(server)
         return server
 

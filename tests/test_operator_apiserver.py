@@ -30,6 +30,7 @@ from kubernetes.dynamic.exceptions import ResourceNotFoundError
 from harness import servers
 from mmrank import api, api_crd
 from mmrank.operator import observe
+from mmrank.operator.analysis import ranker_series
 from mmrank.operator.kube import CHILD_KINDS, OLDER_VERSIONS  # the kinds the operator owns: the test sees them all
 
 pytestmark = [pytest.mark.apiserver, pytest.mark.slow]
@@ -241,11 +242,14 @@ class HealthyVariants:
 
 
 @pytest.fixture
-def healthy_prometheus(start_prometheus: Any) -> Iterator[str]:
-    """A real Prometheus scraping healthy metrics of rankers r1, r2 and r3 every second."""
+def healthy_prometheus(start_prometheus: Any, cluster: Cluster) -> Iterator[str]:
+    """A real Prometheus scraping healthy metrics of rankers r1, r2 and r3 every second, labelled
+    as the pods of this test's ranker `shop` (the canary analysis reads that ranker's series only)."""
     variants = HealthyVariants(("r1", "r2", "r3"))
     try:
-        prometheus = start_prometheus([f"127.0.0.1:{variants.port}"], scrape_interval="1s")
+        prometheus = start_prometheus(
+            [f"127.0.0.1:{variants.port}"], scrape_interval="1s", labels=ranker_series(cluster.namespace, "shop")
+        )
         yield prometheus.url
     finally:
         variants.close()

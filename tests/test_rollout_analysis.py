@@ -562,3 +562,50 @@ def test_real_prometheus_errors_and_escaped_labels(prometheus: servers.Server) -
         analyser.query(prometheus.url, "sum(")
     for promql in queries('we"ird\\variant\n', 'st\\"able', 30).values():  # parses, and matches nothing
         assert analyser.query(prometheus.url, promql) is None
+
+
+def test_the_operator_analyses_a_canary_on_its_own_rankers_series_only() -> None:
+    """Version names are the owner's choice: without the ranker's namespace and name in every
+    query, ranker `shop` in another namespace serving an `r2` of its own would count in this
+    canary's analysis (a neighbour could fail it, or pass it)."""
+    from mmrank.operator import children as build
+    from mmrank.operator import core, reconcile
+
+    ranker = api.MultimodalRanker.model_validate(
+        {
+            "apiVersion": api.API_VERSION,
+            "kind": api.KIND,
+            "metadata": {"name": "shop", "namespace": "ads"},
+            "spec": {
+                "encoder": {"version": "e1", "modelUri": "s3://models/encoder/e1"},
+                "ranker": {"version": "r2", "modelUri": "s3://models/ranker/r2", "encoderVersion": "e1"},
+                "embeddings": {"store": {"url": "redis://redis:6379/0"}},
+                "rollout": {"steps": [50], "interval": "30s"},
+            },
+        }
+    )
+    status = {
+        "stable": {"rankerVersion": "r1", "encoderVersion": "e1"},
+        "canary": {
+            "rankerVersion": "r2",
+            "encoderVersion": "e1",
+            "identity": build.ranker_identity(ranker.spec.ranker),
+            "state": "Progressing",
+            "trafficPercent": 50,
+            "stepStartedAt": "2026-12-01T10:00:00Z",
+        },
+    }
+    asked: list[dict[str, Any]] = []
+
+    class Recording:
+        def analyse(self, *args: Any, **kwargs: Any) -> Analysis:
+            asked.append({"args": args, **kwargs})
+            return Analysis("Inconclusive", message="recorded")
+
+    observed = core.Observed(now="2026-12-01T10:00:31Z", status=status)
+    after = reconcile.analyse_if_due(Recording(), ranker, observed)
+    assert after.analysis is not None and len(asked) == 1
+    assert asked[0]["args"][1:3] == ("r2", "r1")
+    assert asked[0]["scope"] == {"namespace": "ads", "mmrank_io_ranker": "shop"}
+    scoped = queries("r2", "r1", 30, asked[0]["scope"])
+    assert all('namespace="ads"' in q and 'mmrank_io_ranker="shop"' in q for q in scoped.values())

@@ -141,6 +141,7 @@ def cluster(crds_installed: None, kube: Any, rig: CanaryRig, request: pytest.Fix
     # The analysis window of this scenario's first step must not reach back to the last one's canary.
     time.sleep(max(0.0, _CANARY_QUIET_SINCE[0] + INTERVAL_S + SCRAPE_S - time.monotonic()))
     cluster = Cluster(kube.api_client, f"t-{uuid.uuid4().hex[:8]}")
+    rig.serve_ranker(cluster.namespace, "shop")  # the analysis reads this ranker's series only
     yield cluster
     cluster.close()
     _CANARY_QUIET_SINCE[0] = time.monotonic()
