@@ -4,10 +4,11 @@ A ranking allocates a few megabytes of temporaries ([candidates, history] simila
 attention matrices, the gathered vectors) and frees them when it answers. glibc serves blocks
 above its mmap threshold (dynamic, starting at 128 KiB) with fresh `mmap`s and trims freed memory
 at the top of its heaps back to the kernel, so the next ranking page-faults its temporaries in
-again and the kernel zeroes every page: about 1,500 minor faults per ranking at 200 candidates
-× 1,000 behaviours, a sixth of the server's CPU per answer (docs/benchmarks.md, "Ranking
-latency"). `keep_freed_memory` raises both thresholds once at start, so freed blocks stay in the
-process and are reused; the resident set then holds the peak of the rankings in flight.
+again and the kernel zeroes every page: about 550 minor page faults per answer at 200
+candidates × 1,000 behaviours in `bench/ranking_latency.py`, none with this (docs/benchmarks.md,
+"KServe's own floor, and the allocator lever"). `keep_freed_memory` raises both thresholds once
+at start, so freed blocks stay in the process and are reused; the resident set then holds the
+peak of the rankings in flight.
 """
 
 from __future__ import annotations
